@@ -1,0 +1,101 @@
+# The one interface for developers and CI. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.8
+STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock 2>/dev/null | cut -c1-12)
+PROTO_STAMP := gen/.stamp
+PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
+export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/libs:$(CURDIR)/gen
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
+        bench-seq bench-logic bench chaos k8s-check images clean lock
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+system-deps: ## Install missing system packages (redis-server) with apt
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v pg_config >/dev/null || { \
+	  echo "installing postgresql"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+
+$(STAMP): requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || $(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip sync -q --python $(PY) requirements.lock
+	@rm -f $(VENV)/.installed-*; touch $@
+
+$(PROTO_STAMP): $(PROTOS) $(STAMP)
+	@rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen \
+	  --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	@find gen -type d -exec touch {}/__init__.py \;
+	@rm -f gen/__init__.py
+	@touch $@
+
+deps: system-deps $(STAMP) $(PROTO_STAMP) ## Install everything that is missing (apt, .venv, generated code)
+
+proto: ## Regenerate the protobuf/gRPC code into gen/
+	@rm -f $(PROTO_STAMP)
+	@$(MAKE) --no-print-directory $(PROTO_STAMP)
+
+lock: ## Re-pin requirements.lock from requirements.in
+	$(UV) pip compile -q requirements.in -o requirements.lock --python $(PY)
+
+lint: deps ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: deps ## Format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: deps ## mypy on the project's own code
+	$(VENV)/bin/mypy services libs
+
+test: deps lint typecheck k8s-check ## Everything CI runs: lint, types, manifests, all tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: deps ## pytest only, skipping slow tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services)
+	$(PY) -m imdev run
+
+stop: ## Stop everything `make run` started
+	@if [ -x $(PY) ]; then $(PY) -m imdev stop; fi
+
+status: ## Show what `make run` started and whether it is healthy
+	@$(PY) -m imdev status
+
+bench-seq: deps ## Benchmark seqsvc against Redis INCR and a PostgreSQL counter
+	$(PY) bench/seqsvc.py
+
+bench-logic: deps ## Benchmark logic SendMessage and fan-out
+	$(PY) bench/logic.py
+
+bench: deps ## End-to-end benchmark
+	$(PY) bench/e2e.py
+
+chaos: deps ## Full chaos run
+	$(PY) -m chaos
+
+k8s-check: deps ## Render and validate the Kubernetes manifests offline
+	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi
+
+images: ## Build container images (needs a container engine)
+	docker build -t im-backend:dev -f deploy/Dockerfile .
+
+clean: stop ## Remove generated code, caches and local state
+	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache

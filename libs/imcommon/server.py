@@ -1,0 +1,204 @@
+"""gRPC server lifecycle shared by every service.
+
+A service provides `build(settings, runtime)`, which opens its resources on
+`runtime.stack`, registers its servicers on `runtime.server`, names them with
+`runtime.expose()` and starts background work with `runtime.spawn()`. `serve()`
+does the rest: health (grpc.health.v1) and reflection, keepalive fit for
+long-lived streams, and SIGTERM handling:
+
+1. health flips to NOT_SERVING for every service;
+2. after `drain_delay_s`, the shutdown hooks run (e.g. GoAway to clients);
+3. the server stops with `shutdown_grace_s` for in-flight RPCs;
+4. background tasks are cancelled and resources closed in reverse order;
+5. a watchdog exits the process with status 1 if `shutdown_deadline_s` passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imcommon.config import ConfigError, describe_settings, load_settings
+from imcommon.logging import setup_logging
+from imcommon.settings import ServerSettings
+from imcommon.tracing import setup_tracing
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=ServerSettings)
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    """Channel options for long-lived client streams: pings keep NATs and load
+    balancers from dropping idle streams and detect dead peers."""
+    return [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Runtime:
+    """What a service's build function wires itself into."""
+
+    def __init__(self, server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> None:
+        self.server = server
+        self.stack = stack
+        self.service_names: list[str] = []
+        self.port = 0
+        self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.failed = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+
+    def expose(self, full_service_name: str) -> None:
+        """Lists a registered service in health and reflection."""
+        self.service_names.append(full_service_name)
+
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Runs `hook` after health is NOT_SERVING and before the server stops."""
+        self._shutdown_hooks.append(hook)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Runs background work until shutdown. If it fails, the process exits
+        non-zero (a supervisor restarts it) rather than running half-broken."""
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task failed", exc_info=t.exception(), extra={"task": name})
+                self.failed.set()
+
+        task.add_done_callback(done)
+        self._tasks.append(task)
+        return task
+
+    async def run_shutdown_hooks(self) -> None:
+        for hook in self._shutdown_hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+
+    async def cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+BuildFn = Callable[[S, Runtime], Awaitable[None]]
+
+
+def _start_watchdog(deadline_s: float) -> threading.Timer:
+    def expire() -> None:
+        sys.stderr.write(f"shutdown deadline of {deadline_s}s passed; exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(deadline_s, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
+    """Runs one service until SIGTERM/SIGINT; returns the exit status."""
+    provider = setup_tracing(component)
+    loop = asyncio.get_running_loop()
+    exit_code = 0
+    watchdog: threading.Timer | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(provider.shutdown)
+        server = grpc.aio.server(options=server_options(settings))
+        runtime = Runtime(server, stack)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.stop_requested.set)
+        stack.push_async_callback(runtime.cancel_tasks)
+        await build(settings, runtime)
+
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [*runtime.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        runtime.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        await server.start()
+        for name in ["", *runtime.service_names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"address": f"{settings.host}:{runtime.port}"})
+
+        stop = asyncio.create_task(runtime.stop_requested.wait())
+        failed = asyncio.create_task(runtime.failed.wait())
+        await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        failed.cancel()
+        if runtime.failed.is_set():
+            exit_code = 1
+        log.info("shutting down", extra={"exit_code": exit_code})
+        watchdog = _start_watchdog(settings.shutdown_deadline_s)
+        await health_servicer.enter_graceful_shutdown()
+        if settings.drain_delay_s:
+            await asyncio.sleep(settings.drain_delay_s)
+        await runtime.run_shutdown_hooks()
+        await server.stop(settings.shutdown_grace_s)
+    if watchdog is not None:
+        watchdog.cancel()
+    log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code
+
+
+def main(
+    component: str,
+    settings_cls: type[S],
+    build: BuildFn[S],
+    argv: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    commands: Mapping[str, Callable[[S], int]] | None = None,
+) -> int:
+    """Entry point of `python -m <component>`.
+
+    `--print-config` prints every setting with its description and value;
+    `--check-config` validates and exits. Extra `commands` (e.g. `migrate`) run
+    instead of the server. Invalid settings exit with status 2 and a message naming
+    the variable.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {component}")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", *(commands or {})])
+    parser.add_argument("--print-config", action="store_true", help="print every setting")
+    parser.add_argument("--check-config", action="store_true", help="validate settings, exit")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(settings_cls, environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"{component}: {exc}\n")
+        return 2
+    if args.print_config:
+        print(describe_settings(settings))
+        return 0
+    if args.check_config:
+        return 0
+    setup_logging(component, settings.log_level)
+    if commands and args.command in commands:
+        return commands[args.command](settings)
+    try:
+        import uvloop
+
+        return uvloop.run(serve(component, settings, build))
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        return asyncio.run(serve(component, settings, build))

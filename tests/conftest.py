@@ -1,0 +1,156 @@
+"""Real PostgreSQL, Redis and NATS JetStream for tests, on free loopback ports in
+temp dirs, and helpers to run our services as processes.
+
+Shared servers are session-scoped; isolation is per test (a fresh database, a key
+prefix, a stream name). Tests that kill or restart a server take a private one
+from the `*_factory` fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from imdev.servers import (
+    NatsServer,
+    PostgresServer,
+    RedisServer,
+    ServiceProcess,
+    free_port,
+)
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    # Not pytest's tmp_path: its parent is mode 0700 and the postgres user must
+    # reach the data directory.
+    path = Path(tempfile.mkdtemp(prefix="imtest-"))
+    path.chmod(0o755)
+    yield path
+    if not os.environ.get("IM_KEEP_TEST_DIRS"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def postgres(workdir: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(free_port(), workdir / "pg-shared", fsync=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for this test."""
+    name = _unique("t")
+    dsn = postgres.create_database(name)
+    yield dsn
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), workdir / "redis-shared")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(workdir: Path) -> Iterator[NatsServer]:
+    server = NatsServer(free_port(), workdir / "nats-shared")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A unique prefix for Redis keys, JetStream stream names and subjects."""
+    return _unique("T").upper()
+
+
+@pytest.fixture
+def postgres_factory(workdir: Path) -> Iterator[Callable[..., PostgresServer]]:
+    """Private PostgreSQL clusters, for tests that stop or kill the database."""
+    started: list[PostgresServer] = []
+
+    def make(**kwargs: object) -> PostgresServer:
+        server = PostgresServer(free_port(), workdir / _unique("pg"), fsync=False, **kwargs)  # type: ignore[arg-type]
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def nats_factory(workdir: Path) -> Iterator[Callable[[], NatsServer]]:
+    started: list[NatsServer] = []
+
+    def make() -> NatsServer:
+        server = NatsServer(free_port(), workdir / _unique("nats"))
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def redis_factory(workdir: Path) -> Iterator[Callable[[], RedisServer]]:
+    started: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        server = RedisServer(free_port(), workdir / _unique("redis"))
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def spawn(workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Starts one of our services as a process and waits until it is SERVING:
+    `spawn("seqsvc", {"IM_SEQSVC_DATABASE_URL": dsn})`. The port is chosen here and
+    passed as IM_<SERVICE>_PORT unless the env sets it. Every process is killed at
+    teardown; its log stays in the test work dir."""
+    started: list[ServiceProcess] = []
+
+    def make(
+        module: str, env: Mapping[str, str], port: int | None = None, wait: bool = True
+    ) -> ServiceProcess:
+        port_var = f"IM_{module.upper()}_PORT"
+        env = dict(env)
+        port = int(env.get(port_var) or port or free_port())
+        env[port_var] = str(port)
+        proc = ServiceProcess(module, port, env, workdir / f"{_unique(module)}.log")
+        if wait:
+            proc.start()
+        else:
+            proc.launch()
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.kill()
