@@ -25,6 +25,7 @@ from imdev.servers import (
     ServiceProcess,
     free_port,
 )
+from imdev.stack import Stack
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +155,41 @@ def spawn(workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
     yield make
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole system, shared by the tests of one module (use unique user ids
+    per test). Tests that kill processes take `stack_factory` instead."""
+    workdir = Path(tempfile.mkdtemp(prefix="imstack-"))
+    workdir.chmod(0o755)
+    s = Stack(workdir)
+    try:
+        s.start()
+    except BaseException:
+        s.kill()
+        raise
+    yield s
+    s.kill()
+    if not os.environ.get("IM_KEEP_TEST_DIRS"):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def stack_factory() -> Iterator[Callable[..., Stack]]:
+    """Private stacks: `stack_factory(gateways=2, env={"logic": {...}})`."""
+    made: list[tuple[Stack, Path]] = []
+
+    def make(**kwargs: object) -> Stack:
+        workdir = Path(tempfile.mkdtemp(prefix="imstack-"))
+        workdir.chmod(0o755)
+        s = Stack(workdir, **kwargs)  # type: ignore[arg-type]
+        made.append((s, workdir))
+        s.start()
+        return s
+
+    yield make
+    for s, workdir in made:
+        s.kill()
+        if not os.environ.get("IM_KEEP_TEST_DIRS"):
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -30,7 +30,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def port_in_use(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -91,9 +101,12 @@ class Managed:
         self.wait_ready(timeout)
 
     def launch(self) -> None:
-        """Starts the process without waiting for it."""
+        """Starts the process without waiting for it. Refuses a port that something
+        else already listens on, so a test never talks to a stranger's server."""
+        if port_in_use(self.port):
+            raise RuntimeError(f"{self.name}: port {self.port} is already in use")
         self.prepare()
-        logf = open(self.log_path, "ab")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(
                 self.argv(),
@@ -325,7 +338,7 @@ class ServiceProcess(Managed):
     def env(self) -> Mapping[str, str]:
         env = dict(os.environ)
         paths = [str(ROOT / "services"), str(ROOT / "libs"), str(ROOT / "gen")]
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.update(self.extra_env)
         return env
 
