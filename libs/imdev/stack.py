@@ -99,7 +99,9 @@ class Stack:
         self.ports = p = ports or StackPorts.free(gateways, logics, pushers)
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        self.postgres = PostgresServer(p.postgres, self.workdir / "pg", logs / "postgres.log", fsync=fsync)
+        self.postgres = PostgresServer(
+            p.postgres, self.workdir / "pg", logs / "postgres.log", fsync=fsync
+        )
         self.redis = RedisServer(p.redis, self.workdir / "redis", logs / "redis.log")
         self.nats = NatsServer(p.nats, self.workdir / "nats", logs / "nats.log")
         self.seqsvc = ServiceProcess("seqsvc", p.seqsvc, self._seqsvc_env(), logs / "seqsvc.log")
@@ -229,7 +231,8 @@ class Stack:
         """A client token for `user_id`/`device_id`, signed with this stack's secret."""
         from gateway.auth import mint_token  # type: ignore[import-not-found,unused-ignore]
 
-        return mint_token(  # type: ignore[no-any-return,unused-ignore]self.token_secret, user_id, device_id, ttl_s)
+        token: str = mint_token(self.token_secret, user_id, device_id, ttl_s)
+        return token
 
     # -- state for `make run` / `make stop` ----------------------------------
 
