@@ -34,6 +34,7 @@ def migration_files(directory: Path) -> list[tuple[int, str, Path]]:
 
 async def apply_migrations(conninfo: str, directory: Path, component: str) -> list[str]:
     """Applies the pending migrations of `component`; returns the names applied."""
+    files = migration_files(directory)  # refuse a bad folder before touching the database
     applied: list[str] = []
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
@@ -50,7 +51,7 @@ async def apply_migrations(conninfo: str, directory: Path, component: str) -> li
                 "SELECT version FROM schema_migrations WHERE component = %s", (component,)
             )
             done = {row[0] for row in await cur.fetchall()}
-            for version, name, path in migration_files(directory):
+            for version, name, path in files:
                 if version in done:
                     continue
                 sql = path.read_text()

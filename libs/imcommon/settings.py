@@ -39,8 +39,7 @@ class ServerSettings(BaseServiceSettings):
         15.0,
         gt=0,
         le=600,
-        description="Hard limit for the whole shutdown; past it the process exits with "
-        "status 1.",
+        description="Hard limit for the whole shutdown; past it the process exits with status 1.",
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024,
