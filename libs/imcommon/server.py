@@ -32,7 +32,9 @@ from grpc_reflection.v1alpha import reflection
 
 from imcommon.config import ConfigError, describe_settings, load_settings
 from imcommon.logging import setup_logging
+from imcommon.metrics import Metrics
 from imcommon.settings import ServerSettings
+from imcommon.telemetry import ServerTelemetryInterceptor
 from imcommon.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,12 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
 class Runtime:
     """What a service's build function wires itself into."""
 
-    def __init__(self, server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, stack: contextlib.AsyncExitStack, metrics: Metrics
+    ) -> None:
         self.server = server
         self.stack = stack
+        self.metrics = metrics
         self.service_names: list[str] = []
         self.port = 0
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
@@ -126,8 +131,15 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
     watchdog: threading.Timer | None = None
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(provider.shutdown)
-        server = grpc.aio.server(options=server_options(settings))
-        runtime = Runtime(server, stack)
+        metrics = Metrics(component)
+        server = grpc.aio.server(
+            options=server_options(settings),
+            interceptors=[ServerTelemetryInterceptor(metrics)],
+        )
+        runtime = Runtime(server, stack, metrics)
+        if settings.metrics_port:
+            metrics.serve(settings.host, settings.metrics_port)
+            stack.callback(metrics.close)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop_requested.set)
         stack.push_async_callback(runtime.cancel_tasks)
