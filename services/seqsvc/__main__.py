@@ -1,0 +1,3 @@
+from seqsvc.server import main
+
+raise SystemExit(main())

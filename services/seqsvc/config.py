@@ -1,0 +1,108 @@
+"""seqsvc settings, from `IM_SEQSVC_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from imcommon.settings import ServerSettings
+
+
+class Settings(ServerSettings):
+    """Everything seqsvc reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="IM_SEQSVC_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        "",
+        validate_default=True,
+        description="PostgreSQL conninfo or postgresql:// URL holding the section ceilings "
+        "(required).",
+    )
+    step: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Values reserved per database write: a section's persisted max_seq moves "
+        "ahead by at least this much. Larger: fewer writes, larger gaps after a restart.",
+    )
+    sections: int = Field(
+        1024,
+        ge=1,
+        le=65_536,
+        description="Number of sections; each is one row (max_seq) shared by the keys that "
+        "hash to it. Changing it is safe: every new section starts above the old highest "
+        "ceiling.",
+    )
+    prefetch_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Reserve the next step in the background once a section's headroom falls "
+        "below prefetch_ratio * step (the double buffer).",
+    )
+    max_batch: int = Field(
+        10_000, ge=1, le=1_000_000, description="Most keys accepted in one NextBatch call."
+    )
+    max_reserve: int = Field(
+        1_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Largest count accepted by Reserve.",
+    )
+    max_keys: int = Field(
+        1_000_000,
+        ge=1_000,
+        le=1_000_000_000,
+        description="Most keys whose cur_seq is kept in memory; past it the oldest are "
+        "evicted (safe: an evicted key resumes above every value it was given).",
+    )
+    store_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Timeout of one database call (connect or statement)."
+    )
+    wait_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Longest a call waits for a step reservation when its section has no "
+        "headroom left, before failing with UNAVAILABLE.",
+    )
+    retry_min_s: float = Field(
+        0.05, gt=0, le=10, description="First backoff after a failed database write."
+    )
+    retry_max_s: float = Field(
+        2.0, gt=0, le=60, description="Longest backoff between database retries."
+    )
+    lease_s: float = Field(
+        10.0,
+        ge=1,
+        le=600,
+        description="Ownership lease on the sections. The owner renews it every lease_s/4 and "
+        "stops serving when it cannot; another instance takes over only after it expired.",
+    )
+    instance_id: str = Field(
+        "",
+        max_length=200,
+        description="Identity of this instance in the lease, unique among live instances "
+        "(default: hostname:port). A restart with the same id takes over at once.",
+    )
+    standby_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often an instance that finds the sections leased by another live "
+        "instance tries again to take them over.",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _required(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("required: a libpq conninfo or postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("IM_SEQSVC_RETRY_MAX_S must be >= IM_SEQSVC_RETRY_MIN_S")
+        return self

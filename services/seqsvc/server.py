@@ -1,0 +1,78 @@
+"""Wiring of seqsvc: settings -> store -> allocator -> gRPC servicer.
+
+`python -m seqsvc` applies the migrations, takes ownership of the sections (waiting
+as a standby while another live instance holds them), then serves.
+`python -m seqsvc migrate` only applies the migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from imcommon.server import Runtime
+from imcommon.server import main as serve_main
+from seqsvc.allocator import Allocator
+from seqsvc.config import Settings
+from seqsvc.repo import PgSectionStore, migrate
+from seqsvc.servicer import SERVICE_NAME, SeqServicer, add_to_server
+
+log = logging.getLogger(__name__)
+
+
+def instance_id(settings: Settings) -> str:
+    """The lease identity: configured, or hostname:port (unique among live processes
+    on a host, and stable across a restart on the same port, so a restarted
+    instance takes over at once instead of waiting for its own lease to expire)."""
+    if settings.instance_id:
+        return settings.instance_id
+    host = socket.gethostname()
+    if settings.port:
+        return f"{host}:{settings.port}"
+    return f"{host}:pid{os.getpid()}"
+
+
+def make_allocator(settings: Settings, store: PgSectionStore) -> Allocator:
+    return Allocator(
+        store,
+        sections=settings.sections,
+        step=settings.step,
+        prefetch_ratio=settings.prefetch_ratio,
+        max_batch=settings.max_batch,
+        max_reserve=settings.max_reserve,
+        max_keys=settings.max_keys,
+        wait_timeout_s=settings.wait_timeout_s,
+        store_timeout_s=settings.store_timeout_s,
+        retry_min_s=settings.retry_min_s,
+        retry_max_s=settings.retry_max_s,
+        lease_s=settings.lease_s,
+        standby_poll_s=settings.standby_poll_s,
+        instance_id=instance_id(settings),
+    )
+
+
+async def build(settings: Settings, runtime: Runtime) -> None:
+    applied = await migrate(settings.database_url)
+    if applied:
+        log.info("migrations applied", extra={"applied": applied})
+    store = await runtime.stack.enter_async_context(
+        PgSectionStore(settings.database_url, settings.store_timeout_s)
+    )
+    allocator = make_allocator(settings, store)
+    runtime.stack.push_async_callback(allocator.close)
+    if await allocator.start(runtime.stop_requested):
+        runtime.spawn(allocator.run(), "seqsvc-allocator")
+    add_to_server(SeqServicer(allocator), runtime.server)
+    runtime.expose(SERVICE_NAME)
+
+
+def _migrate_command(settings: Settings) -> int:
+    applied = asyncio.run(migrate(settings.database_url))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve_main("seqsvc", Settings, build, argv=argv, commands={"migrate": _migrate_command})
