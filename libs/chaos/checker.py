@@ -1,0 +1,611 @@
+"""The checker: reads what every client device was handed and what every sender
+was told, and lists every way the promise was broken.
+
+Pure: no I/O, no clock. Input is the run's record (`History`): per-device
+histories in the order the SDK handed messages to the application, every send
+attempted (with its SendAck, if one arrived), and the conversations' members.
+Output is a `Report` whose `violations` name each broken guarantee precisely
+enough to find it in the logs (kind, user, device, conversation, msg_id,
+client_msg_id).
+
+What it verifies (design.md, "The promise"):
+
+- no loss: every message that got a SendAck is on every device of every member
+  of its conversation, the sender's own devices included; a message that did not
+  get an ACK but reached some device was committed, so it must reach them all too
+  (I4: nothing committed is stranded);
+- no duplicates: no device is handed one msg_id twice, and no (sender,
+  client_msg_id) is stored under two msg_ids, acked or not;
+- order: one sender's messages in a conversation carry conv_seqs in send order
+  (same SDK session: call order; any device: ack-before-send causality), and
+  every device is handed them in that order; every device is handed the other
+  members' messages of a conversation in conv_seq order; every device is handed
+  its user's timeline in strictly increasing seq; devices agree on each
+  message's conv_seq and on each user's seq -> msg_id;
+- nothing invented: every handed message was sent by someone, into the
+  conversation and with the body it was sent with, and only to members.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class Kind(enum.StrEnum):
+    """Kinds of violation. The values are what the report prints."""
+
+    LOST = "lost"  # an acked message missing on a device that must have it
+    PARTIAL = "partial"  # an unacked message on some member devices but not all
+    DUPLICATE_DELIVERY = "duplicate_delivery"  # one msg_id handed twice to a device
+    DUPLICATE_MESSAGE = "duplicate_message"  # one (sender, client_msg_id), two msg_ids
+    SENDER_ORDER = "sender_order"  # a sender's messages out of send order
+    CONVERSATION_ORDER = "conversation_order"  # a device handed a conversation out of order
+    TIMELINE_ORDER = "timeline_order"  # a device handed its timeline out of seq order
+    CONV_SEQ_MISMATCH = "conv_seq_mismatch"  # devices/ACK disagree on a conv_seq
+    TIMELINE_MISMATCH = "timeline_mismatch"  # devices/ACK disagree on a user's seq
+    PHANTOM = "phantom"  # handed a message nobody sent
+    CORRUPTED = "corrupted"  # a message differs from what was sent
+    MISDELIVERED = "misdelivered"  # handed to a user who is not a member
+
+
+LOSS_KINDS = frozenset({Kind.LOST, Kind.PARTIAL})
+DUPLICATE_KINDS = frozenset({Kind.DUPLICATE_DELIVERY, Kind.DUPLICATE_MESSAGE})
+ORDER_KINDS = frozenset(
+    {
+        Kind.SENDER_ORDER,
+        Kind.CONVERSATION_ORDER,
+        Kind.TIMELINE_ORDER,
+        Kind.CONV_SEQ_MISMATCH,
+        Kind.TIMELINE_MISMATCH,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One message as the SDK handed it to the application of one device."""
+
+    msg_id: int
+    conversation_id: str
+    sender_id: str
+    client_msg_id: str
+    conv_seq: int
+    seq: int  # the receiving user's timeline position
+    body: bytes | None = None  # None: not recorded, not compared
+
+
+@dataclass
+class DeviceHistory:
+    """Everything one device was handed, in order, across all its SDK sessions
+    (a client "process restart" continues the same device's history)."""
+
+    user_id: str
+    device_id: str
+    entries: list[Delivered] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ack:
+    msg_id: int
+    seq: int
+    conv_seq: int
+
+
+@dataclass(frozen=True)
+class SendRecord:
+    """One send the workload attempted.
+
+    `session` names the SDK client instance that made the call and `index` the
+    call's position in that session: the SDK promises that the sends of one
+    session are stored in call order. `attempted_at`/`acked_at` are monotonic
+    times from one clock: a send that started after another send of the same
+    user was acked must come after it, whatever device or session made them.
+    """
+
+    sender_id: str
+    device_id: str
+    client_msg_id: str
+    conversation_id: str
+    session: str
+    index: int
+    attempted_at: float
+    acked_at: float | None = None
+    ack: Ack | None = None
+    body: bytes | None = None
+
+    @property
+    def acked(self) -> bool:
+        return self.ack is not None
+
+
+@dataclass
+class History:
+    devices: list[DeviceHistory]
+    sends: list[SendRecord]
+    members: Mapping[str, Iterable[str]]  # conversation_id -> user ids (fixed for the run)
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: Kind
+    detail: str
+    user_id: str = ""
+    device_id: str = ""
+    conversation_id: str = ""
+    msg_id: int = 0
+    client_msg_id: str = ""
+
+    def __str__(self) -> str:
+        where = " ".join(
+            f"{k}={v}"
+            for k, v in (
+                ("user", self.user_id),
+                ("device", self.device_id),
+                ("conv", self.conversation_id),
+                ("msg_id", self.msg_id),
+                ("client_msg_id", self.client_msg_id),
+            )
+            if v
+        )
+        return f"[{self.kind.value}] {self.detail} ({where})"
+
+
+@dataclass
+class Report:
+    sent: int = 0  # sends attempted
+    acked: int = 0  # sends that got a SendAck
+    committed: int = 0  # distinct messages known to exist (acked or seen on a device)
+    delivered: int = 0  # (message, device) pairs handed at least once
+    expected: int = 0  # (message, device) pairs that must be handed
+    violations: list[Violation] = field(default_factory=list)
+
+    def count(self, kinds: Iterable[Kind]) -> int:
+        wanted = set(kinds)
+        return sum(1 for v in self.violations if v.kind in wanted)
+
+    @property
+    def lost(self) -> int:
+        return self.count(LOSS_KINDS)
+
+    @property
+    def duplicated(self) -> int:
+        return self.count(DUPLICATE_KINDS)
+
+    @property
+    def reordered(self) -> int:
+        return self.count(ORDER_KINDS)
+
+    def by_kind(self) -> dict[str, int]:
+        counts = Counter(v.kind.value for v in self.violations)
+        return dict(sorted(counts.items()))
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What the run knows about one stored message."""
+
+    msg_id: int
+    conversation_id: str
+    sender_id: str
+    client_msg_id: str
+    conv_seq: int
+
+
+def check(history: History) -> Report:
+    """Every violation in `history`; an empty `violations` list means the run kept
+    the promise."""
+    report = Report(sent=len(history.sends), acked=sum(1 for s in history.sends if s.acked))
+    out = report.violations
+    members = {conv: frozenset(users) for conv, users in history.members.items()}
+    devices_of: dict[str, list[DeviceHistory]] = defaultdict(list)
+    for dev in history.devices:
+        devices_of[dev.user_id].append(dev)
+
+    records: dict[tuple[str, str], list[SendRecord]] = defaultdict(list)
+    for rec in history.sends:
+        records[(rec.sender_id, rec.client_msg_id)].append(rec)
+
+    known = _identify_messages(history, records, out)
+    report.committed = len(known)
+
+    _check_devices(history, members, records, out)
+    _check_timelines(history, devices_of, out)
+    _check_sender_order(history, out)
+    report.delivered, report.expected = _check_presence(history, members, devices_of, known, out)
+    return report
+
+
+def _identify_messages(
+    history: History,
+    records: Mapping[tuple[str, str], list[SendRecord]],
+    out: list[Violation],
+) -> dict[int, _Known]:
+    """msg_id -> the message, from ACKs and deliveries; reports two msg_ids for one
+    (sender, client_msg_id) and devices or ACKs that disagree on a message."""
+    known: dict[int, _Known] = {}
+    seen_by: dict[int, str] = {}
+    ids_of_key: dict[tuple[str, str], set[int]] = defaultdict(set)
+
+    def learn(k: _Known, source: str, dev: DeviceHistory | None) -> None:
+        ids_of_key[(k.sender_id, k.client_msg_id)].add(k.msg_id)
+        prev = known.get(k.msg_id)
+        if prev is None:
+            known[k.msg_id] = k
+            seen_by[k.msg_id] = source
+            return
+        if prev == k:
+            return
+        user, device = (dev.user_id, dev.device_id) if dev else ("", "")
+        if prev.conv_seq != k.conv_seq and (
+            prev.conversation_id,
+            prev.sender_id,
+            prev.client_msg_id,
+        ) == (k.conversation_id, k.sender_id, k.client_msg_id):
+            out.append(
+                Violation(
+                    Kind.CONV_SEQ_MISMATCH,
+                    f"conv_seq {k.conv_seq} at {source}, {prev.conv_seq} at {seen_by[k.msg_id]}",
+                    user,
+                    device,
+                    k.conversation_id,
+                    k.msg_id,
+                    k.client_msg_id,
+                )
+            )
+        else:
+            out.append(
+                Violation(
+                    Kind.CORRUPTED,
+                    f"msg_id names different messages: {k} at {source}, {prev} at "
+                    f"{seen_by[k.msg_id]}",
+                    user,
+                    device,
+                    k.conversation_id,
+                    k.msg_id,
+                    k.client_msg_id,
+                )
+            )
+
+    for recs in records.values():
+        for rec in recs:
+            if rec.ack is not None:
+                learn(
+                    _Known(
+                        rec.ack.msg_id,
+                        rec.conversation_id,
+                        rec.sender_id,
+                        rec.client_msg_id,
+                        rec.ack.conv_seq,
+                    ),
+                    f"SendAck to {rec.sender_id}/{rec.device_id}",
+                    None,
+                )
+    for dev in history.devices:
+        for e in dev.entries:
+            learn(
+                _Known(e.msg_id, e.conversation_id, e.sender_id, e.client_msg_id, e.conv_seq),
+                f"device {dev.user_id}/{dev.device_id}",
+                dev,
+            )
+
+    for (sender, cmid), ids in sorted(ids_of_key.items()):
+        if len(ids) > 1:
+            recs = records.get((sender, cmid), [])
+            out.append(
+                Violation(
+                    Kind.DUPLICATE_MESSAGE,
+                    f"one send stored as {len(ids)} messages: msg_ids {sorted(ids)}"
+                    f" ({'acked' if any(r.acked for r in recs) else 'never acked'})",
+                    sender,
+                    "",
+                    known[min(ids)].conversation_id,
+                    min(ids),
+                    cmid,
+                )
+            )
+
+    # One conversation position holds one message.
+    slot: dict[tuple[str, int], int] = {}
+    for k in sorted(known.values(), key=lambda k: k.msg_id):
+        other = slot.setdefault((k.conversation_id, k.conv_seq), k.msg_id)
+        if other != k.msg_id:
+            out.append(
+                Violation(
+                    Kind.CONV_SEQ_MISMATCH,
+                    f"conv_seq {k.conv_seq} held by two messages: {other} and {k.msg_id}",
+                    k.sender_id,
+                    "",
+                    k.conversation_id,
+                    k.msg_id,
+                    k.client_msg_id,
+                )
+            )
+    return known
+
+
+def _seen(kind: Kind, dev: DeviceHistory, e: Delivered, detail: str) -> Violation:
+    return Violation(
+        kind, detail, dev.user_id, dev.device_id, e.conversation_id, e.msg_id, e.client_msg_id
+    )
+
+
+def _check_devices(
+    history: History,
+    members: Mapping[str, frozenset[str]],
+    records: Mapping[tuple[str, str], list[SendRecord]],
+    out: list[Violation],
+) -> None:
+    """Per device: duplicates, phantoms, bodies, membership, and the order it was
+    handed things in."""
+    for dev in history.devices:
+        u = dev.user_id
+        times: Counter[int] = Counter()
+        last_seq: Delivered | None = None
+        last_by_conv: dict[str, Delivered] = {}
+        last_by_sender: dict[tuple[str, str], Delivered] = {}
+        for e in dev.entries:
+            times[e.msg_id] += 1
+            if times[e.msg_id] == 2:
+                out.append(_seen(Kind.DUPLICATE_DELIVERY, dev, e, f"handed twice (seq {e.seq})"))
+            if times[e.msg_id] > 1:
+                continue  # order checks only look at first deliveries
+
+            recs = records.get((e.sender_id, e.client_msg_id))
+            if not recs:
+                out.append(
+                    _seen(
+                        Kind.PHANTOM,
+                        dev,
+                        e,
+                        f"no send of client_msg_id {e.client_msg_id!r} by {e.sender_id}",
+                    )
+                )
+            else:
+                rec = recs[0]
+                if rec.conversation_id != e.conversation_id:
+                    out.append(
+                        _seen(
+                            Kind.CORRUPTED,
+                            dev,
+                            e,
+                            f"sent to {rec.conversation_id}, handed in {e.conversation_id}",
+                        )
+                    )
+                elif rec.body is not None and e.body is not None and rec.body != e.body:
+                    out.append(_seen(Kind.CORRUPTED, dev, e, "body differs from the body sent"))
+            if u not in members.get(e.conversation_id, frozenset()):
+                out.append(
+                    _seen(Kind.MISDELIVERED, dev, e, f"{u} is not a member of {e.conversation_id}")
+                )
+
+            if last_seq is not None and e.seq <= last_seq.seq:
+                out.append(
+                    _seen(
+                        Kind.TIMELINE_ORDER,
+                        dev,
+                        e,
+                        f"seq {e.seq} handed after seq {last_seq.seq} (msg_id {last_seq.msg_id})",
+                    )
+                )
+            last_seq = e
+
+            skey = (e.sender_id, e.conversation_id)
+            prev = last_by_sender.get(skey)
+            if prev is not None and e.conv_seq <= prev.conv_seq:
+                out.append(
+                    _seen(
+                        Kind.SENDER_ORDER,
+                        dev,
+                        e,
+                        f"{e.sender_id}'s conv_seq {e.conv_seq} handed after its conv_seq "
+                        f"{prev.conv_seq} (msg_id {prev.msg_id})",
+                    )
+                )
+            last_by_sender[skey] = e
+
+            # The user's own messages enter its timeline when sent, others' when
+            # fanned out in conv_seq order; so only others' are checked here.
+            if e.sender_id != u:
+                prev = last_by_conv.get(e.conversation_id)
+                if prev is not None and e.conv_seq <= prev.conv_seq:
+                    out.append(
+                        _seen(
+                            Kind.CONVERSATION_ORDER,
+                            dev,
+                            e,
+                            f"conv_seq {e.conv_seq} handed after conv_seq {prev.conv_seq} "
+                            f"(msg_id {prev.msg_id})",
+                        )
+                    )
+                last_by_conv[e.conversation_id] = e
+
+
+def _check_timelines(
+    history: History,
+    devices_of: Mapping[str, list[DeviceHistory]],
+    out: list[Violation],
+) -> None:
+    """One timeline per user: all its devices, and its SendAcks, agree on seq <-> msg_id."""
+    for user, devs in devices_of.items():
+        at_seq: dict[int, tuple[int, str]] = {}
+        seq_of: dict[int, tuple[int, str]] = {}
+        sources: list[tuple[str, Iterable[tuple[int, int, str, str]]]] = []
+        for dev in devs:
+            sources.append(
+                (
+                    f"device {user}/{dev.device_id}",
+                    ((e.seq, e.msg_id, e.conversation_id, e.client_msg_id) for e in dev.entries),
+                )
+            )
+        sources.append(
+            (
+                f"SendAcks of {user}",
+                (
+                    (s.ack.seq, s.ack.msg_id, s.conversation_id, s.client_msg_id)
+                    for s in history.sends
+                    if s.sender_id == user and s.ack is not None
+                ),
+            )
+        )
+        for source, rows in sources:
+            for seq, msg_id, conv, cmid in rows:
+                other = at_seq.setdefault(seq, (msg_id, source))
+                if other[0] != msg_id:
+                    out.append(
+                        Violation(
+                            Kind.TIMELINE_MISMATCH,
+                            f"seq {seq} is msg_id {msg_id} at {source} but msg_id {other[0]} "
+                            f"at {other[1]}",
+                            user,
+                            "",
+                            conv,
+                            msg_id,
+                            cmid,
+                        )
+                    )
+                before = seq_of.setdefault(msg_id, (seq, source))
+                if before[0] != seq:
+                    out.append(
+                        Violation(
+                            Kind.TIMELINE_MISMATCH,
+                            f"at seq {seq} at {source} but seq {before[0]} at {before[1]}",
+                            user,
+                            "",
+                            conv,
+                            msg_id,
+                            cmid,
+                        )
+                    )
+
+
+def _check_sender_order(history: History, out: list[Violation]) -> None:
+    """Acked sends of one sender into one conversation: conv_seq follows call order
+    within an SDK session, and follows causality (acked before the other send
+    started) across sessions and devices."""
+    groups: dict[tuple[str, str], list[SendRecord]] = defaultdict(list)
+    for s in history.sends:
+        if s.ack is not None:
+            groups[(s.sender_id, s.conversation_id)].append(s)
+    for (sender, conv), sends in groups.items():
+        by_session: dict[str, list[SendRecord]] = defaultdict(list)
+        for s in sends:
+            by_session[s.session].append(s)
+        for session, ss in by_session.items():
+            ss.sort(key=lambda s: s.index)
+            for a, b in itertools.pairwise(ss):
+                assert a.ack is not None and b.ack is not None
+                if b.ack.conv_seq <= a.ack.conv_seq:
+                    out.append(
+                        Violation(
+                            Kind.SENDER_ORDER,
+                            f"send #{b.index} of session {session} got conv_seq "
+                            f"{b.ack.conv_seq}, not above send #{a.index}'s {a.ack.conv_seq}",
+                            sender,
+                            b.device_id,
+                            conv,
+                            b.ack.msg_id,
+                            b.client_msg_id,
+                        )
+                    )
+        # Causality: B started after A's ACK arrived => conv_seq(A) < conv_seq(B).
+        by_ack = sorted(sends, key=lambda s: s.acked_at if s.acked_at is not None else 0.0)
+        ack_times = [s.acked_at if s.acked_at is not None else 0.0 for s in by_ack]
+        best: list[SendRecord] = []  # best[i]: highest conv_seq among by_ack[: i + 1]
+        for s in by_ack:
+            if not best or _conv_seq(s) > _conv_seq(best[-1]):
+                best.append(s)
+            else:
+                best.append(best[-1])
+        for b in sends:
+            assert b.ack is not None
+            n = bisect.bisect_left(ack_times, b.attempted_at)
+            if n == 0:
+                continue
+            a = best[n - 1]
+            assert a.ack is not None
+            if a is not b and a.ack.conv_seq >= b.ack.conv_seq and a.session != b.session:
+                out.append(
+                    Violation(
+                        Kind.SENDER_ORDER,
+                        f"sent after {a.client_msg_id} (conv_seq {a.ack.conv_seq}) was acked, "
+                        f"yet got conv_seq {b.ack.conv_seq}",
+                        sender,
+                        b.device_id,
+                        conv,
+                        b.ack.msg_id,
+                        b.client_msg_id,
+                    )
+                )
+
+
+def _conv_seq(s: SendRecord) -> int:
+    return s.ack.conv_seq if s.ack is not None else 0
+
+
+def _check_presence(
+    history: History,
+    members: Mapping[str, frozenset[str]],
+    devices_of: Mapping[str, list[DeviceHistory]],
+    known: Mapping[int, _Known],
+    out: list[Violation],
+) -> tuple[int, int]:
+    """Every known message on every device of every member. Returns (delivered,
+    expected) pair counts."""
+    acked_ids = {s.ack.msg_id for s in history.sends if s.ack is not None}
+    have: dict[tuple[str, str], set[int]] = {
+        (dev.user_id, dev.device_id): {e.msg_id for e in dev.entries} for dev in history.devices
+    }
+    delivered = expected = 0
+    for k in sorted(known.values(), key=lambda k: k.msg_id):
+        acked = k.msg_id in acked_ids
+        for user in sorted(members.get(k.conversation_id, frozenset())):
+            for dev in devices_of.get(user, []):
+                expected += 1
+                if k.msg_id in have[(user, dev.device_id)]:
+                    delivered += 1
+                    continue
+                out.append(
+                    Violation(
+                        Kind.LOST if acked else Kind.PARTIAL,
+                        f"conv_seq {k.conv_seq} from {k.sender_id} never handed"
+                        + ("" if acked else " (not acked, but committed: seen elsewhere)"),
+                        user,
+                        dev.device_id,
+                        k.conversation_id,
+                        k.msg_id,
+                        k.client_msg_id,
+                    )
+                )
+    return delivered, expected
+
+
+def summarize(report: Report, limit: int = 50) -> list[str]:
+    """Human-readable lines: counts by kind, then the first `limit` violations."""
+    lines = [f"violations: {len(report.violations)} {report.by_kind()}"]
+    lines += [f"  {v}" for v in report.violations[:limit]]
+    if len(report.violations) > limit:
+        lines.append(f"  ... and {len(report.violations) - limit} more")
+    return lines
+
+
+__all__: Sequence[str] = [
+    "Ack",
+    "Delivered",
+    "DeviceHistory",
+    "History",
+    "Kind",
+    "Report",
+    "SendRecord",
+    "Violation",
+    "check",
+    "summarize",
+]
