@@ -1,0 +1,144 @@
+"""gateway settings, from `IM_GATEWAY_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from imcommon.config import ConfigError, env_name
+from imcommon.settings import ServerSettings
+
+#: The secret `make run` uses when IM_GATEWAY_TOKEN_SECRET is unset. Anyone can
+#: mint tokens with it: the gateway logs a warning whenever it is in use.
+DEV_TOKEN_SECRET = "dev-only-secret-change-me"
+
+
+class Settings(ServerSettings):
+    """Everything the gateway reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="IM_GATEWAY_", extra="ignore", frozen=True)
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"token_secret"})
+
+    logic_address: str = Field(
+        "", max_length=300, description="host:port of logic (required to start)."
+    )
+    redis_url: str = Field(
+        "",
+        max_length=500,
+        description="redis:// URL of the presence Redis holding the routes (required to start).",
+    )
+    redis_prefix: str = Field(
+        "im:", max_length=100, description="Prefix of every Redis key the gateway writes."
+    )
+    token_secret: str = Field(
+        DEV_TOKEN_SECRET,
+        min_length=16,
+        description="HMAC secret that signs client tokens. The default is a DEV secret "
+        "anyone can use; set a random one (>= 32 bytes) in every real deployment.",
+    )
+    route_ttl_s: float = Field(
+        30.0,
+        ge=2,
+        le=3600,
+        description="Lifetime of a device's route in Redis; refreshed while the stream is open, "
+        "so a crashed gateway's routes vanish after at most this long.",
+    )
+    route_refresh_s: float = Field(
+        0.0,
+        ge=0,
+        le=1200,
+        description="How often the routes of open streams are refreshed (0 = route_ttl_s / 3).",
+    )
+    redis_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="Timeout of one Redis call (connect or command)."
+    )
+    max_body_bytes: int = Field(
+        64 * 1024,
+        ge=1,
+        le=16 * 1024 * 1024,
+        description="Largest message body accepted in a Send; bigger ones get SendError "
+        "INVALID_ARGUMENT and the stream stays usable.",
+    )
+    send_window: int = Field(
+        64, ge=1, le=10_000, description="Sends a connection may have in flight (unanswered)."
+    )
+    send_rate_per_s: float = Field(
+        200.0, gt=0, le=1_000_000, description="Sustained sends per second per connection."
+    )
+    send_burst: int = Field(
+        200, ge=1, le=1_000_000, description="Token-bucket burst of sends per connection."
+    )
+    ack_memory: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Recent SendAcks kept per connection to answer retransmits (at least "
+        "send_window are always kept).",
+    )
+    outbound_queue: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Frames queued per connection towards the client; a push finding it full "
+        "is answered NOT_CONNECTED (the pusher retransmits, the client syncs).",
+    )
+    logic_timeout_s: float = Field(5.0, gt=0, le=120, description="Deadline of one call to logic.")
+    logic_retry_s: float = Field(
+        3.0,
+        ge=0,
+        le=120,
+        description="How long a Send keeps retrying logic while it is UNAVAILABLE before "
+        "answering SendError UNAVAILABLE (retryable).",
+    )
+    internal_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Deadline of calls to pushers (AckDelivery) and other gateways (Kick).",
+    )
+    goaway_reconnect_ms: int = Field(
+        500,
+        ge=0,
+        le=600_000,
+        description="reconnect_after_ms in the GoAway sent to every client on SIGTERM.",
+    )
+    close_grace_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="After a Kick or GoAway, how long a client gets to read the final frame "
+        "before its stream is cancelled.",
+    )
+    max_pushers_per_connection: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Pushers remembered per connection as targets of its DeliverAcks (LRU).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.route_refresh_s and self.route_refresh_s >= self.route_ttl_s:
+            raise ValueError("IM_GATEWAY_ROUTE_REFRESH_S must be below IM_GATEWAY_ROUTE_TTL_S")
+        return self
+
+    @property
+    def refresh_interval_s(self) -> float:
+        return self.route_refresh_s or self.route_ttl_s / 3
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.token_secret == DEV_TOKEN_SECRET
+
+    def require_addresses(self) -> None:
+        """Raises ConfigError naming every required setting that is empty. Called
+        at start (not at load, so `--print-config` works with an empty env)."""
+        missing = [
+            env_name(type(self), name)
+            for name in ("logic_address", "redis_url")
+            if not getattr(self, name).strip()
+        ]
+        if missing:
+            raise ConfigError(f"required setting(s) not set: {', '.join(missing)}")

@@ -1,0 +1,133 @@
+"""The streams open on this gateway, by (user, device), and their routes.
+
+At most one stream per device here: a new one replaces (kicks) the old one, and a
+route pointing at another gateway's connection makes that gateway kick it.
+Routes in Redis are best effort: if Redis is down or was flushed, streams keep
+working, pushes stop reaching them until the next refresh re-registers the route,
+and the clients catch up by sync. No message is lost either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from gateway.connection import Connection
+from gateway.routes import RouteTable
+from gateway.upstream import Peers
+
+log = logging.getLogger(__name__)
+
+REPLACED = "replaced by a newer connection of the same device"
+
+
+class Hub:
+    def __init__(
+        self,
+        routes: RouteTable,
+        peers: Peers,
+        address: Callable[[], str],
+        refresh_interval_s: float,
+    ) -> None:
+        self._routes = routes
+        self._peers = peers
+        self._address = address
+        self._refresh_interval_s = refresh_interval_s
+        self._conns: dict[tuple[str, str], Connection] = {}
+        self._background: set[asyncio.Task[object]] = set()
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def get(self, user_id: str, device_id: str) -> Connection | None:
+        return self._conns.get((user_id, device_id))
+
+    def _background_task(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def attach(self, conn: Connection) -> None:
+        """Makes `conn` the device's stream here and points its route at it."""
+        old = self._conns.get(conn.key)
+        self._conns[conn.key] = conn
+        if old is not None:
+            log.info("kicking replaced connection", extra=old.log_extra())
+            old.kick(REPLACED)
+        user, device = conn.key
+        here = self._address()
+        try:
+            prev = await self._routes.register(user, device, conn.connection_id, here)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "route not registered (Redis); retried on the next refresh",
+                extra={**conn.log_extra(), "error": str(exc)},
+            )
+            return
+        if prev is not None and prev.gateway != here:
+            self._background_task(
+                self._peers.kick(prev.gateway, user, device, prev.connection_id, REPLACED)
+            )
+
+    async def detach(self, conn: Connection) -> None:
+        """Forgets `conn` and removes its route if the route is still its own."""
+        if self._conns.get(conn.key) is conn:
+            del self._conns[conn.key]
+        user, device = conn.key
+        try:
+            await self._routes.unregister(user, device, conn.connection_id)
+        except (RedisError, OSError) as exc:
+            log.info(
+                "route not removed (Redis); it expires by itself",
+                extra={**conn.log_extra(), "error": str(exc)},
+            )
+
+    def kick(self, user_id: str, device_id: str, connection_id: str, reason: str) -> bool:
+        conn = self._conns.get((user_id, device_id))
+        if conn is None or conn.connection_id != connection_id:
+            return False
+        conn.kick(reason or REPLACED)
+        return True
+
+    async def refresh_routes(self) -> None:
+        """One refresh round: extends every open stream's route, re-creates lost
+        ones, and kicks streams whose route another connection has taken."""
+        conns = [c for c in self._conns.values() if not c.closing]
+        if not conns:
+            return
+        here = self._address()
+        entries = [(*c.key, c.connection_id, here) for c in conns]
+        results = await self._routes.refresh_many(entries)
+        for conn, still_ours in zip(conns, results, strict=True):
+            if not still_ours and self._conns.get(conn.key) is conn:
+                log.info("route taken by another connection; kicking", extra=conn.log_extra())
+                conn.kick(REPLACED)
+
+    async def refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_interval_s)
+            try:
+                await self.refresh_routes()
+            except (RedisError, OSError) as exc:
+                log.warning("route refresh failed (Redis)", extra={"error": str(exc)})
+
+    async def shutdown(self, reconnect_after_ms: int, wait_s: float) -> None:
+        """GoAway to every stream, then waits (up to `wait_s`) until they ended.
+        New streams are refused from now on."""
+        self.closing = True
+        conns = list(self._conns.values())
+        log.info("sending GoAway", extra={"streams": len(conns)})
+        for conn in conns:
+            conn.go_away("gateway shutting down; reconnect to any gateway", reconnect_after_ms)
+        waits = [asyncio.ensure_future(c.done.wait()) for c in conns]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=wait_s)
+            for w in pending:
+                w.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=1.0)

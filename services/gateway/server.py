@@ -1,0 +1,81 @@
+"""Builds the gateway from its settings and runs it (`python -m gateway`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import redis.asyncio as aioredis
+
+from gateway.config import Settings
+from gateway.hub import Hub
+from gateway.routes import RouteTable
+from gateway.servicer import (
+    GATEWAY_SERVICE,
+    INTERNAL_SERVICE,
+    GatewayInternalServicer,
+    GatewayServicer,
+    add_authenticated_gateway,
+)
+from gateway.upstream import LogicClient, Peers
+from im.gateway.v1 import gateway_internal_pb2_grpc
+from imcommon.config import ConfigError
+from imcommon.server import Runtime
+from imcommon.server import main as serve_main
+from imcommon.telemetry import insecure_channel
+
+log = logging.getLogger(__name__)
+
+
+async def build(settings: Settings, runtime: Runtime) -> None:
+    """Wires the gateway: Redis routes, the logic channel, the stream hub, both
+    services, the route refresh loop, and GoAway on shutdown."""
+    settings.require_addresses()
+    if settings.uses_dev_secret:
+        log.warning(
+            "IM_GATEWAY_TOKEN_SECRET is the DEV default: anyone can mint tokens. "
+            "Set a random secret in every real deployment."
+        )
+
+    def address() -> str:
+        return settings.advertise_address or f"{settings.host}:{runtime.port}"
+
+    redis = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    runtime.stack.push_async_callback(redis.aclose)
+    logic_channel = insecure_channel(settings.logic_address, runtime.metrics)
+    runtime.stack.push_async_callback(logic_channel.close)
+    peers = Peers(runtime.metrics, settings.internal_timeout_s)
+    runtime.stack.push_async_callback(peers.close)
+
+    routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
+    hub = Hub(routes, peers, address, settings.refresh_interval_s)
+    logic = LogicClient(logic_channel, settings.logic_timeout_s, settings.logic_retry_s)
+
+    add_authenticated_gateway(
+        GatewayServicer(settings, hub, logic, peers, runtime.metrics),
+        runtime.server,
+        settings.token_secret,
+    )
+    runtime.expose(GATEWAY_SERVICE)
+    gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(
+        GatewayInternalServicer(hub, runtime.metrics), runtime.server
+    )
+    runtime.expose(INTERNAL_SERVICE)
+    runtime.spawn(hub.refresh_loop(), "route-refresh")
+
+    async def go_away() -> None:
+        await hub.shutdown(settings.goaway_reconnect_ms, settings.close_grace_s + 0.5)
+
+    runtime.on_shutdown(go_away)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return serve_main("gateway", Settings, build, argv=argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"gateway: {exc}\n")
+        return 2

@@ -1,0 +1,326 @@
+"""gRPC adapters of the gateway: the client-facing `Gateway` (every method behind
+the token check) and the internal `GatewayInternal` (called by pushers and other
+gateways over the cluster network; plain insecure gRPC, restricted by
+NetworkPolicies, never exposed to clients).
+
+Authentication is applied when the client-facing service is registered: every
+method of im.gateway.v1.Gateway is wrapped, so a method cannot forget it. The
+wrapper verifies `authorization: Bearer <token>` and hands the identity to the
+method through a context variable; without a valid token the call ends with
+UNAUTHENTICATED before the method runs. No request carries a user id: every call
+acts as the token's user.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import grpc
+
+from gateway.auth import Identity, TokenError, bearer_token, verify_token
+from gateway.config import Settings
+from gateway.connection import Connection, ConnectionAborted, parse_client_frame
+from gateway.hub import Hub
+from gateway.upstream import LogicClient, Peers
+from im.gateway.v1 import (
+    gateway_internal_pb2,
+    gateway_internal_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+)
+from im.logic.v1 import logic_pb2
+from imcommon.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+GATEWAY_SERVICE = "im.gateway.v1.Gateway"
+INTERNAL_SERVICE = "im.gateway.v1.GatewayInternal"
+
+_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("gateway_identity")
+
+R = TypeVar("R")
+
+
+def current_identity() -> Identity:
+    """The verified caller of the current client RPC. Fails closed: raises
+    LookupError outside an authenticated call."""
+    return _identity.get()
+
+
+# -- authentication at registration ------------------------------------------
+
+
+class _Capture:
+    """Stands in for a server to collect the handlers generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, _service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = handlers
+
+
+def _authenticate(secret: str, metadata: Any) -> tuple[Identity | None, str]:
+    try:
+        return verify_token(secret, bearer_token(metadata), time.time()), ""
+    except TokenError as exc:
+        return None, str(exc)
+
+
+def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.RpcMethodHandler:
+    if handler.unary_unary is not None:
+        inner_unary = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            identity, problem = _authenticate(secret, context.invocation_metadata())
+            if identity is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            _identity.set(identity)  # type: ignore[arg-type]
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_stream is not None:
+        inner_stream = handler.stream_stream
+
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            identity, problem = _authenticate(secret, context.invocation_metadata())
+            if identity is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            _identity.set(identity)  # type: ignore[arg-type]
+            async for response in inner_stream(requests, context):
+                yield response
+
+        # Connect's frames are decoded here, not by gRPC: an undecodable frame
+        # becomes a MalformedFrame the connection answers with a clear status.
+        deserializer = parse_client_frame if method == "Connect" else handler.request_deserializer
+        return grpc.stream_stream_rpc_method_handler(
+            stream,
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    raise TypeError(f"{GATEWAY_SERVICE}/{method}: unsupported handler kind")
+
+
+def add_authenticated_gateway(
+    servicer: gateway_pb2_grpc.GatewayServicer, server: grpc.aio.Server, secret: str
+) -> None:
+    """Registers the client-facing service with every method behind the token check."""
+    capture = _Capture()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, capture)
+    guarded = {name: _guard(h, secret, name) for name, h in capture.handlers.items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(GATEWAY_SERVICE, guarded),)
+    )
+    server.add_registered_method_handlers(GATEWAY_SERVICE, guarded)
+
+
+# -- the client-facing service -------------------------------------------------
+
+
+async def _forward(context: grpc.aio.ServicerContext, call: Awaitable[R]) -> R:
+    """Awaits a call to logic; its error status becomes this call's status."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        details = exc.details() or code.name
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            code = grpc.StatusCode.UNAVAILABLE
+            details = f"message store did not answer in time ({details}); retry"
+        await context.abort(code, details)
+        raise  # unreachable: abort raises
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        logic: LogicClient,
+        peers: Peers,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._logic = logic
+        self._peers = peers
+        self._timeout = settings.logic_timeout_s
+        self._connections = metrics.gauge("gateway_connections", "Open client streams")
+        self._sends = metrics.counter(
+            "gateway_sends", "Sends answered, by result (ok or SendError code)", ["result"]
+        )
+
+    async def Connect(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.ServerFrame]:
+        identity = current_identity()
+        if self._hub.closing:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "gateway is shutting down; connect to another one"
+            )
+        conn = Connection(
+            identity,
+            self._settings,
+            self._logic,
+            self._peers,
+            on_send_result=lambda result: self._sends.labels(result).inc(),
+        )
+        await self._hub.attach(conn)
+        self._connections.inc()
+        log.info("stream open", extra=conn.log_extra())
+        try:
+            async for frame in conn.frames(request_iterator):
+                yield frame
+        except ConnectionAborted as exc:
+            await context.abort(exc.code, exc.details)
+        finally:
+            self._connections.dec()
+            await self._hub.detach(conn)
+            log.info("stream closed", extra=conn.log_extra())
+
+    async def Sync(
+        self, request: gateway_pb2.SyncRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SyncResponse:
+        me = current_identity()
+        if request.after_seq < 0 or request.limit < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "after_seq and limit must not be negative"
+            )
+        resp = await _forward(
+            context,
+            self._logic.stub.SyncMessages(
+                logic_pb2.SyncMessagesRequest(
+                    user_id=me.user_id, after_seq=request.after_seq, limit=request.limit
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return gateway_pb2.SyncResponse(entries=resp.entries, has_more=resp.has_more)
+
+    async def History(
+        self, request: gateway_pb2.HistoryRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.HistoryResponse:
+        me = current_identity()
+        if request.before_conv_seq < 0 or request.limit < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "before_conv_seq and limit must not be negative"
+            )
+        resp = await _forward(
+            context,
+            self._logic.stub.History(
+                logic_pb2.HistoryRequest(
+                    user_id=me.user_id,
+                    conversation_id=request.conversation_id,
+                    before_conv_seq=request.before_conv_seq,
+                    limit=request.limit,
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return gateway_pb2.HistoryResponse(messages=resp.messages, has_more=resp.has_more)
+
+    async def CreateGroup(
+        self, request: gateway_pb2.CreateGroupRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CreateGroupResponse:
+        me = current_identity()
+        resp = await _forward(
+            context,
+            self._logic.stub.CreateGroup(
+                logic_pb2.CreateGroupRequest(
+                    creator_id=me.user_id, name=request.name, member_ids=request.member_ids
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return gateway_pb2.CreateGroupResponse(conversation=resp.conversation)
+
+    async def AddMembers(
+        self, request: gateway_pb2.AddMembersRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.AddMembersResponse:
+        me = current_identity()
+        resp = await _forward(
+            context,
+            self._logic.stub.AddMembers(
+                logic_pb2.AddMembersRequest(
+                    actor_id=me.user_id,
+                    conversation_id=request.conversation_id,
+                    member_ids=request.member_ids,
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return gateway_pb2.AddMembersResponse(conversation=resp.conversation)
+
+    async def RemoveMembers(
+        self, request: gateway_pb2.RemoveMembersRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RemoveMembersResponse:
+        me = current_identity()
+        resp = await _forward(
+            context,
+            self._logic.stub.RemoveMembers(
+                logic_pb2.RemoveMembersRequest(
+                    actor_id=me.user_id,
+                    conversation_id=request.conversation_id,
+                    member_ids=request.member_ids,
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return gateway_pb2.RemoveMembersResponse(conversation=resp.conversation)
+
+    async def ListConversations(
+        self, request: gateway_pb2.ListConversationsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListConversationsResponse:
+        me = current_identity()
+        resp = await _forward(
+            context,
+            self._logic.stub.ListConversations(
+                logic_pb2.ListConversationsRequest(user_id=me.user_id), timeout=self._timeout
+            ),
+        )
+        return gateway_pb2.ListConversationsResponse(conversations=resp.conversations)
+
+
+# -- the internal service ------------------------------------------------------
+
+
+class GatewayInternalServicer(gateway_internal_pb2_grpc.GatewayInternalServicer):
+    def __init__(self, hub: Hub, metrics: Metrics) -> None:
+        self._hub = hub
+        self._pushes = metrics.counter(
+            "gateway_pushes", "Deliveries handled, by status", ["status"]
+        )
+
+    async def Deliver(
+        self, request: gateway_internal_pb2.DeliverRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_internal_pb2.DeliverResponse:
+        written = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_WRITTEN
+        absent = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_NOT_CONNECTED
+        statuses = []
+        for d in request.deliveries:
+            conn = self._hub.get(d.user_id, d.device_id)
+            ok = conn is not None and conn.push(d.seq, d.message, request.ack_to)
+            statuses.append(written if ok else absent)
+            self._pushes.labels("written" if ok else "not_connected").inc()
+        return gateway_internal_pb2.DeliverResponse(statuses=statuses)
+
+    async def Kick(
+        self, request: gateway_internal_pb2.KickRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_internal_pb2.KickResponse:
+        kicked = self._hub.kick(
+            request.user_id, request.device_id, request.connection_id, request.reason
+        )
+        return gateway_internal_pb2.KickResponse(kicked=kicked)
