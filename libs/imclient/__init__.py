@@ -1,0 +1,80 @@
+"""Python client SDK for the IM gateway (asyncio, grpc.aio).
+
+`Client` is one device's connection: reliable sends (`send`, `submit`), in-order
+exactly-once delivery (`messages()` or an `on_message` callback), and the unary
+calls (`sync`, `history`, groups). `GatewayApi` is the unary calls alone, without
+a stream. The protocol state machines (`SendWindow`, `Receiver`) are pure and
+usable on their own. See `imclient.client` for the guarantees.
+"""
+
+from imclient.client import Client, ClientStats, DebugHooks, MessageHandler
+from imclient.errors import (
+    AuthError,
+    ClientClosed,
+    ConnectTimeout,
+    ImClientError,
+    InvalidArgument,
+    Kicked,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    RpcError,
+    SendErrorCode,
+    SendFailed,
+    Unauthenticated,
+    Unavailable,
+)
+from imclient.policy import ReconnectPolicy, RetransmitPolicy
+from imclient.receiver import Entry, Receiver
+from imclient.sender import SendWindow
+from imclient.store import MemoryStore, SQLiteStore, Store
+from imclient.types import (
+    ContentType,
+    Conversation,
+    ConversationKind,
+    HistoryPage,
+    Message,
+    SendResult,
+    SyncPage,
+    direct_conversation_id,
+)
+from imclient.unary import GatewayApi, TokenSource
+
+__all__ = [
+    "AuthError",
+    "Client",
+    "ClientClosed",
+    "ClientStats",
+    "ConnectTimeout",
+    "ContentType",
+    "Conversation",
+    "ConversationKind",
+    "DebugHooks",
+    "Entry",
+    "GatewayApi",
+    "HistoryPage",
+    "ImClientError",
+    "InvalidArgument",
+    "Kicked",
+    "MemoryStore",
+    "Message",
+    "MessageHandler",
+    "NotFound",
+    "PermissionDenied",
+    "ProtocolError",
+    "Receiver",
+    "ReconnectPolicy",
+    "RetransmitPolicy",
+    "RpcError",
+    "SQLiteStore",
+    "SendErrorCode",
+    "SendFailed",
+    "SendResult",
+    "SendWindow",
+    "Store",
+    "SyncPage",
+    "TokenSource",
+    "Unauthenticated",
+    "Unavailable",
+    "direct_conversation_id",
+]

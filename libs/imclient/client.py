@@ -1,0 +1,826 @@
+"""The asyncio client: one device's connection to the IM gateway.
+
+```python
+async with Client(["127.0.0.1:17000"], token, store=SQLiteStore("alice.db")) as client:
+    ack = await client.send("d:alice:bob", "hi")      # durable when it returns
+    async for msg in client.messages():               # seq order, no duplicates
+        print(msg.sender_id, msg.text)
+```
+
+Guarantees (docs/protocol.md describes the wire side):
+
+Sending
+- `send()` returns only when the gateway's SendAck arrived: the message is
+  durable and will reach every member. A non-retryable refusal raises
+  `SendFailed`; the message was not stored.
+- Until then the client keeps the message and retransmits it, also across
+  reconnects and across gateways, always with the same `client_msg_id` (the
+  server's idempotency key), so a message is stored at most once. Messages are
+  sent, and resent after a reconnect, in the order `submit()`/`send()` was called,
+  so they keep that order in the conversation.
+- Cancelling a `send()` does not withdraw the message: it stays queued until it is
+  acknowledged or the client closes.
+
+Receiving
+- Messages are handed to the application in timeline (`seq`) order, with no gap,
+  exactly once per process; across process restarts at least once, and deduped by
+  `msg_id` against the store. Precisely: the store's cursor and the handed
+  msg_ids are committed only after the application has *finished* with a message
+  (for `messages()`: when it asks for the next one, or closes the client; for a
+  callback: when it returns). A crash in between hands that message again after a
+  restart; apps that cannot tolerate that should key their own effects on
+  `msg_id`, which is stable.
+- After every (re)connect the client syncs its timeline from its cursor, page by
+  page, before trusting pushes; pushes that arrive meanwhile are buffered and never
+  used to skip entries the sync has not returned (gim issue 46).
+- Delivery ACKs are cumulative and coalesced (`ack_delay_s`). They mean "this
+  process has every entry up to seq", which only stops the pusher's retransmits;
+  the sync cursor in the store is what decides what is fetched after a restart.
+
+Connection
+- Reconnects with exponential backoff and full jitter, rotating through the
+  gateway addresses. `GoAway` reconnects (to the next address) after the delay it
+  names. `Kick` (same device connected elsewhere) and a refused token stop the
+  client for good: pending sends fail with `Kicked`/`AuthError`, `messages()`
+  raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from im.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from imclient.errors import (
+    AuthError,
+    ClientClosed,
+    ConnectTimeout,
+    ImClientError,
+    Kicked,
+    ProtocolError,
+    SendErrorCode,
+    SendFailed,
+)
+from imclient.policy import ReconnectPolicy, RetransmitPolicy
+from imclient.receiver import Entry, Receiver
+from imclient.sender import Outgoing, SendWindow
+from imclient.store import MemoryStore, Store
+from imclient.types import ContentType, Message, SendResult
+from imclient.unary import (
+    DEFAULT_CHANNEL_OPTIONS,
+    TokenSource,
+    UnaryCalls,
+    invoke_on,
+    parse_addresses,
+    resolve_token,
+)
+
+log = logging.getLogger("imclient")
+
+MessageHandler = Callable[[Message], Awaitable[None] | None]
+
+
+@dataclass
+class DebugHooks:
+    """Fault injection for tests of the protocol against a real server. Never set
+    these in an application.
+
+    - `drop_deliver_acks`: the first N DeliverAck frames are not written (the
+      pusher must retransmit; the client must not show anything twice).
+    - `on_sync_response`: awaited with every Sync response before it is applied,
+      so a test can hold a sync open while pushes arrive.
+    - `on_push`: called with each push's seq as it arrives.
+    """
+
+    drop_deliver_acks: int = 0
+    on_sync_response: Callable[[gateway_pb2.SyncResponse], Awaitable[None]] | None = None
+    on_push: Callable[[int], None] | None = None
+
+
+@dataclass
+class ClientStats:
+    """Counters since the client started (a snapshot; see `Client.stats`)."""
+
+    connects: int = 0
+    sends_written: int = 0
+    retransmits: int = 0
+    send_acks: int = 0
+    send_failures: int = 0
+    pushes: int = 0
+    duplicate_pushes: int = 0
+    buffered_pushes: int = 0
+    gaps: int = 0
+    syncs: int = 0
+    sync_pages: int = 0
+    sync_entries: int = 0
+    acks_sent: int = 0
+    acks_dropped: int = 0
+    duplicates_suppressed: int = 0
+    handed: int = 0
+    last_seq: int = 0
+    committed_seq: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class _SessionLost(Exception):
+    """The current connection is unusable; reconnect."""
+
+
+class _GoAway(Exception):
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+_END = object()
+_RETRYABLE_RPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Client(UnaryCalls):
+    """A device's connection to the gateways. Use as an async context manager,
+    or call `start()` and `close()`.
+
+    Args:
+        addresses: gateway `host:port`s (a list, or comma-separated), tried in turn.
+        token: the device's token, or a (sync or async) callable returning it,
+            called before every connection attempt.
+        store: durable cursor and seen-ids store; default an in-memory one (pass
+            `SQLiteStore(path)` to survive restarts).
+        on_message: optional callback (sync or async) for each message, in order;
+            the alternative to `messages()` (use one or the other).
+        send_window: most sends in flight at once (the gateway may lower it).
+        connect_timeout_s: how long `__aenter__`/`start()` wait for the first
+            connection and sync before raising `ConnectTimeout` (None: forever).
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        token: TokenSource,
+        *,
+        store: Store | None = None,
+        on_message: MessageHandler | None = None,
+        send_window: int = 64,
+        retransmit: RetransmitPolicy | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        sync_page_size: int = 500,
+        ack_delay_s: float = 0.01,
+        commit_interval_s: float = 0.05,
+        welcome_timeout_s: float = 10.0,
+        rpc_timeout_s: float = 10.0,
+        connect_timeout_s: float | None = 30.0,
+        channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        hooks: DebugHooks | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.addresses = parse_addresses(addresses)
+        self._token = token
+        self._store: Store = store if store is not None else MemoryStore()
+        self._on_message = on_message
+        self._window = SendWindow(retransmit or RetransmitPolicy(), send_window)
+        self._reconnect = reconnect or ReconnectPolicy()
+        if not 1 <= sync_page_size <= 10_000:
+            raise ValueError("sync_page_size must be in 1..10000")
+        self._page_size = sync_page_size
+        self._ack_delay_s = ack_delay_s
+        self._commit_interval_s = commit_interval_s
+        self._welcome_timeout_s = welcome_timeout_s
+        self._rpc_timeout_s = rpc_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._channel_options = list(channel_options)
+        self.hooks = hooks or DebugHooks()
+        self._rng = rng or random.Random()
+
+        # Identity, known after the first Welcome.
+        self.user_id: str | None = None
+        self.device_id: str | None = None
+        self.connection_id: str | None = None
+        self.address: str | None = None  # the gateway of the current connection
+        self.max_body_bytes = 0
+        self._account: str | None = None
+        self._receiver: Receiver[Message] | None = None
+
+        self._futures: dict[str, asyncio.Future[SendResult]] = {}
+        self._channel: grpc.aio.Channel | None = None
+        self._session_token: str | None = None
+        self._wake = asyncio.Event()  # the pump has something to do
+        self._sync_wanted = asyncio.Event()
+        self._ready = asyncio.Event()  # connected and first sync done
+        self._inbox: deque[Message] = deque()
+        self._inbox_event = asyncio.Event()
+        self._app_queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._recent: OrderedDict[int, None] = OrderedDict()  # msg_ids handed (this process)
+        self._handed: Message | None = None
+        self._commit_batch: list[tuple[int, int]] = []
+        self._commit_seq = 0
+        self.committed_seq = 0
+        self._commit_event = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._run_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._closing = False
+        self._ending = False
+        self._terminal: ClientClosed | None = None
+        self._stats = ClientStats()
+        self._welcomed = False  # the current connection attempt got a Welcome
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, wait_ready: bool = True) -> None:
+        """Opens the store and starts connecting. With `wait_ready`, returns once
+        connected and synced (raises `AuthError`, `ConnectTimeout`)."""
+        if self._started:
+            return
+        self._started = True
+        await self._store.open()
+        self._run_task = asyncio.create_task(self._run(), name="imclient-run")
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="imclient-dispatch"),
+            asyncio.create_task(self._committer(), name="imclient-commit"),
+        ]
+        if wait_ready:
+            try:
+                await self.wait_ready(self._connect_timeout_s)
+            except BaseException:
+                await self.close()
+                raise
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Waits until connected and caught up by sync. Raises the terminal error
+        if the client stopped, `ConnectTimeout` after `timeout` seconds."""
+        if self._terminal is not None:
+            raise self._terminal
+        assert self._run_task is not None, "start() first"
+        waiter = asyncio.create_task(self._ready.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, self._run_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if self._terminal is not None:
+            raise self._terminal
+        if waiter not in done:
+            raise ConnectTimeout(f"not connected to any of {self.addresses} after {timeout}s")
+
+    async def close(self, drain_timeout_s: float | None = None) -> None:
+        """Stops the client. With `drain_timeout_s`, first waits that long for the
+        pending sends to be acknowledged. Sends still pending fail with
+        `ClientClosed`. The message last handed by `messages()` counts as handled.
+        Idempotent."""
+        if self._closing:
+            return
+        if drain_timeout_s and self._started:
+            with contextlib.suppress(TimeoutError, ImClientError):
+                await self.flush(drain_timeout_s)
+        self._closing = True
+        if self._run_task is not None:
+            self._run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run_task
+        self._stop(self._terminal or ClientClosed("client closed"))
+        self._release_handed()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Nothing more is handed after close: what was queued but not handed is
+        # not committed, so the next start syncs it again.
+        while not self._app_queue.empty():
+            self._app_queue.get_nowait()
+        self._app_queue.put_nowait(_END)
+        if self._started:
+            try:
+                await self._flush_commits()
+            finally:
+                await self._store.close()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Waits until every send submitted so far is acknowledged or failed."""
+        futures = list(self._futures.values())
+        if futures:
+            await asyncio.wait_for(
+                asyncio.shield(asyncio.gather(*futures, return_exceptions=True)), timeout
+            )
+
+    # -- sending -----------------------------------------------------------------
+
+    def submit(
+        self,
+        conversation_id: str,
+        body: bytes | str,
+        content_type: ContentType = ContentType.TEXT,
+        client_msg_id: str | None = None,
+    ) -> asyncio.Future[SendResult]:
+        """Queues a message and returns a future for its SendResult. Messages are
+        sent in the order of `submit()` calls, and keep that order in the
+        conversation. Pass `client_msg_id` only to re-send a message whose earlier
+        client closed before its ACK (same id: stored at most once)."""
+        if self._terminal is not None:
+            raise self._terminal
+        if self._closing or not self._started:
+            raise ClientClosed("client is not running")
+        data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        cmid = client_msg_id or str(uuid.uuid4())
+        future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        if self.max_body_bytes and len(data) > self.max_body_bytes:
+            future.set_exception(
+                SendFailed(
+                    SendErrorCode.INVALID_ARGUMENT,
+                    f"body is {len(data)} bytes, the limit is {self.max_body_bytes}",
+                    cmid,
+                )
+            )
+            return future
+        self._window.submit(Outgoing(cmid, conversation_id, data, int(content_type)))
+        self._futures[cmid] = future
+        self._wake.set()
+        return future
+
+    async def send(
+        self,
+        conversation_id: str,
+        body: bytes | str,
+        content_type: ContentType = ContentType.TEXT,
+        client_msg_id: str | None = None,
+    ) -> SendResult:
+        """Sends a message and returns when it is durable (the SendAck arrived).
+
+        Raises `SendFailed` if the gateway refused it for good (not stored), and
+        `ClientClosed`/`Kicked`/`AuthError` if the client stopped first (then it
+        may or may not have been stored)."""
+        return await asyncio.shield(self.submit(conversation_id, body, content_type, client_msg_id))
+
+    @property
+    def pending_sends(self) -> int:
+        return len(self._window)
+
+    # -- receiving ---------------------------------------------------------------
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Messages in timeline order, each once. Asking for the next message
+        marks the previous one handled (see the module docs). Ends when the
+        client closes; raises `Kicked`/`AuthError` if it stopped for that."""
+        if self._on_message is not None:
+            raise RuntimeError("messages() cannot be used with an on_message callback")
+        return _Messages(self)
+
+    @property
+    def last_seq(self) -> int:
+        """The highest timeline seq received in order (in memory)."""
+        return self._receiver.seq if self._receiver else self.committed_seq
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def stats(self) -> ClientStats:
+        s = self._stats
+        w, r = self._window, self._receiver
+        s.sends_written = w.writes
+        s.retransmits = w.retransmits
+        if r is not None:
+            s.pushes = r.pushes
+            s.duplicate_pushes = r.duplicates
+            s.buffered_pushes = r.buffered
+            s.gaps = r.gaps
+            s.last_seq = r.seq
+        s.committed_seq = self.committed_seq
+        return ClientStats(**{k: v for k, v in vars(s).items() if k != "extra"})
+
+    # -- unary calls (UnaryCalls) ---------------------------------------------------
+
+    async def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
+        channel = self._channel
+        if channel is not None and self._session_token is not None:
+            return await invoke_on(channel, self._session_token, method, request, timeout)
+        token = await resolve_token(self._token)
+        async with grpc.aio.insecure_channel(
+            self.address or self.addresses[0], options=self._channel_options
+        ) as ch:
+            return await invoke_on(ch, token, method, request, timeout)
+
+    # -- the connection loop -------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        index = 0
+        try:
+            while not self._closing:
+                address = self.addresses[index % len(self.addresses)]
+                index += 1  # the next attempt goes to the next gateway
+                delay: float | None = None
+                self._welcomed = False
+                try:
+                    await self._session(address)
+                except _GoAway as exc:
+                    log.info("gateway %s going away: %s", address, exc)
+                    delay = exc.delay_s + self._rng.uniform(0, 0.05 + exc.delay_s / 10)
+                except (ClientClosed, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    log.info("connection to %s lost: %s", address, _describe(exc))
+                if self._closing:
+                    return
+                if delay is None:
+                    if self._welcomed:
+                        failures = 0
+                    delay = self._reconnect.delay(failures, self._rng)
+                    failures += 1
+                await asyncio.sleep(delay)
+        except ClientClosed as exc:
+            log.warning("client stopped: %s", exc)
+            self._terminal = exc
+            self._stop(exc)
+
+    async def _session(self, address: str) -> None:
+        """One connection, from Connect to its end (always by an exception)."""
+        token = await resolve_token(self._token)
+        channel = grpc.aio.insecure_channel(address, options=self._channel_options)
+        call: Any = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
+            try:
+                first = await asyncio.wait_for(call.read(), self._welcome_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise AuthError(f"token refused: {exc.details()}") from exc
+                raise
+            if first is grpc.aio.EOF:
+                raise _SessionLost("stream closed before Welcome")
+            if first.WhichOneof("frame") != "welcome":
+                raise ProtocolError(f"first frame was {first.WhichOneof('frame')}, not welcome")
+            await self._on_welcome(first.welcome)
+            self._welcomed = True
+            self._channel, self._session_token, self.address = channel, token, address
+            self._window.on_connected(first.welcome.next_client_id or 1, first.welcome.send_window)
+            assert self._receiver is not None
+            self._receiver.on_connected()
+            self._stats.connects += 1
+            self._sync_wanted.set()
+            self._wake.set()
+            tasks = [
+                asyncio.create_task(self._reader(call), name="imclient-reader"),
+                asyncio.create_task(self._pump(call), name="imclient-pump"),
+                asyncio.create_task(self._syncer(stub, token), name="imclient-sync"),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+            raise _SessionLost("session task ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self._ready.clear()
+            self._channel = None
+            self._session_token = None
+            self._window.on_disconnected()
+            if self._receiver is not None and self._receiver.syncing:
+                self._receiver.sync_failed()
+            if call is not None:
+                call.cancel()
+            await channel.close(grace=None)
+
+    async def _on_welcome(self, welcome: gateway_pb2.Welcome) -> None:
+        account = f"{welcome.user_id}/{welcome.device_id}"
+        if self._account is None:
+            last = await self._store.load_last_seq(account)
+            self._account = account
+            self.user_id, self.device_id = welcome.user_id, welcome.device_id
+            self._receiver = Receiver(last)
+            self.committed_seq = self._commit_seq = last
+        elif account != self._account:
+            raise AuthError(f"the gateway says this token is {account}, it was {self._account}")
+        self.connection_id = welcome.connection_id
+        self.max_body_bytes = welcome.max_body_bytes
+
+    async def _reader(self, call: Any) -> None:
+        loop = asyncio.get_running_loop()
+        receiver = self._receiver
+        assert receiver is not None
+        while True:
+            frame = await call.read()
+            if frame is grpc.aio.EOF:
+                raise _SessionLost("the gateway closed the stream")
+            kind = frame.WhichOneof("frame")
+            if kind == "send_ack":
+                a = frame.send_ack
+                acked = self._window.on_ack(
+                    a.client_id, a.client_msg_id, a.msg_id, a.seq, a.conv_seq, a.server_time_ms
+                )
+                if acked is not None:
+                    self._stats.send_acks += 1
+                    future = self._futures.pop(a.client_msg_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(
+                            SendResult(
+                                a.client_msg_id, a.msg_id, a.seq, a.conv_seq, a.server_time_ms
+                            )
+                        )
+                self._wake.set()
+            elif kind == "send_error":
+                e = frame.send_error
+                try:
+                    code = SendErrorCode(e.code)
+                except ValueError:
+                    code = SendErrorCode.UNSPECIFIED
+                failed = self._window.on_error(
+                    e.client_id,
+                    e.client_msg_id,
+                    code,
+                    e.retryable,
+                    e.reason,
+                    e.expected_client_id,
+                    loop.time(),
+                )
+                if failed is not None:
+                    self._stats.send_failures += 1
+                    future = self._futures.pop(e.client_msg_id, None)
+                    if future is not None and not future.done():
+                        future.set_exception(SendFailed(code, e.reason, e.client_msg_id))
+                elif code != SendErrorCode.OUT_OF_ORDER:
+                    log.debug("send %s: retryable %s: %s", e.client_msg_id, code.name, e.reason)
+                self._wake.set()
+            elif kind == "push":
+                p = frame.push
+                if self.hooks.on_push is not None:
+                    self.hooks.on_push(p.seq)
+                out = receiver.on_push(Entry(p.seq, Message.from_pb(p.message, p.seq)))
+                self._emit(out)
+                if receiver.need_sync:
+                    self._sync_wanted.set()
+                if receiver.ack_due:
+                    self._wake.set()
+            elif kind == "kick":
+                raise Kicked(f"kicked: {frame.kick.reason or 'another connection of this device'}")
+            elif kind == "go_away":
+                g = frame.go_away
+                raise _GoAway(max(0, g.reconnect_after_ms) / 1000.0, g.reason or "go away")
+            # pong and a repeated welcome carry nothing to act on
+
+    async def _pump(self, call: Any) -> None:
+        """The only writer of the stream: sends, retransmits and coalesced ACKs."""
+        loop = asyncio.get_running_loop()
+        receiver = self._receiver
+        assert receiver is not None
+        ack_at: float | None = None
+        while True:
+            self._wake.clear()
+            now = loop.time()
+            for frame in self._window.poll(now):
+                m = frame.message
+                await call.write(
+                    gateway_pb2.ClientFrame(
+                        send=gateway_pb2.Send(
+                            client_id=frame.client_id,
+                            client_msg_id=m.client_msg_id,
+                            conversation_id=m.conversation_id,
+                            body=m.body,
+                            content_type=m.content_type,  # type: ignore[arg-type]
+                        )
+                    )
+                )
+            if self._window.exhausted:
+                raise _SessionLost("a send went unanswered through every retransmit")
+            if receiver.ack_due:
+                if ack_at is None:
+                    ack_at = now + self._ack_delay_s
+                if now >= ack_at:
+                    ack_at = None
+                    seq = receiver.take_ack()
+                    if seq is not None:
+                        if self._stats.acks_dropped < self.hooks.drop_deliver_acks:
+                            self._stats.acks_dropped += 1
+                        else:
+                            await call.write(
+                                gateway_pb2.ClientFrame(deliver_ack=gateway_pb2.DeliverAck(seq=seq))
+                            )
+                            self._stats.acks_sent += 1
+                    continue
+            deadlines = [d for d in (self._window.next_deadline(), ack_at) if d is not None]
+            if self._wake.is_set():
+                continue
+            timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _syncer(self, stub: Any, token: str) -> None:
+        """Syncs whenever the receiver needs it; marks the client ready after the
+        first complete sync of the connection."""
+        receiver = self._receiver
+        assert receiver is not None
+        metadata = (("authorization", f"Bearer {token}"),)
+        failures = 0
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            while receiver.need_sync:
+                after = receiver.start_sync()
+                self._stats.syncs += 1
+                try:
+                    while True:
+                        resp = await stub.Sync(
+                            gateway_pb2.SyncRequest(after_seq=after, limit=self._page_size),
+                            metadata=metadata,
+                            timeout=self._rpc_timeout_s,
+                        )
+                        if self.hooks.on_sync_response is not None:
+                            await self.hooks.on_sync_response(resp)
+                        self._stats.sync_pages += 1
+                        self._stats.sync_entries += len(resp.entries)
+                        entries = [
+                            Entry(e.seq, Message.from_pb(e.message, e.seq)) for e in resp.entries
+                        ]
+                        try:
+                            out = receiver.on_sync_page(entries, resp.has_more)
+                        except ValueError as exc:
+                            raise ProtocolError(str(exc)) from exc
+                        self._emit(out)
+                        if not receiver.syncing:
+                            break
+                        after = receiver.seq
+                except grpc.aio.AioRpcError as exc:
+                    receiver.sync_failed()
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise AuthError(f"token refused: {exc.details()}") from exc
+                    failures += 1
+                    if exc.code() not in _RETRYABLE_RPC or failures > 5:
+                        raise
+                    log.info("sync failed (%s), retrying", exc.code().name)
+                    await asyncio.sleep(self._reconnect.delay(failures, self._rng))
+                    continue
+                except BaseException:
+                    if receiver.syncing:
+                        receiver.sync_failed()
+                    raise
+                failures = 0
+                self._wake.set()  # ACK the highest
+            self._ready.set()
+
+    # -- delivery to the application -------------------------------------------------
+
+    def _emit(self, entries: list[Entry[Message]]) -> None:
+        if entries:
+            self._inbox.extend(e.payload for e in entries)
+            self._inbox_event.set()
+
+    async def _dispatch(self) -> None:
+        """Moves in-order entries to the application, dropping msg_ids already
+        handed (in this process or, per the store, an earlier one)."""
+        while True:
+            if not self._inbox:
+                if self._ending:
+                    self._app_queue.put_nowait(_END)
+                    return
+                self._inbox_event.clear()
+                await self._inbox_event.wait()
+                continue
+            batch = list(self._inbox)
+            self._inbox.clear()
+            assert self._account is not None
+            unknown = [m.msg_id for m in batch if m.msg_id not in self._recent]
+            seen = await self._store.filter_seen(self._account, unknown) if unknown else set()
+            for m in batch:
+                duplicate = m.msg_id in self._recent or m.msg_id in seen
+                if duplicate:
+                    self._stats.duplicates_suppressed += 1
+                    log.warning("suppressed a second copy of msg_id %d (seq %d)", m.msg_id, m.seq)
+                else:
+                    self._remember(m.msg_id)
+                if self._on_message is not None:
+                    if not duplicate:
+                        await self._call_handler(m)
+                    self._mark_handled(m, record=not duplicate)
+                else:
+                    self._app_queue.put_nowait((m, duplicate))
+
+    async def _call_handler(self, m: Message) -> None:
+        assert self._on_message is not None
+        self._stats.handed += 1
+        try:
+            result = self._on_message(m)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The message counts as handled: a failing handler must not stall
+            # the timeline for ever.
+            log.exception("on_message handler failed for msg_id %d", m.msg_id)
+
+    def _remember(self, msg_id: int) -> None:
+        self._recent[msg_id] = None
+        if len(self._recent) > 100_000:
+            self._recent.popitem(last=False)
+
+    def _release_handed(self) -> None:
+        if self._handed is not None:
+            self._mark_handled(self._handed, record=True)
+            self._handed = None
+
+    def _mark_handled(self, m: Message, record: bool) -> None:
+        if record:
+            self._commit_batch.append((m.msg_id, m.seq))
+        self._commit_seq = max(self._commit_seq, m.seq)
+        self._commit_event.set()
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_event.wait()
+            # Coalesce: one store transaction per burst, not per message.
+            await asyncio.sleep(self._commit_interval_s)
+            self._commit_event.clear()
+            await self._flush_commits()
+
+    async def _flush_commits(self) -> None:
+        async with self._commit_lock:
+            if self._account is None:
+                return
+            batch, self._commit_batch = self._commit_batch, []
+            seq = self._commit_seq
+            if not batch and seq <= self.committed_seq:
+                return
+            try:
+                await self._store.commit(self._account, seq, batch)
+            except BaseException:
+                self._commit_batch = batch + self._commit_batch
+                raise
+            self.committed_seq = max(self.committed_seq, seq)
+
+    def _stop(self, exc: ClientClosed) -> None:
+        """Fails every pending send with `exc` and ends `messages()`."""
+        for cmid, future in list(self._futures.items()):
+            self._window.remove(cmid)
+            if not future.done():
+                future.set_exception(exc)
+        self._futures.clear()
+        # The dispatcher hands on what is already in order, then ends messages().
+        self._ending = True
+        self._inbox_event.set()
+
+
+class _Messages:
+    """The iterator behind `Client.messages()`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        c = self._client
+        c._release_handed()
+        while True:
+            item = await c._app_queue.get()
+            if item is _END:
+                c._app_queue.put_nowait(_END)  # for any other iterator
+                if c._terminal is not None:
+                    raise c._terminal
+                raise StopAsyncIteration
+            message, duplicate = item
+            if duplicate:
+                c._mark_handled(message, record=False)
+                continue
+            c._handed = message
+            c._stats.handed += 1
+            return message
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = ["Client", "ClientStats", "DebugHooks", "MessageHandler"]

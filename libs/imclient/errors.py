@@ -1,0 +1,111 @@
+"""Errors raised by the client SDK.
+
+Everything the SDK raises on purpose derives from `ImClientError`, so an app can
+catch the whole family in one place and the specific cases where it must act.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+
+class SendErrorCode(enum.IntEnum):
+    """`im.gateway.v1.SendErrorCode`, mirrored so apps need not import protobuf."""
+
+    UNSPECIFIED = 0
+    OUT_OF_ORDER = 1
+    INVALID_ARGUMENT = 2
+    PERMISSION_DENIED = 3
+    NOT_FOUND = 4
+    RATE_LIMITED = 5
+    UNAVAILABLE = 6
+    INTERNAL = 7
+
+
+class ImClientError(Exception):
+    """Base class of every error the SDK raises."""
+
+
+class SendFailed(ImClientError):
+    """The gateway refused a send for good: the message was NOT stored and never
+    will be. Raised by `Client.send()` for a non-retryable `SendError`
+    (invalid argument, not a member, no such conversation)."""
+
+    def __init__(self, code: SendErrorCode, reason: str, client_msg_id: str) -> None:
+        super().__init__(f"{code.name}: {reason} (client_msg_id={client_msg_id})")
+        self.code = code
+        self.reason = reason
+        self.client_msg_id = client_msg_id
+
+
+class ClientClosed(ImClientError):
+    """The client was closed (or stopped for good) before the operation finished.
+
+    For a send this means: the message may or may not have been stored. Sending it
+    again with the same `client_msg_id` from a new client is safe: the server
+    deduplicates on it."""
+
+
+class Kicked(ClientClosed):
+    """Another connection of the same user and device replaced this one. The
+    client stopped and does not reconnect by itself."""
+
+
+class AuthError(ClientClosed):
+    """The gateway refused the token (missing, malformed, expired or forged)."""
+
+
+class ConnectTimeout(ImClientError, TimeoutError):
+    """No gateway completed a connection (Welcome and the first sync) in time."""
+
+
+class ProtocolError(ImClientError):
+    """The server broke the protocol (e.g. a first frame other than Welcome)."""
+
+
+class RpcError(ImClientError):
+    """A unary call failed. `code` is the gRPC status code, `details` the
+    server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(RpcError):
+    """The request was malformed (bad ids, limits): fix it, do not retry."""
+
+
+class PermissionDenied(RpcError):
+    """Not allowed (not a member, someone else's data)."""
+
+
+class NotFound(RpcError):
+    """No such conversation or group."""
+
+
+class Unavailable(RpcError):
+    """A server was unreachable or overloaded: retrying later is safe."""
+
+
+class Unauthenticated(RpcError, AuthError):
+    """A unary call's token was refused."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+def rpc_error(exc: grpc.aio.AioRpcError) -> RpcError:
+    """Maps a gRPC failure to the SDK's typed error (one place for the mapping)."""
+    code = exc.code()
+    return _BY_CODE.get(code, RpcError)(code, exc.details() or "")

@@ -1,0 +1,224 @@
+"""Durable client state: the sync cursor (`last_seq`) and the ids of messages
+already handed to the application, per account (`<user>/<device>`).
+
+`Store` is the protocol; `SQLiteStore` (the default, stdlib sqlite3 on one worker
+thread) and `MemoryStore` (tests; state lives as long as the object) implement it.
+A store may be shared by several accounts and, sequentially, by several `Client`
+instances (that is how a process restart is simulated in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, TypeVar, runtime_checkable
+
+R = TypeVar("R")
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the client needs from durable storage. Every method may be called
+    only between `open()` and `close()`; `close()` is idempotent."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def load_last_seq(self, account: str) -> int:
+        """The highest seq whose message (and every earlier one) the application
+        has been handed; 0 for a new account."""
+        ...
+
+    async def filter_seen(self, account: str, msg_ids: Sequence[int]) -> set[int]:
+        """The subset of `msg_ids` already handed to the application."""
+        ...
+
+    async def commit(self, account: str, last_seq: int, handed: Sequence[tuple[int, int]]) -> None:
+        """Atomically records `handed` ((msg_id, seq) pairs) as seen and raises the
+        cursor to `last_seq` (never lowers it). Durable when it returns."""
+        ...
+
+
+class MemoryStore:
+    """An in-memory `Store`: survives `Client` instances, not the process.
+
+    `keep_msg_ids` bounds the remembered ids per account (oldest seqs go first).
+    """
+
+    def __init__(self, keep_msg_ids: int = 100_000) -> None:
+        self.keep_msg_ids = keep_msg_ids
+        self._last_seq: dict[str, int] = {}
+        self._seen: dict[str, dict[int, int]] = {}
+        self.commits = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def load_last_seq(self, account: str) -> int:
+        return self._last_seq.get(account, 0)
+
+    async def filter_seen(self, account: str, msg_ids: Sequence[int]) -> set[int]:
+        seen = self._seen.get(account, {})
+        return {m for m in msg_ids if m in seen}
+
+    async def commit(self, account: str, last_seq: int, handed: Sequence[tuple[int, int]]) -> None:
+        seen = self._seen.setdefault(account, {})
+        for msg_id, seq in handed:
+            seen[msg_id] = seq
+        if len(seen) > self.keep_msg_ids:
+            for msg_id, _ in sorted(seen.items(), key=lambda kv: kv[1])[
+                : len(seen) - self.keep_msg_ids
+            ]:
+                del seen[msg_id]
+        self._last_seq[account] = max(self._last_seq.get(account, 0), last_seq)
+        self.commits += 1
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursor (
+    account TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    account TEXT NOT NULL,
+    msg_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (account, msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_by_seq ON seen (account, seq);
+"""
+
+
+class SQLiteStore:
+    """A `Store` in one SQLite file (WAL, `synchronous=FULL`), driven from a
+    single worker thread so the event loop never blocks on disk.
+
+    Remembers the newest `keep_msg_ids` message ids per account; older ones are
+    pruned (a duplicate older than that many messages is not expected: the
+    server never stores one message twice in a timeline).
+    """
+
+    _CHUNK = 500  # SQLite's default limit on host parameters is 999
+
+    def __init__(self, path: str | Path, keep_msg_ids: int = 100_000) -> None:
+        self.path = Path(path)
+        self.keep_msg_ids = keep_msg_ids
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._commits = 0
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imclient-sqlite")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        finally:
+            executor.shutdown(wait=True)
+
+    async def load_last_seq(self, account: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT last_seq FROM cursor WHERE account = ?", (account,)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._with_conn(run)
+
+    async def filter_seen(self, account: str, msg_ids: Sequence[int]) -> set[int]:
+        ids = list(msg_ids)
+
+        def run(conn: sqlite3.Connection) -> set[int]:
+            found: set[int] = set()
+            for i in range(0, len(ids), self._CHUNK):
+                chunk = ids[i : i + self._CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT msg_id FROM seen WHERE account = ? AND msg_id IN ({marks})",
+                    (account, *chunk),
+                )
+                found.update(int(r[0]) for r in rows)
+            return found
+
+        return await self._with_conn(run) if ids else set()
+
+    async def commit(self, account: str, last_seq: int, handed: Sequence[tuple[int, int]]) -> None:
+        rows = [(account, msg_id, seq) for msg_id, seq in handed]
+
+        def run(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction
+                conn.executemany(
+                    "INSERT OR IGNORE INTO seen (account, msg_id, seq) VALUES (?, ?, ?)", rows
+                )
+                conn.execute(
+                    "INSERT INTO cursor (account, last_seq) VALUES (?, ?) "
+                    "ON CONFLICT (account) DO UPDATE "
+                    "SET last_seq = max(last_seq, excluded.last_seq)",
+                    (account, last_seq),
+                )
+                self._commits += 1
+                if self._commits % 100 == 0:
+                    self._prune(conn, account)
+
+        await self._with_conn(run)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _prune(self, conn: sqlite3.Connection, account: str) -> None:
+        row = conn.execute(
+            "SELECT seq FROM seen WHERE account = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (account, self.keep_msg_ids),
+        ).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM seen WHERE account = ? AND seq <= ?", (account, row[0]))
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        # isolation_level=None is autocommit; `with conn:` needs a transaction.
+        conn.isolation_level = "DEFERRED"
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def _with_conn(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+        def run() -> R:
+            if self._conn is None:
+                raise RuntimeError("SQLiteStore is not open")
+            return fn(self._conn)
+
+        return await self._run(run)
+
+    async def _run(self, fn: Callable[[], R]) -> R:
+        if self._executor is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)

@@ -1,0 +1,194 @@
+"""The gateway's unary calls (Sync, History, groups), shared by `Client` and the
+stream-less `GatewayApi`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from im.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from imclient.errors import AuthError, Unauthenticated, Unavailable, rpc_error
+from imclient.types import Conversation, HistoryPage, Message, SyncPage
+
+TokenSource = str | Callable[[], str | Awaitable[str]]
+
+# Client pings every 20 s (the gateway permits pings every 10 s or more) so dead
+# peers and silently dropped NAT mappings are noticed without app traffic.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),
+)
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """ "a:1,b:2" or ["a:1", "b:2"] -> ["a:1", "b:2"] (at least one)."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    out = [a.strip() for a in items if a and a.strip()]
+    if not out:
+        raise ValueError("at least one gateway address (host:port) is required")
+    return out
+
+
+async def resolve_token(token: TokenSource) -> str:
+    if isinstance(token, str):
+        value = token
+    else:
+        got = token()
+        value = await got if inspect.isawaitable(got) else got
+    if not value:
+        raise AuthError("empty token")
+    return value
+
+
+class UnaryCalls:
+    """Typed wrappers of the unary RPCs. Subclasses provide `_invoke`."""
+
+    async def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
+        raise NotImplementedError
+
+    async def sync(
+        self, after_seq: int = 0, limit: int = 0, timeout: float | None = 10.0
+    ) -> SyncPage:
+        """One page of the caller's timeline after `after_seq`, ascending. Does not
+        touch the client's own cursor (the client syncs by itself)."""
+        resp = await self._invoke(
+            "Sync", gateway_pb2.SyncRequest(after_seq=after_seq, limit=limit), timeout
+        )
+        return SyncPage([Message.from_pb(e.message, e.seq) for e in resp.entries], resp.has_more)
+
+    async def sync_all(self, after_seq: int = 0, page_size: int = 500) -> list[Message]:
+        """Every timeline entry after `after_seq`, following `has_more`."""
+        out: list[Message] = []
+        while True:
+            page = await self.sync(after_seq, page_size)
+            out.extend(page.messages)
+            if not page.has_more or not page.messages:
+                return out
+            after_seq = page.messages[-1].seq
+
+    async def history(
+        self,
+        conversation_id: str,
+        before_conv_seq: int = 0,
+        limit: int = 50,
+        timeout: float | None = 10.0,
+    ) -> HistoryPage:
+        """Messages of a conversation the caller belongs to, newest first."""
+        resp = await self._invoke(
+            "History",
+            gateway_pb2.HistoryRequest(
+                conversation_id=conversation_id, before_conv_seq=before_conv_seq, limit=limit
+            ),
+            timeout,
+        )
+        return HistoryPage([Message.from_pb(m) for m in resp.messages], resp.has_more)
+
+    async def create_group(
+        self, name: str, member_ids: Sequence[str] = (), timeout: float | None = 10.0
+    ) -> Conversation:
+        """Creates a group; the caller becomes its owner and a member."""
+        resp = await self._invoke(
+            "CreateGroup",
+            gateway_pb2.CreateGroupRequest(name=name, member_ids=list(member_ids)),
+            timeout,
+        )
+        return Conversation.from_pb(resp.conversation)
+
+    async def add_members(
+        self, conversation_id: str, member_ids: Sequence[str], timeout: float | None = 10.0
+    ) -> Conversation:
+        resp = await self._invoke(
+            "AddMembers",
+            gateway_pb2.AddMembersRequest(
+                conversation_id=conversation_id, member_ids=list(member_ids)
+            ),
+            timeout,
+        )
+        return Conversation.from_pb(resp.conversation)
+
+    async def remove_members(
+        self, conversation_id: str, member_ids: Sequence[str], timeout: float | None = 10.0
+    ) -> Conversation:
+        resp = await self._invoke(
+            "RemoveMembers",
+            gateway_pb2.RemoveMembersRequest(
+                conversation_id=conversation_id, member_ids=list(member_ids)
+            ),
+            timeout,
+        )
+        return Conversation.from_pb(resp.conversation)
+
+    async def list_conversations(self, timeout: float | None = 10.0) -> list[Conversation]:
+        """The caller's groups and direct conversations."""
+        resp = await self._invoke(
+            "ListConversations", gateway_pb2.ListConversationsRequest(), timeout
+        )
+        return [Conversation.from_pb(c) for c in resp.conversations]
+
+
+async def invoke_on(
+    channel: grpc.aio.Channel, token: str, method: str, request: Any, timeout: float | None
+) -> Any:
+    """Calls `Gateway.<method>` on `channel`, mapping failures to typed errors."""
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    try:
+        return await getattr(stub, method)(
+            request, metadata=(("authorization", f"Bearer {token}"),), timeout=timeout
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc) from exc
+
+
+class GatewayApi(UnaryCalls):
+    """The unary calls without a stream: no Connect, so it never replaces a
+    device's live connection. `async with GatewayApi(addresses, token) as api:`.
+
+    On UNAVAILABLE it tries the next address once round the list.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        token: TokenSource,
+        channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+    ) -> None:
+        self._addresses = parse_addresses(addresses)
+        self._token = token
+        self._options = list(channel_options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._index = 0
+
+    async def __aenter__(self) -> GatewayApi:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for ch in channels.values():
+            await ch.close(grace=None)
+
+    async def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
+        token = await resolve_token(self._token)
+        last: Exception | None = None
+        for _ in range(len(self._addresses)):
+            address = self._addresses[self._index % len(self._addresses)]
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+                self._channels[address] = channel
+            try:
+                return await invoke_on(channel, token, method, request, timeout)
+            except Unauthenticated:
+                raise
+            except Unavailable as exc:
+                last = exc
+                self._index += 1
+        assert last is not None
+        raise last
