@@ -22,10 +22,13 @@ Rules it implements (docs/protocol.md, "Sending"):
   it) for a backoff, then resends the same numbers.
 - A non-retryable error fails that message for good; the gateway reuses its
   `client_id`, so everything after it is renumbered down by one and resent.
-- Frames may be answered more than once (a retransmit of an accepted frame gets
-  the original ACK again). An ACK is always believed (ACK means durable); an error
-  is acted on only if it answers the newest copy written of that frame, since an
-  older copy's error describes a state that a newer copy has already moved past.
+- A frame may be answered more than once (a retransmit of an answered frame gets
+  the original ACK again) or not at all (a retransmit of a frame still being
+  processed). An ACK is always believed (ACK means durable) whatever client_id it
+  names; an error is acted on only if it names the message's current client_id,
+  since one naming an older number describes a state already left behind. Acting
+  on a stale error costs at most some redundant frames: the gateway answers them
+  from its own state, and every OUT_OF_ORDER carries the id it really expects.
 """
 
 from __future__ import annotations
@@ -47,8 +50,7 @@ class Outgoing:
     # State on the current connection; reset by on_connected/on_disconnected.
     client_id: int = 0  # 0: not numbered (not in the window) yet
     sent: bool = False  # the current (client_id, client_msg_id) frame was written
-    attempts: int = 0  # writes of the current frame without an answer to the newest
-    outstanding: int = 0  # writes of this message not yet answered
+    attempts: int = 0  # writes of the current frame since its last answer
     not_before: float = 0.0  # hold (retryable error backoff)
     retries: int = 0  # retryable errors seen, for the backoff
     # Across connections.
@@ -100,6 +102,7 @@ class SendWindow:
         self._pending: dict[str, Outgoing] = {}
         self._head: Outgoing | None = None
         self._head_deadline = 0.0
+        self._rewound_to = 0  # the client_id the last resync started from
         self.exhausted = False  # the oldest send went unanswered max_attempts times
         self.retransmits = 0
         self.writes = 0
@@ -156,7 +159,7 @@ class SendWindow:
         if message is not None and message.client_id and not message.sent:
             # Nothing at or after it was written yet: close the hole. (A hole left
             # by a written frame heals by the gateway's OUT_OF_ORDER answer.)
-            self._rewind(message.client_id)
+            self._rewind(message.client_id, message.client_id)
         return message
 
     def on_ack(
@@ -190,26 +193,31 @@ class SendWindow:
         message = self._pending.get(client_msg_id)
         if message is None:
             return None  # an answer about a message already acknowledged or failed
-        if message.outstanding > 0:
-            message.outstanding -= 1
-        if message.client_id != client_id or message.outstanding > 0:
-            return None  # answers an older copy; the newest copy's answer decides
+        if message.client_id != client_id or client_id == 0:
+            return None  # about an older numbering of this message: superseded
         message.attempts = 0
         if code == SendErrorCode.OUT_OF_ORDER:
-            if 0 < expected_client_id <= client_id:
-                self._rewind(expected_client_id)
+            if message.sent and expected_client_id == self._rewound_to:
+                # We already renumbered from this very `expected` and have written
+                # this frame since: the refusal is of a frame written before that
+                # (every OUT_OF_ORDER of a burst names the same `expected`).
+                # Acting again would resend the whole window once per refusal.
+                return None
+            if expected_client_id > 0:
+                # Everything from the refused frame (or from `expected`, if lower)
+                # moves to `expected` onwards. `expected` may be above the refused
+                # id: that number was used (or forgotten) by the gateway.
+                self._rewind(min(expected_client_id, client_id), expected_client_id)
             else:
-                # "expected" is not below the refused id: the gateway contradicts
-                # itself. Resend from this frame; a reconnect heals anything worse.
-                self._rewind(client_id)
+                self._rewind(client_id, client_id)
             return None
         if retryable:
             message.retries += 1
-            self._rewind(client_id)
+            self._rewind(client_id, client_id)
             message.not_before = now + self.policy.retry_delay(message.retries)
             return None
         del self._pending[client_msg_id]
-        self._rewind(client_id)
+        self._rewind(client_id, client_id)
         return Failed(message, code, reason)
 
     # -- output ----------------------------------------------------------------
@@ -278,15 +286,15 @@ class SendWindow:
     def _write(self, m: Outgoing, retransmit: bool) -> Frame:
         m.sent = True
         m.attempts += 1
-        m.outstanding += 1
         m.total_writes += 1
         self.writes += 1
         return Frame(m.client_id, m, retransmit)
 
-    def _rewind(self, from_client_id: int) -> None:
-        """The gateway expects `from_client_id` next: renumber every numbered
-        message at or above it, in order, and mark it for (re)sending."""
-        cid = from_client_id
+    def _rewind(self, from_client_id: int, start: int) -> None:
+        """The gateway expects `start` next: every numbered message at or above
+        `from_client_id` is renumbered from `start`, in order, and marked for
+        (re)sending."""
+        cid = start
         for m in self._pending.values():
             if m.client_id == 0:
                 break
@@ -298,6 +306,7 @@ class SendWindow:
             m.sent = False
             cid += 1
         self.next_client_id = cid
+        self._rewound_to = start
         if self._head is not None and not self._head.sent:
             self._head = None
 
@@ -306,9 +315,9 @@ class SendWindow:
             m.client_id = 0
             m.sent = False
             m.attempts = 0
-            m.outstanding = 0
             m.not_before = 0.0
         self._head = None
         self._head_deadline = 0.0
+        self._rewound_to = 0
         self.exhausted = False
         self.next_client_id = 1

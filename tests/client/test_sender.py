@@ -98,6 +98,20 @@ def test_out_of_order_rewinds_to_expected_and_resends_in_order() -> None:
     assert w.poll(0.2) == []
 
 
+def test_a_burst_of_out_of_order_answers_resends_the_window_once() -> None:
+    """After a refused frame, every later frame of the window is refused with the
+    same `expected`; only the first refusal may cause a resend."""
+    w = window(n=32, count=32)
+    assert len(w.poll(0.0)) == 32
+    w.on_error(1, "m0", SendErrorCode.RATE_LIMITED, True, "slow down", 0, now=0.0)
+    w.on_error(2, "m1", SendErrorCode.OUT_OF_ORDER, False, "", 1, now=0.0)
+    assert len(w.poll(1.0)) == 32  # the hold is over: the window again, in order
+    for i in range(2, 32):  # the rest of the burst arrives late
+        w.on_error(i + 1, f"m{i}", SendErrorCode.OUT_OF_ORDER, False, "", 1, now=1.0)
+        assert w.poll(1.0) == []
+    assert w.writes == 64
+
+
 def test_non_retryable_error_fails_that_message_and_reuses_its_client_id() -> None:
     w = window(count=4)
     w.poll(0.0)  # 1..4 in flight
@@ -148,14 +162,34 @@ def test_the_retransmit_timer_restarts_when_the_oldest_send_is_acked() -> None:
     assert ids(w.poll(1.9)) == [(2, "m1")]
 
 
-def test_an_error_answering_an_older_copy_is_ignored_while_a_newer_one_is_out() -> None:
+def test_an_error_naming_an_older_number_of_the_message_is_ignored() -> None:
+    w = window(count=3)
+    w.poll(0.0)
+    w.on_error(1, "m0", SendErrorCode.INVALID_ARGUMENT, False, "bad", 0, now=0.1)
+    assert ids(w.poll(0.1)) == [(1, "m1"), (2, "m2")]
+    # A late answer to m1's first frame (client_id 2): m1 is client_id 1 now.
+    assert w.on_error(2, "m1", SendErrorCode.UNAVAILABLE, True, "", 0, now=0.2) is None
+    assert w.next_deadline() == pytest.approx(1.1)  # no hold was started
+
+
+def test_out_of_order_may_expect_a_higher_id_than_the_refused_one() -> None:
+    """The gateway remembers client_id 2 as used by another message (or has
+    forgotten its answer): it refuses 2 and expects 4."""
+    w = window(count=3)
+    w.poll(0.0)
+    assert w.on_error(2, "m1", SendErrorCode.OUT_OF_ORDER, False, "", 4, now=0.1) is None
+    assert ids(w.poll(0.1)) == [(4, "m1"), (5, "m2")]
+    w.submit(msg(3))
+    assert ids(w.poll(0.2)) == [(6, "m3")]
+
+
+def test_a_retransmit_without_an_answer_is_fine() -> None:
+    """The gateway does not answer a retransmit of a send it is still processing."""
     w = window(count=1)
     w.poll(0.0)
-    w.poll(1.0)  # retransmit: two copies outstanding
-    assert w.on_error(1, "m0", SendErrorCode.UNAVAILABLE, True, "", 0, now=1.1) is None
-    assert w.next_deadline() != pytest.approx(1.6)  # not held: the newer copy decides
-    acked = ack(w, (1, "m0"))
-    assert acked is not None
+    assert ids(w.poll(1.0)) == [(1, "m0")]  # the retransmit, unanswered
+    assert ack(w, (1, "m0")) is not None  # the answer to the first frame
+    assert len(w) == 0 and not w.exhausted
 
 
 def test_duplicate_client_msg_id_is_rejected_and_remove_withdraws() -> None:
@@ -171,46 +205,94 @@ def test_duplicate_client_msg_id_is_rejected_and_remove_withdraws() -> None:
 
 @dataclass
 class GatewayModel:
-    """The gateway rules of docs/protocol.md over an in-order, lossy-on-disconnect
-    pipe: expected client_id, one at a time, dedup on client_msg_id."""
+    """The gateway's client_id rule (docs/protocol.md, services/gateway/ordering.py)
+    over in-order pipes that lose everything on a disconnect.
+
+    Read time: higher -> OUT_OF_ORDER(expected); lower -> the remembered ACK if the
+    same message, no answer if it is still being processed, else OUT_OF_ORDER;
+    equal -> invalid body / rate limit answered at once (the id is not consumed),
+    or accepted into the processing queue. Processing time, one at a time: sends
+    accepted before a failure are refused OUT_OF_ORDER(the failed id); a failure
+    (retryable or not) makes its id expected again; success stores the message
+    once per client_msg_id (logic's dedup) and ACKs it.
+    """
 
     rng: random.Random
-    invalid: set[str]
+    invalid: set[str]  # refused at read time (bad body)
+    forbidden: set[str]  # refused at processing time (not a member)
     stored: list[str] = field(default_factory=list)  # client_msg_ids in storage order
-    acks_by_cid: dict[int, tuple[int, str]] = field(default_factory=dict)
-    expected: int = 1
+    next_cid: int = 1
+    epoch: int = 0
+    reset_to: int = 1
+    in_flight: dict[int, str] = field(default_factory=dict)
+    acks: dict[int, str] = field(default_factory=dict)
+    queue: list[tuple[int, str, int]] = field(default_factory=list)
 
     def connect(self) -> None:
-        self.expected = 1
-        self.acks_by_cid = {}
+        # Sends being processed when the connection broke may still be stored.
+        for _, cmid, _ in self.queue:
+            if self.rng.random() < 0.5 and cmid not in self.forbidden:
+                self._store(cmid)
+        self.next_cid, self.epoch, self.reset_to = 1, 0, 1
+        self.in_flight, self.acks, self.queue = {}, {}, []
 
-    def handle(self, cid: int, cmid: str) -> tuple[str, int, str, int]:
-        """Returns (kind, client_id, client_msg_id, expected)."""
-        if cid < self.expected:
-            got = self.acks_by_cid.get(cid)
-            if got is None:
-                return ("error_nonretry_replay", cid, cmid, self.expected)
-            return ("ack", cid, got[1], 0)
-        if cid > self.expected:
-            return ("ooo", cid, cmid, self.expected)
-        if self.rng.random() < 0.05:
-            return ("retry", cid, cmid, 0)
-        if cmid in self.invalid:
-            return ("invalid", cid, cmid, 0)
+    def _store(self, cmid: str) -> None:
         if cmid not in self.stored:
             self.stored.append(cmid)
-        self.acks_by_cid[cid] = (cid, cmid)
-        self.expected += 1
-        return ("ack", cid, cmid, 0)
+
+    def read(self, cid: int, cmid: str) -> list[tuple[str, int, str, int]]:
+        if cid > self.next_cid:
+            return [("ooo", cid, cmid, self.next_cid)]
+        if cid < self.next_cid:
+            if cid in self.acks:
+                if self.acks[cid] == cmid:
+                    return [("ack", cid, cmid, 0)]
+                return [("ooo", cid, cmid, self.next_cid)]
+            if self.in_flight.get(cid) == cmid:
+                return []  # still being processed: its answer is coming
+            return [("ooo", cid, cmid, self.next_cid)]
+        if cmid in self.invalid:
+            return [("invalid", cid, cmid, 0)]
+        if self.rng.random() < 0.03:
+            return [("retry", cid, cmid, 0)]  # rate limited
+        self.in_flight[cid] = cmid
+        self.next_cid += 1
+        self.queue.append((cid, cmid, self.epoch))
+        return []
+
+    def process(self) -> list[tuple[str, int, str, int]]:
+        if not self.queue:
+            return []
+        cid, cmid, epoch = self.queue.pop(0)
+        if epoch != self.epoch:
+            self.in_flight.pop(cid, None)
+            return [("ooo", cid, cmid, self.reset_to)]
+        failure = None
+        if cmid in self.forbidden:
+            failure = ("forbidden", cid, cmid, 0)
+        elif self.rng.random() < 0.05:
+            failure = ("retry", cid, cmid, 0)  # logic unavailable
+        if failure is not None:
+            for c in [c for c in self.in_flight if c >= cid]:
+                del self.in_flight[c]
+            self.next_cid = self.reset_to = cid
+            self.epoch += 1
+            return [failure]
+        self._store(cmid)
+        self.in_flight.pop(cid, None)
+        self.acks[cid] = cmid
+        return [("ack", cid, cmid, 0)]
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(40))
 def test_randomized_every_message_is_stored_once_in_submit_order(seed: int) -> None:
     rng = random.Random(seed)
     n = 60
-    invalid = {f"m{i}" for i in rng.sample(range(n), 4)}
-    gw = GatewayModel(rng, invalid)
-    w = SendWindow(RetransmitPolicy(0.5, 2.0, 2.0, 3, 0.1, 0.4), window=rng.choice([1, 3, 8]))
+    refused = rng.sample(range(n), 6)
+    invalid = {f"m{i}" for i in refused[:3]}
+    forbidden = {f"m{i}" for i in refused[3:]}
+    gw = GatewayModel(rng, invalid, forbidden)
+    w = SendWindow(RetransmitPolicy(1.0, 2.0, 4.0, 3, 0.1, 0.4), window=rng.choice([1, 3, 8]))
     to_gateway: list[tuple[int, str]] = []
     to_client: list[tuple[str, int, str, int]] = []
     acked: list[str] = []
@@ -233,11 +315,14 @@ def test_randomized_every_message_is_stored_once_in_submit_order(seed: int) -> N
             gw.connect()
             w.on_connected(1, 8)
         to_gateway.extend((f.client_id, f.message.client_msg_id) for f in w.poll(now))
-        # The gateway works through some of its input, in order.
-        for _ in range(rng.randint(0, 3)):
+        # The gateway reads some frames and processes some sends; answers of both
+        # kinds share one outbound queue.
+        for _ in range(rng.randint(0, 4)):
             if to_gateway:
-                to_client.append(gw.handle(*to_gateway.pop(0)))
+                to_client.extend(gw.read(*to_gateway.pop(0)))
         for _ in range(rng.randint(0, 3)):
+            to_client.extend(gw.process())
+        for _ in range(rng.randint(0, 4)):
             if not to_client:
                 break
             kind, cid, cmid, expected = to_client.pop(0)
@@ -249,21 +334,22 @@ def test_randomized_every_message_is_stored_once_in_submit_order(seed: int) -> N
                 w.on_error(cid, cmid, SendErrorCode.OUT_OF_ORDER, False, "", expected, now)
             elif kind == "retry":
                 w.on_error(cid, cmid, SendErrorCode.UNAVAILABLE, True, "", 0, now)
-            elif kind == "invalid":
-                f = w.on_error(cid, cmid, SendErrorCode.INVALID_ARGUMENT, False, "", 0, now)
+            else:
+                code = SendErrorCode.INVALID_ARGUMENT
+                if kind == "forbidden":
+                    code = SendErrorCode.PERMISSION_DENIED
+                f = w.on_error(cid, cmid, code, False, "", 0, now)
                 if f is not None:
                     failed.append(cmid)
-            else:
-                raise AssertionError(f"the client caused an impossible answer: {kind}")
         if submitted == n and len(w) == 0:
             break
     assert len(w) == 0, f"stuck with {len(w)} pending"
-    # A gateway that answers every frame never makes the client give up a
-    # connection: resync by OUT_OF_ORDER/errors works without reconnecting...
-    assert exhausted == 0
-    assert w.retransmits == 0  # nor wait for a timer: the answers drive the resync
-    assert sorted(failed) == sorted(invalid)
-    expected_order = [f"m{i}" for i in range(n) if f"m{i}" not in invalid]
+    assert sorted(failed) == sorted(invalid | forbidden)
+    expected_order = [f"m{i}" for i in range(n) if f"m{i}" not in invalid | forbidden]
     assert gw.stored == expected_order  # stored once each, in submit order
     assert sorted(acked) == sorted(expected_order)  # each acknowledged to the app once
     assert len(set(acked)) == len(acked)
+    # A gateway that answers every accepted frame never makes the client give up
+    # a connection: the answers alone drive the resync.
+    assert exhausted == 0
+    assert w.retransmits == 0  # nor wait for a timer
