@@ -1,0 +1,3 @@
+from pusher.server import main
+
+raise SystemExit(main())

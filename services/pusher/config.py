@@ -1,0 +1,161 @@
+"""pusher settings, from `IM_PUSHER_*` environment variables."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from imcommon.config import ConfigError, env_name
+from imcommon.settings import ServerSettings
+
+
+def _float_list(value: Any) -> Any:
+    """Accepts "1,2,4", "[1, 2, 4]" or a list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [float(part) for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(ServerSettings):
+    """Everything pusher reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="IM_PUSHER_", extra="ignore", frozen=True)
+
+    logic_address: str = Field(
+        "", max_length=300, description="host:port of logic (required to start)."
+    )
+    nats_url: str = Field(
+        "", max_length=1000, description="NATS server URL(s), comma-separated (required)."
+    )
+    nats_stream: str = Field(
+        "IM_MESSAGES", min_length=1, max_length=200, description="JetStream stream name."
+    )
+    nats_subject_prefix: str = Field(
+        "im.msg", min_length=1, max_length=200, description="Subject prefix of the triggers."
+    )
+    nats_durable: str = Field(
+        "pusher",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Durable consumer name, shared by every pusher process.",
+    )
+    nats_replicas: int = Field(
+        1, ge=1, le=5, description="Stream replicas (must match logic's stream settings)."
+    )
+    redis_url: str = Field(
+        "", max_length=500, description="redis:// URL of the presence Redis (required)."
+    )
+    redis_prefix: str = Field(
+        "im:", max_length=100, description="Prefix of the gateway's route keys in Redis."
+    )
+    redis_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="Timeout of one Redis call (connect or command)."
+    )
+    ack_wait_s: float = Field(
+        10.0,
+        ge=1,
+        le=3600,
+        description="JetStream ack wait: an unacked trigger (e.g. its pusher died) is "
+        "redelivered after this long. Long fan-outs send in-progress heartbeats.",
+    )
+    redelivery_backoff_s: Annotated[list[float], NoDecode] = Field(
+        [1.0, 2.0, 5.0, 10.0, 30.0],
+        min_length=1,
+        description="Nak delays after failed fan-outs, by delivery count (the last repeats); "
+        "redelivery is unlimited.",
+    )
+    fetch_batch: int = Field(64, ge=1, le=10_000, description="Triggers requested per fetch.")
+    fetch_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Longest a fetch waits for triggers."
+    )
+    max_pending: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Triggers held (fetched, not yet acked) by this process at most.",
+    )
+    max_concurrency: int = Field(
+        32, ge=1, le=10_000, description="Conversations fanned out at the same time."
+    )
+    max_ack_pending: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Consumer-wide unacked triggers (across all pushers) before JetStream "
+        "stops delivering.",
+    )
+    fanout_max_messages: int = Field(
+        256, ge=0, le=100_000, description="max_messages per Fanout call (0 = logic's default)."
+    )
+    logic_timeout_s: float = Field(15.0, gt=0, le=300, description="Deadline of one Fanout.")
+    deliver_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Deadline of one Deliver call to a gateway."
+    )
+    deliver_batch_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=32 * 1024 * 1024,
+        description="Largest Deliver request (deliveries are split into several).",
+    )
+    wheel_tick_ms: int = Field(
+        100, ge=1, le=60_000, description="Timing wheel tick (timer resolution)."
+    )
+    wheel_slots: int = Field(512, ge=1, le=1_000_000, description="Timing wheel buckets.")
+    retransmit_schedule_ms: Annotated[list[float], NoDecode] = Field(
+        [1000.0, 2000.0, 4000.0, 8000.0],
+        min_length=1,
+        description="Wait before each retransmit of an unacked push, by attempt (the last "
+        "repeats), e.g. '1000,2000,4000'.",
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Deliveries of one push (the first included) before giving up; the "
+        "device then heals by sync.",
+    )
+    max_timers: int = Field(
+        1_000_000, ge=1, le=100_000_000, description="Retransmit timers held at most."
+    )
+    consumer_check_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="While idle, how often the consumer is checked to still exist (it is "
+        "recreated if the JetStream store was wiped).",
+    )
+
+    _lists = field_validator("redelivery_backoff_s", "retransmit_schedule_ms", mode="before")(
+        _float_list
+    )
+
+    @field_validator("redelivery_backoff_s", "retransmit_schedule_ms")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every delay must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_concurrency > self.max_pending:
+            raise ValueError("IM_PUSHER_MAX_CONCURRENCY must not exceed IM_PUSHER_MAX_PENDING")
+        return self
+
+    def require_addresses(self) -> None:
+        """Raises ConfigError naming every required setting that is empty. Called
+        at start (not at load, so `--print-config` works with an empty env)."""
+        missing = [
+            env_name(type(self), name)
+            for name in ("logic_address", "nats_url", "redis_url")
+            if not getattr(self, name).strip()
+        ]
+        if missing:
+            raise ConfigError(f"required setting(s) not set: {', '.join(missing)}")

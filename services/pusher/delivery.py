@@ -1,0 +1,241 @@
+"""Pushes fanned-out timeline entries to online devices and retransmits them
+from the timing wheel until each device acknowledges.
+
+Pushes are best effort on top of the timeline in PostgreSQL: if Redis or a
+gateway is unreachable, or the retransmits run out, the device still gets every
+entry by sync (on its next gap or reconnect). Nothing here can lose a message;
+it can only make it arrive later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+import grpc
+from redis.exceptions import RedisError
+
+from im.common.v1 import common_pb2
+from im.gateway.v1 import gateway_internal_pb2, gateway_internal_pb2_grpc
+from im.logic.v1 import logic_pb2
+from imcommon.metrics import Metrics
+from imcommon.telemetry import insecure_channel
+from pusher.config import Settings
+from pusher.routes import RouteReader
+from pusher.timingwheel import Timer, TimingWheel
+
+log = logging.getLogger(__name__)
+
+WRITTEN = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_WRITTEN
+
+
+class GatewayClients:
+    """Channels to gateways, one per address (LRU-bounded)."""
+
+    def __init__(self, metrics: Metrics, timeout_s: float, max_channels: int = 1024) -> None:
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._max = max_channels
+        self._stubs: OrderedDict[
+            str, tuple[grpc.aio.Channel, gateway_internal_pb2_grpc.GatewayInternalStub]
+        ] = OrderedDict()
+        self._closing: set[asyncio.Future[None]] = set()
+
+    def _stub(self, address: str) -> gateway_internal_pb2_grpc.GatewayInternalStub:
+        entry = self._stubs.get(address)
+        if entry is None:
+            channel = insecure_channel(address, self._metrics)
+            entry = (channel, gateway_internal_pb2_grpc.GatewayInternalStub(channel))
+            self._stubs[address] = entry
+            while len(self._stubs) > self._max:
+                _, (old, _stub) = self._stubs.popitem(last=False)
+                closing = asyncio.ensure_future(old.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        self._stubs.move_to_end(address)
+        return entry[1]
+
+    async def deliver(
+        self, address: str, deliveries: list[gateway_internal_pb2.Delivery], ack_to: str
+    ) -> list[bool]:
+        """Writes a batch to a gateway; one bool per delivery (True = on a live
+        stream). A failed call counts as nothing written."""
+        try:
+            resp = await self._stub(address).Deliver(
+                gateway_internal_pb2.DeliverRequest(deliveries=deliveries, ack_to=ack_to),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info(
+                "Deliver failed",
+                extra={"gateway": address, "code": exc.code().name, "deliveries": len(deliveries)},
+            )
+            return [False] * len(deliveries)
+        return [s == WRITTEN for s in resp.statuses] + [False] * (
+            len(deliveries) - len(resp.statuses)
+        )
+
+    async def close(self) -> None:
+        """Closes every channel. Idempotent."""
+        entries, self._stubs = list(self._stubs.values()), OrderedDict()
+        await asyncio.gather(*(c.close() for c, _ in entries), return_exceptions=True)
+
+
+def _chunks(
+    items: list[gateway_internal_pb2.Delivery], max_bytes: int
+) -> Iterable[list[gateway_internal_pb2.Delivery]]:
+    chunk: list[gateway_internal_pb2.Delivery] = []
+    size = 0
+    for item in items:
+        n = item.ByteSize() + 8
+        if chunk and size + n > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += n
+    if chunk:
+        yield chunk
+
+
+class Deliverer:
+    def __init__(
+        self,
+        settings: Settings,
+        routes: RouteReader,
+        gateways: GatewayClients,
+        ack_to: Callable[[], str],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._routes = routes
+        self._gateways = gateways
+        self._ack_to = ack_to
+        self.wheel: TimingWheel[common_pb2.Message] = TimingWheel(
+            tick_s=settings.wheel_tick_ms / 1000,
+            slots=settings.wheel_slots,
+            schedule_s=[ms / 1000 for ms in settings.retransmit_schedule_ms],
+            max_attempts=settings.max_attempts,
+            clock=clock,
+            max_timers=settings.max_timers,
+        )
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._pushes = metrics.counter(
+            "pusher_pushes", "Deliveries sent to gateways, by kind and result", ["kind", "result"]
+        )
+        self._gave_up = metrics.counter(
+            "pusher_gave_up", "Pushes abandoned after max attempts (the device heals by sync)"
+        )
+        self._cancelled = metrics.counter(
+            "pusher_acks_cancelled", "Retransmit timers cancelled by delivery ACKs"
+        )
+        self._timers = metrics.gauge("pusher_timers", "Armed retransmit timers")
+        self._route_errors = metrics.counter(
+            "pusher_route_errors", "Route lookups that failed (Redis unreachable)"
+        )
+
+    async def _lookup(self, users: Iterable[str]) -> dict[str, dict[str, str]] | None:
+        try:
+            return await self._routes.devices(users)
+        except (RedisError, OSError) as exc:
+            self._route_errors.inc()
+            log.warning("route lookup failed; devices will sync", extra={"error": str(exc)})
+            return None
+
+    async def push(self, deliveries: Sequence[logic_pb2.FanoutDelivery]) -> None:
+        """First delivery of fanned-out timeline entries to every online device of
+        each recipient, one Deliver per gateway (split by size), with a retransmit
+        timer per (user, device, seq). Returns when every gateway answered or
+        timed out; never raises for an unreachable Redis or gateway."""
+        if not deliveries:
+            return
+        routes = await self._lookup(d.user_id for d in deliveries)
+        if not routes:
+            return
+        batches: dict[str, list[gateway_internal_pb2.Delivery]] = {}
+        for d in deliveries:
+            for device, gateway in routes.get(d.user_id, {}).items():
+                self.wheel.add(d.user_id, device, d.seq, d.message)
+                batches.setdefault(gateway, []).append(
+                    gateway_internal_pb2.Delivery(
+                        user_id=d.user_id, device_id=device, seq=d.seq, message=d.message
+                    )
+                )
+        self._timers.set(len(self.wheel))
+        await self._send(batches, "first")
+
+    async def _send(
+        self, batches: dict[str, list[gateway_internal_pb2.Delivery]], kind: str
+    ) -> None:
+        ack_to = self._ack_to()
+        calls = [
+            self._gateways.deliver(address, chunk, ack_to)
+            for address, items in batches.items()
+            for chunk in _chunks(items, self._settings.deliver_batch_bytes)
+        ]
+        for results in await asyncio.gather(*calls):
+            written = sum(results)
+            if written:
+                self._pushes.labels(kind, "written").inc(written)
+            if len(results) - written:
+                self._pushes.labels(kind, "not_written").inc(len(results) - written)
+
+    def ack(self, user_id: str, device_id: str, seq: int) -> int:
+        """A device's cumulative delivery ACK: cancels its timers at or below seq."""
+        cancelled = self.wheel.ack(user_id, device_id, seq)
+        if cancelled:
+            self._cancelled.inc(cancelled)
+            self._timers.set(len(self.wheel))
+        return cancelled
+
+    async def _retransmit(self, timers: list[Timer[common_pb2.Message]]) -> None:
+        # Re-read the route: the device may have moved to another gateway.
+        routes = await self._lookup(t.user_id for t in timers)
+        if routes is None:
+            return  # the timers stay armed: the next attempt tries again
+        batches: dict[str, list[gateway_internal_pb2.Delivery]] = {}
+        missing = 0
+        for t in timers:
+            gateway = routes.get(t.user_id, {}).get(t.device_id)
+            if gateway is None:
+                missing += 1  # offline now: it syncs on reconnect; the attempt counts
+                continue
+            batches.setdefault(gateway, []).append(
+                gateway_internal_pb2.Delivery(
+                    user_id=t.user_id, device_id=t.device_id, seq=t.seq, message=t.payload
+                )
+            )
+        if missing:
+            self._pushes.labels("retransmit", "offline").inc(missing)
+        await self._send(batches, "retransmit")
+
+    def tick(self) -> None:
+        """Advances the wheel and starts the retransmits that came due."""
+        out = self.wheel.advance()
+        if out.gave_up:
+            self._gave_up.inc(len(out.gave_up))
+            log.info("pushes given up", extra={"count": len(out.gave_up)})
+        self._timers.set(len(self.wheel))
+        if out.retransmit:
+            task = asyncio.ensure_future(self._retransmit(out.retransmit))
+            self._inflight.add(task)
+            task.add_done_callback(self._retransmit_done)
+
+    def _retransmit_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("retransmit failed", exc_info=task.exception())
+
+    async def run(self) -> None:
+        """Ticks the wheel until cancelled."""
+        interval = self._settings.wheel_tick_ms / 1000
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self.tick()
+        finally:
+            for task in list(self._inflight):
+                task.cancel()
