@@ -1,0 +1,3 @@
+from logic.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""logic settings, from `IM_LOGIC_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from imcommon.config import ConfigError
+from imcommon.settings import ServerSettings
+
+#: Upper bound of the protobuf overhead of one delivered message besides its body
+#: (ids, sequence numbers, field tags). Used to keep responses under the gRPC limit.
+MESSAGE_OVERHEAD_BYTES = 512
+
+
+class Settings(ServerSettings):
+    """Everything logic reads from its environment.
+
+    The `test_fault_*` fields are TEST-ONLY switches that break a guarantee on
+    purpose, so that the tests and the chaos harness can show the checks catch it.
+    They default to off and must stay off in any real deployment; logic logs a
+    warning at start when one is on. All of them are read in one place,
+    `logic.faults.Faults`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="IM_LOGIC_", extra="ignore", frozen=True)
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"database_url"})
+
+    # -- where the dependencies are ---------------------------------------------
+    database_url: str = Field(
+        "",
+        description="PostgreSQL conninfo or postgresql:// URL of the message store (required).",
+    )
+    seqsvc_address: str = Field("", description="host:port of seqsvc (required).")
+    nats_url: str = Field(
+        "",
+        description="NATS server URL(s), comma-separated (required). logic keeps serving "
+        "while NATS is down: the outbox relay and the repair loop catch up afterwards.",
+    )
+    nats_stream: str = Field(
+        "IM_MESSAGES",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream stream of MessageCommitted triggers (shared with pusher).",
+    )
+    nats_subject_prefix: str = Field(
+        "im.msg",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="Subject prefix of the triggers (shared with pusher).",
+    )
+    nats_replicas: int = Field(
+        1, ge=1, le=5, description="Stream replicas when logic creates the stream (3 in a cluster)."
+    )
+
+    # -- PostgreSQL ---------------------------------------------------------------
+    db_pool_min: int = Field(2, ge=1, le=100, description="Connections kept open.")
+    db_pool_max: int = Field(20, ge=1, le=500, description="Most connections opened.")
+    db_pool_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Longest a call waits for a free connection before failing UNAVAILABLE.",
+    )
+    db_connect_timeout_s: int = Field(
+        5, ge=1, le=60, description="Timeout of one PostgreSQL connection attempt."
+    )
+    db_statement_timeout_ms: int = Field(
+        30_000,
+        ge=100,
+        le=600_000,
+        description="statement_timeout of every logic connection (also bounds lock waits).",
+    )
+
+    # -- seqsvc client ----------------------------------------------------------
+    seqsvc_deadline_s: float = Field(2.0, gt=0, le=60, description="Deadline of one seqsvc call.")
+    seqsvc_max_retries: int = Field(
+        3, ge=0, le=20, description="Retries of an UNAVAILABLE seqsvc call before giving up."
+    )
+    seqsvc_coalesce_window_ms: float = Field(
+        0.0,
+        ge=0,
+        le=50,
+        description="How long concurrent sends wait to share one NextBatch call "
+        "(0: until the next event-loop turn).",
+    )
+
+    # -- limits -----------------------------------------------------------------
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1, le=1024 * 1024, description="Largest message body accepted."
+    )
+    max_group_size: int = Field(
+        2000, ge=2, le=100_000, description="Most members a group may have."
+    )
+    max_group_name_chars: int = Field(
+        128, ge=1, le=1024, description="Longest group name accepted, in characters."
+    )
+    max_response_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="Sync, History and Fanout stop adding entries once a response would "
+        "exceed this (has_more tells the caller to continue). Must stay below the callers' "
+        "gRPC receive limit (4 MiB by default).",
+    )
+    sync_default_limit: int = Field(
+        100, ge=1, le=10_000, description="SyncMessages page size when the request says 0."
+    )
+    sync_max_limit: int = Field(
+        500, ge=1, le=10_000, description="Largest SyncMessages page; bigger limits are capped."
+    )
+    history_default_limit: int = Field(
+        50, ge=1, le=10_000, description="History page size when the request says 0."
+    )
+    history_max_limit: int = Field(
+        200, ge=1, le=10_000, description="Largest History page; bigger limits are capped."
+    )
+
+    # -- fan-out ----------------------------------------------------------------
+    fanout_default_messages: int = Field(
+        100, ge=1, le=10_000, description="Messages per Fanout call when the request says 0."
+    )
+    fanout_max_messages: int = Field(
+        1000, ge=1, le=100_000, description="Largest max_messages a Fanout call honours."
+    )
+    fanout_max_rows: int = Field(
+        500,
+        ge=1,
+        le=10_000,
+        description="Most timeline rows (recipient x message) one Fanout transaction "
+        "writes. It also bounds the user advisory locks held at once by one transaction: "
+        "keep (concurrent fan-outs x this) well below PostgreSQL's lock table, "
+        "max_locks_per_transaction x max_connections. A bigger group takes several calls "
+        "(has_more).",
+    )
+
+    # -- outbox and repair ------------------------------------------------------
+    publish_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Longest a send waits for JetStream to confirm its trigger after the "
+        "commit; on timeout the send still succeeds and the outbox relay publishes later.",
+    )
+    outbox_relay_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="How often the outbox relay looks for leftovers."
+    )
+    outbox_relay_min_age_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="The relay republishes outbox rows older than this only, so it does not "
+        "race the send that is publishing its own row.",
+    )
+    outbox_relay_batch: int = Field(
+        500, ge=1, le=100_000, description="Outbox rows the relay publishes per round."
+    )
+    outbox_delete_batch: int = Field(
+        500, ge=1, le=100_000, description="Published outbox rows deleted per statement."
+    )
+    outbox_delete_delay_ms: float = Field(
+        20.0,
+        ge=0,
+        le=10_000,
+        description="How long published outbox rows wait to be deleted together.",
+    )
+    repair_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="How often the repair loop looks for stuck fan-outs."
+    )
+    repair_after_s: float = Field(
+        5.0,
+        gt=0,
+        le=86_400,
+        description="A conversation whose committed messages stay above its fan-out "
+        "watermark this long is repaired (I8).",
+    )
+    repair_max_backoff_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Repairs of one conversation back off exponentially up to this.",
+    )
+    repair_direct_after: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="After this many repair triggers did not get a conversation fanned out "
+        "(pusher down or slow), the repair loop fans it out into the timelines itself "
+        "(devices then heal by sync). 0: always fan out directly.",
+    )
+    repair_batch: int = Field(
+        100, ge=1, le=10_000, description="Conversations the repair loop claims per round."
+    )
+
+    # -- TEST-ONLY fault switches (see the class docstring) ----------------------
+    test_fault_crash_after_commit: bool = Field(
+        False,
+        description="TEST ONLY: the process exits (os._exit) right after a send commits, "
+        "before it publishes its trigger or answers.",
+    )
+    test_fault_skip_dedup: bool = Field(
+        False,
+        description="TEST ONLY, breaks I2: no dedup on (sender, client_msg_id); a "
+        "retransmit stores a second message.",
+    )
+    test_fault_skip_outbox: bool = Field(
+        False,
+        description="TEST ONLY, breaks I4: sends write no outbox row and publish nothing; "
+        "only the repair loop (unless skipped too) gets them fanned out.",
+    )
+    test_fault_skip_seq_check: bool = Field(
+        False,
+        description="TEST ONLY, breaks I1/I5: a seq or conv_seq from seqsvc that is not "
+        "above the last committed one is stored anyway.",
+    )
+    test_fault_skip_locks: bool = Field(
+        False,
+        description="TEST ONLY, breaks I1/I5: no conversation or user advisory locks.",
+    )
+    test_fault_skip_repair: bool = Field(
+        False, description="TEST ONLY, breaks I8: the repair loop does not run."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.db_pool_max < self.db_pool_min:
+            raise ValueError("IM_LOGIC_DB_POOL_MAX must be >= IM_LOGIC_DB_POOL_MIN")
+        if self.sync_default_limit > self.sync_max_limit:
+            raise ValueError("IM_LOGIC_SYNC_DEFAULT_LIMIT must be <= IM_LOGIC_SYNC_MAX_LIMIT")
+        if self.history_default_limit > self.history_max_limit:
+            raise ValueError("IM_LOGIC_HISTORY_DEFAULT_LIMIT must be <= IM_LOGIC_HISTORY_MAX_LIMIT")
+        if self.fanout_default_messages > self.fanout_max_messages:
+            raise ValueError(
+                "IM_LOGIC_FANOUT_DEFAULT_MESSAGES must be <= IM_LOGIC_FANOUT_MAX_MESSAGES"
+            )
+        if self.max_response_bytes < self.max_body_bytes + MESSAGE_OVERHEAD_BYTES:
+            # Otherwise a single message could not fit in a response and a caller
+            # paging with has_more would never get past it.
+            raise ValueError(
+                "IM_LOGIC_MAX_RESPONSE_BYTES must exceed IM_LOGIC_MAX_BODY_BYTES by at least "
+                f"{MESSAGE_OVERHEAD_BYTES}"
+            )
+        if self.max_response_bytes > self.max_message_bytes:
+            raise ValueError("IM_LOGIC_MAX_RESPONSE_BYTES must be <= IM_LOGIC_MAX_MESSAGE_BYTES")
+        return self
+
+    def require_dependencies(self) -> None:
+        """Raises ConfigError naming every missing required address. Checked at start,
+        not at load, so that `--print-config` works on an empty environment."""
+        missing = [
+            f"IM_LOGIC_{name.upper()}"
+            for name in ("database_url", "seqsvc_address", "nats_url")
+            if not getattr(self, name).strip()
+        ]
+        if missing:
+            raise ConfigError(f"required setting(s) not set: {', '.join(missing)}")

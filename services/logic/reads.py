@@ -1,0 +1,95 @@
+"""SyncMessages and History: paged reads, bounded by count and by response size."""
+
+from __future__ import annotations
+
+from logic import repo
+from logic.errors import InvalidArgument, NotFound, PermissionDenied
+from logic.ids import check_user_id, parse_conversation_id
+from logic.model import HistoryPage, Page, TimelineEntry
+from logic.store import Database
+
+RESPONSE_HEADROOM_BYTES = 4096
+
+
+class Reader:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        sync_default_limit: int,
+        sync_max_limit: int,
+        history_default_limit: int,
+        history_max_limit: int,
+        max_response_bytes: int,
+    ) -> None:
+        self._db = db
+        self._sync_default = sync_default_limit
+        self._sync_max = sync_max_limit
+        self._history_default = history_default_limit
+        self._history_max = history_max_limit
+        self._budget = max_response_bytes - RESPONSE_HEADROOM_BYTES
+
+    async def sync(self, user_id: str, after_seq: int, limit: int) -> Page:
+        """The user's timeline after after_seq, in seq order.
+
+        Prefix-closed: seqs are allocated and committed under the user's lock (I1),
+        so once a seq is visible every smaller seq that will ever exist is visible;
+        a client that advances its cursor to the last entry never skips a row.
+        has_more: more rows exist after the page (it was cut by the limit, which
+        is capped, or by the response size)."""
+        check_user_id(user_id)
+        if after_seq < 0:
+            raise InvalidArgument(f"after_seq must be >= 0 (0: from the start), got {after_seq}")
+        limit = self._limit(limit, self._sync_default, self._sync_max)
+        with self._db.errors():
+            async with self._db.pool.connection() as conn:
+                rows = await repo.timeline_page(conn, user_id, after_seq, limit + 1, self._budget)
+        entries = []
+        for seq, msg in rows[:limit]:
+            if msg is None:
+                break
+            entries.append(TimelineEntry(seq, msg))
+        return Page(entries, has_more=len(rows) > len(entries))
+
+    async def history(
+        self, user_id: str, conversation_id: str, before_conv_seq: int, limit: int
+    ) -> HistoryPage:
+        """Messages of a conversation below before_conv_seq (0: from the newest),
+        newest first. Only for its members, and a group member sees the messages of
+        its membership ranges only (what it received)."""
+        check_user_id(user_id)
+        conv = parse_conversation_id(conversation_id)
+        if before_conv_seq < 0:
+            raise InvalidArgument(
+                f"before_conv_seq must be >= 0 (0: from the newest), got {before_conv_seq}"
+            )
+        limit = self._limit(limit, self._history_default, self._history_max)
+        before = before_conv_seq or repo.MAX_BIGINT
+        with self._db.errors():
+            async with self._db.pool.connection() as conn:
+                if conv.is_direct:
+                    if user_id not in conv.pair:
+                        raise PermissionDenied(f"{user_id} is not part of {conv.value}")
+                    ranges = [(0, repo.MAX_BIGINT)]
+                else:
+                    found = await repo.member_ranges(conn, conv.value, user_id)
+                    if not any(current for _, _, current in found):
+                        if not await repo.group_exists(conn, conv.value):
+                            raise NotFound(f"group {conv.value} does not exist")
+                        raise PermissionDenied(f"{user_id} is not a member of {conv.value}")
+                    ranges = [(lo, hi) for lo, hi, _ in found]
+                rows = await repo.history_page(
+                    conn, conv.value, before, ranges, limit + 1, self._budget
+                )
+        messages = []
+        for msg in rows[:limit]:
+            if msg is None:
+                break
+            messages.append(msg)
+        return HistoryPage(messages, has_more=len(rows) > len(messages))
+
+    @staticmethod
+    def _limit(limit: int, default: int, cap: int) -> int:
+        if limit < 0:
+            raise InvalidArgument(f"limit must be >= 0 (0: the default of {default}), got {limit}")
+        return min(limit or default, cap)

@@ -1,0 +1,621 @@
+"""All of logic's SQL, one function per statement.
+
+Functions whose name ends in `_tx` must run inside a transaction (they take
+transaction-scoped advisory locks, or rely on locks the transaction holds); the
+others run in autocommit mode. Every function takes the connection; none commits.
+Nothing here decides anything: the domain modules do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from imcommon.migrations import apply_migrations
+from logic.model import Conversation, SendAck, StoredMessage
+
+Conn = psycopg.AsyncConnection[Any]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+COMPONENT = "logic"
+MAX_BIGINT = 2**63 - 1
+
+_MESSAGE_COLUMNS = (
+    "m.msg_id, m.conversation_id, m.conv_seq, m.sender_id, m.sender_device_id, "
+    "m.client_msg_id, m.content_type, m.body, m.server_time_ms"
+)
+# The same from a subquery `m` with a boolean column `fits`: the body only where it
+# fits (a body past the page's byte budget is never read), then `fits`.
+_PAGED_COLUMNS = _MESSAGE_COLUMNS.replace("m.body", "CASE WHEN m.fits THEN m.body END") + ", m.fits"
+
+
+async def migrate(conninfo: str) -> list[str]:
+    """Applies logic's pending migrations (safe to run from several processes)."""
+    return await apply_migrations(conninfo, MIGRATIONS, COMPONENT)
+
+
+def _message(row: Sequence[Any], offset: int = 0) -> StoredMessage:
+    r = row[offset : offset + 9]
+    return StoredMessage(
+        msg_id=r[0],
+        conversation_id=r[1],
+        conv_seq=r[2],
+        sender_id=r[3],
+        sender_device_id=r[4],
+        client_msg_id=r[5],
+        content_type=r[6],
+        body=bytes(r[7]) if r[7] is not None else b"",
+        server_time_ms=r[8],
+    )
+
+
+# -- locks ---------------------------------------------------------------------------
+
+
+async def lock_tx(conn: Conn, *locks: tuple[int, int]) -> None:
+    """Takes transaction-scoped advisory locks (class, key), in the order given.
+
+    Must be its own statement, before the statements that rely on the locks: in
+    READ COMMITTED each statement takes its snapshot when it starts, so only a
+    statement that starts after the locks are granted sees everything the previous
+    holder committed."""
+    sql = "SELECT " + ", ".join("pg_advisory_xact_lock(%s, %s)" for _ in locks)
+    await conn.execute(sql, [v for lock in locks for v in lock])
+
+
+async def lock_many_tx(conn: Conn, lock_class: int, keys: Sequence[int]) -> None:
+    """Takes the advisory locks (lock_class, key) for `keys` in the order given (the
+    caller sorts them), in one statement."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(%s, k) "
+        "FROM unnest(%s::int4[]) WITH ORDINALITY AS t (k, i) ORDER BY i",
+        (lock_class, list(keys)),
+    )
+
+
+# -- send ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendState:
+    last_seq: int  # the sender's last committed timeline seq (0: none)
+    last_conv_seq: int  # the conversation's last committed conv_seq (0: none)
+    kind: int | None  # conversations.kind, None if there is no row
+    is_member: bool  # a current member of the (group) conversation
+    stored: SendAck | None  # the earlier send with this (sender, client_msg_id)
+
+
+async def read_send_state_tx(conn: Conn, sender: str, client_msg_id: str, conv: str) -> SendState:
+    """Everything a send decides on, in one statement. Run it after the conversation
+    and sender locks: then the last seqs it reads cannot change before commit."""
+    cur = await conn.execute(
+        """
+        SELECT
+            (SELECT max(seq) FROM timeline WHERE user_id = %(sender)s),
+            (SELECT max(conv_seq) FROM messages WHERE conversation_id = %(conv)s),
+            (SELECT kind FROM conversations WHERE conversation_id = %(conv)s),
+            EXISTS (SELECT 1 FROM members WHERE conversation_id = %(conv)s
+                    AND user_id = %(sender)s AND left_after IS NULL),
+            d.msg_id, m.sender_seq, m.conv_seq, m.server_time_ms
+        FROM (VALUES (1)) AS one (x)
+        LEFT JOIN send_dedup d ON d.sender_id = %(sender)s AND d.client_msg_id = %(cmid)s
+        LEFT JOIN messages m ON m.msg_id = d.msg_id
+        """,
+        {"sender": sender, "conv": conv, "cmid": client_msg_id},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    stored = None
+    if row[4] is not None:
+        stored = SendAck(row[4], row[5], row[6], row[7], duplicate=True)
+    return SendState(row[0] or 0, row[1] or 0, row[2], bool(row[3]), stored)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    conversation_id: str
+    conv_seq: int
+    sender_id: str
+    sender_device_id: str
+    client_msg_id: str
+    sender_seq: int
+    content_type: int
+    body: bytes
+    direct_pair: tuple[str, ...]  # (a, b) of a direct conversation, () for a group
+
+
+async def insert_message_tx(
+    conn: Conn, msg: NewMessage, *, dedup: bool, outbox: bool, repair_after_s: float
+) -> tuple[int, int]:
+    """Inserts the message, its dedup key, the sender's timeline row, the outbox row
+    and the conversation's pending-fan-out mark (and, for a direct conversation's
+    first message, its conversations row), in one statement. Returns
+    (msg_id, server_time_ms)."""
+    a, b = msg.direct_pair if msg.direct_pair else (None, None)
+    cur = await conn.execute(
+        """
+        WITH msg AS (
+            INSERT INTO messages (conversation_id, conv_seq, sender_id, sender_device_id,
+                                  client_msg_id, sender_seq, content_type, body, server_time_ms)
+            VALUES (%(conv)s, %(conv_seq)s, %(sender)s, %(device)s, %(cmid)s, %(seq)s,
+                    %(ctype)s, %(body)s,
+                    (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+            RETURNING msg_id, server_time_ms
+        ), dedup AS (
+            INSERT INTO send_dedup (sender_id, client_msg_id, msg_id)
+            SELECT %(sender)s, %(cmid)s, msg_id FROM msg WHERE %(dedup)s
+        ), tl AS (
+            INSERT INTO timeline (user_id, seq, msg_id)
+            SELECT %(sender)s, %(seq)s, msg_id FROM msg
+        ), ob AS (
+            INSERT INTO outbox (msg_id, conversation_id, conv_seq)
+            SELECT msg_id, %(conv)s, %(conv_seq)s FROM msg WHERE %(outbox)s
+        ), pending AS (
+            INSERT INTO fanout_pending (conversation_id, upto_conv_seq, upto_msg_id, repair_at)
+            SELECT %(conv)s, %(conv_seq)s, msg_id,
+                   now() + make_interval(secs => %(repair_after)s) FROM msg
+            ON CONFLICT (conversation_id) DO UPDATE
+                SET upto_conv_seq = excluded.upto_conv_seq, upto_msg_id = excluded.upto_msg_id
+        ), conv AS (
+            INSERT INTO conversations (conversation_id, kind, direct_user_a, direct_user_b)
+            SELECT %(conv)s, 1, %(a)s, %(b)s WHERE %(direct)s
+            ON CONFLICT DO NOTHING
+        ), usr AS (
+            INSERT INTO users (user_id) VALUES (%(sender)s) ON CONFLICT DO NOTHING
+        ), dev AS (
+            INSERT INTO devices (user_id, device_id) VALUES (%(sender)s, %(device)s)
+            ON CONFLICT DO NOTHING
+        )
+        SELECT msg_id, server_time_ms FROM msg
+        """,
+        {
+            "conv": msg.conversation_id,
+            "conv_seq": msg.conv_seq,
+            "sender": msg.sender_id,
+            "device": msg.sender_device_id,
+            "cmid": msg.client_msg_id,
+            "seq": msg.sender_seq,
+            "ctype": msg.content_type,
+            "body": msg.body,
+            "dedup": dedup,
+            "outbox": outbox,
+            "repair_after": repair_after_s,
+            "direct": bool(msg.direct_pair),
+            "a": a,
+            "b": b,
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def find_send(conn: Conn, sender: str, client_msg_id: str) -> SendAck | None:
+    """The ACK of the stored send with this idempotency key, if any."""
+    cur = await conn.execute(
+        """
+        SELECT m.msg_id, m.sender_seq, m.conv_seq, m.server_time_ms
+        FROM send_dedup d JOIN messages m ON m.msg_id = d.msg_id
+        WHERE d.sender_id = %s AND d.client_msg_id = %s
+        """,
+        (sender, client_msg_id),
+    )
+    row = await cur.fetchone()
+    return SendAck(row[0], row[1], row[2], row[3], duplicate=True) if row else None
+
+
+# -- outbox --------------------------------------------------------------------------
+
+
+async def delete_outbox(conn: Conn, msg_ids: Sequence[int]) -> None:
+    await conn.execute("DELETE FROM outbox WHERE msg_id = ANY(%s::int8[])", (list(msg_ids),))
+
+
+async def claim_outbox_tx(conn: Conn, min_age_s: float, limit: int) -> list[tuple[int, str, int]]:
+    """Outbox rows older than min_age_s, locked against other relays (SKIP LOCKED),
+    oldest first: (msg_id, conversation_id, conv_seq)."""
+    cur = await conn.execute(
+        """
+        SELECT msg_id, conversation_id, conv_seq FROM outbox
+        WHERE created_at < now() - make_interval(secs => %s)
+        ORDER BY created_at LIMIT %s
+        FOR UPDATE SKIP LOCKED
+        """,
+        (min_age_s, limit),
+    )
+    return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+
+# -- fan-out -------------------------------------------------------------------------
+
+
+async def fanout_state_tx(conn: Conn, conv: str) -> tuple[int, str]:
+    """(watermark, cursor_user) of the conversation; (0, '') before its first fan-out."""
+    cur = await conn.execute(
+        "SELECT watermark, cursor_user FROM fanout_state WHERE conversation_id = %s", (conv,)
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), str(row[1])) if row else (0, "")
+
+
+async def messages_above_tx(
+    conn: Conn, conv: str, watermark: int, limit: int, body_budget: int
+) -> list[tuple[StoredMessage, bool]]:
+    """Up to `limit` committed messages with conv_seq > watermark, in conv_seq order,
+    each with whether it fits: False once the running total of bodies before it
+    reaches body_budget (the first always fits), so the caller knows where a page of
+    big bodies must end."""
+    cur = await conn.execute(
+        f"""
+        SELECT {_PAGED_COLUMNS} FROM (
+            SELECT m.*, sum(octet_length(m.body)) OVER (
+                       ORDER BY m.conv_seq ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+                   ) - octet_length(m.body) < %(budget)s AS fits
+            FROM messages m
+            WHERE m.conversation_id = %(conv)s AND m.conv_seq > %(wm)s
+            ORDER BY m.conv_seq LIMIT %(limit)s
+        ) AS m
+        ORDER BY m.conv_seq
+        """,
+        {"conv": conv, "wm": watermark, "limit": limit, "budget": body_budget},
+    )
+    return [(_message(r), bool(r[9])) for r in await cur.fetchall()]
+
+
+async def members_between(conn: Conn, conv: str, lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """Membership ranges of the group that cover some conv_seq in [lo, hi]:
+    (user_id, joined_after, left_after or MAX_BIGINT)."""
+    cur = await conn.execute(
+        """
+        SELECT user_id, joined_after, coalesce(left_after, %s) FROM members
+        WHERE conversation_id = %s AND joined_after < %s
+          AND (left_after IS NULL OR left_after >= %s)
+        """,
+        (MAX_BIGINT, conv, hi, lo),
+    )
+    return [(r[0], int(r[1]), int(r[2])) for r in await cur.fetchall()]
+
+
+async def last_seqs_tx(conn: Conn, users: Sequence[str]) -> dict[str, int]:
+    """Each user's last committed timeline seq (0: none). Under the users' locks."""
+    cur = await conn.execute(
+        """
+        SELECT u, (SELECT max(seq) FROM timeline t WHERE t.user_id = u)
+        FROM unnest(%s::text[]) AS u
+        """,
+        (list(users),),
+    )
+    return {r[0]: int(r[1] or 0) for r in await cur.fetchall()}
+
+
+async def existing_rows_tx(
+    conn: Conn, users: Sequence[str], msg_ids: Sequence[int]
+) -> dict[tuple[str, int], int]:
+    """Seqs of the (user, msg_id) pairs already in the timelines."""
+    cur = await conn.execute(
+        """
+        SELECT t.user_id, t.msg_id, t.seq
+        FROM unnest(%s::text[], %s::int8[]) AS p (user_id, msg_id)
+        JOIN timeline t ON t.user_id = p.user_id AND t.msg_id = p.msg_id
+        """,
+        (list(users), list(msg_ids)),
+    )
+    return {(r[0], int(r[1])): int(r[2]) for r in await cur.fetchall()}
+
+
+async def insert_timeline_tx(
+    conn: Conn, users: Sequence[str], seqs: Sequence[int], msg_ids: Sequence[int]
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO timeline (user_id, seq, msg_id)
+        SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[])
+        """,
+        (list(users), list(seqs), list(msg_ids)),
+    )
+
+
+async def save_fanout_progress_tx(
+    conn: Conn, conv: str, watermark: int, cursor_user: str, caught_up: bool, repair_after_s: float
+) -> None:
+    """Stores the new watermark. Caught up: clears the pending mark unless a newer
+    send raised it meanwhile (its upto_conv_seq is then above the watermark; a
+    concurrent send's row lock makes this statement wait and recheck). Not caught up
+    (the caller continues with has_more): postpones the repair."""
+    pending = (
+        "DELETE FROM fanout_pending WHERE conversation_id = %(conv)s AND upto_conv_seq <= %(wm)s"
+        if caught_up
+        else "UPDATE fanout_pending SET attempts = 0, "
+        "repair_at = now() + make_interval(secs => %(after)s) WHERE conversation_id = %(conv)s"
+    )
+    await conn.execute(
+        f"""
+        WITH st AS (
+            INSERT INTO fanout_state (conversation_id, watermark, cursor_user)
+            VALUES (%(conv)s, %(wm)s, %(cursor)s)
+            ON CONFLICT (conversation_id) DO UPDATE
+                SET watermark = excluded.watermark, cursor_user = excluded.cursor_user,
+                    updated_at = now()
+        )
+        {pending}
+        """,
+        {"conv": conv, "wm": watermark, "cursor": cursor_user, "after": repair_after_s},
+    )
+
+
+async def clear_pending(conn: Conn, conv: str, watermark: int) -> None:
+    """Removes the pending mark of a conversation fanned out up to its last message."""
+    await conn.execute(
+        "DELETE FROM fanout_pending WHERE conversation_id = %s AND upto_conv_seq <= %s",
+        (conv, watermark),
+    )
+
+
+# -- repair --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepairClaim:
+    conversation_id: str
+    upto_conv_seq: int
+    upto_msg_id: int
+    attempts: int  # including this one
+
+
+async def claim_repairs(
+    conn: Conn, limit: int, repair_after_s: float, max_backoff_s: float
+) -> list[RepairClaim]:
+    """Claims up to `limit` pending conversations whose repair time has come, and
+    moves their next repair time back exponentially. Rows another process is
+    claiming are skipped, so concurrent repair loops split the work."""
+    cur = await conn.execute(
+        """
+        UPDATE fanout_pending p
+        SET attempts = p.attempts + 1,
+            repair_at = now() + make_interval(
+                secs => least(%(after)s * power(2, least(p.attempts + 1, 30)), %(max)s))
+        WHERE p.conversation_id IN (
+            SELECT conversation_id FROM fanout_pending WHERE repair_at <= now()
+            ORDER BY repair_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+        RETURNING p.conversation_id, p.upto_conv_seq, p.upto_msg_id, p.attempts
+        """,
+        {"after": repair_after_s, "max": max_backoff_s, "limit": limit},
+    )
+    return [RepairClaim(r[0], int(r[1]), int(r[2]), int(r[3])) for r in await cur.fetchall()]
+
+
+# -- reads ---------------------------------------------------------------------------
+
+
+async def timeline_page(
+    conn: Conn, user: str, after_seq: int, limit: int, body_budget: int
+) -> list[tuple[int, StoredMessage | None]]:
+    """Up to `limit` timeline rows after after_seq, in seq order; a row whose body
+    would take the running total past body_budget comes back as None (the page ends
+    before it)."""
+    cur = await conn.execute(
+        f"""
+        SELECT m.seq, {_PAGED_COLUMNS} FROM (
+            SELECT t.seq, m.*, sum(octet_length(m.body)) OVER (
+                       ORDER BY t.seq ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+                   ) - octet_length(m.body) < %s AS fits
+            FROM timeline t JOIN messages m ON m.msg_id = t.msg_id
+            WHERE t.user_id = %s AND t.seq > %s
+            ORDER BY t.seq LIMIT %s
+        ) AS m
+        ORDER BY m.seq
+        """,
+        (body_budget, user, after_seq, limit),
+    )
+    return [(int(r[0]), _message(r, 1) if r[10] else None) for r in await cur.fetchall()]
+
+
+async def history_page(
+    conn: Conn,
+    conv: str,
+    before_conv_seq: int,
+    ranges: Sequence[tuple[int, int]],
+    limit: int,
+    body_budget: int,
+) -> list[StoredMessage | None]:
+    """Up to `limit` messages below before_conv_seq inside one of the (after, upto]
+    ranges, newest first; None for a row past the body budget."""
+    floor = min(lo for lo, _ in ranges)
+    cur = await conn.execute(
+        f"""
+        SELECT {_PAGED_COLUMNS} FROM (
+            SELECT m.*, sum(octet_length(m.body)) OVER (
+                       ORDER BY m.conv_seq DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+                   ) - octet_length(m.body) < %(budget)s AS fits
+            FROM messages m
+            WHERE m.conversation_id = %(conv)s AND m.conv_seq < %(before)s
+              AND m.conv_seq > %(floor)s
+              AND EXISTS (SELECT 1 FROM unnest(%(lo)s::int8[], %(hi)s::int8[]) AS r (lo, hi)
+                          WHERE m.conv_seq > r.lo AND m.conv_seq <= r.hi)
+            ORDER BY m.conv_seq DESC LIMIT %(limit)s
+        ) AS m
+        ORDER BY m.conv_seq DESC
+        """,
+        {
+            "conv": conv,
+            "before": before_conv_seq,
+            "floor": floor,
+            "lo": [lo for lo, _ in ranges],
+            "hi": [hi for _, hi in ranges],
+            "limit": limit,
+            "budget": body_budget,
+        },
+    )
+    return [_message(r) if r[9] else None for r in await cur.fetchall()]
+
+
+async def member_ranges(conn: Conn, conv: str, user: str) -> list[tuple[int, int, bool]]:
+    """The user's membership ranges in the group: (joined_after, left_after or
+    MAX_BIGINT, current)."""
+    cur = await conn.execute(
+        """
+        SELECT joined_after, coalesce(left_after, %s), left_after IS NULL FROM members
+        WHERE conversation_id = %s AND user_id = %s
+        """,
+        (MAX_BIGINT, conv, user),
+    )
+    return [(int(r[0]), int(r[1]), bool(r[2])) for r in await cur.fetchall()]
+
+
+async def conversations_of(conn: Conn, user: str) -> list[Conversation]:
+    """The groups the user is a member of and the direct conversations with
+    messages the user is part of, by id, with last_conv_seq (members not filled)."""
+    cur = await conn.execute(
+        """
+        WITH mine AS (
+            SELECT conversation_id FROM members WHERE user_id = %(u)s AND left_after IS NULL
+            UNION
+            SELECT conversation_id FROM conversations WHERE kind = 1 AND direct_user_a = %(u)s
+            UNION
+            SELECT conversation_id FROM conversations WHERE kind = 1 AND direct_user_b = %(u)s
+        )
+        SELECT c.conversation_id, c.kind, c.name, coalesce(c.owner_id, ''),
+               c.direct_user_a, c.direct_user_b,
+               coalesce((SELECT max(conv_seq) FROM messages m
+                         WHERE m.conversation_id = c.conversation_id), 0)
+        FROM conversations c JOIN mine USING (conversation_id)
+        ORDER BY c.conversation_id
+        """,
+        {"u": user},
+    )
+    out = []
+    for r in await cur.fetchall():
+        members = [r[4], r[5]] if r[1] == 1 else []
+        out.append(Conversation(r[0], r[1], r[2], r[3], members, int(r[6])))
+    return out
+
+
+async def current_members(conn: Conn, convs: Sequence[str]) -> dict[str, list[str]]:
+    """Current members of each group, sorted."""
+    cur = await conn.execute(
+        """
+        SELECT conversation_id, user_id FROM members
+        WHERE conversation_id = ANY(%s::text[]) AND left_after IS NULL
+        ORDER BY conversation_id, user_id
+        """,
+        (list(convs),),
+    )
+    out: dict[str, list[str]] = {c: [] for c in convs}
+    for r in await cur.fetchall():
+        out[r[0]].append(r[1])
+    return out
+
+
+# -- groups --------------------------------------------------------------------------
+
+
+async def create_group(
+    conn: Conn, conv: str, name: str, owner: str, members: Sequence[str]
+) -> None:
+    """Inserts the group, its members (from conv_seq 0) and any unknown users."""
+    await conn.execute(
+        """
+        WITH g AS (
+            INSERT INTO conversations (conversation_id, kind, name, owner_id)
+            VALUES (%(conv)s, 2, %(name)s, %(owner)s)
+            RETURNING conversation_id
+        ), m AS (
+            INSERT INTO members (conversation_id, user_id, joined_after)
+            SELECT g.conversation_id, u, 0 FROM g, unnest(%(members)s::text[]) AS u
+        )
+        INSERT INTO users (user_id) SELECT unnest(%(members)s::text[]) ON CONFLICT DO NOTHING
+        """,
+        {"conv": conv, "name": name, "owner": owner, "members": list(members)},
+    )
+
+
+@dataclass(frozen=True)
+class GroupState:
+    name: str
+    owner_id: str
+    members: list[str]  # current, sorted
+    last_conv_seq: int
+
+
+async def group_state_tx(conn: Conn, conv: str) -> GroupState | None:
+    """The group's name, owner, current members and last conv_seq; None if there is
+    no such group. Run under the conversation's send lock when the answer decides
+    a membership change."""
+    cur = await conn.execute(
+        """
+        SELECT c.name, coalesce(c.owner_id, ''),
+               coalesce((SELECT array_agg(user_id ORDER BY user_id) FROM members
+                         WHERE conversation_id = c.conversation_id AND left_after IS NULL),
+                        '{}'),
+               coalesce((SELECT max(conv_seq) FROM messages
+                         WHERE conversation_id = c.conversation_id), 0)
+        FROM conversations c WHERE c.conversation_id = %s AND c.kind = 2
+        """,
+        (conv,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return GroupState(row[0], row[1], list(row[2]), int(row[3]))
+
+
+async def group_exists(conn: Conn, conv: str) -> bool:
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM conversations WHERE conversation_id = %s AND kind = 2)",
+        (conv,),
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def add_members_tx(conn: Conn, conv: str, users: Sequence[str], joined_after: int) -> None:
+    """Makes `users` (not current members) members from joined_after on. A user who
+    left at exactly joined_after has an empty range there, which is simply reopened."""
+    await conn.execute(
+        """
+        WITH m AS (
+            INSERT INTO members (conversation_id, user_id, joined_after)
+            SELECT %(conv)s, u, %(after)s FROM unnest(%(users)s::text[]) AS u
+            ON CONFLICT (conversation_id, user_id, joined_after) DO UPDATE SET left_after = NULL
+        )
+        INSERT INTO users (user_id) SELECT unnest(%(users)s::text[]) ON CONFLICT DO NOTHING
+        """,
+        {"conv": conv, "users": list(users), "after": joined_after},
+    )
+
+
+async def remove_members_tx(
+    conn: Conn, conv: str, users: Sequence[str], left_after: int, new_owner: str | None
+) -> None:
+    """Ends the current membership of `users` at left_after; optionally hands the
+    group to new_owner."""
+    await conn.execute(
+        """
+        WITH o AS (
+            UPDATE conversations SET owner_id = %(owner)s
+            WHERE conversation_id = %(conv)s AND %(owner)s::text IS NOT NULL
+        )
+        UPDATE members SET left_after = %(after)s
+        WHERE conversation_id = %(conv)s AND user_id = ANY(%(users)s::text[])
+          AND left_after IS NULL
+        """,
+        {"conv": conv, "users": list(users), "after": left_after, "owner": new_owner},
+    )
+
+
+async def successor_tx(conn: Conn, conv: str, leaving: Sequence[str]) -> str | None:
+    """The longest-standing current member not in `leaving` (ties by id)."""
+    cur = await conn.execute(
+        """
+        SELECT user_id FROM members
+        WHERE conversation_id = %s AND left_after IS NULL AND user_id <> ALL(%s::text[])
+        ORDER BY joined_after, user_id LIMIT 1
+        """,
+        (conv, list(leaving)),
+    )
+    row = await cur.fetchone()
+    return str(row[0]) if row else None

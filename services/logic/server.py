@@ -1,0 +1,151 @@
+"""Wiring of logic: settings -> migrations -> database, seqsvc, NATS -> domain
+objects -> gRPC servicer and background loops (outbox cleaner and relay, repair).
+
+`python -m logic` applies the migrations (component "logic"), then serves.
+`python -m logic migrate` only applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from imcommon.config import ConfigError
+from imcommon.server import Runtime
+from imcommon.server import main as serve_main
+from logic import repo
+from logic.config import Settings
+from logic.events import TriggerPublisher
+from logic.fanout import Fanout
+from logic.faults import Faults
+from logic.groups import Groups
+from logic.outbox import OutboxCleaner, OutboxRelay
+from logic.reads import Reader
+from logic.repair import Repairer
+from logic.send import Sender
+from logic.seq import SeqClientSource
+from logic.servicer import SERVICE_NAME, LogicServicer, add_to_server
+from logic.store import open_database
+from seqsvc.client import SeqClient
+
+log = logging.getLogger(__name__)
+
+
+async def build(settings: Settings, runtime: Runtime) -> None:
+    settings.require_dependencies()
+    faults = Faults.from_settings(settings)
+    applied = await repo.migrate(settings.database_url)
+    if applied:
+        log.info("migrations applied", extra={"applied": applied})
+
+    db = await runtime.stack.enter_async_context(open_database(settings))
+    seq_client = await runtime.stack.enter_async_context(
+        SeqClient(
+            settings.seqsvc_address,
+            coalesce_window_ms=settings.seqsvc_coalesce_window_ms,
+            deadline_s=settings.seqsvc_deadline_s,
+            max_retries=settings.seqsvc_max_retries,
+        )
+    )
+    seq = SeqClientSource(seq_client)
+    publisher = await runtime.stack.enter_async_context(
+        TriggerPublisher(
+            settings.nats_url,
+            settings.nats_stream,
+            settings.nats_subject_prefix,
+            replicas=settings.nats_replicas,
+            timeout_s=settings.publish_timeout_s,
+        )
+    )
+    cleaner = OutboxCleaner(
+        db, batch=settings.outbox_delete_batch, delay_s=settings.outbox_delete_delay_ms / 1000
+    )
+    sender = Sender(
+        db,
+        seq,
+        publisher,
+        cleaner,
+        max_body_bytes=settings.max_body_bytes,
+        repair_after_s=settings.repair_after_s,
+        faults=faults,
+    )
+    fanout = Fanout(
+        db,
+        seq,
+        default_messages=settings.fanout_default_messages,
+        max_messages=settings.fanout_max_messages,
+        max_rows=settings.fanout_max_rows,
+        max_response_bytes=settings.max_response_bytes,
+        repair_after_s=settings.repair_after_s,
+        faults=faults,
+    )
+    reader = Reader(
+        db,
+        sync_default_limit=settings.sync_default_limit,
+        sync_max_limit=settings.sync_max_limit,
+        history_default_limit=settings.history_default_limit,
+        history_max_limit=settings.history_max_limit,
+        max_response_bytes=settings.max_response_bytes,
+    )
+    groups = Groups(
+        db,
+        max_group_size=settings.max_group_size,
+        max_name_chars=settings.max_group_name_chars,
+        faults=faults,
+    )
+    relay = OutboxRelay(
+        db,
+        publisher,
+        interval_s=settings.outbox_relay_interval_s,
+        min_age_s=settings.outbox_relay_min_age_s,
+        batch=settings.outbox_relay_batch,
+    )
+    repairer = Repairer(
+        db,
+        publisher,
+        fanout,
+        interval_s=settings.repair_interval_s,
+        after_s=settings.repair_after_s,
+        max_backoff_s=settings.repair_max_backoff_s,
+        direct_after=settings.repair_direct_after,
+        batch=settings.repair_batch,
+    )
+
+    loops = [
+        runtime.spawn(cleaner.run(), "logic-outbox-cleaner"),
+        runtime.spawn(relay.run(), "logic-outbox-relay"),
+    ]
+    if not faults.skip_repair:
+        loops.append(runtime.spawn(repairer.run(), "logic-repair"))
+
+    async def stop_loops() -> None:
+        # Before the pool and the NATS connection close (the exit stack unwinds in
+        # reverse order), so the cleaner's last flush still has a database.
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+    runtime.stack.push_async_callback(stop_loops)
+
+    add_to_server(LogicServicer(sender, fanout, reader, groups), runtime.server)
+    runtime.expose(SERVICE_NAME)
+
+
+def _migrate_command(settings: Settings) -> int:
+    if not settings.database_url.strip():
+        sys.stderr.write("logic: required setting not set: IM_LOGIC_DATABASE_URL\n")
+        return 2
+    applied = asyncio.run(repo.migrate(settings.database_url))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return serve_main(
+            "logic", Settings, build, argv=argv, commands={"migrate": _migrate_command}
+        )
+    except ConfigError as exc:
+        sys.stderr.write(f"logic: {exc}\n")
+        return 2
