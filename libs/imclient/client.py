@@ -161,6 +161,9 @@ class Client(UnaryCalls):
         send_window: most sends in flight at once (the gateway may lower it).
         connect_timeout_s: how long `__aenter__`/`start()` wait for the first
             connection and sync before raising `ConnectTimeout` (None: forever).
+        receive: False for a send-only client (a CLI `send`, a load generator):
+            no sync, and pushes are acknowledged and dropped, so this device
+            shows nothing (its timeline stays complete on the server).
     """
 
     def __init__(
@@ -182,11 +185,15 @@ class Client(UnaryCalls):
         channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
         hooks: DebugHooks | None = None,
         rng: random.Random | None = None,
+        receive: bool = True,
     ) -> None:
         self.addresses = parse_addresses(addresses)
         self._token = token
         self._store: Store = store if store is not None else MemoryStore()
         self._on_message = on_message
+        self._receive = receive
+        if on_message is not None and not receive:
+            raise ValueError("on_message needs receive=True")
         self._window = SendWindow(retransmit or RetransmitPolicy(), send_window)
         self._reconnect = reconnect or ReconnectPolicy()
         if not 1 <= sync_page_size <= 10_000:
@@ -382,6 +389,8 @@ class Client(UnaryCalls):
         client closes; raises `Kicked`/`AuthError` if it stopped for that."""
         if self._on_message is not None:
             raise RuntimeError("messages() cannot be used with an on_message callback")
+        if not self._receive:
+            raise RuntimeError("messages() needs a client made with receive=True")
         return _Messages(self)
 
     @property
@@ -483,7 +492,10 @@ class Client(UnaryCalls):
             assert self._receiver is not None
             self._receiver.on_connected()
             self._stats.connects += 1
-            self._sync_wanted.set()
+            if self._receive:
+                self._sync_wanted.set()
+            else:
+                self._ready.set()
             self._wake.set()
             tasks = [
                 asyncio.create_task(self._reader(call), name="imclient-reader"),
@@ -575,6 +587,13 @@ class Client(UnaryCalls):
                 p = frame.push
                 if self.hooks.on_push is not None:
                     self.hooks.on_push(p.seq)
+                if not self._receive:
+                    # Send-only: stop the pusher's retransmits, show nothing.
+                    receiver.seq = max(receiver.seq, p.seq)
+                    receiver.need_sync = False
+                    receiver.on_push(Entry(p.seq, Message.from_pb(p.message, p.seq)))
+                    self._wake.set()
+                    continue
                 out = receiver.on_push(Entry(p.seq, Message.from_pb(p.message, p.seq)))
                 self._emit(out)
                 if receiver.need_sync:
