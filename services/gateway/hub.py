@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 REPLACED = "replaced by a newer connection of the same device"
 
 
+class _KeyLock:
+    """A lock for one device, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Hub:
     def __init__(
         self,
@@ -38,6 +46,7 @@ class Hub:
         self._address = address
         self._refresh_interval_s = refresh_interval_s
         self._conns: dict[tuple[str, str], Connection] = {}
+        self._locks: dict[tuple[str, str], _KeyLock] = {}
         self._background: set[asyncio.Task[object]] = set()
         self.closing = False
 
@@ -53,7 +62,11 @@ class Hub:
         task.add_done_callback(self._background.discard)
 
     async def attach(self, conn: Connection) -> None:
-        """Makes `conn` the device's stream here and points its route at it."""
+        """Makes `conn` the device's stream here and points its route at it.
+
+        Registrations of one device are serialised: two quick connections must
+        reach Redis in the order they replaced each other here, or the route could
+        end up naming the replaced one."""
         old = self._conns.get(conn.key)
         self._conns[conn.key] = conn
         if old is not None:
@@ -61,14 +74,23 @@ class Hub:
             old.kick(REPLACED)
         user, device = conn.key
         here = self._address()
+        entry = self._locks.setdefault(conn.key, _KeyLock())
+        entry.users += 1
         try:
-            prev = await self._routes.register(user, device, conn.connection_id, here)
+            async with entry.lock:
+                if self._conns.get(conn.key) is not conn:
+                    return  # replaced while waiting: the newer one registers
+                prev = await self._routes.register(user, device, conn.connection_id, here)
         except (RedisError, OSError) as exc:
             log.warning(
                 "route not registered (Redis); retried on the next refresh",
                 extra={**conn.log_extra(), "error": str(exc)},
             )
             return
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[conn.key]
         if prev is not None and prev.gateway != here:
             self._background_task(
                 self._peers.kick(prev.gateway, user, device, prev.connection_id, REPLACED)
