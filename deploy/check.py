@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import importlib
 import os
 import re
@@ -51,8 +52,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
+import kubernetes_validate
+import kubernetes_validate.utils
 import yaml
 from pydantic import TypeAdapter, ValidationError
+from referencing import Registry, Resource
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,7 +65,6 @@ for _path in (HERE, ROOT / "services", ROOT / "libs", ROOT / "gen"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import kubernetes_validate  # noqa: E402
 from k8s_render import RenderError, render  # noqa: E402
 
 #: The Kubernetes version every object is validated against: the oldest we
@@ -406,22 +410,33 @@ class OverlayCheck:
 
     def run(self) -> None:
         self.check_schemas()
-        self.check_workloads()
-        self.check_services_ports()
-        self.check_addresses()
-        self.check_network_policies()
-        self.check_scaling()
-        self.check_images()
-        self.check_jetstream()
-        self.check_unused_secret_keys()
+        schema_ok = not self.problems
+        for step in (
+            self.check_workloads,
+            self.check_services_ports,
+            self.check_addresses,
+            self.check_network_policies,
+            self.check_scaling,
+            self.check_images,
+            self.check_jetstream,
+            self.check_unread_config,
+            self.check_unused_secret_keys,
+        ):
+            try:
+                step()
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                # An object the schemas reject may lack what a step reads: the
+                # schema error says what to fix.
+                if schema_ok:
+                    self.fail(step.__name__, f"could not run: {exc!r}")
 
     # -- schemas ------------------------------------------------------------------
 
     def check_schemas(self) -> None:
         for obj in self.objs.all:
             try:
-                kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as exc:
+                validate_object(obj)
+            except jsonschema.ValidationError as exc:
                 path = "/".join(str(p) for p in exc.path)
                 self.fail(
                     _name(obj),
@@ -1122,6 +1137,33 @@ class OverlayCheck:
 
     # -- Secrets hold settings only ----------------------------------------------
 
+    def check_unread_config(self) -> None:
+        """Every ConfigMap and Secret of the overlay is read by some pod."""
+        read: set[tuple[str, str]] = set()
+        for w in self.objs.workloads():
+            spec = pod_spec(w) or {}
+            for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+                for src in c.get("envFrom", []):
+                    if "configMapRef" in src:
+                        read.add(("ConfigMap", src["configMapRef"]["name"]))
+                    if "secretRef" in src:
+                        read.add(("Secret", src["secretRef"]["name"]))
+                for var in c.get("env", []):
+                    ref = var.get("valueFrom", {})
+                    if "configMapKeyRef" in ref:
+                        read.add(("ConfigMap", ref["configMapKeyRef"]["name"]))
+                    if "secretKeyRef" in ref:
+                        read.add(("Secret", ref["secretKeyRef"]["name"]))
+            for volume in spec.get("volumes", []):
+                if "configMap" in volume:
+                    read.add(("ConfigMap", volume["configMap"]["name"]))
+                if "secret" in volume:
+                    read.add(("Secret", volume["secret"]["secretName"]))
+        for kind in ("ConfigMap", "Secret"):
+            for obj in self.objs.of_kind(kind):
+                if (kind, obj["metadata"]["name"]) not in read:
+                    self.fail(_name(obj), "nothing reads it")
+
     def check_unused_secret_keys(self) -> None:
         """Every key of a Secret a service reads is a setting it reads."""
         used: dict[str, set[str]] = {}
@@ -1144,6 +1186,33 @@ class OverlayCheck:
             extra = set(_secret_data(secret)) - keys
             if extra:
                 self.fail(_name(secret), f"keys {sorted(extra)} are read by no service")
+
+
+@functools.cache
+def _validator(kind: str, api_version: str) -> jsonschema.Validator:
+    """A strict validator for one kind, from the schemas kubernetes-validate ships
+    (what its `validate()` does, with the schema files read once, not per object)."""
+    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    version = kubernetes_validate.utils.major_minor(KUBERNETES_VERSION)
+    directory = f"kubernetes-json-schema/v{version}.0-local-strict"
+    try:
+        schema = kubernetes_validate.utils.schema_contents(
+            f"{directory}/{kind.lower()}-{group}.json", version
+        )
+    except FileNotFoundError:
+        raise kubernetes_validate.SchemaNotFoundError(kind, version, api_version) from None
+    definitions = kubernetes_validate.utils.schema_contents(
+        f"{directory}/_definitions.json", version
+    )
+    registry: Registry[Any] = Resource.from_contents(schema) @ Registry()
+    registry = Resource.from_contents(definitions) @ registry
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    """Raises jsonschema.ValidationError (or SchemaNotFoundError) unless `obj` is
+    valid for KUBERNETES_VERSION, unknown fields included."""
+    _validator(obj["kind"], obj["apiVersion"]).validate(obj)
 
 
 _COMMANDS: dict[str, set[str] | str] = {}
