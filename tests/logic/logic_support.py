@@ -148,12 +148,21 @@ class FanoutDriver:
                         msgs = await sub.fetch(50, timeout=0.5)
                     except nats.errors.TimeoutError:
                         continue
+                    # One Fanout loop per conversation of the batch, concurrently (a
+                    # trigger only says "this conversation has news"); ack after.
+                    convs: list[str] = []
                     for msg in msgs:
                         trigger = pb.MessageCommitted.FromString(msg.data)
                         self.triggers.append((trigger, dict(msg.headers or {})))
-                        client = self.clients[turn % len(self.clients)]
+                        if trigger.conversation_id not in convs:
+                            convs.append(trigger.conversation_id)
+                    calls = []
+                    for conv in convs:
+                        calls.append(self.clients[turn % len(self.clients)].fanout_all(conv))
                         turn += 1
-                        self.deliveries.extend(await client.fanout_all(trigger.conversation_id))
+                    for result in await asyncio.gather(*calls):
+                        self.deliveries.extend(result)
+                    for msg in msgs:
                         await msg.ack()
             except asyncio.CancelledError:
                 raise

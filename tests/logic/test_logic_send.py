@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
-from logic_support import LogicClient, table_counts
+import psycopg
+import pytest
+from logic_support import LogicClient, table_counts, wait_for
+
+from imdev.servers import NatsServer, PostgresServer, ServiceProcess
 
 
 async def test_send_fanout_sync_roundtrip(client: LogicClient, pg_dsn: str) -> None:
@@ -50,19 +55,110 @@ async def test_send_fanout_sync_roundtrip(client: LogicClient, pg_dsn: str) -> N
     }
 
 
+@pytest.mark.parametrize("locks", ["locks", "no-locks"])
 async def test_ten_identical_concurrent_sends_store_one_message(
-    client: LogicClient, pg_dsn: str
+    spawn: Callable[..., ServiceProcess], logic_env: dict[str, str], pg_dsn: str, locks: str
 ) -> None:
+    """With the locks, the sender's lock serialises the ten and the dedup lookup
+    answers nine of them. Without (a test-only switch), all ten race into the
+    insert: the unique constraint decides and the losers answer with the winner's
+    ACK, not an error."""
+    env = dict(logic_env)
+    if locks == "no-locks":
+        env["IM_LOGIC_TEST_FAULT_SKIP_LOCKS"] = "1"
+    client = LogicClient(spawn("logic", env).address)
     cmid = str(uuid.uuid4())
-    acks = await asyncio.gather(
-        *(client.send("carol", "d:carol:dave", b"once", client_msg_id=cmid) for _ in range(10))
+    try:
+        acks = await asyncio.gather(
+            *(client.send("carol", "d:carol:dave", b"once", client_msg_id=cmid) for _ in range(10))
+        )
+        keys = {(a.msg_id, a.seq, a.conv_seq, a.server_time_ms) for a in acks}
+        assert len(keys) == 1
+        assert sum(not a.duplicate for a in acks) == 1
+        counts = await table_counts(pg_dsn)
+        assert counts["messages"] == 1
+        assert counts["timeline"] == 1
+        await client.fanout_all("d:carol:dave")
+        assert len(await client.timeline("dave")) == 1
+        assert len(await client.timeline("carol")) == 1
+    finally:
+        await client.close()
+
+
+async def test_statements_per_send_are_pinned(
+    postgres_factory: Callable[..., PostgresServer],
+    spawn: Callable[..., ServiceProcess],
+    nats_server: NatsServer,
+    key_prefix: str,
+) -> None:
+    """Counted by PostgreSQL itself (pg_stat_statements): a new send is exactly
+    BEGIN, the locks, one read, one write, COMMIT; a duplicate is BEGIN, the locks,
+    the read, COMMIT. Deleting the published outbox rows is batched off the send
+    path: one statement for all of these sends."""
+    server = postgres_factory(
+        settings={
+            "shared_preload_libraries": "pg_stat_statements",
+            "pg_stat_statements.max": "1000",
+        }
     )
-    keys = {(a.msg_id, a.seq, a.conv_seq, a.server_time_ms) for a in acks}
-    assert len(keys) == 1
-    assert sum(not a.duplicate for a in acks) == 1
-    counts = await table_counts(pg_dsn)
-    assert counts["messages"] == 1
-    assert counts["timeline"] == 1
-    await client.fanout_all("d:carol:dave")
-    assert len(await client.timeline("dave")) == 1
-    assert len(await client.timeline("carol")) == 1
+    dsn = server.create_database("logic")
+    seqsvc = spawn("seqsvc", {"IM_SEQSVC_DATABASE_URL": server.create_database("seq")})
+    logic = spawn(
+        "logic",
+        {
+            "IM_LOGIC_DATABASE_URL": dsn,
+            "IM_LOGIC_SEQSVC_ADDRESS": seqsvc.address,
+            "IM_LOGIC_NATS_URL": nats_server.url(),
+            "IM_LOGIC_NATS_STREAM": key_prefix,
+            "IM_LOGIC_NATS_SUBJECT_PREFIX": key_prefix.lower(),
+            "IM_LOGIC_OUTBOX_RELAY_INTERVAL_S": "3600",
+            "IM_LOGIC_REPAIR_INTERVAL_S": "3600",
+            "IM_LOGIC_OUTBOX_DELETE_DELAY_MS": "2000",
+        },
+    )
+    client = LogicClient(logic.address)
+    probe = "/* test-probe */ "
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("CREATE EXTENSION pg_stat_statements")
+
+            # Warm up until a send's trigger is published and its outbox row deleted,
+            # so NATS is connected and nothing else is pending.
+            async def outbox_empty() -> bool:
+                cur = await conn.execute(probe + "SELECT count(*) FROM outbox")
+                row = await cur.fetchone()
+                return row is not None and row[0] == 0
+
+            await client.send("warm", "d:up:warm", client_msg_id="warm-1")
+            await wait_for(outbox_empty, what="warm-up outbox row deleted")
+            await conn.execute(probe + "SELECT pg_stat_statements_reset()")
+
+            n = 10
+            for i in range(n):
+                await client.send("pin", "d:count:pin", client_msg_id=f"pin-{i}")
+            dup = await client.send("pin", "d:count:pin", client_msg_id="pin-0")
+            assert dup.duplicate
+            await wait_for(outbox_empty, what="outbox rows deleted")
+
+            cur = await conn.execute(
+                probe + "SELECT query, calls FROM pg_stat_statements s "
+                "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'logic' "
+                "AND query NOT LIKE '%%test-probe%%'"
+            )
+            calls: dict[str, int] = {}
+            for query, count in await cur.fetchall():
+                key = " ".join(query.split())[:60]
+                calls[key] = calls.get(key, 0) + count
+    finally:
+        await client.close()
+
+    def count(prefix: str) -> int:
+        return sum(c for q, c in calls.items() if q.startswith(prefix))
+
+    assert count("BEGIN") == n + 1
+    assert count("COMMIT") == n + 1
+    assert count("SELECT pg_advisory_xact_lock") == n + 1
+    assert count("SELECT (SELECT max(seq) FROM timeline") == n + 1
+    assert count("WITH msg AS ( INSERT INTO messages") == n
+    assert count("DELETE FROM outbox") == 1
+    assert sum(calls.values()) == 5 * n + 4 + 1, calls
