@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -159,6 +158,7 @@ class Violation:
 class Report:
     sent: int = 0  # sends attempted
     acked: int = 0  # sends that got a SendAck
+    acked_messages: int = 0  # distinct (sender, client_msg_id) with a SendAck
     committed: int = 0  # distinct messages known to exist (acked or seen on a device)
     delivered: int = 0  # (message, device) pairs handed at least once
     expected: int = 0  # (message, device) pairs that must be handed
@@ -203,7 +203,11 @@ class _Known:
 def check(history: History) -> Report:
     """Every violation in `history`; an empty `violations` list means the run kept
     the promise."""
-    report = Report(sent=len(history.sends), acked=sum(1 for s in history.sends if s.acked))
+    report = Report(
+        sent=len(history.sends),
+        acked=sum(1 for s in history.sends if s.acked),
+        acked_messages=len({(s.sender_id, s.client_msg_id) for s in history.sends if s.acked}),
+    )
     out = report.violations
     members = {conv: frozenset(users) for conv, users in history.members.items()}
     devices_of: dict[str, list[DeviceHistory]] = defaultdict(list)
@@ -488,67 +492,105 @@ def _check_timelines(
 
 
 def _check_sender_order(history: History, out: list[Violation]) -> None:
-    """Acked sends of one sender into one conversation: conv_seq follows call order
-    within an SDK session, and follows causality (acked before the other send
-    started) across sessions and devices."""
-    groups: dict[tuple[str, str], list[SendRecord]] = defaultdict(list)
+    """Acked sends of one sender into one conversation keep their send order.
+
+    A message may have several records: a resend after a client restart, or a
+    deliberate repeat (same client_msg_id). Its send order is its FIRST attempt's;
+    later records are answered from the stored message. Two rules:
+
+    - within one SDK session, in call order: a message's first attempt gets a
+      conv_seq above every message acked earlier in that session (the SDK sends
+      a session's messages in call order and the gateway stores them in order);
+    - causality, across sessions and devices: a message first attempted after
+      another one's ACK arrived gets a higher conv_seq.
+    """
+    by_key: dict[tuple[str, str], list[SendRecord]] = defaultdict(list)
     for s in history.sends:
-        if s.ack is not None:
-            groups[(s.sender_id, s.conversation_id)].append(s)
-    for (sender, conv), sends in groups.items():
-        by_session: dict[str, list[SendRecord]] = defaultdict(list)
-        for s in sends:
-            by_session[s.session].append(s)
-        for session, ss in by_session.items():
-            ss.sort(key=lambda s: s.index)
-            for a, b in itertools.pairwise(ss):
-                assert a.ack is not None and b.ack is not None
-                if b.ack.conv_seq <= a.ack.conv_seq:
-                    out.append(
-                        Violation(
-                            Kind.SENDER_ORDER,
-                            f"send #{b.index} of session {session} got conv_seq "
-                            f"{b.ack.conv_seq}, not above send #{a.index}'s {a.ack.conv_seq}",
-                            sender,
-                            b.device_id,
-                            conv,
-                            b.ack.msg_id,
-                            b.client_msg_id,
-                        )
-                    )
-        # Causality: B started after A's ACK arrived => conv_seq(A) < conv_seq(B).
-        by_ack = sorted(sends, key=lambda s: s.acked_at if s.acked_at is not None else 0.0)
-        ack_times = [s.acked_at if s.acked_at is not None else 0.0 for s in by_ack]
-        best: list[SendRecord] = []  # best[i]: highest conv_seq among by_ack[: i + 1]
-        for s in by_ack:
-            if not best or _conv_seq(s) > _conv_seq(best[-1]):
-                best.append(s)
-            else:
-                best.append(best[-1])
-        for b in sends:
-            assert b.ack is not None
-            n = bisect.bisect_left(ack_times, b.attempted_at)
-            if n == 0:
+        by_key[(s.sender_id, s.client_msg_id)].append(s)
+    first: dict[tuple[str, str], SendRecord] = {
+        key: min(recs, key=lambda r: (r.attempted_at, r.index)) for key, recs in by_key.items()
+    }
+
+    sessions: dict[str, list[SendRecord]] = defaultdict(list)
+    for s in history.sends:
+        sessions[s.session].append(s)
+    for session, recs in sessions.items():
+        recs.sort(key=lambda r: r.index)
+        high: dict[str, SendRecord] = {}  # conversation -> acked record with top conv_seq
+        for r in recs:
+            if r.ack is None:
                 continue
-            a = best[n - 1]
-            assert a.ack is not None
-            if a is not b and a.ack.conv_seq >= b.ack.conv_seq and a.session != b.session:
+            top = high.get(r.conversation_id)
+            if (
+                top is not None
+                and first[(r.sender_id, r.client_msg_id)] is r
+                and r.ack.conv_seq <= _conv_seq(top)
+            ):
                 out.append(
                     Violation(
                         Kind.SENDER_ORDER,
-                        f"sent after {a.client_msg_id} (conv_seq {a.ack.conv_seq}) was acked, "
-                        f"yet got conv_seq {b.ack.conv_seq}",
+                        f"send #{r.index} of session {session} got conv_seq {r.ack.conv_seq}, "
+                        f"not above send #{top.index} ({top.client_msg_id}, conv_seq "
+                        f"{_conv_seq(top)})",
+                        r.sender_id,
+                        r.device_id,
+                        r.conversation_id,
+                        r.ack.msg_id,
+                        r.client_msg_id,
+                    )
+                )
+            if top is None or r.ack.conv_seq > _conv_seq(top):
+                high[r.conversation_id] = r
+
+    # Causality, one entry per message: (first attempt, first ACK, conv_seq).
+    groups: dict[tuple[str, str], list[tuple[float, float, int, SendRecord]]] = defaultdict(list)
+    msg_ids: dict[str, int] = {}
+    for key, recs in by_key.items():
+        acked = [r for r in recs if r.ack is not None and r.acked_at is not None]
+        if not acked:
+            continue
+        f = first[key]
+        msg_ids[f.client_msg_id] = _msg_id(acked[0])
+        groups[(f.sender_id, f.conversation_id)].append(
+            (
+                f.attempted_at,
+                min(r.acked_at for r in acked if r.acked_at is not None),
+                _conv_seq(acked[0]),
+                f,
+            )
+        )
+    for (sender, conv), msgs in groups.items():
+        by_ack = sorted(msgs, key=lambda m: m[1])
+        ack_times = [m[1] for m in by_ack]
+        best: list[tuple[float, float, int, SendRecord]] = []  # running max of conv_seq
+        for m in by_ack:
+            best.append(m if not best or m[2] > best[-1][2] else best[-1])
+        for attempted, _, conv_seq, f in msgs:
+            n = bisect.bisect_left(ack_times, attempted)
+            if n == 0:
+                continue
+            _, _, top_seq, top = best[n - 1]
+            if top is not f and top_seq >= conv_seq and top.session != f.session:
+                out.append(
+                    Violation(
+                        Kind.SENDER_ORDER,
+                        f"first sent after {top.client_msg_id} (conv_seq {top_seq}) was acked, "
+                        f"yet got conv_seq {conv_seq}",
                         sender,
-                        b.device_id,
+                        f.device_id,
                         conv,
-                        b.ack.msg_id,
-                        b.client_msg_id,
+                        msg_ids[f.client_msg_id],
+                        f.client_msg_id,
                     )
                 )
 
 
 def _conv_seq(s: SendRecord) -> int:
     return s.ack.conv_seq if s.ack is not None else 0
+
+
+def _msg_id(s: SendRecord) -> int:
+    return s.ack.msg_id if s.ack is not None else 0
 
 
 def _check_presence(

@@ -1,0 +1,103 @@
+"""Command line of `python -m chaos`: sizes, seed, output; prints the table and
+ends with `RESULT {json}`; exit status 1 on any violation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from chaos.run import RunConfig, results_dir, run, setup_logging, write_json
+from chaos.workload import WorkloadConfig
+
+FULL = {
+    "clients": 24,
+    "messages": 10_000,
+    "rounds": 30,
+    "client_rounds": 30,
+    "think": 0.5,
+    "fault_interval": 1.0,
+    "duration": 3 * 3600.0,
+    "quiesce": 180.0,
+}
+REDUCED = {
+    "clients": 8,
+    "messages": 300,
+    "rounds": 1,
+    "client_rounds": 3,
+    "think": 0.3,
+    "fault_interval": 0.5,
+    "duration": 240.0,
+    "quiesce": 90.0,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m chaos",
+        description="Run SDK clients against the whole stack while killing, restarting and "
+        "wiping its parts, then check that no acked message was lost, duplicated or "
+        "reordered on any device.",
+    )
+    p.add_argument("--reduced", action="store_true", help="the small run of `make test`")
+    p.add_argument("--clients", type=int, help="SDK clients (devices); a fifth are second devices")
+    p.add_argument("--messages", type=int, help="keep sending until this many sends are acked")
+    p.add_argument("--rounds", type=int, help="rounds of server faults (each kind once per round)")
+    p.add_argument("--client-rounds", type=int, help="rounds of client faults (cut, restart)")
+    p.add_argument(
+        "--fault-interval", type=float, help="mean seconds between faults (the fault rate)"
+    )
+    p.add_argument("--think", type=float, help="mean think time between a client's sends (s)")
+    p.add_argument("--duration", type=float, help="longest fault phase (s)")
+    p.add_argument("--quiesce", type=float, help="deadline for syncing after the faults (s)")
+    p.add_argument("--seed", type=int, default=1, help="seeds the workload and the schedule")
+    p.add_argument("--out", type=Path, help="JSON results file")
+    p.add_argument("--workdir", type=Path, help="keep the stack's data and logs here")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir even on success")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO to stderr")
+    args = p.parse_args(argv)
+    for k, v in (REDUCED if args.reduced else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.clients < 4:
+        p.error("--clients must be at least 4")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    two = max(1, args.clients // 5)
+    users = args.clients - two
+    wl = WorkloadConfig(
+        users=users,
+        two_device_users=two,
+        groups=max(2, users // 4),
+        group_size=(3, min(6, users)),
+        think_mean_s=args.think,
+        messages=args.messages,
+        seed=args.seed,
+    )
+    return RunConfig(
+        workload=wl,
+        rounds=args.rounds,
+        client_rounds=args.client_rounds,
+        fault_pause_s=args.fault_interval,
+        client_fault_pause_s=args.fault_interval,
+        max_duration_s=args.duration,
+        quiesce_deadline_s=args.quiesce,
+        workdir=args.workdir,
+        keep_workdir=args.keep,
+        name="chaos-reduced" if args.reduced else "chaos",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    config = config_from_args(args)
+    result = asyncio.run(run(config))
+    out = args.out or results_dir() / ("chaos-reduced.json" if args.reduced else "chaos.json")
+    write_json(result, out)
+    print(result.table())
+    print(f"  results      {out}")
+    print(result.result_line(), flush=True)
+    return 0 if result.ok else 1

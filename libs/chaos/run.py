@@ -1,0 +1,332 @@
+"""One chaos run: start the stack, run the workload under the fault schedule,
+stop the faults, let every client reconnect and sync until nothing is missing,
+check, report.
+
+`run(config)` is the whole of it (used by `python -m chaos` and the tests);
+`RunResult.result_line()` is the `RESULT {json}` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chaos import checker
+from chaos.faults import (
+    CLIENT_KINDS,
+    SERVER_KINDS,
+    FaultKind,
+    FaultLog,
+    ServerFaults,
+    counts,
+    plan,
+    run_client_faults,
+    run_server_faults,
+)
+from chaos.workload import Workload, WorkloadConfig
+from imdev.servers import ROOT
+from imdev.stack import Stack
+
+log = logging.getLogger("chaos.run")
+
+TOKEN_TTL_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    # Fault schedule: `rounds` rounds of every enabled kind.
+    rounds: int = 1
+    server_kinds: tuple[FaultKind, ...] = SERVER_KINDS
+    client_kinds: tuple[FaultKind, ...] = CLIENT_KINDS
+    fault_pause_s: float = 1.0  # mean pause after a server fault
+    client_fault_pause_s: float = 1.0  # mean pause after a client fault
+    client_rounds: int | None = None  # default: as many as `rounds`
+    max_downtime_s: float = 1.0
+    # The fault phase ends when both schedules are done and `workload.messages`
+    # sends are acked, or after `max_duration_s`, whichever comes first.
+    max_duration_s: float = 3600.0
+    min_duration_s: float = 0.0
+    ack_timeout_s: float = 60.0  # after the faults, for outstanding sends
+    quiesce_deadline_s: float = 120.0
+    gateways: int = 2
+    logics: int = 2
+    pushers: int = 2
+    env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    name: str = "chaos"
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    report: checker.Report
+    faults: list[dict[str, object]]
+    fault_counts: dict[str, int]
+    fault_errors: int
+    workload: dict[str, object]
+    quiet: bool
+    quiesce_s: float
+    phase_s: float
+    total_s: float
+    anomalies: list[str]
+    workdir: str
+    log_errors: dict[str, int]
+
+    @property
+    def messages_acked(self) -> int:
+        return self.report.acked_messages
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and self.quiet
+
+    def result(self) -> dict[str, object]:
+        r = self.report
+        return {
+            "clients": self.config.workload.clients,
+            "messages_acked": self.messages_acked,
+            "faults": sum(self.fault_counts.values()),
+            "lost": r.lost,
+            "duplicated": r.duplicated,
+            "reordered": r.reordered,
+            "violations": len(r.violations),
+        }
+
+    def result_line(self) -> str:
+        return "RESULT " + json.dumps(self.result(), sort_keys=True)
+
+    def to_json(self, violations_limit: int = 1000) -> dict[str, object]:
+        r = self.report
+        cfg = asdict(self.config)
+        cfg["workdir"] = str(cfg["workdir"]) if cfg["workdir"] else None
+        cfg["server_kinds"] = [k.value for k in self.config.server_kinds]
+        cfg["client_kinds"] = [k.value for k in self.config.client_kinds]
+        return {
+            "result": self.result(),
+            "ok": self.ok,
+            "config": cfg,
+            "counts": {
+                "sent": r.sent,
+                "acked": r.acked,
+                "acked_messages": r.acked_messages,
+                "committed_messages": r.committed,
+                "delivered": r.delivered,
+                "expected_deliveries": r.expected,
+                "lost": r.lost,
+                "duplicated": r.duplicated,
+                "reordered": r.reordered,
+                "violations": len(r.violations),
+                "violations_by_kind": r.by_kind(),
+            },
+            "quiet": self.quiet,
+            "quiesce_s": round(self.quiesce_s, 2),
+            "fault_phase_s": round(self.phase_s, 1),
+            "total_s": round(self.total_s, 1),
+            "fault_counts": self.fault_counts,
+            "fault_errors": self.fault_errors,
+            "workload": self.workload,
+            "anomalies": self.anomalies,
+            "service_log_errors": self.log_errors,
+            "workdir": self.workdir,
+            "violations": [
+                {**asdict(v), "kind": v.kind.value} for v in r.violations[:violations_limit]
+            ],
+            "faults": self.faults,
+        }
+
+    def table(self) -> str:
+        r = self.report
+        w = self.workload
+        rows = [
+            ("clients", f"{self.config.workload.clients} ({self.config.workload.users} users)"),
+            ("sent", f"{r.sent} (storm repeats {w['storms']}, resends {w['resends']})"),
+            ("acked", f"{r.acked} sends, {r.acked_messages} distinct messages"),
+            ("delivered", f"{r.delivered} of {r.expected} (message, device) pairs"),
+            ("lost", str(r.lost)),
+            ("duplicated", str(r.duplicated)),
+            ("reordered", str(r.reordered)),
+            ("violations", f"{len(r.violations)} {r.by_kind() or ''}".rstrip()),
+            ("quiesce", f"{self.quiesce_s:.1f} s" + ("" if self.quiet else " (DEADLINE PASSED)")),
+            ("fault phase", f"{self.phase_s:.0f} s (run {self.total_s:.0f} s)"),
+        ]
+        out = ["", "chaos run"]
+        out += [f"  {k:<12} {v}" for k, v in rows]
+        out.append(f"  faults       {sum(self.fault_counts.values())} ({self.fault_errors} failed)")
+        for kind, n in self.fault_counts.items():
+            out.append(f"    {kind:<18} {n:>5}")
+        if self.anomalies:
+            out.append(f"  anomalies    {len(self.anomalies)}")
+            out += [f"    {a}" for a in self.anomalies[:20]]
+        if r.violations:
+            out += ["", *checker.summarize(r, limit=40)]
+            out.append(f"  service logs and client stores: {self.workdir}")
+        return "\n".join(out)
+
+
+def _workdir(config: RunConfig) -> Path:
+    if config.workdir is not None:
+        config.workdir.mkdir(parents=True, exist_ok=True)
+        return config.workdir
+    path = Path(tempfile.mkdtemp(prefix=f"{config.name}-"))
+    path.chmod(0o755)  # PostgreSQL runs as its own user when we are root
+    return path
+
+
+def _log_errors(logs: Path) -> dict[str, int]:
+    """Lines at ERROR level or with a traceback, per service log: where to look."""
+    out: dict[str, int] = {}
+    for f in sorted(logs.glob("*.log")):
+        n = 0
+        with f.open(errors="replace") as fh:
+            for line in fh:
+                low = line[:80].lower()
+                if '"level": "error"' in low or '"level": "critical"' in low or "traceback" in low:
+                    n += 1
+        if n:
+            out[f.name] = n
+    return out
+
+
+async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResult:
+    """Runs the whole experiment; never raises for a violation (see RunResult.ok)."""
+    t_start = time.monotonic()
+    workdir = _workdir(config)
+    anomalies: list[str] = []
+
+    def note(line: str) -> None:
+        if line.startswith("ANOMALY"):
+            anomalies.append(line.removeprefix("ANOMALY ").strip())
+        echo(line)
+
+    stack = Stack(
+        workdir / "stack",
+        gateways=config.gateways,
+        logics=config.logics,
+        pushers=config.pushers,
+        env=config.env,
+    )
+    echo(f"chaos: starting the stack in {workdir}")
+    await asyncio.to_thread(stack.start, 120.0)
+    w = Workload(
+        config.workload,
+        stack.gateway_addresses,
+        lambda user, device: stack.mint(user, device, TOKEN_TTL_S),
+        workdir,
+        echo=note,
+    )
+    try:
+        await w.setup()
+        await w.start()
+        echo(
+            f"chaos: {len(w.devices)} clients, {len(w.members)} conversations; "
+            f"faults: {config.rounds} round(s) of {len(config.server_kinds)} server kinds, "
+            f"{config.client_rounds or config.rounds} of {len(config.client_kinds)} client kinds"
+        )
+        seed = config.workload.seed
+        server_plan = plan(
+            seed, config.server_kinds, config.rounds, config.fault_pause_s, config.max_downtime_s
+        )
+        client_plan = plan(
+            seed + 1,
+            config.client_kinds,
+            config.client_rounds if config.client_rounds is not None else config.rounds,
+            config.client_fault_pause_s,
+        )
+        flog = FaultLog(echo=echo)
+        stop = asyncio.Event()
+        tracks = [
+            asyncio.create_task(run_server_faults(ServerFaults(stack), server_plan, flog, stop)),
+            asyncio.create_task(run_client_faults(w, client_plan, flog, stop, seed + 2)),
+        ]
+        t_phase = time.monotonic()
+        next_progress = t_phase + 10
+        while True:
+            now = time.monotonic()
+            elapsed = now - t_phase
+            done = all(t.done() for t in tracks)
+            if elapsed >= config.max_duration_s:
+                echo("chaos: max duration reached")
+                break
+            enough = w.stats.acked >= config.workload.messages
+            if done and enough and elapsed >= config.min_duration_s:
+                break
+            if now >= next_progress:
+                next_progress = now + 10
+                echo(
+                    f"chaos: +{elapsed:.0f}s acked {w.stats.acked} sent {w.stats.sent} "
+                    f"faults {len(flog.events)}/{len(server_plan) + len(client_plan)}"
+                )
+            await asyncio.sleep(0.2)  # polling progress, not synchronising
+        stop.set()
+        await asyncio.gather(*tracks)
+        phase_s = time.monotonic() - t_phase
+        for t in tracks:
+            if t.exception() is not None:
+                anomalies.append(f"fault track crashed: {t.exception()!r}")
+
+        # Whatever a failed fault left down comes back now.
+        for proc in [*stack.infra, *stack.services]:
+            if not proc.running():
+                anomalies.append(f"{proc.name}:{proc.port} was down after the faults")
+                echo(f"ANOMALY {proc.name}:{proc.port} down after the faults; starting it")
+                await asyncio.to_thread(proc.start, 120.0)
+
+        echo(f"chaos: faults over after {phase_s:.0f}s; waiting for outstanding sends")
+        await w.stop_sending(config.ack_timeout_s)
+        echo("chaos: every client reconnects and syncs")
+        quiet, quiesce_s = await w.quiesce(config.quiesce_deadline_s)
+        echo(f"chaos: {'quiet' if quiet else 'NOT quiet'} after {quiesce_s:.1f}s")
+    finally:
+        await w.close()
+        await asyncio.to_thread(stack.stop)
+
+    report = checker.check(w.history())
+    if not quiet:
+        anomalies.append(f"not quiet after {config.quiesce_deadline_s}s")
+    result = RunResult(
+        config=config,
+        report=report,
+        faults=[e.to_json() for e in flog.events],
+        fault_counts=counts(flog.events),
+        fault_errors=sum(1 for e in flog.events if e.error),
+        workload={k: (dict(v) if isinstance(v, dict) else v) for k, v in asdict(w.stats).items()},
+        quiet=quiet,
+        quiesce_s=quiesce_s,
+        phase_s=phase_s,
+        total_s=time.monotonic() - t_start,
+        anomalies=anomalies,
+        workdir=str(workdir),
+        log_errors=_log_errors(workdir / "stack" / "logs"),
+    )
+    if result.ok and not config.keep_workdir and config.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        result.workdir = ""
+    return result
+
+
+def write_json(result: RunResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("IM_BENCH_RESULTS", ROOT / "bench" / "results"))
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )

@@ -1,0 +1,529 @@
+"""The workload: many SDK clients chatting in 1:1 and group conversations while
+faults happen, and a record of everything they did and saw.
+
+- Users `u00`, `u01`, ...; the first `two_device_users` have a second device, so
+  two devices of one user send at once and both must see everything.
+- Each user has a few direct conversations and belongs to some groups (made by
+  CreateGroup before the run). Membership never changes during a run.
+- Every device runs a sender (random conversation, random think time, up to
+  `max_in_flight` sends outstanding, each recorded with its SendAck) and a
+  reader (every message `Client.messages()` hands over, in order).
+- A "retransmit storm": now and then an acked message is sent again with the
+  same client_msg_id, from the same device or the user's other one; the server
+  must answer with the original ACK, never store a second copy.
+- A client "process restart" closes the SDK client and opens a new one on the
+  same SQLite store after an offline pause; sends that were still unacked are
+  sent again first, in their original order, with the same client_msg_ids (what
+  an app with a durable outbox does).
+- Every device reaches the gateways only through its own TCP proxies
+  (`netproxy`), so a stream cut resets exactly that device's connection.
+
+Records use one monotonic clock, so the checker can tell "acked before that send
+started" (causality) across devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaos import checker
+from chaos.netproxy import TcpProxy
+from imclient import (
+    Client,
+    ClientClosed,
+    GatewayApi,
+    ImClientError,
+    Kicked,
+    ReconnectPolicy,
+    RetransmitPolicy,
+    SendFailed,
+    SendResult,
+    SQLiteStore,
+    direct_conversation_id,
+)
+
+log = logging.getLogger("chaos.workload")
+
+TokenFactory = Callable[[str, str], str]  # (user, device) -> token
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    users: int = 16
+    two_device_users: int = 4
+    groups: int = 4
+    group_size: tuple[int, int] = (3, 6)
+    directs_per_user: int = 2
+    think_mean_s: float = 0.3
+    max_in_flight: int = 4
+    storm_probability: float = 0.02
+    body_bytes: tuple[int, int] = (16, 200)
+    messages: int = 1_000  # the run goes on at least until this many sends are acked
+    seed: int = 1
+
+    @property
+    def clients(self) -> int:
+        return self.users + self.two_device_users
+
+    def __post_init__(self) -> None:
+        if self.users < 3:
+            raise ValueError("at least 3 users (groups need 3 members)")
+        if not 0 <= self.two_device_users <= self.users:
+            raise ValueError("two_device_users must be within 0..users")
+        lo, hi = self.group_size
+        if not 3 <= lo <= hi <= self.users:
+            raise ValueError("group_size must be 3 <= min <= max <= users")
+
+
+@dataclass
+class _Send:
+    """A send as it happens; `checker.SendRecord` once the run is over."""
+
+    sender: str
+    device: str
+    client_msg_id: str
+    conversation: str
+    session: str
+    index: int
+    attempted_at: float
+    body: bytes
+    acked_at: float | None = None
+    ack: SendResult | None = None
+    outcome: str = "pending"  # acked | closed | failed:<code>
+
+    def record(self) -> checker.SendRecord:
+        ack = (
+            checker.Ack(self.ack.msg_id, self.ack.seq, self.ack.conv_seq)
+            if self.ack is not None
+            else None
+        )
+        return checker.SendRecord(
+            self.sender,
+            self.device,
+            self.client_msg_id,
+            self.conversation,
+            self.session,
+            self.index,
+            self.attempted_at,
+            self.acked_at,
+            ack,
+            self.body,
+        )
+
+
+@dataclass
+class WorkloadStats:
+    sent: int = 0  # submits, storms and resends included
+    acked: int = 0
+    closed: int = 0  # unacked when its client closed (resent by the next one)
+    failed: int = 0  # refused for good (should stay 0)
+    storms: int = 0
+    resends: int = 0
+    cuts: int = 0
+    restarts: int = 0
+    kicked: int = 0
+    resyncs: int = 0  # reconnects forced while quiescing
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+class Device:
+    """One device of one user: its proxies, its durable store, its current SDK
+    client (one "process" at a time) and everything it was handed."""
+
+    def __init__(self, user: str, device_id: str, store_path: Path) -> None:
+        self.user = user
+        self.device_id = device_id
+        self.store_path = store_path
+        self.proxies: list[TcpProxy] = []
+        self.history = checker.DeviceHistory(user, device_id)
+        self.handed: set[int] = set()
+        self.client: Client | None = None
+        self.sessions = 0
+        self.session = ""
+        self.index = 0
+        self.reader: asyncio.Task[None] | None = None
+        self.sender: asyncio.Task[None] | None = None
+        self.waiters: set[asyncio.Task[None]] = set()
+        self.unacked: list[_Send] = []  # closed before their ACK: resend on restart
+        self.lock = asyncio.Lock()  # one restart at a time
+        self.conversations: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return f"{self.user}/{self.device_id}"
+
+
+class Workload:
+    """The clients of one run. `setup()`, `start()`, then the fault scheduler may
+    call `cut_stream` / `restart_client`; `stop_sending()`, `quiesce()`,
+    `close()`, and `history()` for the checker."""
+
+    def __init__(
+        self,
+        config: WorkloadConfig,
+        gateways: Sequence[str],
+        token: TokenFactory,
+        workdir: Path,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = config
+        self.gateways = list(gateways)
+        self.token = token
+        self.workdir = workdir
+        self.echo = echo or (lambda _line: None)
+        self.rng = random.Random(config.seed)
+        self.users = [f"u{i:02d}" for i in range(config.users)]
+        self.devices: list[Device] = []
+        self.by_user: dict[str, list[Device]] = defaultdict(list)
+        self.members: dict[str, frozenset[str]] = {}
+        self.sends: list[_Send] = []
+        self.stats = WorkloadStats()
+        self.sending = False
+        self.t0 = time.monotonic()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- setup ---------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Makes the devices, their proxies and the conversations (groups are
+        created through the gateway)."""
+        stores = self.workdir / "clients"
+        stores.mkdir(parents=True, exist_ok=True)
+        for i, user in enumerate(self.users):
+            n = 2 if i < self.cfg.two_device_users else 1
+            for d in range(1, n + 1):
+                dev = Device(user, f"d{d}", stores / f"{user}-d{d}.sqlite")
+                for gw in self.gateways:
+                    proxy = TcpProxy(gw)
+                    await proxy.start()
+                    dev.proxies.append(proxy)
+                self.devices.append(dev)
+                self.by_user[user].append(dev)
+
+        n = len(self.users)
+        for i, user in enumerate(self.users):
+            for k in range(1, self.cfg.directs_per_user + 1):
+                other = self.users[(i + k * (1 + i % 3)) % n]
+                if other != user:
+                    conv = direct_conversation_id(user, other)
+                    self.members[conv] = frozenset({user, other})
+        lo, hi = self.cfg.group_size
+        for g in range(self.cfg.groups):
+            size = self.rng.randint(lo, hi)
+            people = self.rng.sample(self.users, size)
+            owner = people[0]
+            conv = await self._create_group(owner, f"chaos-{g}", people[1:])
+            self.members[conv] = frozenset(people)
+        for dev in self.devices:
+            dev.conversations = sorted(c for c, m in self.members.items() if dev.user in m)
+        # A user in no conversation would idle; the direct pairs above rule it out.
+        assert all(dev.conversations for dev in self.devices)
+
+    async def _create_group(self, owner: str, name: str, others: Sequence[str]) -> str:
+        deadline = time.monotonic() + 60
+        async with GatewayApi(self.gateways, lambda: self.token(owner, "setup")) as api:
+            while True:
+                try:
+                    conv = await api.create_group(name, list(others))
+                    return conv.conversation_id
+                except ImClientError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+    # -- clients ---------------------------------------------------------------
+
+    def _new_client(self, dev: Device) -> Client:
+        return Client(
+            [p.address for p in dev.proxies],
+            lambda: self.token(dev.user, dev.device_id),
+            store=SQLiteStore(dev.store_path),
+            send_window=16,
+            # Shorter than the defaults so a run spends its time on faults, not
+            # waiting: a dead connection is noticed within a few seconds.
+            retransmit=RetransmitPolicy(initial_s=2.0, max_interval_s=4.0, max_attempts=3),
+            reconnect=ReconnectPolicy(initial_s=0.05, max_s=2.0),
+            connect_timeout_s=None,
+            rng=random.Random(self.rng.random()),
+        )
+
+    async def start(self, ready_timeout_s: float = 60.0) -> None:
+        """Opens every device's client and waits until all are connected and
+        synced; then starts the senders."""
+        for dev in self.devices:
+            await self._open(dev)
+        await asyncio.gather(
+            *(dev.client.wait_ready(ready_timeout_s) for dev in self.devices if dev.client)
+        )
+        self.sending = True
+        for dev in self.devices:
+            dev.sender = asyncio.create_task(self._send_loop(dev), name=f"send-{dev.name}")
+
+    async def _open(self, dev: Device) -> None:
+        client = self._new_client(dev)
+        await client.start(wait_ready=False)
+        dev.client = client
+        dev.sessions += 1
+        dev.session = f"{dev.name}#{dev.sessions}"
+        dev.index = 0
+        dev.reader = asyncio.create_task(self._read_loop(dev, client), name=f"read-{dev.name}")
+        # What the previous "process" could not get acked, first and in order.
+        resend, dev.unacked = dev.unacked, []
+        for old in resend:
+            self.stats.resends += 1
+            self._submit(dev, old.conversation, old.client_msg_id, old.body)
+
+    async def _read_loop(self, dev: Device, client: Client) -> None:
+        try:
+            async for m in client.messages():
+                dev.history.entries.append(
+                    checker.Delivered(
+                        m.msg_id,
+                        m.conversation_id,
+                        m.sender_id,
+                        m.client_msg_id,
+                        m.conv_seq,
+                        m.seq,
+                        m.body,
+                    )
+                )
+                dev.handed.add(m.msg_id)
+        except Kicked as exc:
+            self.stats.kicked += 1
+            self.echo(f"ANOMALY {dev.name} kicked: {exc}; restarting it")
+            task = asyncio.create_task(self._restart(dev, 0.0, "after kick"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        except ClientClosed as exc:
+            self.echo(f"ANOMALY {dev.name} client stopped: {exc}")
+
+    def _submit(self, dev: Device, conv: str, cmid: str | None = None, body: bytes = b"") -> _Send:
+        """Submits one send and records it. submit() is synchronous, so the call
+        order of this method is the order the SDK promises to keep. Raises
+        ClientClosed, or ValueError if `cmid` is pending on this client."""
+        assert dev.client is not None
+        cmid = cmid or str(uuid.uuid4())
+        if not body:
+            pad = self.rng.randint(*self.cfg.body_bytes)
+            body = (
+                f"{dev.name}|{conv}|{cmid}|".encode() + self.rng.randbytes(pad // 2).hex().encode()
+            )
+        attempted_at = time.monotonic() - self.t0
+        future = dev.client.submit(conv, body, client_msg_id=cmid)
+        dev.index += 1
+        rec = _Send(dev.user, dev.device_id, cmid, conv, dev.session, dev.index, attempted_at, body)
+        self.sends.append(rec)
+        self.stats.sent += 1
+        waiter = asyncio.create_task(self._await_ack(dev, rec, future))
+        dev.waiters.add(waiter)
+        waiter.add_done_callback(dev.waiters.discard)
+        return rec
+
+    async def _await_ack(self, dev: Device, rec: _Send, future: asyncio.Future[SendResult]) -> None:
+        try:
+            ack = await future
+        except SendFailed as exc:
+            rec.outcome = f"failed:{exc.code.name}"
+            self.stats.failed += 1
+            self.stats.failures[exc.code.name] += 1
+            self.echo(f"ANOMALY send refused {rec.client_msg_id} by {dev.name}: {exc}")
+            return
+        except ClientClosed:
+            rec.outcome = "closed"
+            self.stats.closed += 1
+            dev.unacked.append(rec)
+            return
+        rec.ack = ack
+        rec.acked_at = time.monotonic() - self.t0
+        rec.outcome = "acked"
+        self.stats.acked += 1
+        if self.sending and self.rng.random() < self.cfg.storm_probability:
+            self._storm(dev, rec)
+
+    def _storm(self, dev: Device, rec: _Send) -> None:
+        """Sends an acked message again, same client_msg_id, from this device or
+        the user's other one (two devices at once)."""
+        targets = [d for d in self.by_user[dev.user] if d.client is not None]
+        if not targets:
+            return
+        target = self.rng.choice(targets)
+        # ValueError: that device has it pending already (a storm of its own).
+        with contextlib.suppress(ClientClosed, ValueError):
+            self._submit(target, rec.conversation, rec.client_msg_id, rec.body)
+            self.stats.storms += 1
+
+    async def _send_loop(self, dev: Device) -> None:
+        rng = random.Random(self.rng.random())
+        while self.sending:
+            await asyncio.sleep(rng.expovariate(1 / self.cfg.think_mean_s))
+            client = dev.client
+            if client is None or not self.sending:
+                continue
+            if client.pending_sends >= self.cfg.max_in_flight:
+                # Backpressure: wait for one answer (the SDK keeps order anyway).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.wait(set(dev.waiters), return_when=asyncio.FIRST_COMPLETED)
+                        if dev.waiters
+                        else asyncio.sleep(0.1),
+                        5.0,
+                    )
+                continue
+            try:
+                self._submit(dev, rng.choice(dev.conversations))
+            except ClientClosed:
+                await asyncio.sleep(0.05)
+
+    # -- faults (chaos.faults.ClientFaults) ---------------------------------------
+
+    async def cut_stream(self, rng: random.Random) -> str:
+        dev = rng.choice(self.devices)
+        n = sum(p.cut() for p in dev.proxies)
+        self.stats.cuts += 1
+        return f"{dev.name} ({n} connection{'s' if n != 1 else ''})"
+
+    async def restart_client(self, rng: random.Random, offline_s: float) -> str:
+        dev = rng.choice(self.devices)
+        await self._restart(dev, offline_s, "fault")
+        return f"{dev.name} (offline {offline_s:.1f}s, session {dev.sessions})"
+
+    async def _restart(self, dev: Device, offline_s: float, why: str) -> None:
+        async with dev.lock:
+            self.stats.restarts += 1
+            sender, dev.sender = dev.sender, None
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            client, dev.client = dev.client, None
+            if client is not None:
+                await client.close()
+            # Every pending send's waiter has seen ClientClosed (or its ACK).
+            await asyncio.gather(*list(dev.waiters), return_exceptions=True)
+            if dev.reader is not None:
+                await asyncio.gather(dev.reader, return_exceptions=True)
+            if offline_s > 0:
+                await asyncio.sleep(offline_s)  # the device is deliberately offline
+            await self._open(dev)
+            if self.sending:
+                dev.sender = asyncio.create_task(self._send_loop(dev), name=f"send-{dev.name}")
+            log.info("restarted %s (%s)", dev.name, why)
+
+    # -- the end of a run ---------------------------------------------------------
+
+    async def stop_sending(self, timeout_s: float) -> None:
+        """No new sends; waits up to `timeout_s` for the outstanding ones' ACKs."""
+        self.sending = False
+        senders = [d.sender for d in self.devices if d.sender is not None]
+        for task in senders:
+            task.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        for dev in self.devices:
+            dev.sender = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            waiters = [w for d in self.devices for w in d.waiters]
+            if not waiters and not any(d.unacked for d in self.devices):
+                return
+            if waiters:
+                await asyncio.wait(waiters, timeout=0.5)
+            else:
+                await asyncio.sleep(0.1)  # a restart is reopening a client
+
+    def expected_missing(self) -> int:
+        """(message, device) pairs still missing: every acked message, and every
+        message some device has seen, on every device of every member."""
+        known: dict[int, str] = {}
+        for s in self.sends:
+            if s.ack is not None:
+                known[s.ack.msg_id] = s.conversation
+        for dev in self.devices:
+            for e in dev.history.entries:
+                known.setdefault(e.msg_id, e.conversation_id)
+        missing = 0
+        for msg_id, conv in known.items():
+            for user in self.members.get(conv, ()):
+                for dev in self.by_user[user]:
+                    if msg_id not in dev.handed:
+                        missing += 1
+        return missing
+
+    async def reconnect_all(self) -> None:
+        """Cuts every device's connection: each reconnects and syncs from its
+        cursor, which heals anything a lost push left behind."""
+        for dev in self.devices:
+            for p in dev.proxies:
+                p.cut()
+
+    async def quiesce(self, deadline_s: float, resync_every_s: float = 10.0) -> tuple[bool, float]:
+        """After the faults: every device reconnects and syncs; then waits until
+        nothing is missing (true) or `deadline_s` passes (false). Devices still
+        missing something after `resync_every_s` are made to sync again.
+        Returns (quiet, seconds)."""
+        start = time.monotonic()
+        await self.reconnect_all()
+        last_resync = start
+        while True:
+            now = time.monotonic()
+            pending = any(d.waiters or d.unacked for d in self.devices)
+            missing = self.expected_missing()
+            if not missing and not pending:
+                return True, now - start
+            if now - start > deadline_s:
+                self.echo(f"quiesce: deadline passed with {missing} missing deliveries")
+                return False, now - start
+            if now - last_resync > resync_every_s:
+                last_resync = now
+                lagging = self._lagging()
+                self.echo(
+                    f"quiesce: {missing} deliveries missing; resyncing {len(lagging)} devices"
+                )
+                for dev in lagging:
+                    self.stats.resyncs += 1
+                    for p in dev.proxies:
+                        p.cut()
+            await asyncio.sleep(0.25)  # polling the histories, not synchronising
+
+    def _lagging(self) -> list[Device]:
+        known: dict[int, str] = {}
+        for s in self.sends:
+            if s.ack is not None:
+                known[s.ack.msg_id] = s.conversation
+        out = []
+        for dev in self.devices:
+            for msg_id, conv in known.items():
+                if dev.user in self.members.get(conv, ()) and msg_id not in dev.handed:
+                    out.append(dev)
+                    break
+        return out
+
+    async def close(self) -> None:
+        self.sending = False
+        for dev in self.devices:
+            async with dev.lock:
+                if dev.sender is not None:
+                    dev.sender.cancel()
+                    await asyncio.gather(dev.sender, return_exceptions=True)
+                client, dev.client = dev.client, None
+                if client is not None:
+                    await client.close()
+                if dev.reader is not None:
+                    await asyncio.gather(dev.reader, return_exceptions=True)
+                await asyncio.gather(*list(dev.waiters), return_exceptions=True)
+                for p in dev.proxies:
+                    await p.close()
+
+    def history(self) -> checker.History:
+        return checker.History(
+            devices=[dev.history for dev in self.devices],
+            sends=[s.record() for s in self.sends],
+            members=self.members,
+        )
