@@ -34,6 +34,7 @@ _SEND_ERRORS: dict[grpc.StatusCode, tuple[gateway_pb2.SendErrorCode.ValueType, b
     grpc.StatusCode.OUT_OF_RANGE: (Code.SEND_ERROR_CODE_INVALID_ARGUMENT, False),
     grpc.StatusCode.PERMISSION_DENIED: (Code.SEND_ERROR_CODE_PERMISSION_DENIED, False),
     grpc.StatusCode.NOT_FOUND: (Code.SEND_ERROR_CODE_NOT_FOUND, False),
+    grpc.StatusCode.FAILED_PRECONDITION: (Code.SEND_ERROR_CODE_INVALID_ARGUMENT, False),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (Code.SEND_ERROR_CODE_RATE_LIMITED, True),
     grpc.StatusCode.UNAVAILABLE: (Code.SEND_ERROR_CODE_UNAVAILABLE, True),
     grpc.StatusCode.DEADLINE_EXCEEDED: (Code.SEND_ERROR_CODE_UNAVAILABLE, True),

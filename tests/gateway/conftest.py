@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from gwkit import SECRET
+from gwkit import LOGIC_READY, NEEDS_LOGIC, SECRET, start_stack
 
 from imdev.servers import RedisServer, ServiceProcess, free_port
 
@@ -41,3 +43,16 @@ def start_gateway(
         return spawn("gateway", env)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def delivery_stack() -> Iterator[Any]:
+    """PostgreSQL, Redis, NATS, seqsvc, logic, 2 gateways and a pusher with quick
+    retransmits, shared by a module's tests (each test uses fresh user ids)."""
+    if not LOGIC_READY:
+        pytest.skip(NEEDS_LOGIC)
+    stack = start_stack(gateways=2)
+    yield stack
+    stack.kill()
+    if not os.environ.get("IM_KEEP_TEST_DIRS"):
+        stack.cleanup()

@@ -219,3 +219,50 @@ def metric(port: int, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += value
     return total
+
+
+def unique_users(n: int) -> list[str]:
+    """n fresh user ids, in ascending order (so d:<a>:<b> is users[0], users[1])."""
+    tag = uuid.uuid4().hex[:8]
+    return [f"{chr(ord('a') + i)}{tag}" for i in range(n)]
+
+
+def direct(a: str, b: str) -> str:
+    return f"d:{min(a, b)}:{max(a, b)}"
+
+
+#: Pusher settings of the delivery stacks: quick retransmits so tests are short.
+PUSHER_ENV = {
+    "IM_PUSHER_RETRANSMIT_SCHEDULE_MS": "400",
+    "IM_PUSHER_MAX_ATTEMPTS": "4",
+    "IM_PUSHER_WHEEL_TICK_MS": "20",
+    "IM_PUSHER_REDELIVERY_BACKOFF_S": "0.2,0.5",
+}
+
+
+def start_stack(gateways: int = 2) -> Any:
+    """The whole system (imdev.stack.Stack) with the test token secret, quick
+    retransmits, and the pusher's metrics on `stack.pusher_metrics_port`."""
+    import shutil
+    import tempfile
+
+    from imdev.servers import free_port
+    from imdev.stack import Stack
+
+    workdir = Path(tempfile.mkdtemp(prefix="imgw-"))
+    workdir.chmod(0o755)
+    metrics_port = free_port()
+    stack = Stack(
+        workdir,
+        gateways=gateways,
+        token_secret=SECRET,
+        env={"pusher": {**PUSHER_ENV, "IM_PUSHER_METRICS_PORT": str(metrics_port)}},
+    )
+    stack.pusher_metrics_port = metrics_port  # type: ignore[attr-defined]
+    stack.cleanup = lambda: shutil.rmtree(workdir, ignore_errors=True)  # type: ignore[attr-defined]
+    try:
+        stack.start()
+    except BaseException:
+        stack.kill()
+        raise
+    return stack
