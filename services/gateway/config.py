@@ -38,6 +38,24 @@ class Settings(ServerSettings):
         description="HMAC secret that signs client tokens. The default is a DEV secret "
         "anyone can use; set a random one (>= 32 bytes) in every real deployment.",
     )
+    internal_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        json_schema_extra={"deploy": "optional"},
+        description="Port serving GatewayInternal (Deliver, Kick) for pushers and other "
+        "gateways, apart from the client port. 0 = serve it on the client port too: "
+        "development only, since any client could then call it. Set it in deployments "
+        "and let only pushers and gateways reach it.",
+    )
+    internal_advertise_address: str = Field(
+        "",
+        max_length=300,
+        json_schema_extra={"deploy": "optional"},
+        description="host:port pushers and gateways use to call GatewayInternal here; it is "
+        "what the routes in Redis hold (default: host:internal_port, or the advertise "
+        "address when internal_port is 0).",
+    )
     route_ttl_s: float = Field(
         30.0,
         ge=2,

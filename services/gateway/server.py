@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
+import grpc
 import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.config import Settings
 from gateway.hub import Hub
@@ -20,9 +22,9 @@ from gateway.servicer import (
 from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
-from imcommon.server import Runtime
+from imcommon.server import Runtime, server_options
 from imcommon.server import main as serve_main
-from imcommon.telemetry import insecure_channel
+from imcommon.telemetry import ServerTelemetryInterceptor, insecure_channel
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         )
 
     def address() -> str:
+        """Where pushers and gateways reach GatewayInternal here (the route value)."""
+        if settings.internal_advertise_address:
+            return settings.internal_advertise_address
+        if settings.internal_port:
+            return f"{settings.host}:{settings.internal_port}"
         return settings.advertise_address or f"{settings.host}:{runtime.port}"
 
     redis = aioredis.from_url(
@@ -61,16 +68,45 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         settings.token_secret,
     )
     runtime.expose(GATEWAY_SERVICE)
-    gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(
-        GatewayInternalServicer(hub, runtime.metrics), runtime.server
-    )
-    runtime.expose(INTERNAL_SERVICE)
+    internal_servicer = GatewayInternalServicer(hub, runtime.metrics)
+    if settings.internal_port:
+        await _serve_internal(settings, runtime, internal_servicer)
+    else:
+        gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(
+            internal_servicer, runtime.server
+        )
+        runtime.expose(INTERNAL_SERVICE)
     runtime.spawn(hub.refresh_loop(), "route-refresh")
 
     async def go_away() -> None:
         await hub.shutdown(settings.goaway_reconnect_ms, settings.close_grace_s + 0.5)
 
     runtime.on_shutdown(go_away)
+
+
+async def _serve_internal(
+    settings: Settings, runtime: Runtime, servicer: GatewayInternalServicer
+) -> None:
+    """GatewayInternal on its own port (plain insecure gRPC on the cluster network;
+    NetworkPolicies let only pushers and gateways reach it). It stops after the
+    client-facing server, so pushes keep flowing while clients get GoAway."""
+    server = grpc.aio.server(
+        options=server_options(settings),
+        interceptors=[ServerTelemetryInterceptor(runtime.metrics)],
+    )
+    gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        server.add_insecure_port(f"{settings.host}:{settings.internal_port}")
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"IM_GATEWAY_INTERNAL_PORT: cannot listen on {settings.host}:{settings.internal_port} "
+            f"({exc})"
+        ) from None
+    await server.start()
+    runtime.stack.push_async_callback(server.stop, settings.shutdown_grace_s)
+    log.info("serving GatewayInternal", extra={"port": settings.internal_port})
 
 
 def main(argv: list[str] | None = None) -> int:

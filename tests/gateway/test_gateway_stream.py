@@ -27,7 +27,7 @@ from gwkit import (
 
 from gateway.routes import RouteTable
 from im.gateway.v1 import gateway_internal_pb2, gateway_pb2, gateway_pb2_grpc
-from imdev.servers import RedisServer, ServiceProcess
+from imdev.servers import RedisServer, ServiceProcess, free_port
 
 Code = gateway_pb2.SendErrorCode
 WRITTEN = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_WRITTEN
@@ -414,3 +414,31 @@ async def test_redis_down_then_back_heals_routes(
         await redis.aclose()
     finally:
         await s.close()
+
+
+async def test_internal_port_keeps_deliver_and_kick_off_the_client_port(
+    start_gateway: Callable[..., ServiceProcess], routes: tuple[RouteTable, aioredis.Redis]
+) -> None:
+    """With IM_GATEWAY_INTERNAL_PORT set, clients cannot call GatewayInternal on
+    the client port; routes name the internal address, which pushers and other
+    gateways use (here: Deliver, and a cross-gateway Kick)."""
+    table, _ = routes
+    i1, i2 = free_port(), free_port()
+    g1 = start_gateway(IM_GATEWAY_INTERNAL_PORT=str(i1))
+    g2 = start_gateway(IM_GATEWAY_INTERNAL_PORT=str(i2))
+    first = RawStream(g1.address, token_for("alice", "phone"))
+    try:
+        await first.welcome()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await deliver(g1.address, [("alice", "phone", 1, b"fake")])
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        found = await wait_for(lambda: table.lookup("alice"))
+        assert found[0].gateway == f"127.0.0.1:{i1}"
+        assert await deliver(f"127.0.0.1:{i1}", [("alice", "phone", 1, b"real")]) == [WRITTEN]
+        assert (await first.next_of("push")).message.body == b"real"
+        second = RawStream(g2.address, token_for("alice", "phone"))
+        await second.welcome()
+        assert "replaced" in (await first.next_of("kick", timeout=5)).reason
+        await second.close()
+    finally:
+        await first.close()
