@@ -23,6 +23,8 @@ from gateway.upstream import Peers
 log = logging.getLogger(__name__)
 
 REPLACED = "replaced by a newer connection of the same device"
+#: Route refreshes per Redis pipeline (one round trip each).
+REFRESH_BATCH = 1000
 
 
 class _KeyLock:
@@ -123,12 +125,14 @@ class Hub:
         if not conns:
             return
         here = self._address()
-        entries = [(*c.key, c.connection_id, here) for c in conns]
-        results = await self._routes.refresh_many(entries)
-        for conn, still_ours in zip(conns, results, strict=True):
-            if not still_ours and self._conns.get(conn.key) is conn:
-                log.info("route taken by another connection; kicking", extra=conn.log_extra())
-                conn.kick(REPLACED)
+        for start in range(0, len(conns), REFRESH_BATCH):
+            batch = conns[start : start + REFRESH_BATCH]
+            entries = [(*c.key, c.connection_id, here) for c in batch]
+            results = await self._routes.refresh_many(entries)
+            for conn, still_ours in zip(batch, results, strict=True):
+                if not still_ours and self._conns.get(conn.key) is conn:
+                    log.info("route taken by another connection; kicking", extra=conn.log_extra())
+                    conn.kick(REPLACED)
 
     async def refresh_loop(self) -> None:
         while True:
