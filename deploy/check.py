@@ -195,12 +195,11 @@ def deploy_required(cls: type[Any]) -> dict[str, str]:
     required: dict[str, str] = {}
     try:
         cls.model_validate({})
-    except Exception as exc:
-        errors = getattr(exc, "errors", lambda: [])()
-        for err in errors:
+    except ValidationError as exc:
+        for err in exc.errors():
             if err.get("loc"):
                 required[str(err["loc"][0])] = "its default does not validate"
-    secrets = getattr(cls, "secret_fields", frozenset())
+    secrets: frozenset[str] = getattr(cls, "secret_fields", frozenset())
     for name, info in cls.model_fields.items():
         default = info.default
         if name in secrets:
@@ -520,7 +519,7 @@ class OverlayCheck:
             self.fail(where, message)
         known = env_names(cls)
         prefix = env_prefix(cls)
-        secrets = getattr(cls, "secret_fields", frozenset())
+        secrets: frozenset[str] = getattr(cls, "secret_fields", frozenset())
         for var, value in env.items():
             if var in HELPER_VARS:
                 continue
@@ -549,10 +548,10 @@ class OverlayCheck:
             return
         for fname, why in deploy_required(cls).items():
             var = f"{prefix}{fname}".upper()
-            value = env.get(var)
-            if value is None:
+            given = env.get(var)
+            if given is None:
                 self.fail(where, f"required setting {var} is not set ({why})")
-            elif value.value is not None and not value.value.strip():
+            elif given.value is not None and not given.value.strip():
                 self.fail(where, f"required setting {var} is empty ({why})")
         host = self.effective(cls, env, "host")
         if host is not None and str(host) not in WILDCARD_HOSTS:
@@ -823,10 +822,11 @@ class OverlayCheck:
             src = self.workload_running(caller)
             dst = self.workload_running(callee)
             if src and dst:
-                port = self.services[dst["metadata"]["name"]][2]
-                if isinstance(port, int) and not self.allowed(src, dst, port):
+                dst_port = self.services[dst["metadata"]["name"]][2]
+                if isinstance(dst_port, int) and not self.allowed(src, dst, dst_port):
                     self.fail(
-                        _name(dst), f"no NetworkPolicy lets {caller} reach {callee} on port {port}"
+                        _name(dst),
+                        f"no NetworkPolicy lets {caller} reach {callee} on port {dst_port}",
                     )
 
     def workload_running(self, svc: str) -> dict[str, Any] | None:

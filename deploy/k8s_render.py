@@ -274,6 +274,9 @@ def _go_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+_HASH_LETTERS = str.maketrans("013ae", "ghkmt")
+
+
 def content_hash(obj: Obj) -> str:
     """kustomize's name suffix for a generated ConfigMap or Secret."""
     # kustomize's hasher looks the name up with a path its lookup does not split,
@@ -284,7 +287,7 @@ def content_hash(obj: Obj) -> str:
         encoded = {"kind": "Secret", "name": "", "type": obj.get("type", "")}
         encoded["data"] = obj.get("data", "")
     digest = hashlib.sha256(_go_json(encoded).encode()).hexdigest()[:10]
-    return digest.translate(str.maketrans({"0": "g", "1": "h", "3": "k", "a": "m", "e": "t"}))
+    return digest.translate(_HASH_LETTERS)
 
 
 def _apply_name_hashes(objs: list[Obj]) -> None:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -48,7 +49,9 @@ def test_long_secret_values_are_wrapped_as_kustomize_does() -> None:
 
 
 def test_strategic_merge_lists_by_key_patch_order_first() -> None:
-    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}]}, {"name": "b"}]}
+    base: dict[str, Any] = {
+        "containers": [{"name": "a", "env": [{"name": "X", "value": "1"}]}, {"name": "b"}]
+    }
     patch = {"containers": [{"name": "c"}, {"name": "a", "env": [{"name": "Y", "value": "2"}]}]}
     merged = strategic_merge(base, patch)
     assert [c["name"] for c in merged["containers"]] == ["c", "a", "b"]
