@@ -69,12 +69,17 @@ def load_settings(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
-def describe_settings(settings: BaseServiceSettings) -> str:
-    """Every setting of a service: env var, current value, description."""
-    cls = type(settings)
+def describe_settings(
+    cls: type[BaseServiceSettings], environ: Mapping[str, str] | None = None
+) -> str:
+    """Every setting of a service: env var, value (from `environ`, else the
+    default; secrets masked), description. Does not validate, so it also documents
+    a configuration that `load_settings` would refuse."""
+    env = os.environ if environ is None else environ
     lines = []
     for name, info in cls.model_fields.items():
-        value = getattr(settings, name)
+        var = env_name(cls, name)
+        value: Any = env.get(var, info.default)
         shown = "***" if name in cls.secret_fields and value else repr(value)
-        lines.append(f"{env_name(cls, name)}={shown}\n    {info.description or ''}")
+        lines.append(f"{var}={shown}\n    {info.description or ''}")
     return "\n".join(lines)

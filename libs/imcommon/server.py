@@ -195,14 +195,14 @@ def main(
     parser.add_argument("--print-config", action="store_true", help="print every setting")
     parser.add_argument("--check-config", action="store_true", help="validate settings, exit")
     args = parser.parse_args(argv)
+    if args.print_config:
+        print(describe_settings(settings_cls, environ))
+        return 0
     try:
         settings = load_settings(settings_cls, environ)
     except ConfigError as exc:
         sys.stderr.write(f"{component}: {exc}\n")
         return 2
-    if args.print_config:
-        print(describe_settings(settings))
-        return 0
     if args.check_config:
         return 0
     setup_logging(component, settings.log_level)

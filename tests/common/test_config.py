@@ -42,8 +42,7 @@ def test_invalid_values_name_the_variable(env: dict[str, str], named: str) -> No
 
 
 def test_describe_hides_secrets() -> None:
-    s = load_settings(DemoSettings, {"IM_DEMO_TOKEN": "hunter2"})
-    text = describe_settings(s)
+    text = describe_settings(DemoSettings, {"IM_DEMO_TOKEN": "hunter2"})
     assert "IM_DEMO_BATCH=10" in text
     assert "Items per batch." in text
     assert "hunter2" not in text
