@@ -76,7 +76,7 @@ SERVICES = ("seqsvc", "logic", "pusher", "gateway")
 
 #: Non-setting variables a service container may have: downward-API values used
 #: to build settings (e.g. IM_GATEWAY_ADVERTISE_ADDRESS=$(POD_IP):50051).
-HELPER_VARS = frozenset({"POD_IP", "POD_NAME", "POD_NAMESPACE"})
+HELPER_VARS = frozenset({"POD_IP", "POD_NAME", "POD_NAMESPACE", "POD_UID"})
 
 #: Stand-ins for downward-API values when the check resolves the environment.
 POD_IP_PLACEHOLDER = "10.11.12.13"
@@ -341,6 +341,7 @@ def resolve_env(
                 "status.podIP": POD_IP_PLACEHOLDER,
                 "metadata.name": f"{workload['metadata']['name']}-0",
                 "metadata.namespace": workload["metadata"].get("namespace", "default"),
+                "metadata.uid": "00000000-0000-0000-0000-000000000000",
             }.get(path, f"<{path}>")
             env[name] = EnvValue(value, f"fieldRef {path}")
         elif "configMapKeyRef" in ref:
