@@ -34,6 +34,10 @@ $(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(PY) -m pip install -q uv==$(UV_VERSION)
 	$(UV) pip sync -q --python $(PY) requirements.lock
+	@# The project's import roots, like an editable install: .venv/bin/python finds
+	@# the services, libs and generated code from anywhere.
+	@printf '%s\n' $(CURDIR)/services $(CURDIR)/libs $(CURDIR)/gen > \
+	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/im-backend.pth"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 $(PROTO_STAMP): $(PROTOS) $(STAMP)
