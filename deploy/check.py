@@ -772,7 +772,7 @@ class OverlayCheck:
                             f"{target} is not a container port of {_name(pod)}",
                         )
                     run = self.services.get(pod["metadata"]["name"])
-                    if run and sport.get("name") == "grpc" and target != run[2]:
+                    if run and sport.get("name") == "grpc" and target not in (run[2], "grpc"):
                         self.fail(where, f"targetPort {target} is not {run[0]}'s PORT {run[2]}")
 
     def route(self, host: str, port: int) -> list[dict[str, Any]] | None:
