@@ -484,8 +484,10 @@ class Allocator:
                     sec.ceiling = new
                 sec.requested = False
                 self._wake(sec, True)
-                if sec.need or sec.ceiling - sec.high < self._threshold:
+                # Waiters that still lack room re-request themselves once they ran.
+                if sec.ceiling - sec.high < self._threshold:
                     self._request(sec)
+            await asyncio.sleep(0)  # let the woken callers take their values first
 
     async def _lease_loop(self) -> None:
         interval = self._lease_s / 4

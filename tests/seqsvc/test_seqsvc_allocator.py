@@ -1,0 +1,240 @@
+"""Unit tests of the allocator against the in-memory SectionStore."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from seqsvc_memstore import MemStore
+
+from seqsvc.allocator import Allocator, Fenced, Unavailable
+from seqsvc.keys import InvalidArgument
+
+Factory = Callable[..., Awaitable[Allocator]]
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.001)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Factory]:
+    made: list[tuple[Allocator, asyncio.Task[None]]] = []
+
+    async def factory(store: MemStore, run: bool = True, **kw: Any) -> Allocator:
+        kw.setdefault("sections", 4)
+        kw.setdefault("step", 100)
+        kw.setdefault("retry_min_s", 0.001)
+        kw.setdefault("retry_max_s", 0.01)
+        alloc = Allocator(store, **kw)
+        assert await alloc.start()
+        made.append((alloc, asyncio.create_task(alloc.run() if run else asyncio.sleep(0))))
+        return alloc
+
+    yield factory
+    for alloc, task in made:
+        await alloc.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def section(key: str, sections: int = 4) -> int:
+    return zlib.crc32(key.encode()) % sections
+
+
+async def test_values_increase_per_key_and_batches_keep_order(make: Factory) -> None:
+    alloc = await make(MemStore())
+    last: dict[str, int] = {}
+    for i in range(2000):
+        key = f"k{i % 7}"
+        v = await alloc.next(key)
+        assert v > last.get(key, 0)
+        last[key] = v
+    values = await alloc.next_batch(["a", "b", "a", "a", "k1"])
+    assert values[0] < values[2] < values[3]
+    assert values[4] > last["k1"]
+    first, end = await alloc.reserve("a", 50)
+    assert first > values[3] and end == first + 49
+    assert await alloc.next("a") == end + 1
+    assert alloc.current("a") == end + 1
+
+
+async def test_never_beyond_the_committed_ceiling(make: Factory) -> None:
+    store = MemStore()
+    store.gate = asyncio.Event()  # no reservation commits until we say so
+    alloc = await make(store, step=100, prefetch_ratio=0.5, wait_timeout_s=0.05)
+    given: list[tuple[str, int]] = []
+    for i in range(400):
+        key = f"k{i % 3}"
+        v = alloc.next_nowait(key)
+        if v is None:
+            break
+        given.append((key, v))
+    # Stopped exactly at the ceiling committed at start, none above it.
+    for key, v in given:
+        assert v <= store.max_seq[section(key)]
+    with pytest.raises(Unavailable):
+        await alloc.next("k0")  # waits for the reservation, times out
+    store.gate.set()
+    v = await alloc.next("k0")
+    assert v <= store.max_seq[section("k0")]
+
+
+async def test_double_buffer_reserves_before_the_boundary(make: Factory) -> None:
+    store = MemStore()
+    store.gate = asyncio.Event()
+    alloc = await make(store, sections=1, step=100, prefetch_ratio=0.5)
+    assert store.extend_calls == 0
+    for _ in range(51):  # headroom falls below 50: the next step is reserved
+        assert alloc.next_nowait("k") is not None
+    await wait_until(lambda: store.extend_calls == 1)
+    store.gate.set()
+    await wait_until(lambda: store.max_seq[0] == 200)
+    # The boundary at 100 passes without any caller having to wait.
+    for _ in range(140):
+        assert alloc.next_nowait("k") is not None
+    assert store.max_in_flight == 1
+
+
+async def test_one_reservation_in_flight_and_waiters_all_served(make: Factory) -> None:
+    store = MemStore()
+    alloc = await make(store, sections=2, step=10, prefetch_ratio=0.5)
+    keys = [f"k{i % 20}" for i in range(1000)]
+    values = await asyncio.gather(*(alloc.next(k) for k in keys))
+    seen: dict[str, set[int]] = {}
+    for k, v in zip(keys, values, strict=True):
+        assert v not in seen.setdefault(k, set())
+        seen[k].add(v)
+    assert store.max_in_flight == 1
+    for k, vs in seen.items():
+        assert max(vs) <= store.max_seq[section(k, 2)]
+
+
+async def test_store_down_unavailable_then_resumes_by_itself(make: Factory) -> None:
+    store = MemStore()
+    alloc = await make(store, sections=1, step=20, wait_timeout_s=1.0)
+    store.down = True
+    ceiling = store.max_seq[0]
+    got = []
+    with pytest.raises(Unavailable):
+        for _ in range(100):
+            got.append(await alloc.next("k"))
+    assert got and max(got) <= ceiling  # served from headroom, never past it
+    store.down = False
+    await wait_until(lambda: store.max_seq[0] > ceiling)
+    assert await alloc.next("k") > max(got)
+
+
+async def test_fenced_when_another_instance_takes_over(make: Factory) -> None:
+    store = MemStore()
+    alloc = await make(store, run=False, sections=1, step=10)
+    task = asyncio.create_task(alloc.run())
+    before = [await alloc.next("k") for _ in range(3)]
+    # A second instance with the same id (a restart) takes over at once.
+    other = await make(store, sections=1, step=10)
+    for _ in range(20):
+        try:
+            alloc.next_nowait("k")
+        except Unavailable:
+            break
+    with pytest.raises(Fenced):
+        await asyncio.wait_for(task, 5)
+    with pytest.raises(Unavailable):
+        await alloc.next("k")
+    assert await other.next("k") > max(before)
+
+
+async def test_lease_expiry_stops_serving_until_renewed(make: Factory) -> None:
+    clock = FakeClock()
+    store = MemStore(clock)
+    alloc = await make(store, sections=1, step=1000, lease_s=0.2, clock=clock)
+    assert await alloc.next("k") >= 1
+    store.down = True
+    clock.now += 0.17  # past LEASE_SAFETY * lease without a renewal
+    with pytest.raises(Unavailable, match="lease"):
+        await alloc.next("k")
+    store.down = False
+    await wait_until(lambda: alloc.serving, timeout=10)
+    assert await alloc.next("k") >= 2
+
+
+async def test_standby_waits_for_the_lease_then_continues_above(make: Factory) -> None:
+    store = MemStore()
+    first = await make(store, sections=2, step=100, instance_id="a", lease_s=30)
+    last = [await first.next("k") for _ in range(150)][-1]
+    second = Allocator(store, sections=2, step=100, instance_id="b", standby_poll_s=0.01)
+    starting = asyncio.create_task(second.start())
+    await asyncio.sleep(0.05)
+    assert not starting.done()  # standby while "a" holds a live lease
+    await first.close()  # releases the lease
+    assert await asyncio.wait_for(starting, 5)
+    with pytest.raises(Unavailable):
+        await first.next("k")
+    assert await second.next("k") > last
+    await second.close()
+
+
+async def test_restart_and_resectioning_never_go_back(make: Factory) -> None:
+    store = MemStore()
+    alloc = await make(store, sections=4, step=50)
+    top: dict[str, int] = {}
+    for i in range(3000):
+        key = f"k{i % 13}"
+        top[key] = await alloc.next(key)
+    await alloc.close()
+    again = await make(store, sections=4, step=50)
+    for key, v in top.items():
+        assert await again.next(key) > v
+        top[key] = again.current(key)
+    await again.close()
+    resectioned = await make(store, sections=7, step=50)
+    for key, v in top.items():
+        assert await resectioned.next(key) > v
+
+
+async def test_eviction_bounds_memory_and_keeps_keys_increasing(make: Factory) -> None:
+    alloc = await make(MemStore(), sections=8, step=1000, max_keys=1000)
+    last: dict[str, int] = {}
+    for round_ in range(3):
+        for i in range(5000):
+            key = f"user{i}"
+            v = await alloc.next(key)
+            assert v > last.get(key, 0), (round_, key)
+            last[key] = v
+            assert alloc.current(key) == v
+        assert alloc.keys_in_memory <= 1000
+    assert alloc.evictions >= 10_000
+
+
+async def test_invalid_input_is_refused_and_changes_nothing(make: Factory) -> None:
+    alloc = await make(MemStore(), max_batch=10, max_reserve=100)
+    v = await alloc.next("ok")
+    bad_keys = ["", "x" * 129, "é" * 65, "\ud800"]
+    for key in bad_keys:
+        with pytest.raises(InvalidArgument):
+            await alloc.next(key)
+    assert await alloc.next("é" * 64) >= 1  # 128 bytes is allowed
+    with pytest.raises(InvalidArgument, match=r"keys\[1\]"):
+        await alloc.next_batch(["ok", ""])
+    with pytest.raises(InvalidArgument, match="limit is 10"):
+        await alloc.next_batch(["ok"] * 11)
+    for count in (0, -1, 101):
+        with pytest.raises(InvalidArgument):
+            await alloc.reserve("ok", count)
+    assert await alloc.next("ok") == v + 1  # the refused batch advanced nothing
