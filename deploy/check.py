@@ -16,7 +16,9 @@ For each overlay (every directory of deploy/k8s with a kustomization.yaml, but
      settings (`Settings.secret_fields`) only from Secrets, TEST-ONLY settings never;
    - the gRPC port is the PORT setting: container port `grpc`, the three native
      gRPC health probes, Service targetPorts, and ADVERTISE_ADDRESS (the pod IP);
-     the metrics port is METRICS_PORT;
+     every other port setting is the container port named after it (METRICS_PORT:
+     `metrics`, the gateway's INTERNAL_PORT: `internal`, advertised at the pod IP
+     too), and the gateway's internal RPCs never share the client port;
    - the addresses services dial (`*_ADDRESS`, `*_URL`) name a Service of the
      overlay, when they name one, on a port that reaches the right pods, and a
      NetworkPolicy lets the caller in;
@@ -92,9 +94,20 @@ KILL_MARGIN_S = 5.0
 AUTOSCALED = ("gateway", "logic")
 
 #: Calls that no setting names (the callee's address comes from Redis or a
-#: request): pusher -> gateway Deliver, gateway -> pusher AckDelivery, gateway
-#: -> gateway Kick. NetworkPolicies must allow them.
-CALLBACKS = (("pusher", "gateway"), ("gateway", "pusher"), ("gateway", "gateway"))
+#: request), as (caller, callee, the callee's port setting): pusher -> gateway
+#: Deliver and gateway -> gateway Kick (GatewayInternal), gateway -> pusher
+#: AckDelivery. NetworkPolicies must allow them. A port setting that is 0 or
+#: absent means the service's PORT.
+CALLBACKS = (
+    ("pusher", "gateway", "internal_port"),
+    ("gateway", "gateway", "internal_port"),
+    ("gateway", "pusher", "port"),
+)
+
+#: Ports that must not be the client port: a service setting that, when 0,
+#: serves internal-only RPCs on PORT. The gateway's PORT is open to everyone, so
+#: GatewayInternal (Deliver, Kick) must have a port of its own.
+SEPARATE_PORTS = {"gateway": "internal_port"}
 
 #: The JetStream stream's replicas, and the NATS servers' fsync policy (design:
 #: "NATS JetStream as a 3-node cluster (replicas=3)"; docs/deploy.md).
@@ -160,6 +173,11 @@ def load_settings_classes(
 
 def env_prefix(cls: type[Any]) -> str:
     return str(cls.model_config.get("env_prefix", "")).upper()
+
+
+def svc_name(cls: type[Any]) -> str:
+    """The service a settings class belongs to (its module is `<svc>.config`)."""
+    return str(cls.__module__).split(".")[0]
 
 
 def env_names(cls: type[Any]) -> dict[str, str]:
@@ -651,24 +669,48 @@ class OverlayCheck:
                     f"{probe} asks for service {spec['grpc']['service']!r}; "
                     "use the overall status ''",
                 )
-        metrics = (
-            self.effective(cls, env, "metrics_port") if "metrics_port" in cls.model_fields else 0
-        )
-        if metrics and ports.get("metrics") != metrics:
+        # Every other port setting (METRICS_PORT, INTERNAL_PORT...) is the container
+        # port named after it ('metrics', 'internal'), or, when 0, no such port.
+        for fname in cls.model_fields:
+            if not fname.endswith("_port"):
+                continue
+            name = fname[: -len("_port")]
+            value = self.effective(cls, env, fname)
+            var = f"{prefix}{fname.upper()}"
+            if value and ports.get(name) != value:
+                self.fail(
+                    where, f"container port {name!r} is {ports.get(name)}, but {var} is {value}"
+                )
+            if not value and name in ports:
+                self.fail(where, f"container port {name!r} declared, but {var} is 0")
+            self.check_advertised(where, cls, env, f"{name}_advertise_address", value)
+        self.check_advertised(where, cls, env, "advertise_address", port)
+        separate = SEPARATE_PORTS.get(svc_name(cls))
+        if separate and separate in cls.model_fields and not self.effective(cls, env, separate):
             self.fail(
                 where,
-                f"container port 'metrics' is {ports.get('metrics')}, but "
-                f"{prefix}METRICS_PORT is {metrics}",
+                f"{prefix}{separate.upper()} is 0: internal RPCs would be served on the "
+                f"client port {port}, which is open to everyone",
             )
-        if not metrics and "metrics" in ports:
-            self.fail(where, f"container port 'metrics' declared, but {prefix}METRICS_PORT is 0")
-        advertise = env.get(f"{prefix}ADVERTISE_ADDRESS")
+
+    def check_advertised(
+        self, where: str, cls: type[Any], env: dict[str, EnvValue], fname: str, port: Any
+    ) -> None:
+        """An advertise address for a port this pod serves must be the pod's own IP
+        and that port (pods listen on 0.0.0.0, so no default can be right)."""
+        if fname not in cls.model_fields or not port:
+            return
+        var = f"{env_prefix(cls)}{fname.upper()}"
+        given = env.get(var)
         expected = f"{POD_IP_PLACEHOLDER}:{port}"
-        if advertise is not None and advertise.value not in (None, expected):
+        if given is None:
+            if fname not in deploy_required(cls):  # else reported as required
+                self.fail(where, f"{var} is not set: it must be $(POD_IP):{port}")
+        elif given.value not in (None, expected):
             self.fail(
                 where,
-                f"{prefix}ADVERTISE_ADDRESS is {advertise.value!r}: it must be "
-                f"this pod's own address, $(POD_IP):{port} (POD_IP from status.podIP)",
+                f"{var} is {given.value!r}: it must be this pod's own address, "
+                f"$(POD_IP):{port} (POD_IP from status.podIP)",
             )
 
     def check_shutdown(
@@ -819,11 +861,14 @@ class OverlayCheck:
                     continue
                 callee = setting[: -len("_ADDRESS")].lower()
                 self.check_edge(wname, var, target[0], target[1], callee)
-        for caller, callee in CALLBACKS:
+        for caller, callee, port_setting in CALLBACKS:
             src = self.workload_running(caller)
             dst = self.workload_running(callee)
             if src and dst:
-                dst_port = self.services[dst["metadata"]["name"]][2]
+                _, dst_env, dst_port = self.services[dst["metadata"]["name"]]
+                dst_cls = self.classes[callee]
+                if port_setting in dst_cls.model_fields and port_setting != "port":
+                    dst_port = self.effective(dst_cls, dst_env, port_setting) or dst_port
                 if isinstance(dst_port, int) and not self.allowed(src, dst, dst_port):
                     self.fail(
                         _name(dst),

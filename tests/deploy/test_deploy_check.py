@@ -406,6 +406,32 @@ def test_no_default_deny_fails(k8s: Path) -> None:
     assert_fails(k8s, "no default-deny ingress policy")
 
 
+def test_internal_rpcs_on_the_client_port_fail(k8s: Path) -> None:
+    # GatewayInternal (Deliver, Kick) would then be callable by every client.
+    set_literal(k8s / "base", "gateway-config", "IM_GATEWAY_INTERNAL_PORT", "0")
+    found = assert_fails(k8s, "IM_GATEWAY_INTERNAL_PORT is 0", "open to everyone")
+    assert any("container port 'internal' declared" in m for m in found), found
+
+
+def test_internal_port_mismatch_fails(k8s: Path) -> None:
+    set_literal(k8s / "base", "gateway-config", "IM_GATEWAY_INTERNAL_PORT", "50056")
+    found = assert_fails(k8s, "container port 'internal' is 50055", "IM_GATEWAY_INTERNAL_PORT")
+    assert any("IM_GATEWAY_INTERNAL_ADVERTISE_ADDRESS" in m for m in found), found
+
+
+def test_blocked_deliver_fails(k8s: Path) -> None:
+    def only_gateways(obj: dict[str, Any]) -> None:
+        obj["spec"]["ingress"][0]["from"] = obj["spec"]["ingress"][0]["from"][1:]
+
+    edit(
+        k8s / "base" / "networkpolicies.yaml",
+        "NetworkPolicy",
+        "gateway-internal-from-pusher-and-gateway",
+        only_gateways,
+    )
+    assert_fails(k8s, "no NetworkPolicy lets pusher reach gateway on port 50055")
+
+
 # -- JetStream -----------------------------------------------------------------------------
 
 
