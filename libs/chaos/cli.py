@@ -22,9 +22,9 @@ FULL = {
 }
 REDUCED = {
     "clients": 8,
-    "messages": 300,
-    "rounds": 1,
-    "client_rounds": 3,
+    "messages": 500,
+    "rounds": 2,
+    "client_rounds": 6,
     "think": 0.3,
     "fault_interval": 0.5,
     "duration": 240.0,
@@ -50,6 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--think", type=float, help="mean think time between a client's sends (s)")
     p.add_argument("--duration", type=float, help="longest fault phase (s)")
     p.add_argument("--quiesce", type=float, help="deadline for syncing after the faults (s)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="SERVICE:NAME=VALUE",
+        help="extra setting for one service kind, e.g. "
+        "logic:IM_LOGIC_TEST_FAULT_SKIP_DEDUP=1 (repeatable)",
+    )
+    p.add_argument("--gateways", type=int, default=2, help="gateway processes")
+    p.add_argument("--logics", type=int, default=2, help="logic processes")
+    p.add_argument("--pushers", type=int, default=2, help="pusher processes")
     p.add_argument("--seed", type=int, default=1, help="seeds the workload and the schedule")
     p.add_argument("--out", type=Path, help="JSON results file")
     p.add_argument("--workdir", type=Path, help="keep the stack's data and logs here")
@@ -61,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.clients < 4:
         p.error("--clients must be at least 4")
+    env: dict[str, dict[str, str]] = {}
+    for item in args.env:
+        service, sep, setting = item.partition(":")
+        name, eq, value = setting.partition("=")
+        if not sep or not eq or not name:
+            p.error(f"--env {item!r}: expected SERVICE:NAME=VALUE")
+        env.setdefault(service, {})[name] = value
+    args.env = env
     return args
 
 
@@ -84,6 +103,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         client_fault_pause_s=args.fault_interval,
         max_duration_s=args.duration,
         quiesce_deadline_s=args.quiesce,
+        gateways=args.gateways,
+        logics=args.logics,
+        pushers=args.pushers,
+        env=args.env,
         workdir=args.workdir,
         keep_workdir=args.keep,
         name="chaos-reduced" if args.reduced else "chaos",

@@ -82,6 +82,7 @@ class RunResult:
     anomalies: list[str]
     workdir: str
     log_errors: dict[str, int]
+    history: checker.History | None = None  # what the checker read (not in the JSON)
 
     @property
     def messages_acked(self) -> int:
@@ -291,7 +292,8 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         await w.close()
         await asyncio.to_thread(stack.stop)
 
-    report = checker.check(w.history())
+    history = w.history()
+    report = checker.check(history)
     if not quiet:
         anomalies.append(f"not quiet after {config.quiesce_deadline_s}s")
     result = RunResult(
@@ -308,6 +310,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         anomalies=anomalies,
         workdir=str(workdir),
         log_errors=_log_errors(workdir / "stack" / "logs"),
+        history=history,
     )
     if result.ok and not config.keep_workdir and config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -256,14 +256,17 @@ class Workload:
             rng=random.Random(self.rng.random()),
         )
 
-    async def start(self, ready_timeout_s: float = 60.0) -> None:
+    async def start(self, ready_timeout_s: float = 60.0, senders: bool = True) -> None:
         """Opens every device's client and waits until all are connected and
-        synced; then starts the senders."""
+        synced; then starts the random senders (unless `senders` is false: a
+        scripted test drives `send()` itself)."""
         for dev in self.devices:
             await self._open(dev)
         await asyncio.gather(
             *(dev.client.wait_ready(ready_timeout_s) for dev in self.devices if dev.client)
         )
+        if not senders:
+            return
         self.sending = True
         for dev in self.devices:
             dev.sender = asyncio.create_task(self._send_loop(dev), name=f"send-{dev.name}")
@@ -399,23 +402,56 @@ class Workload:
     async def _restart(self, dev: Device, offline_s: float, why: str) -> None:
         async with dev.lock:
             self.stats.restarts += 1
-            sender, dev.sender = dev.sender, None
-            if sender is not None:
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
-            client, dev.client = dev.client, None
-            if client is not None:
-                await client.close()
-            # Every pending send's waiter has seen ClientClosed (or its ACK).
-            await asyncio.gather(*list(dev.waiters), return_exceptions=True)
-            if dev.reader is not None:
-                await asyncio.gather(dev.reader, return_exceptions=True)
+            await self._go_offline(dev)
             if offline_s > 0:
                 await asyncio.sleep(offline_s)  # the device is deliberately offline
-            await self._open(dev)
-            if self.sending:
-                dev.sender = asyncio.create_task(self._send_loop(dev), name=f"send-{dev.name}")
+            await self._go_online(dev)
             log.info("restarted %s (%s)", dev.name, why)
+
+    async def _go_offline(self, dev: Device) -> None:
+        """Ends the device's client "process": pending sends fail with
+        ClientClosed and are kept for the next one."""
+        sender, dev.sender = dev.sender, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        client, dev.client = dev.client, None
+        if client is not None:
+            await client.close()
+        # Every pending send's waiter has seen ClientClosed (or its ACK).
+        await asyncio.gather(*list(dev.waiters), return_exceptions=True)
+        if dev.reader is not None:
+            await asyncio.gather(dev.reader, return_exceptions=True)
+
+    async def _go_online(self, dev: Device) -> None:
+        await self._open(dev)
+        if self.sending:
+            dev.sender = asyncio.create_task(self._send_loop(dev), name=f"send-{dev.name}")
+
+    # -- scripted use (targeted tests) ------------------------------------------------
+
+    def device(self, user: str, device_id: str = "d1") -> Device:
+        return next(d for d in self.by_user[user] if d.device_id == device_id)
+
+    async def take_offline(self, dev: Device) -> None:
+        async with dev.lock:
+            await self._go_offline(dev)
+
+    async def bring_online(self, dev: Device, ready_timeout_s: float = 30.0) -> None:
+        async with dev.lock:
+            await self._go_online(dev)
+        assert dev.client is not None
+        await dev.client.wait_ready(ready_timeout_s)
+
+    async def send(self, dev: Device, conversation: str, timeout_s: float = 30.0) -> _Send:
+        """One send from `dev`, returned once acked (raises on timeout)."""
+        rec = self._submit(dev, conversation)
+        deadline = time.monotonic() + timeout_s
+        while rec.outcome == "pending":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no SendAck for {rec.client_msg_id} in {timeout_s}s")
+            await asyncio.wait(set(dev.waiters), timeout=0.2)
+        return rec
 
     # -- the end of a run ---------------------------------------------------------
 
