@@ -146,7 +146,7 @@ class FanoutDriver:
                 while True:
                     try:
                         msgs = await sub.fetch(50, timeout=0.5)
-                    except nats.errors.TimeoutError:
+                    except (TimeoutError, nats.errors.TimeoutError):
                         continue
                     # One Fanout loop per conversation of the batch, concurrently (a
                     # trigger only says "this conversation has news"); ack after.
