@@ -45,7 +45,7 @@ S = TypeVar("S", bound=ServerSettings)
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     """Channel options for long-lived client streams: pings keep NATs and load
     balancers from dropping idle streams and detect dead peers."""
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -55,6 +55,12 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
+        ]
+    return options
 
 
 class Runtime:

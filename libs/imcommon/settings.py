@@ -41,6 +41,14 @@ class ServerSettings(BaseServiceSettings):
         le=600,
         description="Hard limit for the whole shutdown; past it the process exits with status 1.",
     )
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="Close client connections after this many seconds (0 = never), so "
+        "callers re-resolve and spread over new replicas. Leave 0 where clients hold "
+        "long-lived streams.",
+    )
     max_message_bytes: int = Field(
         4 * 1024 * 1024,
         ge=1024,

@@ -128,8 +128,10 @@ def insecure_channel(
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to another of our services, with trace propagation and
     client metrics. Internal traffic is plaintext on the cluster network;
-    NetworkPolicies restrict who can reach whom."""
+    NetworkPolicies restrict who can reach whom. Calls are spread round-robin over
+    every address the name resolves to (a headless Service lists every pod)."""
     opts = [
+        ("grpc.lb_policy_name", "round_robin"),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
