@@ -1,0 +1,356 @@
+"""seqsvc as a real process on a real PostgreSQL: load, kill -9, database outages,
+small steps, bad input, standby takeover, the migrate command."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import subprocess
+import sys
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from im.seqsvc.v1 import seqsvc_pb2 as pb
+from im.seqsvc.v1 import seqsvc_pb2_grpc as pb_grpc
+from imdev.servers import ROOT, PostgresServer, ServiceProcess, free_port, health_status
+from seqsvc.client import SeqClient, SeqError, SeqInvalidArgument
+
+Spawn = Callable[..., ServiceProcess]
+
+
+def env(dsn: str, **settings: object) -> dict[str, str]:
+    out = {
+        "IM_SEQSVC_DATABASE_URL": dsn,
+        "IM_SEQSVC_SECTIONS": "16",
+        "IM_SEQSVC_LOG_LEVEL": "warning",
+    }
+    out.update({f"IM_SEQSVC_{k.upper()}": str(v) for k, v in settings.items()})
+    return out
+
+
+async def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cond()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+def check_increasing(values: list[int], where: str) -> None:
+    for a, b in itertools.pairwise(values):
+        assert b > a, f"{where}: {b} after {a}"
+
+
+async def test_50_callers_100k_values_unique_and_increasing(pg_dsn: str, spawn: Spawn) -> None:
+    """50 callers, 100k values over 1k keys, a small step so that many step boundaries
+    are crossed: per key every value is unique, and each caller sees its values for
+    a key strictly increase."""
+    svc = spawn("seqsvc", env(pg_dsn, step=50))
+    keys = [f"u:{i}" for i in range(1000)]
+    by_key: dict[str, list[int]] = defaultdict(list)
+
+    async with SeqClient(svc.address) as seq:
+
+        async def caller(n: int) -> int:
+            rnd = random.Random(n)
+            mine: dict[str, list[int]] = defaultdict(list)
+            count = 0
+            while count < 2000:
+                if n % 2:  # coalesced single calls
+                    key = rnd.choice(keys)
+                    got = [(key, await seq.next(key))]
+                else:  # batches with repeated keys
+                    batch = [rnd.choice(keys[:50]) for _ in range(40)] + rnd.sample(keys, 60)
+                    got = list(zip(batch, await seq.next_batch(batch), strict=True))
+                for key, value in got:
+                    mine[key].append(value)
+                    by_key[key].append(value)
+                count += len(got)
+            for key, values in mine.items():
+                check_increasing(values, f"caller {n} key {key}")
+            return count
+
+        counts = await asyncio.gather(*(caller(n) for n in range(50)))
+        assert sum(counts) >= 100_000
+        assert seq.batches_sent < 50_000  # the 50k single calls were coalesced
+
+    assert len(by_key) == 1000
+    for key, values in by_key.items():
+        assert len(values) == len(set(values)), f"duplicate value for {key}"
+
+
+async def test_kill9_rounds_never_go_back(pg_dsn: str, spawn: Spawn) -> None:
+    """20 rounds of load, kill -9 at a random moment, restart: every value after a
+    restart is above every value handed out before it, per key."""
+    svc = spawn("seqsvc", env(pg_dsn, step=200, sections=8))
+    keys = [f"c:{i}" for i in range(40)]
+    highest: dict[str, int] = {}
+    rng = random.Random(7)
+    rounds_with_values = 0
+    for round_ in range(20):
+        got: dict[str, list[int]] = defaultdict(list)
+        async with SeqClient(svc.address, max_retries=0, deadline_s=2.0) as seq:
+            stop = asyncio.Event()
+
+            async def caller(n: int, seq: SeqClient = seq, stop: asyncio.Event = stop) -> None:
+                r = random.Random(n * 1000 + round_)  # noqa: B023
+                mine: dict[str, list[int]] = defaultdict(list)
+                while not stop.is_set():
+                    key = r.choice(keys)
+                    try:
+                        if n % 3 == 0:
+                            first, last = await seq.reserve(key, 7)
+                            values = list(range(first, last + 1))
+                        else:
+                            values = [await seq.next(key)]
+                    except SeqError:
+                        break
+                    mine[key].extend(values)
+                    got[key].extend(values)  # noqa: B023
+                for key, values in mine.items():
+                    check_increasing(values, f"round {round_} caller {n} key {key}")  # noqa: B023
+
+            tasks = [asyncio.create_task(caller(n)) for n in range(12)]
+            await asyncio.sleep(rng.uniform(0.05, 0.4))  # the random moment of the kill
+            svc.kill()
+            stop.set()
+            await asyncio.gather(*tasks)
+        for key, values in got.items():
+            assert min(values) > highest.get(key, 0), f"round {round_}: {key} went back"
+            highest[key] = max(values)
+        rounds_with_values += bool(got)
+        svc.start()
+    assert rounds_with_values >= 18
+
+
+def _ceilings(datadir: Path, dbname: str) -> dict[int, int]:
+    """The persisted max_seq rows of a stopped cluster, read through a second
+    postmaster on the same data directory (so seqsvc cannot reach it meanwhile)."""
+    reader = PostgresServer(free_port(), datadir, log_path=datadir.with_suffix(".reader.log"))
+    reader.start()
+    try:
+        with psycopg.connect(reader.conninfo(dbname)) as conn:
+            rows = conn.execute("SELECT section, max_seq FROM seqsvc_sections").fetchall()
+    finally:
+        reader.stop()
+    return {int(s): int(m) for s, m in rows}
+
+
+async def test_postgres_stopped_under_load(
+    postgres_factory: Callable[..., PostgresServer], spawn: Spawn
+) -> None:
+    """With PostgreSQL stopped, seqsvc serves from its committed headroom and never
+    beyond (checked against the table), answers UNAVAILABLE once the headroom is
+    gone, and recovers by itself when PostgreSQL is back."""
+    pg = postgres_factory()
+    dsn = pg.create_database("seq")
+    sections = 4
+    svc = spawn(
+        "seqsvc",
+        env(
+            dsn,
+            step=300,
+            sections=sections,
+            lease_s=120,
+            store_timeout_s=0.5,
+            wait_timeout_s=0.5,
+            retry_max_s=0.2,
+        ),
+    )
+    keys = [f"k{i}" for i in range(12)]
+    served: list[tuple[str, int, bool]] = []  # key, value, asked after the stop
+    codes: set[grpc.StatusCode] = set()
+    stopped = asyncio.Event()
+    unavailable_streak = 0
+
+    async with grpc.aio.insecure_channel(svc.address) as channel:
+        stub = pb_grpc.SeqServiceStub(channel)
+
+        async def load_until_exhausted(n: int) -> None:
+            nonlocal unavailable_streak
+            r = random.Random(n)
+            while unavailable_streak < 200:
+                key = r.choice(keys)
+                after_stop = stopped.is_set()
+                try:
+                    resp = await stub.Next(pb.NextRequest(key=key), timeout=2)
+                except grpc.aio.AioRpcError as exc:
+                    codes.add(exc.code())
+                    if stopped.is_set():
+                        unavailable_streak += 1
+                    continue
+                served.append((key, resp.value, after_stop))
+                if stopped.is_set():
+                    unavailable_streak = 0
+
+        tasks = [asyncio.create_task(load_until_exhausted(n)) for n in range(8)]
+        await wait_for(lambda: len(served) > 500, 10, "initial load")
+        await asyncio.to_thread(pg.stop)
+        stopped.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+        assert codes == {grpc.StatusCode.UNAVAILABLE}
+        assert any(after for _, _, after in served), "nothing served from headroom"
+        ceilings = await asyncio.to_thread(_ceilings, pg.datadir, "seq")
+        for key, value, _ in served:
+            section = zlib.crc32(key.encode()) % sections
+            assert value <= ceilings[section], f"{key}={value} above max_seq {ceilings[section]}"
+
+        await asyncio.to_thread(pg.start)
+        highest: dict[str, int] = defaultdict(int)
+        for key, value, _ in served:
+            highest[key] = max(highest[key], value)
+
+        async def recovered() -> bool:
+            try:
+                await stub.Next(pb.NextRequest(key=keys[0]), timeout=2)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+
+        await wait_for(recovered, 30, "service after PostgreSQL restart")
+        for key in keys:
+            resp = await stub.Next(pb.NextRequest(key=key), timeout=2)
+            assert resp.value > highest[key]
+
+
+async def test_step_10_with_1000_concurrent_callers(pg_dsn: str, spawn: Spawn) -> None:
+    """Tiny step, heavy concurrency (Leaf's "both segments not ready"): no errors,
+    no duplicates, per-caller order."""
+    svc = spawn("seqsvc", env(pg_dsn, step=10, sections=4))
+    keys = [f"hot{i}" for i in range(20)]
+    by_key: dict[str, list[int]] = defaultdict(list)
+    errors: list[str] = []
+    async with grpc.aio.insecure_channel(svc.address) as channel:
+        stub = pb_grpc.SeqServiceStub(channel)
+
+        async def caller(n: int) -> None:
+            key = keys[n % len(keys)]
+            mine = []
+            for _ in range(5):
+                try:
+                    resp = await stub.Next(pb.NextRequest(key=key), timeout=20)
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
+                    return
+                mine.append(resp.value)
+                by_key[key].append(resp.value)
+            check_increasing(mine, f"caller {n}")
+
+        await asyncio.gather(*(caller(n) for n in range(1000)))
+    assert errors == []
+    assert sum(len(v) for v in by_key.values()) == 5000
+    for key, values in by_key.items():
+        assert len(values) == len(set(values)), f"duplicate in {key}"
+
+
+async def test_bad_input_is_invalid_argument_and_harmless(pg_dsn: str, spawn: Spawn) -> None:
+    svc = spawn("seqsvc", env(pg_dsn, max_batch=100, max_reserve=1000))
+    async with grpc.aio.insecure_channel(svc.address) as channel:
+        stub = pb_grpc.SeqServiceStub(channel)
+        before = (await stub.Next(pb.NextRequest(key="ok"))).value
+
+        async def refused(call: object, *needles: str) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call  # type: ignore[misc]
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            for needle in needles:
+                assert needle in (info.value.details() or ""), info.value.details()
+
+        await refused(stub.Next(pb.NextRequest(key="")), "empty")
+        await refused(stub.Next(pb.NextRequest(key="x" * 129)), "129 bytes", "128")
+        await refused(stub.Current(pb.CurrentRequest(key="é" * 65)), "130 bytes")
+        await refused(stub.NextBatch(pb.NextBatchRequest(keys=["ok"] * 101)), "limit is 100")
+        await refused(stub.NextBatch(pb.NextBatchRequest(keys=["ok", "ok", ""])), "keys[2]")
+        for count in (0, -3, 1001):
+            await refused(stub.Reserve(pb.ReserveRequest(key="ok", count=count)), "count")
+        raw = channel.unary_unary(
+            "/im.seqsvc.v1.SeqService/Next",
+            request_serializer=None,
+            response_deserializer=pb.NextResponse.FromString,
+        )
+        await refused(raw(b"\x0a\x02\xff\xfe"), "UTF-8")  # field 1, 2 bytes, not UTF-8
+
+        # Nothing was advanced or broken by any of it.
+        assert (await stub.Next(pb.NextRequest(key="ok"))).value == before + 1
+        assert (await stub.Next(pb.NextRequest(key="é" * 64))).value >= 1
+    assert health_status(svc.address) == 1  # SERVING
+    async with SeqClient(svc.address) as seq:
+        with pytest.raises(SeqInvalidArgument):
+            await seq.next("")
+        with pytest.raises(SeqInvalidArgument):
+            await seq.next_batch(["ok"] * 101)
+        assert await seq.next("ok") == before + 2  # coalesced batch unaffected
+
+
+async def test_standby_takes_over_after_kill_and_at_once_after_sigterm(
+    pg_dsn: str, spawn: Spawn
+) -> None:
+    """Two replicas never serve at once: the second waits while the first holds
+    the lease, takes over when it expires (kill -9) or is released (SIGTERM), and
+    continues above every value the first handed out."""
+    a = spawn("seqsvc", env(pg_dsn, instance_id="a", lease_s=2, standby_poll_s=0.1))
+    b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=2, standby_poll_s=0.1), wait=False)
+    async with SeqClient(a.address) as seq:
+        before = await seq.next_batch(["k"] * 10)
+    await asyncio.sleep(0.5)  # give b every chance to (wrongly) start serving
+    with pytest.raises(grpc.RpcError):
+        health_status(b.address)  # standby: not even listening yet
+    killed_at = time.monotonic()
+    a.kill()
+    await asyncio.to_thread(b.wait_ready, 15)
+    assert time.monotonic() - killed_at >= 0.5  # it waited for a's lease to lapse
+    async with SeqClient(b.address) as seq:
+        after = await seq.next_batch(["k"] * 10)
+        assert min(after) > max(before)
+    # a comes back as a standby; a graceful stop of b hands over at once.
+    a.launch()
+    await asyncio.sleep(0.3)
+    with pytest.raises(grpc.RpcError):
+        health_status(a.address)
+    stopped_at = time.monotonic()
+    b.stop()
+    await asyncio.to_thread(a.wait_ready, 15)
+    assert time.monotonic() - stopped_at < 2.0 + 1.5
+    async with SeqClient(a.address) as seq:
+        assert min(await seq.next_batch(["k"] * 3)) > max(after)
+
+
+def test_migrate_command_and_config_errors(pg_dsn: str) -> None:
+    pythonpath = os.pathsep.join(str(ROOT / d) for d in ("services", "libs", "gen"))
+    base = {**os.environ, "PYTHONPATH": pythonpath}
+    cmd = [sys.executable, "-m", "seqsvc", "migrate"]
+    run = subprocess.run(
+        cmd, env={**base, "IM_SEQSVC_DATABASE_URL": pg_dsn}, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "0001_sections" in run.stdout
+    again = subprocess.run(
+        cmd, env={**base, "IM_SEQSVC_DATABASE_URL": pg_dsn}, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "up to date" in again.stdout
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM seqsvc_sections").fetchone() == (0,)
+    base.pop("IM_SEQSVC_DATABASE_URL", None)
+    missing = subprocess.run(cmd, env=base, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "IM_SEQSVC_DATABASE_URL" in missing.stderr
+    bad = subprocess.run(
+        cmd, env={**base, "IM_SEQSVC_DATABASE_URL": pg_dsn, "IM_SEQSVC_STEP": "0"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "IM_SEQSVC_STEP" in bad.stderr
