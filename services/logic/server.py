@@ -46,6 +46,13 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             coalesce_window_ms=settings.seqsvc_coalesce_window_ms,
             deadline_s=settings.seqsvc_deadline_s,
             max_retries=settings.seqsvc_max_retries,
+            # Reconnect within a fraction of a second after a seqsvc restart (the
+            # gRPC default backs off up to two minutes).
+            channel_options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
         )
     )
     seq = SeqClientSource(seq_client)

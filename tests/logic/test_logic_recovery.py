@@ -11,7 +11,7 @@ import pytest
 from logic_support import FanoutDriver, LogicClient, query, table_counts, wait_for
 
 from im.logic.v1 import logic_pb2 as pb
-from imdev.servers import NatsServer, ServiceProcess
+from imdev.servers import NatsServer, PostgresServer, ServiceProcess
 from logic.faults import CRASH_EXIT_CODE
 
 
@@ -182,3 +182,55 @@ async def test_repair_fans_out_directly_when_triggers_do_not_help(
     assert (await table_counts(pg_dsn))["fanout_pending"] == 0
     await client.close()
     await asyncio.sleep(0)
+
+
+async def test_seqsvc_or_postgres_down_is_unavailable_and_writes_nothing(
+    spawn: Callable[..., ServiceProcess],
+    logic_env: dict[str, str],
+    seqsvc: ServiceProcess,
+    postgres_factory: Callable[..., PostgresServer],
+) -> None:
+    """Retryable UNAVAILABLE while a dependency is down, nothing written, and the
+    same request succeeds once it is back."""
+    pg = postgres_factory()
+    dsn = pg.create_database("logic")
+    proc = spawn(
+        "logic",
+        {
+            **logic_env,
+            "IM_LOGIC_DATABASE_URL": dsn,
+            "IM_LOGIC_SEQSVC_MAX_RETRIES": "1",
+            "IM_LOGIC_DB_POOL_TIMEOUT_S": "1",
+        },
+    )
+    client = LogicClient(proc.address)
+    await client.send("ann", "d:ann:ben", client_msg_id="before")
+
+    seqsvc.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.send("ann", "d:ann:ben", client_msg_id="during-seq")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "sequence service" in (err.value.details() or "")
+    assert len(await query(dsn, "SELECT msg_id FROM messages")) == 1
+    seqsvc.start()
+
+    async def sends(cmid: str) -> bool:
+        try:
+            await client.send("ann", "d:ann:ben", client_msg_id=cmid)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+        return True
+
+    await wait_for(lambda: sends("during-seq"), what="sends succeed after seqsvc restarted")
+
+    pg.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.send("ann", "d:ann:ben", client_msg_id="during-pg")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "database" in (err.value.details() or "")
+    pg.start()
+    await wait_for(lambda: sends("during-pg"), what="sends succeed after PostgreSQL restarted")
+    ids = [m.client_msg_id for _, m in await client.timeline("ann")]
+    assert ids == ["before", "during-seq", "during-pg"]
+    await client.close()
