@@ -87,9 +87,12 @@ class Repairer:
                 conv_seq=claim.upto_conv_seq,
             )
             if await self._publisher.publish(trigger, f"repair-{uuid.uuid4().hex}"):
-                log.warning("fan-out stuck; trigger re-published", extra=extra)
+                # A first repair usually means the pusher is behind; later ones that
+                # the trigger was lost again or nobody consumes.
+                level = logging.INFO if claim.attempts == 1 else logging.WARNING
+                log.log(level, "fan-out overdue; trigger re-published", extra=extra)
                 return
-        log.warning("fan-out stuck; fanning out directly", extra=extra)
+        log.warning("fan-out overdue; fanning out directly", extra=extra)
         try:
             for _ in range(MAX_DIRECT_ROUNDS):
                 result = await self._fanout.fanout(claim.conversation_id)
