@@ -170,8 +170,11 @@ class Allocator:
         self._wanted = asyncio.Event()
         self._store_down = False
         self._tasks: list[asyncio.Task[None]] = []
+        #: Counters for metrics (plain ints: the hot path must stay cheap).
         self.evictions = 0
         self.store_writes = 0
+        self.store_failures = 0
+        self.waits = 0
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -331,6 +334,7 @@ class Allocator:
 
     async def _take_waiting(self, key: str, sec: _Section, n: int) -> int:
         """The slow path: waits for the section's ceiling to be raised."""
+        self.waits += 1
         deadline = self._clock() + self._wait_timeout
         while True:
             first = self._take(key, sec, n)
@@ -462,6 +466,7 @@ class Allocator:
             except Exception as exc:
                 if not self._store_down:
                     log.warning("store write failed; retrying", extra={"error": repr(exc)})
+                self.store_failures += 1
                 self._store_down = True
                 self._fail_waiters(batch)
                 self._requested.extend(batch)

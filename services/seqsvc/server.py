@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
@@ -53,6 +54,22 @@ def make_allocator(settings: Settings, store: PgSectionStore) -> Allocator:
     )
 
 
+def register_metrics(runtime: Runtime, allocator: Allocator) -> None:
+    """Gauges read from the allocator at scrape time (nothing on the hot path)."""
+    a = allocator
+    gauges: list[tuple[str, str, Callable[[], float]]] = [
+        ("seqsvc_serving", "1 while this instance serves the sections", lambda: a.serving),
+        ("seqsvc_epoch", "Fencing epoch this instance owns", lambda: a.epoch),
+        ("seqsvc_keys_in_memory", "Keys whose cur_seq is in memory", lambda: a.keys_in_memory),
+        ("seqsvc_evictions", "Keys evicted from memory since start", lambda: a.evictions),
+        ("seqsvc_store_writes", "Step reservations committed", lambda: a.store_writes),
+        ("seqsvc_store_failures", "Step reservations that failed", lambda: a.store_failures),
+        ("seqsvc_waits", "Calls that waited for a step reservation", lambda: a.waits),
+    ]
+    for name, doc, read in gauges:
+        runtime.metrics.gauge(name, doc).set_function(read)
+
+
 async def build(settings: Settings, runtime: Runtime) -> None:
     applied = await migrate(settings.database_url)
     if applied:
@@ -64,6 +81,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     runtime.stack.push_async_callback(allocator.close)
     if await allocator.start(runtime.stop_requested):
         runtime.spawn(allocator.run(), "seqsvc-allocator")
+    register_metrics(runtime, allocator)
     add_to_server(SeqServicer(allocator), runtime.server)
     runtime.expose(SERVICE_NAME)
 

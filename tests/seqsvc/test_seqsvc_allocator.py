@@ -238,3 +238,14 @@ async def test_invalid_input_is_refused_and_changes_nothing(make: Factory) -> No
         with pytest.raises(InvalidArgument):
             await alloc.reserve("ok", count)
     assert await alloc.next("ok") == v + 1  # the refused batch advanced nothing
+
+
+async def test_reserve_larger_than_a_step_is_one_contiguous_range(make: Factory) -> None:
+    store = MemStore()
+    alloc = await make(store, sections=1, step=100)
+    before = await alloc.next("k")
+    first, last = await alloc.reserve("k", 1000)
+    assert first == before + 1 and last == first + 999
+    assert last <= store.max_seq[0]
+    assert await alloc.next("k") == last + 1
+    assert alloc.waits == 1  # one wait, served by one larger reservation

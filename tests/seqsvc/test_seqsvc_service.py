@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -259,7 +260,8 @@ async def test_step_10_with_1000_concurrent_callers(pg_dsn: str, spawn: Spawn) -
 
 
 async def test_bad_input_is_invalid_argument_and_harmless(pg_dsn: str, spawn: Spawn) -> None:
-    svc = spawn("seqsvc", env(pg_dsn, max_batch=100, max_reserve=1000))
+    metrics_port = free_port()
+    svc = spawn("seqsvc", env(pg_dsn, max_batch=100, max_reserve=1000, metrics_port=metrics_port))
     async with grpc.aio.insecure_channel(svc.address) as channel:
         stub = pb_grpc.SeqServiceStub(channel)
         before = (await stub.Next(pb.NextRequest(key="ok"))).value
@@ -295,6 +297,10 @@ async def test_bad_input_is_invalid_argument_and_harmless(pg_dsn: str, spawn: Sp
         with pytest.raises(SeqInvalidArgument):
             await seq.next_batch(["ok"] * 101)
         assert await seq.next("ok") == before + 2  # coalesced batch unaffected
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert "im_seqsvc_serving 1.0" in text
+    assert "im_seqsvc_keys_in_memory 2.0" in text  # "ok" and "é" * 64: nothing refused
 
 
 async def test_standby_takes_over_after_kill_and_at_once_after_sigterm(
