@@ -10,9 +10,12 @@ from pydantic_settings import SettingsConfigDict
 from imcommon.config import ConfigError
 from imcommon.settings import ServerSettings
 
-#: Upper bound of the protobuf overhead of one delivered message besides its body
-#: (ids, sequence numbers, field tags). Used to keep responses under the gRPC limit.
-MESSAGE_OVERHEAD_BYTES = 512
+#: Room kept in every paged response for what is not an entry (field tags,
+#: has_more, the watermark), so that the entries' accounted sizes can fill the rest.
+RESPONSE_HEADROOM_BYTES = 4096
+#: Upper bound of one entry's protobuf size besides its body (ids of at most 64 to
+#: 131 characters, sequence numbers, field tags).
+ENTRY_OVERHEAD_BYTES = 1024
 
 
 class Settings(ServerSettings):
@@ -237,12 +240,12 @@ class Settings(ServerSettings):
             raise ValueError(
                 "IM_LOGIC_FANOUT_DEFAULT_MESSAGES must be <= IM_LOGIC_FANOUT_MAX_MESSAGES"
             )
-        if self.max_response_bytes < self.max_body_bytes + MESSAGE_OVERHEAD_BYTES:
-            # Otherwise a single message could not fit in a response and a caller
-            # paging with has_more would never get past it.
+        room = RESPONSE_HEADROOM_BYTES + ENTRY_OVERHEAD_BYTES
+        if self.max_response_bytes < self.max_body_bytes + room:
+            # Otherwise a single message could not fit in a response.
             raise ValueError(
                 "IM_LOGIC_MAX_RESPONSE_BYTES must exceed IM_LOGIC_MAX_BODY_BYTES by at least "
-                f"{MESSAGE_OVERHEAD_BYTES}"
+                f"{room}"
             )
         if self.max_response_bytes > self.max_message_bytes:
             raise ValueError("IM_LOGIC_MAX_RESPONSE_BYTES must be <= IM_LOGIC_MAX_MESSAGE_BYTES")

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 
 from logic import repo
+from logic.config import RESPONSE_HEADROOM_BYTES
 from logic.errors import DependencyFailed, SequenceRegression
 from logic.faults import Faults
 from logic.ids import (
@@ -42,9 +43,6 @@ from logic.seq import SeqSource
 from logic.store import Database
 
 log = logging.getLogger(__name__)
-
-#: Room left in a response for everything but the deliveries.
-RESPONSE_HEADROOM_BYTES = 4096
 
 
 @dataclass
@@ -158,7 +156,7 @@ class Fanout:
             if i == 0 and cursor:
                 users = [u for u in users if u > cursor]
             for j, user in enumerate(users):
-                cost = msg.wire_size + len(user) + 32
+                cost = msg.wire_size + len(user) + 32  # + the FanoutDelivery around it
                 if pairs and (len(pairs) >= self._max_rows or size + cost > self._budget):
                     if j > 0:  # part of this message is done: remember where
                         cursor = users[j - 1]

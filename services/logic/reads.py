@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from logic import repo
+from logic.config import RESPONSE_HEADROOM_BYTES
 from logic.errors import InvalidArgument, NotFound, PermissionDenied
 from logic.ids import check_user_id, parse_conversation_id
-from logic.model import HistoryPage, Page, TimelineEntry
+from logic.model import HistoryPage, Page, StoredMessage, TimelineEntry
 from logic.store import Database
-
-RESPONSE_HEADROOM_BYTES = 4096
 
 
 class Reader:
@@ -44,11 +43,14 @@ class Reader:
         with self._db.errors():
             async with self._db.pool.connection() as conn:
                 rows = await repo.timeline_page(conn, user_id, after_seq, limit + 1, self._budget)
-        entries = []
+        entries: list[TimelineEntry] = []
+        size = 0
         for seq, msg in rows[:limit]:
-            if msg is None:
+            cost = msg.wire_size + 16 if msg is not None else 0  # + the TimelineEntry
+            if msg is None or (entries and size + cost > self._budget):
                 break
             entries.append(TimelineEntry(seq, msg))
+            size += cost
         return Page(entries, has_more=len(rows) > len(entries))
 
     async def history(
@@ -81,11 +83,13 @@ class Reader:
                 rows = await repo.history_page(
                     conn, conv.value, before, ranges, limit + 1, self._budget
                 )
-        messages = []
+        messages: list[StoredMessage] = []
+        size = 0
         for msg in rows[:limit]:
-            if msg is None:
+            if msg is None or (messages and size + msg.wire_size + 8 > self._budget):
                 break
             messages.append(msg)
+            size += msg.wire_size + 8
         return HistoryPage(messages, has_more=len(rows) > len(messages))
 
     @staticmethod
