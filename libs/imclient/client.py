@@ -300,16 +300,13 @@ class Client(UnaryCalls):
                 await self.flush(drain_timeout_s)
         self._closing = True
         if self._run_task is not None:
+            # Cancelled once only: a second cancellation would interrupt its own
+            # clean-up, which is what stops the connection's tasks.
             self._run_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._run_task
+            await asyncio.wait([self._run_task])
         self._stop(self._terminal or ClientClosed("client closed"))
         self._release_handed()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_and_wait(self._tasks)
         # Nothing more is handed after close: what was queued but not handed is
         # not committed, so the next start syncs it again.
         while not self._app_queue.empty():
@@ -325,9 +322,8 @@ class Client(UnaryCalls):
         """Waits until every send submitted so far is acknowledged or failed."""
         futures = list(self._futures.values())
         if futures:
-            await asyncio.wait_for(
-                asyncio.shield(asyncio.gather(*futures, return_exceptions=True)), timeout
-            )
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
 
     # -- sending -----------------------------------------------------------------
 
@@ -476,7 +472,8 @@ class Client(UnaryCalls):
             stub = gateway_pb2_grpc.GatewayStub(channel)
             call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
             try:
-                first = await asyncio.wait_for(call.read(), self._welcome_timeout_s)
+                async with asyncio.timeout(self._welcome_timeout_s):
+                    first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     raise AuthError(f"token refused: {exc.details()}") from exc
@@ -509,18 +506,17 @@ class Client(UnaryCalls):
                     raise failure
             raise _SessionLost("session task ended")
         finally:
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+            # Cancel the call first: a task blocked in call.read() or call.write()
+            # is only reliably released by the call's own cancellation.
+            if call is not None:
+                call.cancel()
+            await _cancel_and_wait(tasks)
             self._ready.clear()
             self._channel = None
             self._session_token = None
             self._window.on_disconnected()
             if self._receiver is not None and self._receiver.syncing:
                 self._receiver.sync_failed()
-            if call is not None:
-                call.cancel()
             await channel.close(grace=None)
 
     async def _on_welcome(self, welcome: gateway_pb2.Welcome) -> None:
@@ -650,8 +646,11 @@ class Client(UnaryCalls):
             if self._wake.is_set():
                 continue
             timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that
+            # coincides with the event being set, and close() would hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _syncer(self, stub: Any, token: str) -> None:
         """Syncs whenever the receiver needs it; marks the client ready after the
@@ -834,6 +833,20 @@ class _Messages:
             c._handed = message
             c._stats.handed += 1
             return message
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancels `tasks` and waits until they are done. A task may survive one
+    cancellation (an application hook, or asyncio.wait_for on Python 3.11,
+    swallows it): such a task is cancelled again rather than waited on for ever."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", task.get_name(), task.exception())
 
 
 def _describe(exc: BaseException) -> str:

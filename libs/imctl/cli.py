@@ -319,7 +319,8 @@ async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
             await client.flush()
             if args.linger > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(shower), args.linger)
+                    async with asyncio.timeout(args.linger):
+                        await asyncio.shield(shower)
         finally:
             shower.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,240 @@
+"""End to end through the real stack (PostgreSQL, Redis, NATS, seqsvc, logic,
+pusher, gateway) with the Python SDK: no loss, no duplicates, in order.
+
+The tests of this module share one stack (the `stack` fixture); each uses its own
+users. Nothing on the server side is mocked; faults are injected only on the
+client side (dropped ACKs, a held sync response, a cut TCP connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from e2e_support import Inbox, TcpProxy, assert_exactly_once_in_order, uid, wait_until
+
+from im.gateway.v1 import gateway_pb2
+from imclient import (
+    Client,
+    DebugHooks,
+    GatewayApi,
+    MemoryStore,
+    SQLiteStore,
+    direct_conversation_id,
+)
+from imdev.stack import Stack
+
+
+def texts(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:05d}" for i in range(n)]
+
+
+async def send_all(client: Client, conv: str, bodies: list[str]) -> None:
+    """Submits everything at once (the send window pipelines it) and waits for
+    every ACK; checks the ACKs keep the submission order in the conversation."""
+    results = await asyncio.gather(*(client.submit(conv, b) for b in bodies))
+    conv_seqs = [r.conv_seq for r in results]
+    assert conv_seqs == sorted(conv_seqs) and len(set(conv_seqs)) == len(conv_seqs)
+    assert len({r.msg_id for r in results}) == len(results)
+
+
+async def test_a_to_b_1000_messages_online(stack: Stack) -> None:
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    bodies = texts("online", 1000)
+    async with (
+        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+    ):
+        inbox = Inbox(b, "bob/b1")
+        await send_all(a, conv, bodies)
+        await inbox.wait_for(1000, timeout=60, conversation_id=conv)
+        assert_exactly_once_in_order(inbox, conv, bodies)
+        # B was online: the messages came by push, not by sync.
+        assert b.stats.pushes >= 1000
+        await inbox.close()
+
+
+async def test_b_offline_while_a_sends_500_then_connects(stack: Stack, tmp_path: Path) -> None:
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    bodies = texts("offline", 500)
+    b_token = stack.mint(bob, "b1")
+    store_path = tmp_path / "bob.sqlite3"
+    async with Client(stack.gateway_addresses, b_token, store=SQLiteStore(store_path)) as b:
+        pass  # B has been online once: its cursor exists (0)
+    async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+        await send_all(a, conv, bodies)
+
+    # B comes back: everything arrives by sync, once, in order. It stops after
+    # 200 (a process restart), and the next process resumes after exactly those.
+    async with Client(stack.gateway_addresses, b_token, store=SQLiteStore(store_path)) as b:
+        first: list[str] = []
+        async for m in b.messages():
+            first.append(m.text)
+            if len(first) == 200:
+                break
+        assert b.stats.sync_entries >= 200
+    assert first == bodies[:200]
+    async with Client(stack.gateway_addresses, b_token, store=SQLiteStore(store_path)) as b:
+        inbox = Inbox(b, "bob/b1 after restart")
+        await inbox.wait_for(300, timeout=30, conversation_id=conv)
+        assert_exactly_once_in_order(inbox, conv, bodies[200:])
+        await inbox.close()
+
+
+async def test_every_device_of_both_users_gets_everything(stack: Stack) -> None:
+    """B has two devices (one joins half-way), A has a second device: each of
+    them, and the sending device itself, gets every message once, in order."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    bodies = texts("multi", 200)
+    addrs = stack.gateway_addresses
+    async with (
+        Client(addrs, stack.mint(alice, "a1")) as a1,
+        Client(addrs, stack.mint(alice, "a2")) as a2,
+        Client(addrs, stack.mint(bob, "b1")) as b1,
+    ):
+        inboxes = [Inbox(a1, "alice/a1"), Inbox(a2, "alice/a2"), Inbox(b1, "bob/b1")]
+        await send_all(a1, conv, bodies[:100])
+        async with Client(addrs, stack.mint(bob, "b2")) as b2:
+            inboxes.append(Inbox(b2, "bob/b2"))
+            await send_all(a1, conv, bodies[100:])
+            for inbox in inboxes:
+                await inbox.wait_for(200, timeout=30, conversation_id=conv)
+            for inbox in inboxes:
+                assert_exactly_once_in_order(inbox, conv, bodies)
+            # One message, one timeline position per user: devices agree.
+            for x, y in [(inboxes[0], inboxes[1]), (inboxes[2], inboxes[3])]:
+                assert [m.seq for m in x.messages] == [m.seq for m in y.messages]
+            for inbox in inboxes:
+                await inbox.close()
+
+
+async def test_dropped_delivery_acks_are_retransmitted_and_shown_once(stack: Stack) -> None:
+    """B's first delivery ACKs never leave the client: the pusher must
+    retransmit those pushes, and B must show each message exactly once."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    bodies = texts("noack", 40)
+    hooks = DebugHooks(drop_deliver_acks=10)
+    async with (
+        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), hooks=hooks, ack_delay_s=0) as b,
+    ):
+        inbox = Inbox(b, "bob/b1")
+        for body in bodies[:10]:  # one at a time: one ACK each, all dropped
+            await a.send(conv, body)
+            await inbox.wait_for(len(inbox.messages) + 1, timeout=10, conversation_id=conv)
+        assert b.stats.acks_dropped == 10 and b.stats.acks_sent == 0
+        # Nothing acknowledges them now: the pusher's timers must fire.
+        await wait_until(
+            lambda: b.stats.duplicate_pushes >= 1, 15, lambda: f"a retransmit ({b.stats})"
+        )
+        await wait_until(lambda: b.stats.acks_sent >= 1, 5, "B to acknowledge the repeat")
+        await send_all(a, conv, bodies[10:])
+        await inbox.wait_for(40, timeout=30, conversation_id=conv)
+        assert_exactly_once_in_order(inbox, conv, bodies)
+        assert b.stats.acks_sent >= 1
+        await inbox.close()
+
+
+async def test_stream_cut_every_50_messages_while_sending(stack: Stack) -> None:
+    """A's TCP connection is reset after every 50th ACK while 500 sends are in
+    flight: A reconnects and resends unacked sends with the same client_msg_id;
+    B gets every message once, in A's order."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    bodies = texts("cut", 500)
+    proxy = await TcpProxy(stack.gateway_addresses[0]).start()
+    try:
+        async with (
+            Client(proxy.address, stack.mint(alice, "a1")) as a,
+            Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+        ):
+            inbox = Inbox(b, "bob/b1")
+            acked = 0
+
+            def on_ack(_: object) -> None:
+                nonlocal acked
+                acked += 1
+                if acked % 50 == 0 and acked < len(bodies):
+                    proxy.cut()
+
+            futures = [a.submit(conv, body) for body in bodies]
+            for f in futures:
+                f.add_done_callback(on_ack)
+            async with asyncio.timeout(90):
+                results = await asyncio.gather(*futures)
+            assert proxy.cuts == 9
+            assert a.stats.connects >= 10  # it really reconnected after each cut
+            assert [r.conv_seq for r in results] == sorted(r.conv_seq for r in results)
+            assert len({r.msg_id for r in results}) == 500  # no send stored twice
+            await inbox.wait_for(500, timeout=60, conversation_id=conv)
+            assert_exactly_once_in_order(inbox, conv, bodies)
+            await inbox.close()
+    finally:
+        await proxy.close()
+
+
+async def test_push_during_sync_never_skips_gim_issue_46(stack: Stack) -> None:
+    """B reconnects while 20 messages wait for it. Its first sync response is
+    held in the client while A sends one more, which is pushed to B before the
+    sync is applied. The push must wait: B shows all 21, once, in order."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    bodies = texts("gim46", 21)
+    store = MemoryStore()
+    b_token = stack.mint(bob, "b1")
+    async with Client(stack.gateway_addresses, b_token, store=store):
+        pass
+    async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+        await send_all(a, conv, bodies[:20])
+        # Fan-out into B's timeline runs after the send ACK: wait until all 20
+        # are there, so B's sync returns them all (read without a stream).
+        async with GatewayApi(stack.gateway_addresses, b_token) as api:
+            timeline: list[object] = []
+
+            async def fanned_out() -> bool:
+                timeline[:] = await api.sync_all(0)
+                return len(timeline) >= 20
+
+            for _ in range(300):
+                if await fanned_out():
+                    break
+                await asyncio.sleep(0.05)
+            assert len(timeline) == 20
+
+        held = asyncio.Event()
+        release = asyncio.Event()
+        held_seqs: list[int] = []
+        pushed: list[int] = []
+
+        async def hold_first_sync(resp: gateway_pb2.SyncResponse) -> None:
+            if not held.is_set():
+                held_seqs.extend(e.seq for e in resp.entries)
+                held.set()
+                async with asyncio.timeout(30):
+                    await release.wait()
+
+        hooks = DebugHooks(on_sync_response=hold_first_sync, on_push=pushed.append)
+        b = Client(stack.gateway_addresses, b_token, store=store, hooks=hooks)
+        await b.start(wait_ready=False)
+        try:
+            inbox = Inbox(b, "bob/b1")
+            async with asyncio.timeout(15):
+                await held.wait()
+            assert len(held_seqs) == 20  # the sync's answer has the 20 older ones
+            last = await a.send(conv, bodies[20])
+            await wait_until(lambda: len(pushed) >= 1, 15, "the push to reach B")
+            assert b.stats.buffered_pushes >= 1
+            assert b.last_seq < min(pushed)  # the push did not move B past the sync
+            assert max(held_seqs) < min(pushed)  # the push is really ahead of the sync
+            release.set()
+            await inbox.wait_for(21, timeout=15, conversation_id=conv)
+            assert_exactly_once_in_order(inbox, conv, bodies)
+            assert inbox.messages[-1].msg_id == last.msg_id
+            await inbox.close()
+        finally:
+            release.set()
+            await b.close()
