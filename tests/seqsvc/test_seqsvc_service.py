@@ -360,3 +360,18 @@ def test_migrate_command_and_config_errors(pg_dsn: str) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "IM_SEQSVC_STEP" in bad.stderr
+
+
+async def test_fenced_instance_stops_serving_and_exits(pg_dsn: str, spawn: Spawn) -> None:
+    """If a newer epoch takes the sections while the old owner still runs (here: a
+    second process wrongly sharing its instance id), the old one's conditional
+    writes fail, it stops serving and exits non-zero; values continue above."""
+    a = spawn("seqsvc", env(pg_dsn, instance_id="same", lease_s=1, step=20))
+    async with SeqClient(a.address, max_retries=0) as seq:
+        before = await seq.next_batch(["k"] * 50)
+        b = spawn("seqsvc", env(pg_dsn, instance_id="same", lease_s=1, step=20))
+        assert await asyncio.to_thread(a.wait, 10) == 1  # fenced -> exit status 1
+        with pytest.raises(SeqError):
+            await seq.next("k")
+    async with SeqClient(b.address) as seq:
+        assert min(await seq.next_batch(["k"] * 50)) > max(before)
