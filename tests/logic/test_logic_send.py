@@ -54,6 +54,15 @@ async def test_send_fanout_sync_roundtrip(client: LogicClient, pg_dsn: str) -> N
         k: v for k, v in before.items() if k != "outbox"
     }
 
+    # The longest ids work end to end (the conversation's seqsvc key is hashed to
+    # stay within seqsvc's 128-byte key limit).
+    a, b = "a" * 64, "b" * 64
+    long_ack = await client.send(
+        a, f"d:{a}:{b}", b"x" * 65536, client_msg_id="c" * 128, device="d" * 64
+    )
+    await client.fanout_all(f"d:{a}:{b}")
+    assert [m.msg_id for _, m in await client.timeline(b)] == [long_ack.msg_id]
+
 
 @pytest.mark.parametrize("locks", ["locks", "no-locks"])
 async def test_ten_identical_concurrent_sends_store_one_message(
