@@ -1,0 +1,973 @@
+"""End-to-end benchmark: the whole stack on this machine, driven by SDK clients.
+
+    .venv/bin/python bench/e2e.py            # full run (about 6-9 minutes)
+    .venv/bin/python bench/e2e.py --quick    # a smoke-sized run (about 2 minutes)
+
+Starts a fresh `imdev.stack.Stack` (PostgreSQL with fsync on, Redis, NATS
+JetStream, seqsvc, logic, pusher, two gateways) and measures, with the load
+generator in processes of its own (multiprocessing, spawn):
+
+1. 1:1 traffic: many sender/recipient pairs of full SDK clients, open-loop at
+   fixed offered loads (500, 1,000, 2,000 msg/s), then a search for the highest
+   rate sustained with zero loss. Send-ACK latency (intended send time to the
+   SendAck in the sender's app) and delivery latency (intended send time to the
+   recipient's app callback); every message is counted at its recipient: it must
+   arrive exactly once, in order.
+2. Idle connections held by one gateway process (gateway 1, used for nothing
+   else) and its memory per connection (RSS delta / connections, from /proc).
+3. One message to a 500-member group with every member online: time until the
+   last member's app has it, over repeats.
+
+Writes bench/results/e2e.json (e2e-quick.json with --quick), a PNG of latency
+against offered load (bench/results/e2e_latency.png, gitignored), and prints
+`RESULT {json}` last. docs/benchmarks.md explains every number.
+
+`--profile` additionally samples every service with py-spy during one extra
+level (py-spy is not a project dependency: install it anywhere, e.g.
+`pip install --target /tmp/pyspy py-spy`, and pass `--py-spy /tmp/pyspy/bin/py-spy`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import e2e_conns
+import e2e_load
+import e2e_png
+
+from imclient import direct_conversation_id
+from imdev.stack import Stack
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- statistics ----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 2)
+
+    return {
+        "n": len(values),
+        "p50": r(percentile(values, 50)),
+        "p90": r(percentile(values, 90)),
+        "p99": r(percentile(values, 99)),
+        "p999": r(percentile(values, 99.9)),
+        "max": r(max(values) if values else None),
+    }
+
+
+# -- /proc ---------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces: fields start after the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant (PostgreSQL's backends, for example)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children[int(fields[1])].append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine (every core), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class CpuMeter:
+    """CPU time of named process groups between two samples, as cores used."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self._t0 = 0.0
+        self._c0: dict[str, float] = {}
+        self._m0 = 0.0
+
+    def _sample(self) -> dict[str, float]:
+        out = {}
+        for name, roots in self.groups.items():
+            # The coordinator is the parent of everything: count only itself.
+            tree = name != "bench"
+            pids = [p for r in roots for p in (process_tree(r) if tree else [r])]
+            out[name] = cpu_seconds(pids)
+        return out
+
+    def start(self) -> None:
+        self._t0, self._c0 = time.monotonic(), self._sample()
+        self._m0 = machine_busy_seconds()
+
+    def stop(self) -> dict[str, float]:
+        """Cores used per group, `total` (ours), `machine` (everything busy on the
+        machine) and `foreign` (machine - ours: other people's processes)."""
+        elapsed = time.monotonic() - self._t0
+        c1 = self._sample()
+        cores = {k: round((c1[k] - self._c0[k]) / elapsed, 3) for k in c1}
+        cores["total"] = round(sum(cores.values()), 3)
+        cores["machine"] = round((machine_busy_seconds() - self._m0) / elapsed, 3)
+        cores["foreign"] = round(max(0.0, cores["machine"] - cores["total"]), 3)
+        return cores
+
+
+def wait_quiet(groups: dict[str, list[int]], max_wait_s: float, threshold: float) -> float:
+    """Waits (up to `max_wait_s`) until other people's processes use less than
+    `threshold` cores over a 2 s sample; returns the last foreign load seen."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        meter = CpuMeter(groups)
+        meter.start()
+        time.sleep(2.0)
+        foreign = meter.stop()["foreign"]
+        if foreign < threshold or time.monotonic() >= deadline:
+            return foreign
+        log(f"  machine busy with other processes ({foreign:.2f} cores); waiting")
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_total_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft file-descriptor limit up to the hard one. Every process the stack and
+    the workers start inherits it: the gateway needs a socket per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# -- worker processes ------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A worker process and its end of the command pipe."""
+
+    name: str
+    process: multiprocessing.process.BaseProcess
+    pipe: Connection
+
+    def send(self, command: str, args: dict[str, Any] | None = None) -> None:
+        self.pipe.send((command, args or {}))
+
+    def recv(self, timeout: float = 600.0) -> dict[str, Any]:
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"worker {self.name} did not answer within {timeout}s")
+        reply: dict[str, Any] = self.pipe.recv()
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.name}: {reply['error']}")
+        return reply
+
+
+def spawn(target: Any, name: str, *args: Any) -> Proc:
+    ctx = multiprocessing.get_context("spawn")  # no inherited event loop or gRPC state
+    ours, theirs = ctx.Pipe()
+    process = ctx.Process(target=target, args=(theirs, *args, name), name=name, daemon=True)
+    process.start()
+    theirs.close()
+    return Proc(name, process, ours)
+
+
+def call_all(
+    procs: Sequence[Proc], command: str, args: Sequence[dict[str, Any]], timeout: float = 600
+) -> list[dict[str, Any]]:
+    for p, a in zip(procs, args, strict=True):
+        p.send(command, a)
+    return [p.recv(timeout) for p in procs]
+
+
+def close_all(procs: Sequence[Proc]) -> None:
+    for p in procs:
+        if p.process.is_alive():
+            try:
+                p.send("close")
+                p.recv(60)
+            except (OSError, EOFError, TimeoutError, RuntimeError) as exc:
+                log(f"  worker {p.name} did not close cleanly: {exc}")
+        p.process.join(10)
+        if p.process.is_alive():
+            p.process.kill()
+
+
+# -- profiling (optional) ----------------------------------------------------------
+
+
+def start_py_spy(py_spy: str, pid: int, out: Path, duration_s: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(duration_s),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _frame_name(frame: str) -> str:
+    """`func (path/to/file.py:123)` -> `func (dir/file.py)`: lines merged."""
+    if " (" not in frame:
+        return frame
+    func, where = frame.split(" (", 1)
+    path = where.rsplit(":", 1)[0].rstrip(")")
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if len(parts) >= 2 else path
+    return f"{func} ({short})"
+
+
+def summarize_profile(raw: Path, duration_s: float, rate_hz: int, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed
+    stacks. `busy_cores` is samples / (duration * rate): how much of one core the
+    process's Python threads were running (idle threads are not sampled)."""
+    self_counts: Counter[str] = Counter()
+    incl_counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        n = int(count_text)
+        frames = [_frame_name(f) for f in stack.split(";")]
+        # The first frame is the thread ("process 1234:..." / "thread (0x...)").
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        self_counts[frames[-1]] += n
+        for f in set(frames):
+            incl_counts[f] += n
+
+    def share(counter: Counter[str]) -> list[list[Any]]:
+        return [[name, round(100 * c / total, 1)] for name, c in counter.most_common(top)]
+
+    return {
+        "samples": total,
+        "busy_cores": round(total / (duration_s * rate_hz), 3) if duration_s else None,
+        "self_pct": share(self_counts) if total else [],
+        "inclusive_pct": share(incl_counts) if total else [],
+    }
+
+
+# -- 1:1 load ----------------------------------------------------------------------
+
+
+@dataclass
+class LoadConfig:
+    pairs: int
+    workers: int
+    warmup_s: float
+    duration_s: float
+    drain_s: float
+    quiesce_s: float
+    sustain_p99_ms: float
+    quiet_wait_s: float = 0.0
+    quiet_threshold: float = 0.3
+
+
+@dataclass
+class LevelResult:
+    offered: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sustained(self) -> bool:
+        return bool(self.data.get("sustained"))
+
+
+def analyse_level(
+    offered: float,
+    start_at: float,
+    cfg: LoadConfig,
+    rate_w: float,
+    replies: list[dict[str, Any]],
+    cpu: dict[str, float],
+) -> dict[str, Any]:
+    w0, w1 = start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.duration_s
+    ack_ms: list[float] = []
+    deliv_ms: list[float] = []
+    deliv_by_time: list[tuple[float, float]] = []
+    lag_ms: list[float] = []
+    acks_in_window = recvs_in_window = sent_in_window = 0
+    c: Counter[str] = Counter()
+    failures: list[str] = []
+    settled = True
+    for reply in replies:
+        settled &= bool(reply["settled"])
+        failures += reply["failed"]
+        c["failed"] += reply["failed_count"]
+        c["wrong_recipient"] += reply["wrong_recipient"]
+        c["out_of_order"] += reply["out_of_order"]
+        for j, (sub, ack, rcv, count) in enumerate(
+            zip(
+                reply["submitted_at"],
+                reply["ack_at"],
+                reply["recv_at"],
+                reply["recv_count"],
+                strict=True,
+            )
+        ):
+            intended = start_at + j / rate_w
+            c["sent"] += 1
+            has_ack = not math.isnan(ack)
+            c["acked"] += has_ack
+            c["received"] += count > 0
+            c["duplicates"] += max(0, count - 1)
+            c["missing"] += has_ack and count == 0
+            c["unacked"] += not has_ack
+            if not math.isnan(sub):
+                lag_ms.append((sub - intended) * 1000)
+            if w0 <= ack < w1:
+                acks_in_window += 1
+            if w0 <= rcv < w1:
+                recvs_in_window += 1
+            if not w0 <= intended < w1:
+                continue
+            sent_in_window += 1
+            if has_ack:
+                ack_ms.append((ack - intended) * 1000)
+            if count > 0:
+                deliv_ms.append((rcv - intended) * 1000)
+                deliv_by_time.append((intended, (rcv - intended) * 1000))
+    # unacked counts failures too; a failure is reported separately.
+    c["unacked"] -= c["failed"]
+    quarter = cfg.duration_s / 4
+    first = [d for t, d in deliv_by_time if t < w0 + quarter]
+    last = [d for t, d in deliv_by_time if t >= w1 - quarter]
+    p50_first, p50_last = percentile(first, 50), percentile(last, 50)
+    growing = (
+        p50_first is None or p50_last is None or p50_last > max(2 * p50_first, p50_first + 100)
+    )
+    ack_rate = acks_in_window / cfg.duration_s
+    deliv_rate = recvs_in_window / cfg.duration_s
+    deliv = summary(deliv_ms)
+    zero_loss = (
+        settled
+        and c["failed"] == 0
+        and c["unacked"] == 0
+        and c["missing"] == 0
+        and c["duplicates"] == 0
+        and c["out_of_order"] == 0
+        and c["wrong_recipient"] == 0
+    )
+    keeps_up = (
+        ack_rate >= 0.95 * offered
+        and deliv_rate >= 0.95 * offered
+        and not growing
+        and deliv["p99"] is not None
+        and float(deliv["p99"]) <= cfg.sustain_p99_ms
+    )
+    return {
+        "offered_msgs_per_s": offered,
+        "sent_per_s_in_window": round(sent_in_window / cfg.duration_s, 1),
+        "acked_per_s_in_window": round(ack_rate, 1),
+        "delivered_per_s_in_window": round(deliv_rate, 1),
+        "counts": dict(c),
+        "zero_loss": zero_loss,
+        "keeps_up": keeps_up,
+        "sustained": zero_loss and keeps_up,
+        "send_ack_ms": summary(ack_ms),
+        "delivery_ms": deliv,
+        "delivery_p50_ms_first_vs_last_quarter": [p50_first, p50_last],
+        "loadgen_lag_ms": {"p99": summary(lag_ms)["p99"], "max": summary(lag_ms)["max"]},
+        "cpu_cores": cpu,
+        "failures_sample": failures[:5],
+    }
+
+
+class LoadPhase:
+    def __init__(self, stack: Stack, cfg: LoadConfig, meter_groups: dict[str, list[int]]) -> None:
+        self.stack = stack
+        self.cfg = cfg
+        self.meter_groups = meter_groups
+        self.procs: list[Proc] = []
+        self.results: list[LevelResult] = []
+
+    def open(self) -> None:
+        address = self.stack.gateway_addresses[0]
+        pairs = []
+        for i in range(self.cfg.pairs):
+            s, r = f"s{i:04d}", f"r{i:04d}"
+            pairs.append(
+                (s, r, direct_conversation_id(s, r), self.stack.mint(s), self.stack.mint(r))
+            )
+        self.procs = [
+            spawn(e2e_load.worker_main, f"load-{w}", [address]) for w in range(self.cfg.workers)
+        ]
+        self.meter_groups["loadgen"] = [p.process.pid for p in self.procs if p.process.pid]
+        slices = [{"pairs": pairs[w :: self.cfg.workers]} for w in range(self.cfg.workers)]
+        t0 = time.monotonic()
+        replies = call_all(self.procs, "pairs", slices)
+        clients = sum(r["clients"] for r in replies)
+        log(f"  {clients} SDK clients connected in {time.monotonic() - t0:.1f}s")
+
+    def close(self) -> None:
+        close_all(self.procs)
+        self.meter_groups.pop("loadgen", None)
+
+    def run_level(
+        self,
+        offered: float,
+        label: str,
+        duration_s: float | None = None,
+        profile: tuple[str, dict[str, int], Path] | None = None,
+    ) -> LevelResult:
+        cfg = self.cfg
+        foreign_before = (
+            wait_quiet(self.meter_groups, cfg.quiet_wait_s, cfg.quiet_threshold)
+            if cfg.quiet_wait_s
+            else None
+        )
+        duration = duration_s or cfg.duration_s
+        run_cfg = LoadConfig(**{**cfg.__dict__, "duration_s": duration})
+        rate_w = offered / cfg.workers
+        total_w = int(rate_w * (cfg.warmup_s + duration))
+        start_at = time.monotonic() + 0.5
+        args = {
+            "level": label,
+            "rate": rate_w,
+            "total": total_w,
+            "start_at": start_at,
+            "drain_s": cfg.drain_s,
+        }
+        for p in self.procs:
+            p.send("load", args)
+        meter = CpuMeter(self.meter_groups)
+        time.sleep(max(0.0, start_at + cfg.warmup_s - time.monotonic()))
+        meter.start()
+        spies: list[subprocess.Popen[bytes]] = []
+        if profile is not None:
+            py_spy, pids, out_dir = profile
+            for name, pid in pids.items():
+                spies.append(start_py_spy(py_spy, pid, out_dir / f"{name}.txt", int(duration)))
+        time.sleep(max(0.0, start_at + cfg.warmup_s + duration - time.monotonic()))
+        cpu = meter.stop()
+        replies = [p.recv(cfg.drain_s + duration + 120) for p in self.procs]
+        for spy in spies:
+            spy.wait(60)
+        data = analyse_level(offered, start_at, run_cfg, rate_w, replies, cpu)
+        data["label"] = label
+        data["duration_s"] = duration
+        data["foreign_cores_before"] = foreign_before
+        result = LevelResult(offered, data)
+        ack, dl = data["send_ack_ms"], data["delivery_ms"]
+        log(
+            f"  {label}: offered {offered:g}/s acked {data['acked_per_s_in_window']}/s "
+            f"delivered {data['delivered_per_s_in_window']}/s | ACK p50 {ack['p50']} "
+            f"p99 {ack['p99']} p99.9 {ack['p999']} ms | delivery p50 {dl['p50']} "
+            f"p99 {dl['p99']} ms | loss-free {data['zero_loss']} keeps-up {data['keeps_up']} "
+            f"| counts {data['counts']} | cpu {cpu}"
+        )
+        quiet = call_all(
+            self.procs, "quiesce", [{"timeout_s": cfg.quiesce_s, "quiet_s": 1.0}] * len(self.procs)
+        )
+        data["quiesce"] = quiet
+        if not all(q["quiet"] for q in quiet):
+            log(f"  backlog still draining after {cfg.quiesce_s}s: {quiet}")
+        return result
+
+    def search(self, fixed: list[LevelResult], steps: int, resolution: float) -> dict[str, Any]:
+        """Highest offered load (a multiple of 50 msg/s) that is sustained with zero
+        loss: from the fixed levels, up by 1.5x while it holds, then bisection
+        between the best pass and the lowest fail."""
+        tried = {r.offered: r for r in fixed}
+        path: list[dict[str, Any]] = []
+
+        def bounds() -> tuple[float, float | None]:
+            passed = [o for o, r in tried.items() if r.sustained]
+            lo = max(passed, default=0.0)
+            failed = [o for o, r in tried.items() if not r.sustained and o > lo]
+            return lo, min(failed, default=None)
+
+        for step in range(steps):
+            lo, hi = bounds()
+            if hi is None:
+                nxt = lo * 1.5 if lo else 250.0
+            elif lo == 0:
+                nxt = hi / 2
+            else:
+                if hi - lo <= max(resolution, 0.1 * lo):
+                    break
+                nxt = (lo + hi) / 2
+            nxt = max(50.0, round(nxt / 50) * 50)
+            if nxt in tried:
+                break
+            res = self.run_level(nxt, f"search-{step + 1}-{int(nxt)}")
+            self.results.append(res)
+            tried[nxt] = res
+            path.append({"offered": nxt, "sustained": res.sustained})
+        lo, hi = bounds()
+        return {"max_msgs_per_s": lo, "lowest_failing": hi, "path": path}
+
+
+# -- connections ------------------------------------------------------------------
+
+
+def connections_phase(stack: Stack, target: int, procs_n: int, hold_s: float) -> dict[str, Any]:
+    gw = stack.gateways[1]
+    pid = gw.pid
+    assert pid is not None
+    tokens = [stack.mint(f"idle{i:05d}") for i in range(target)]
+    procs = [spawn(e2e_conns.conns_main, f"conns-{i}", gw.address) for i in range(procs_n)]
+    try:
+        # A few streams first, so the baseline includes whatever the first
+        # stream initialises once (channels to Redis, code paths warmed up).
+        call_all(procs[:1], "open", [{"tokens": tokens[:10], "concurrency": 10}])
+        time.sleep(2.0)
+        base_rss, base_fds = rss_kb(pid), open_fds(pid)
+        rest = tokens[10:]
+        t0 = time.monotonic()
+        replies = call_all(
+            procs,
+            "open",
+            [{"tokens": rest[i::procs_n], "concurrency": 100} for i in range(procs_n)],
+        )
+        open_s = time.monotonic() - t0
+        opened = sum(r["opened"] for r in replies)  # the first holder counts its 10 too
+        failed = sum(r["failed"] for r in replies)
+        errors = [e for r in replies for e in r["errors"]][:5]
+        log(f"  {opened} streams open ({failed} failed) in {open_s:.1f}s; holding {hold_s:g}s")
+        # Hold past at least one route refresh round of the gateway.
+        time.sleep(hold_s)
+        alive = sum(r["alive"] for r in call_all(procs, "check", [{}] * procs_n))
+        rss, fds = rss_kb(pid), open_fds(pid)
+        per_conn_kb = (rss - base_rss) / max(1, alive - 10)
+        client_rss = sum(rss_kb(p.process.pid) for p in procs if p.process.pid)
+        result = {
+            "target": target,
+            "opened": opened,
+            "failed": failed,
+            "errors": errors,
+            "open_s": round(open_s, 1),
+            "connects_per_s": round(len(rest) / open_s, 1) if open_s else None,
+            "alive_after_hold": alive,
+            "hold_s": hold_s,
+            "gateway_rss_kb_before": base_rss,
+            "gateway_rss_kb_after": rss,
+            "gateway_fds_before": base_fds,
+            "gateway_fds_after": fds,
+            "kb_per_connection": round(per_conn_kb, 2),
+            "client_processes": procs_n,
+            "client_rss_kb_total": client_rss,
+        }
+        log(
+            f"  alive {alive}; gateway RSS {base_rss} -> {rss} kB "
+            f"({per_conn_kb:.1f} kB/connection), fds {base_fds} -> {fds}"
+        )
+        return result
+    finally:
+        close_all(procs)
+
+
+# -- group -----------------------------------------------------------------------
+
+
+def group_phase(stack: Stack, size: int, repeats: int, workers: int) -> dict[str, Any]:
+    address = stack.gateway_addresses[0]
+    users = [f"gm{i:04d}" for i in range(size)]
+    tokens = {u: stack.mint(u) for u in users}
+    procs = [spawn(e2e_load.worker_main, f"group-{w}", [address]) for w in range(workers)]
+    try:
+        created = call_all(
+            procs[:1],
+            "create_group",
+            [{"token": tokens[users[0]], "name": f"bench-{size}", "member_ids": users[1:]}],
+        )[0]
+        conv = created["conversation_id"]
+        members = users[1:]
+        args = [
+            {
+                "conversation_id": conv,
+                "members": [(u, tokens[u]) for u in members[w::workers]],
+                "sender": (users[0], tokens[users[0]]) if w == 0 else None,
+            }
+            for w in range(workers)
+        ]
+        t0 = time.monotonic()
+        replies = call_all(procs, "group", args)
+        log(
+            f"  group {conv} of {created['members']}: {sum(r['clients'] for r in replies)} "
+            f"members online in {time.monotonic() - t0:.1f}s"
+        )
+        last_ms: list[float] = []
+        median_ms: list[float] = []
+        ack_ms: list[float] = []
+        incomplete = 0
+        for k in range(repeats + 1):
+            sent = call_all(procs[:1], "group_send", [{"k": k}])[0]
+            waits = call_all(procs, "group_wait", [{"k": k, "timeout_s": 30.0}] * workers)
+            times = [t for w in waits for t in w["times"]]
+            expected = sum(w["expected"] for w in waits)
+            if k == 0:
+                continue  # warm-up: first use of the group's member list and channels
+            if len(times) < expected:
+                incomplete += 1
+            lat = [(t - sent["sent_at"]) * 1000 for t in times]
+            if lat:
+                last_ms.append(max(lat))
+                median_ms.append(percentile(lat, 50) or 0.0)
+            ack_ms.append((sent["ack_at"] - sent["sent_at"]) * 1000)
+            time.sleep(0.2)
+        result = {
+            "members": created["members"],
+            "online": sum(r["clients"] for r in replies),
+            "repeats": repeats,
+            "incomplete_repeats": incomplete,
+            "last_member_ms": summary(last_ms),
+            "median_member_ms": summary(median_ms),
+            "send_ack_ms": summary(ack_ms),
+        }
+        log(
+            f"  last member: p50 {result['last_member_ms']['p50']} p99 "
+            f"{result['last_member_ms']['p99']} ms; median member p50 "
+            f"{result['median_member_ms']['p50']} ms; incomplete {incomplete}"
+        )
+        return result
+    finally:
+        close_all(procs)
+
+
+# -- plot ------------------------------------------------------------------------
+
+
+def plot(levels: list[dict[str, Any]], path: Path, title: str) -> None:
+    def pts(metric: str, q: str) -> list[tuple[float, float]]:
+        out = []
+        for lv in sorted(levels, key=lambda d: d["offered_msgs_per_s"]):
+            v = lv[metric][q]
+            if v is not None and v > 0:
+                out.append((float(lv["offered_msgs_per_s"]), float(v)))
+        return out
+
+    series = [
+        e2e_png.Series("SEND-ACK P50", (31, 119, 180), pts("send_ack_ms", "p50")),
+        e2e_png.Series("SEND-ACK P99", (31, 119, 180), pts("send_ack_ms", "p99"), dash=8),
+        e2e_png.Series("SEND-ACK P99.9", (120, 170, 220), pts("send_ack_ms", "p999"), dash=4),
+        e2e_png.Series("DELIVERY P50", (214, 39, 40), pts("delivery_ms", "p50")),
+        e2e_png.Series("DELIVERY P99", (214, 39, 40), pts("delivery_ms", "p99"), dash=8),
+    ]
+    hlines = [
+        e2e_png.HLine("TARGET ACK P99", (100, 100, 100), 50.0),
+        e2e_png.HLine("TARGET DLV P99", (200, 120, 120), 100.0),
+    ]
+    e2e_png.line_chart(path, title, "OFFERED LOAD (MSG/S)", "LATENCY (MS, LOG)", series, hlines)
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small, short run (~2 min)")
+    p.add_argument("--levels", default="500,1000,2000", help="fixed offered loads, msg/s")
+    p.add_argument("--pairs", type=int, help="1:1 sender/recipient pairs (default 200; quick 100)")
+    p.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    p.add_argument("--duration", type=float, help="measured seconds per level (default 12)")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
+    p.add_argument("--drain", type=float, help="seconds to wait for stragglers after a level")
+    p.add_argument("--search-steps", type=int, help="extra levels for the max-rate search")
+    p.add_argument(
+        "--sustain-p99-ms",
+        type=float,
+        default=1000.0,
+        help="delivery p99 above this means the level is not sustained",
+    )
+    p.add_argument("--connections", type=int, help="idle streams to open (default 10000)")
+    p.add_argument("--conn-procs", type=int, default=4, help="processes holding them")
+    p.add_argument("--hold", type=float, help="seconds to hold them (default 12)")
+    p.add_argument("--group-size", type=int, default=500)
+    p.add_argument("--group-repeats", type=int, help="group sends measured (default 30)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each level, wait up to this long for other processes on the "
+        "machine to use < 0.3 cores (shared machines)",
+    )
+    p.add_argument("--skip", default="", help="comma list of: load,search,conns,group")
+    p.add_argument("--profile", action="store_true", help="py-spy every service during a level")
+    p.add_argument("--profile-rate", type=float, default=1000.0)
+    p.add_argument("--py-spy", default="", help="py-spy binary (default: PATH, /tmp/pyspy/bin)")
+    p.add_argument("--workdir", type=Path, help="stack directory (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the workdir (logs, data)")
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/e2e.json)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.pairs = args.pairs or (100 if quick else 200)
+    args.duration = args.duration or (5.0 if quick else 12.0)
+    args.drain = args.drain or (20.0 if quick else 30.0)
+    args.search_steps = args.search_steps if args.search_steps is not None else (1 if quick else 5)
+    args.connections = args.connections or (2000 if quick else 10_000)
+    args.hold = args.hold or (5.0 if quick else 12.0)
+    args.group_repeats = args.group_repeats or (5 if quick else 30)
+    args.out = args.out or RESULTS / ("e2e-quick.json" if quick else "e2e.json")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+def find_py_spy(hint: str) -> str | None:
+    for cand in (hint, shutil.which("py-spy") or "", "/tmp/pyspy/bin/py-spy"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    soft, hard = raise_nofile()
+    if args.connections + 1000 > soft:
+        log(f"file-descriptor limit {soft} (hard {hard}) caps the connection test")
+        args.connections = max(100, soft - 1000)
+    py_spy = find_py_spy(args.py_spy) if args.profile else None
+    if args.profile and py_spy is None:
+        log("--profile: py-spy not found (pass --py-spy PATH); profiling skipped")
+
+    if args.workdir:
+        workdir = args.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="im-e2e-"))
+    workdir.chmod(0o755)  # PostgreSQL runs as its own user when we are root
+    stack = Stack(workdir, gateways=2, fsync=True)
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "config": {
+            "quick": args.quick,
+            "pairs": args.pairs,
+            "loadgen_processes": args.workers,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "drain_s": args.drain,
+            "sustain_p99_ms": args.sustain_p99_ms,
+            "fsync": True,
+            "quiet_wait_s": args.quiet_wait,
+            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+            "nofile_limit": soft,
+            "stack": "1 seqsvc, 1 logic, 1 pusher, 2 gateways (gateway 1 only for the "
+            "idle-connection test), PostgreSQL, Redis, NATS JetStream",
+        },
+    }
+    log(f"starting the stack in {workdir}")
+    stack.start()
+    log(f"stack up in {time.monotonic() - t_start:.1f}s")
+    pids = {
+        "gateway": stack.gateways[0].pid,
+        "logic": stack.logics[0].pid,
+        "pusher": stack.pushers[0].pid,
+        "seqsvc": stack.seqsvc.pid,
+    }
+    meter_groups: dict[str, list[int]] = {k: [v] for k, v in pids.items() if v}
+    for name, server in (
+        ("postgres", stack.postgres),
+        ("nats", stack.nats),
+        ("redis", stack.redis),
+    ):
+        if server.pid:
+            meter_groups[name] = [server.pid]
+    meter_groups["bench"] = [os.getpid()]
+    try:
+        if "conns" not in args.skip:
+            log(f"idle connections: {args.connections} streams to one gateway")
+            report["connections"] = connections_phase(
+                stack, args.connections, args.conn_procs, args.hold
+            )
+        if "load" not in args.skip:
+            cfg = LoadConfig(
+                pairs=args.pairs,
+                workers=args.workers,
+                warmup_s=args.warmup,
+                duration_s=args.duration,
+                drain_s=args.drain,
+                quiesce_s=60.0,
+                sustain_p99_ms=args.sustain_p99_ms,
+                quiet_wait_s=args.quiet_wait,
+            )
+            log(f"1:1 load: {args.pairs} pairs in {args.workers} load-generator processes")
+            phase = LoadPhase(stack, cfg, meter_groups)
+            phase.open()
+            try:
+                phase.run_level(200, "warmup", duration_s=3.0)
+                fixed = []
+                for offered in [float(x) for x in args.levels.split(",") if x.strip()]:
+                    res = phase.run_level(offered, f"fixed-{int(offered)}")
+                    fixed.append(res)
+                    phase.results.append(res)
+                search: dict[str, Any] = {}
+                if "search" not in args.skip:
+                    search = phase.search(fixed, args.search_steps, resolution=100.0)
+                    log(f"  max sustained: {search['max_msgs_per_s']} msg/s ({search['path']})")
+                report["load"] = {
+                    "levels": [r.data for r in phase.results],
+                    "search": search,
+                }
+                if py_spy is not None:
+                    out_dir = workdir / "profile"
+                    out_dir.mkdir(exist_ok=True)
+                    log(f"profiling every service with py-spy at {args.profile_rate:g} msg/s")
+                    targets = {k: v for k, v in pids.items() if v}
+                    res = phase.run_level(
+                        args.profile_rate,
+                        f"profiled-{int(args.profile_rate)}",
+                        duration_s=max(args.duration, 10.0),
+                        profile=(py_spy, targets, out_dir),
+                    )
+                    dur = res.data["duration_s"]
+                    report["profile"] = {
+                        "level": res.data,
+                        "services": {
+                            name: summarize_profile(out_dir / f"{name}.txt", dur, 200)
+                            for name in targets
+                            if (out_dir / f"{name}.txt").exists()
+                        },
+                        "raw_dir": str(out_dir),
+                    }
+            finally:
+                phase.close()
+        if "group" not in args.skip:
+            log(f"group: one message to {args.group_size} members, {args.group_repeats} times")
+            report["group"] = group_phase(stack, args.group_size, args.group_repeats, args.workers)
+    finally:
+        log("stopping the stack")
+        stack.stop()
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    levels = report.get("load", {}).get("levels", [])
+    by_label = {lv["label"]: lv for lv in levels}
+    at_1000 = by_label.get("fixed-1000", {})
+    conns = report.get("connections", {})
+    group = report.get("group", {})
+    result = {
+        "max_msgs_per_s": report.get("load", {}).get("search", {}).get("max_msgs_per_s"),
+        "send_ack_p99_ms_at_1000": at_1000.get("send_ack_ms", {}).get("p99"),
+        "delivery_p99_ms_at_1000": at_1000.get("delivery_ms", {}).get("p99"),
+        "connections": conns.get("alive_after_hold"),
+        "kb_per_connection": conns.get("kb_per_connection"),
+        "group500_last_member_p99_ms": group.get("last_member_ms", {}).get("p99"),
+    }
+    report["result"] = result
+    report["targets"] = {
+        "max_msgs_per_s >= 2000": _met(result["max_msgs_per_s"], 2000, ge=True),
+        "send_ack_p99_ms_at_1000 <= 50": _met(result["send_ack_p99_ms_at_1000"], 50),
+        "delivery_p99_ms_at_1000 <= 100": _met(result["delivery_p99_ms_at_1000"], 100),
+        "connections >= 10000": _met(result["connections"], 10_000, ge=True),
+        "kb_per_connection <= 30": _met(result["kb_per_connection"], 30),
+        "group500_last_member_p99_ms <= 1000": _met(result["group500_last_member_p99_ms"], 1000),
+    }
+    report["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    measured = [lv for lv in levels if lv["label"].startswith(("fixed-", "search-"))]
+    if measured:
+        png = args.out.with_name("e2e_latency-quick.png" if args.quick else "e2e_latency.png")
+        plot(measured, png, "IM E2E: LATENCY VS OFFERED LOAD (1:1)")
+        log(f"wrote {png}")
+    log(f"total {report['elapsed_s']}s")
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def _met(value: float | None, bound: float, ge: bool = False) -> bool | None:
+    if value is None:
+        return None
+    return value >= bound if ge else value <= bound
+
+
+if __name__ == "__main__":
+    sys.exit(main())

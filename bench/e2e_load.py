@@ -1,0 +1,334 @@
+"""Load-generator worker processes for bench/e2e.py: full SDK clients (imclient).
+
+Each worker is its own process (multiprocessing, spawn) with its own event loop,
+so the load generator never shares a loop with a service. The coordinator
+drives it over a pipe with commands; every command gets exactly one reply.
+
+Commands (a tuple `(name, args)`; the reply is a dict):
+- `pairs`: open one send-only client per sender and one receiving client per
+  recipient of the given 1:1 pairs.
+- `load`: open-loop traffic over those pairs at a fixed rate, from an agreed
+  start time; then wait until every message is acknowledged and received (or a
+  deadline passes) and return one record per message.
+- `quiesce`: wait until the previous level's backlog is gone.
+- `create_group`: CreateGroup through the gateway.
+- `group`: open receiving clients for group members (and the sender's client).
+- `group_send`: one message to the group from the sender's client.
+- `group_wait`: wait until every member held here has received message k.
+- `close`: close every client; the worker then exits.
+
+Time is `time.monotonic()` everywhere (CLOCK_MONOTONIC, one clock for every
+process on the machine), so a timestamp written into a body by one worker can be
+compared with the receive time in another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from imclient import Client, GatewayApi, Message, ReconnectPolicy, SendResult
+
+log = logging.getLogger("bench.e2e.load")
+
+#: Clients connected at once while a worker opens its clients.
+CONNECT_CONCURRENCY = 50
+
+
+@dataclass
+class _Pair:
+    index: int
+    sender_id: str
+    recipient_id: str
+    conversation_id: str
+    sender: Client | None = None
+    recipient: Client | None = None
+
+
+@dataclass
+class _Level:
+    """Per-message records of one load level in this worker.
+
+    Index j is the j-th message this worker sends in the level; its intended send
+    time is start + j / rate (open loop: the schedule does not wait for ACKs)."""
+
+    name: str
+    start: float
+    rate: float
+    total: int
+    pairs: int
+    submitted_at: list[float] = field(default_factory=list)
+    ack_at: list[float] = field(default_factory=list)
+    recv_at: list[float] = field(default_factory=list)
+    recv_count: list[int] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    wrong_recipient: int = 0
+    out_of_order: int = 0
+    last_j: dict[int, int] = field(default_factory=dict)  # pair -> last j received
+
+    def __post_init__(self) -> None:
+        nan = math.nan
+        self.submitted_at = [nan] * self.total
+        self.ack_at = [nan] * self.total
+        self.recv_at = [nan] * self.total
+        self.recv_count = [0] * self.total
+        self.failed = [""] * self.total
+
+    def intended(self, j: int) -> float:
+        return self.start + j / self.rate
+
+    def settled(self) -> bool:
+        """Every message acknowledged (or failed) and every acknowledged one received."""
+        for j in range(self.total):
+            if self.failed[j]:
+                continue
+            if math.isnan(self.ack_at[j]) or self.recv_count[j] == 0:
+                return False
+        return True
+
+
+class Worker:
+    def __init__(self, addresses: list[str], name: str) -> None:
+        self.addresses = addresses
+        self.name = name
+        self.pairs: list[_Pair] = []
+        self.levels: dict[str, _Level] = {}
+        self.group_clients: list[Client] = []
+        self.group_sender: Client | None = None
+        self.group_conv = ""
+        self.group_recv: dict[int, list[float]] = {}
+        self.group_members_here = 0
+        self.group_event = asyncio.Event()
+        self.last_rx = 0.0  # when any 1:1 message last arrived
+
+    # -- clients ---------------------------------------------------------------
+
+    def _client(
+        self, token: str, on_message: Callable[[Message], None] | None, receive: bool
+    ) -> Client:
+        return Client(
+            self.addresses,
+            token,
+            on_message=on_message,
+            receive=receive,
+            connect_timeout_s=60.0,
+            reconnect=ReconnectPolicy(initial_s=0.2, max_s=2.0),
+        )
+
+    async def _start_all(self, clients: list[Client]) -> float:
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        t0 = time.monotonic()
+
+        async def one(c: Client) -> None:
+            async with sem:
+                await c.start()
+
+        await asyncio.gather(*(one(c) for c in clients))
+        return time.monotonic() - t0
+
+    async def open_pairs(self, args: dict[str, Any]) -> dict[str, Any]:
+        clients: list[Client] = []
+        for sender_id, recipient_id, conv, s_token, r_token in args["pairs"]:
+            # The index is this worker's: message j goes out on pair j % len(pairs).
+            pair = _Pair(len(self.pairs), sender_id, recipient_id, conv)
+            pair.sender = self._client(s_token, None, receive=False)
+            pair.recipient = self._client(r_token, self._on_pair_message(pair), receive=True)
+            clients += [pair.sender, pair.recipient]
+            self.pairs.append(pair)
+        took = await self._start_all(clients)
+        return {"clients": len(clients), "connect_s": took}
+
+    # -- 1:1 load --------------------------------------------------------------
+
+    def _on_pair_message(self, pair: _Pair) -> Callable[[Message], None]:
+        def on_message(m: Message) -> None:
+            now = self.last_rx = time.monotonic()
+            parts = m.body.split(b"|")
+            if len(parts) != 4 or parts[0] != b"L":
+                return  # not ours (e.g. a leftover from a warm-up)
+            level = self.levels.get(parts[1].decode())
+            if level is None:
+                return
+            j = int(parts[2])
+            if not 0 <= j < level.total:
+                return
+            if m.sender_id != pair.sender_id or j % level.pairs != pair.index:
+                level.wrong_recipient += 1
+                return
+            if level.recv_count[j] == 0:
+                level.recv_at[j] = now
+            level.recv_count[j] += 1
+            last = level.last_j.get(pair.index, -1)
+            if j < last:
+                level.out_of_order += 1
+            level.last_j[pair.index] = max(last, j)
+
+        return on_message
+
+    async def load(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Sends `total` messages at `rate`/s from `start_at`, round-robin over the
+        pairs (each sender at rate/pairs), then waits up to `drain_s` after the
+        last send for every ACK and every delivery."""
+        rate = float(args["rate"])
+        total = int(args["total"])
+        name = str(args["level"])
+        level = _Level(name, float(args["start_at"]), rate, total, len(self.pairs))
+        self.levels[name] = level
+        pairs = self.pairs
+
+        def acked(j: int) -> Callable[[asyncio.Future[SendResult]], None]:
+            def done(fut: asyncio.Future[SendResult]) -> None:
+                if fut.cancelled():
+                    level.failed[j] = "cancelled"
+                elif fut.exception() is not None:
+                    level.failed[j] = repr(fut.exception())
+                else:
+                    level.ack_at[j] = time.monotonic()
+
+            return done
+
+        j = 0
+        while j < total:
+            now = time.monotonic()
+            due = level.intended(j)
+            if due > now:
+                await asyncio.sleep(due - now)
+                continue
+            # Everything due by now goes out at once: a late loop never lowers the
+            # offered rate, and latency is counted from the intended time.
+            while j < total and level.intended(j) <= now:
+                pair = pairs[j % len(pairs)]
+                assert pair.sender is not None
+                body = f"L|{name}|{j}|{level.intended(j):.6f}".encode()
+                level.submitted_at[j] = now
+                pair.sender.submit(pair.conversation_id, body).add_done_callback(acked(j))
+                j += 1
+        deadline = time.monotonic() + float(args["drain_s"])
+        while not level.settled() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Stragglers arriving later are not counted; the coordinator reports them
+        # as missing for this level.
+        self.levels.pop(name, None)
+        return {
+            "submitted_at": level.submitted_at,
+            "ack_at": level.ack_at,
+            "recv_at": level.recv_at,
+            "recv_count": level.recv_count,
+            "failed": [f for f in level.failed if f][:20],
+            "failed_count": sum(1 for f in level.failed if f),
+            "wrong_recipient": level.wrong_recipient,
+            "out_of_order": level.out_of_order,
+            "settled": level.settled(),
+        }
+
+    # -- group -----------------------------------------------------------------
+
+    def _on_group_message(self, m: Message) -> None:
+        now = time.monotonic()
+        parts = m.body.split(b"|")
+        if len(parts) != 3 or parts[0] != b"G" or m.conversation_id != self.group_conv:
+            return
+        self.group_recv.setdefault(int(parts[1]), []).append(now)
+        self.group_event.set()
+
+    async def open_group(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.group_conv = args["conversation_id"]
+        clients = [self._client(t, self._on_group_message, True) for _u, t in args["members"]]
+        if args.get("sender") is not None:
+            # The sender is a member too: its own device gets the message like any other.
+            self.group_sender = self._client(args["sender"][1], self._on_group_message, True)
+            clients.append(self.group_sender)
+        self.group_clients = clients
+        self.group_members_here = len(clients)
+        took = await self._start_all(clients)
+        return {"clients": len(clients), "connect_s": took}
+
+    async def create_group(self, args: dict[str, Any]) -> dict[str, Any]:
+        async with GatewayApi(self.addresses, args["token"]) as api:
+            conv = await api.create_group(args["name"], args["member_ids"])
+        return {"conversation_id": conv.conversation_id, "members": len(conv.member_ids)}
+
+    async def quiesce(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Waits until no send is pending and nothing arrived for `quiet_s` (the
+        previous level's backlog is gone), up to `timeout_s`."""
+        t0 = time.monotonic()
+        deadline = t0 + float(args["timeout_s"])
+        quiet = float(args["quiet_s"])
+        senders = [p.sender for p in self.pairs if p.sender is not None]
+        while time.monotonic() < deadline:
+            pending = sum(c.pending_sends for c in senders)
+            if pending == 0 and time.monotonic() - self.last_rx >= quiet:
+                return {"quiet": True, "waited_s": time.monotonic() - t0}
+            await asyncio.sleep(0.1)
+        pending = sum(c.pending_sends for c in senders)
+        return {"quiet": False, "waited_s": time.monotonic() - t0, "pending": pending}
+
+    async def group_send(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.group_sender is not None
+        t0 = time.monotonic()
+        await self.group_sender.send(self.group_conv, f"G|{args['k']}|{t0:.6f}")
+        return {"sent_at": t0, "ack_at": time.monotonic()}
+
+    async def group_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+        k, deadline = int(args["k"]), time.monotonic() + float(args["timeout_s"])
+        while len(self.group_recv.get(k, [])) < self.group_members_here:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.group_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.group_event.wait(), left)
+        times = self.group_recv.pop(k, [])
+        return {"times": times, "expected": self.group_members_here}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def close(self) -> dict[str, Any]:
+        clients: list[Client] = list(self.group_clients)
+        for p in self.pairs:
+            clients += [c for c in (p.sender, p.recipient) if c is not None]
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        return {"closed": len(clients)}
+
+
+async def _serve(conn: Connection, addresses: list[str], name: str) -> None:
+    worker = Worker(addresses, name)
+    loop = asyncio.get_running_loop()
+    handlers = {
+        "pairs": worker.open_pairs,
+        "load": worker.load,
+        "group": worker.open_group,
+        "quiesce": worker.quiesce,
+        "create_group": worker.create_group,
+        "group_send": worker.group_send,
+        "group_wait": worker.group_wait,
+    }
+    while True:
+        command, args = await loop.run_in_executor(None, conn.recv)
+        if command == "close":
+            conn.send(await worker.close())
+            return
+        try:
+            reply = await handlers[command](args)
+        except Exception as exc:  # reported to the coordinator, which fails the run
+            log.exception("worker %s: %s failed", name, command)
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        conn.send(reply)
+
+
+def worker_main(conn: Connection, addresses: list[str], name: str) -> None:
+    """Process entry point (must be importable for the spawn start method)."""
+    logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(_serve(conn, addresses, name))
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        asyncio.run(_serve(conn, addresses, name))
