@@ -3,7 +3,6 @@ between commit and publish, a wiped JetStream store, NATS down, nobody consuming
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -154,6 +153,8 @@ async def test_repair_fans_out_directly_when_triggers_do_not_help(
     NATS up but no pusher: after `repair_direct_after` triggers that changed
     nothing, the same. Either way sync heals every device."""
     nats = nats_factory()
+    if outage == "nats-down":
+        nats.stop()  # logic starts without NATS, and serves
     proc = spawn(
         "logic",
         {
@@ -165,8 +166,6 @@ async def test_repair_fans_out_directly_when_triggers_do_not_help(
             "IM_LOGIC_PUBLISH_TIMEOUT_S": "0.3",
         },
     )
-    if outage == "nats-down":
-        nats.stop()
     client = LogicClient(proc.address)
     members = ["ann", "ben", "cat"]
     group = await make_group(client, "ann", members)
@@ -180,8 +179,17 @@ async def test_repair_fans_out_directly_when_triggers_do_not_help(
 
     await wait_for(done, timeout=30, what="repaired")
     assert (await table_counts(pg_dsn))["fanout_pending"] == 0
+
+    if outage == "nats-down":
+        # NATS appears: logic connects, creates the stream, and the outbox drains.
+        nats.start()
+        await client.send("ben", group, b"z")
+
+        async def outbox_empty() -> bool:
+            return (await table_counts(pg_dsn))["outbox"] == 0
+
+        await wait_for(outbox_empty, timeout=30, what="triggers published once NATS is up")
     await client.close()
-    await asyncio.sleep(0)
 
 
 async def test_seqsvc_or_postgres_down_is_unavailable_and_writes_nothing(
