@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
 from logic_support import LogicClient, table_counts, wait_for
 
+from im.logic.v1 import logic_pb2 as pb
 from imdev.servers import NatsServer, PostgresServer, ServiceProcess
 
 
@@ -103,7 +105,8 @@ async def test_statements_per_send_are_pinned(
     """Counted by PostgreSQL itself (pg_stat_statements): a new send is exactly
     BEGIN, the locks, one read, one write, COMMIT; a duplicate is BEGIN, the locks,
     the read, COMMIT. Deleting the published outbox rows is batched off the send
-    path: one statement for all of these sends."""
+    path: one statement for all of these sends. A Fanout call's statements do not
+    grow with its recipients."""
     server = postgres_factory(
         settings={
             "shared_preload_libraries": "pg_stat_statements",
@@ -149,20 +152,30 @@ async def test_statements_per_send_are_pinned(
             assert dup.duplicate
             await wait_for(outbox_empty, what="outbox rows deleted")
 
-            cur = await conn.execute(
-                probe + "SELECT query, calls FROM pg_stat_statements s "
-                "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'logic' "
-                "AND query NOT LIKE '%%test-probe%%'"
-            )
-            calls: dict[str, int] = {}
-            for query, count in await cur.fetchall():
-                key = " ".join(query.split())[:60]
-                calls[key] = calls.get(key, 0) + count
+            send_calls = await statement_calls(conn)
+
+            # Fanout: a fixed number of statements per call, whatever the number of
+            # recipients (one page here): 10 for a direct conversation, 11 for a
+            # group (its membership ranges); 6 when there is nothing to do.
+            members = [f"m{i:03d}" for i in range(300)]
+            group = (
+                await client.stub.CreateGroup(
+                    pb.CreateGroupRequest(creator_id="m000", member_ids=members)
+                )
+            ).conversation.conversation_id
+            await client.send("m001", group)
+            await wait_for(outbox_empty, what="outbox rows deleted")
+            fanout_calls = {}
+            for conv, recipients in [("d:count:pin", 2 * n), (group, 300), (group, 0)]:
+                await conn.execute(probe + "SELECT pg_stat_statements_reset()")
+                resp = await client.stub.Fanout(pb.FanoutRequest(conversation_id=conv))
+                assert len(resp.deliveries) == recipients and not resp.has_more
+                fanout_calls[(conv, recipients)] = sum((await statement_calls(conn)).values())
     finally:
         await client.close()
 
     def count(prefix: str) -> int:
-        return sum(c for q, c in calls.items() if q.startswith(prefix))
+        return sum(c for q, c in send_calls.items() if q.startswith(prefix))
 
     assert count("BEGIN") == n + 1
     assert count("COMMIT") == n + 1
@@ -170,4 +183,20 @@ async def test_statements_per_send_are_pinned(
     assert count("SELECT (SELECT max(seq) FROM timeline") == n + 1
     assert count("WITH msg AS ( INSERT INTO messages") == n
     assert count("DELETE FROM outbox") == 1
-    assert sum(calls.values()) == 5 * n + 4 + 1, calls
+    assert sum(send_calls.values()) == 5 * n + 4 + 1, send_calls
+    assert list(fanout_calls.values()) == [10, 11, 6], fanout_calls
+
+
+async def statement_calls(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+    """Statements run in database `logic` since the last reset, by normalised text
+    (the test's own, tagged test-probe, left out)."""
+    cur = await conn.execute(
+        "/* test-probe */ SELECT query, calls FROM pg_stat_statements s "
+        "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'logic' "
+        "AND query NOT LIKE '%%test-probe%%'"
+    )
+    calls: dict[str, int] = {}
+    for query, count in await cur.fetchall():
+        key = " ".join(query.split())[:60]
+        calls[key] = calls.get(key, 0) + count
+    return calls
