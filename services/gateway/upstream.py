@@ -13,6 +13,8 @@ import time
 from collections import OrderedDict
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway.auth import Identity
 from gateway.connection import SendRejected
@@ -55,6 +57,7 @@ class LogicClient:
 
     def __init__(self, channel: grpc.aio.Channel, timeout_s: float, retry_s: float) -> None:
         self.stub = logic_pb2_grpc.LogicStub(channel)
+        self._tracer = trace.get_tracer("im.gateway")
         self.timeout_s = timeout_s
         self.retry_s = retry_s
 
@@ -74,21 +77,32 @@ class LogicClient:
         )
         give_up_at = time.monotonic() + self.retry_s
         delay = 0.05
-        while True:
-            try:
-                resp = await self.stub.SendMessage(request, timeout=self.timeout_s)
-                break
-            except grpc.aio.AioRpcError as exc:
-                status = exc.code()
-                if status == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < give_up_at:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                code, retryable = send_error_for(status)
-                reason = exc.details() or status.name
-                if code == Code.SEND_ERROR_CODE_UNAVAILABLE:
-                    reason = f"message store unavailable ({reason}); resend the same frame"
-                raise SendRejected(code, retryable, reason) from None
+        # One span per send (streams get no span of their own; imcommon.telemetry).
+        with self._tracer.start_as_current_span(
+            "gateway.Send",
+            kind=SpanKind.SERVER,
+            attributes={"im.user_id": identity.user_id, "im.client_id": send.client_id},
+        ) as span:
+            while True:
+                try:
+                    resp = await self.stub.SendMessage(request, timeout=self.timeout_s)
+                    span.set_attribute("im.msg_id", resp.msg_id)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    status = exc.code()
+                    if (
+                        status == grpc.StatusCode.UNAVAILABLE
+                        and time.monotonic() + delay < give_up_at
+                    ):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 1.0)
+                        continue
+                    code, retryable = send_error_for(status)
+                    reason = exc.details() or status.name
+                    if code == Code.SEND_ERROR_CODE_UNAVAILABLE:
+                        reason = f"message store unavailable ({reason}); resend the same frame"
+                    span.set_status(Status(StatusCode.ERROR, status.name))
+                    raise SendRejected(code, retryable, reason) from None
         return gateway_pb2.SendAck(
             client_id=send.client_id,
             client_msg_id=send.client_msg_id,
