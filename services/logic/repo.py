@@ -322,18 +322,16 @@ async def insert_timeline_tx(
 async def save_fanout_progress_tx(
     conn: Conn, conv: str, watermark: int, cursor_user: str, caught_up: bool, repair_after_s: float
 ) -> None:
-    """Stores the new watermark. Caught up: clears the pending mark unless a newer
-    send raised it meanwhile (its upto_conv_seq is then above the watermark; a
-    concurrent send's row lock makes this statement wait and recheck). Not caught up
-    (the caller continues with has_more): postpones the repair."""
-    pending = (
-        "DELETE FROM fanout_pending WHERE conversation_id = %(conv)s AND upto_conv_seq <= %(wm)s"
-        if caught_up
-        else "UPDATE fanout_pending SET attempts = 0, "
-        "repair_at = now() + make_interval(secs => %(after)s) WHERE conversation_id = %(conv)s"
-    )
-    await conn.execute(
-        f"""
+    """Stores the new watermark and settles the conversation's pending-repair mark.
+
+    Caught up (this call fanned out everything it saw): the mark goes, unless a send
+    committed meanwhile raised its upto_conv_seq above the watermark (a send still
+    in progress holds the row, so the DELETE waits and rechecks the new version).
+    In that case, and when the caller continues with has_more, the fan-out is
+    making progress: the repair clock restarts, so a busy conversation whose
+    pusher keeps up is never "repaired"."""
+    cur = await conn.execute(
+        """
         WITH st AS (
             INSERT INTO fanout_state (conversation_id, watermark, cursor_user)
             VALUES (%(conv)s, %(wm)s, %(cursor)s)
@@ -341,10 +339,20 @@ async def save_fanout_progress_tx(
                 SET watermark = excluded.watermark, cursor_user = excluded.cursor_user,
                     updated_at = now()
         )
-        {pending}
+        DELETE FROM fanout_pending
+        WHERE conversation_id = %(conv)s AND upto_conv_seq <= %(wm)s AND %(caught_up)s
         """,
-        {"conv": conv, "wm": watermark, "cursor": cursor_user, "after": repair_after_s},
+        {"conv": conv, "wm": watermark, "cursor": cursor_user, "caught_up": caught_up},
     )
+    if cur.rowcount == 0:
+        await conn.execute(
+            """
+            UPDATE fanout_pending
+            SET attempts = 0, repair_at = now() + make_interval(secs => %s)
+            WHERE conversation_id = %s
+            """,
+            (repair_after_s, conv),
+        )
 
 
 async def clear_pending(conn: Conn, conv: str, watermark: int) -> None:

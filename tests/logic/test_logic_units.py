@@ -7,9 +7,11 @@ import subprocess
 import sys
 from typing import Any
 
+import psycopg
 import pytest
 
 from imcommon.config import ConfigError, load_settings
+from logic import repo
 from logic.config import Settings
 from logic.errors import InvalidArgument
 from logic.fanout import Fanout
@@ -159,3 +161,30 @@ def test_migrate_command(pg_dsn: str) -> None:
     assert again.returncode == 0 and "up to date" in again.stdout
     missing = subprocess.run(run, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert missing.returncode == 2 and "IM_LOGIC_DATABASE_URL" in missing.stderr
+
+
+async def test_fanout_progress_settles_the_pending_mark(pg_dsn: str) -> None:
+    """A Fanout that caught up with what it saw, while a newer send raised the
+    mark, restarts the repair clock instead of leaving an overdue mark behind; one
+    that caught up with the mark removes it."""
+    await repo.migrate(pg_dsn)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO fanout_pending VALUES ('g:x', 5, 50, 2, now() - interval '1 hour')"
+        )
+        async with conn.transaction():
+            await repo.save_fanout_progress_tx(
+                conn, "g:x", 4, "", caught_up=True, repair_after_s=60
+            )
+        cur = await conn.execute(
+            "SELECT attempts, repair_at > now() + interval '50 seconds' FROM fanout_pending"
+        )
+        assert await cur.fetchall() == [(0, True)]
+        async with conn.transaction():
+            await repo.save_fanout_progress_tx(
+                conn, "g:x", 5, "", caught_up=True, repair_after_s=60
+            )
+        cur = await conn.execute("SELECT count(*) FROM fanout_pending")
+        assert await cur.fetchone() == (0,)
+        cur = await conn.execute("SELECT watermark FROM fanout_state WHERE conversation_id = 'g:x'")
+        assert await cur.fetchone() == (5,)
