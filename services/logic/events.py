@@ -89,14 +89,6 @@ class TriggerPublisher:
     def subject(self, conversation_id: str) -> str:
         return subject_for(self._prefix, conversation_id)
 
-    async def wait_connected(self, timeout: float) -> bool:
-        """For tests and start-up logs: waits until connected or the timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.connected and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        return self.connected
-
     async def publish(self, trigger: logic_pb2.MessageCommitted, msg_id: str) -> bool:
         """Publishes one trigger with header Nats-Msg-Id = msg_id (JetStream drops a
         repeat within its duplicate window). True once JetStream has stored it."""
