@@ -53,8 +53,8 @@ class Settings(ServerSettings):
         max_length=300,
         json_schema_extra={"deploy": "optional"},
         description="host:port pushers and gateways use to call GatewayInternal here; it is "
-        "what the routes in Redis hold (default: host:internal_port, or the advertise "
-        "address when internal_port is 0).",
+        "what the routes in Redis hold (default: the advertise address's host, else host, "
+        "with internal_port; when internal_port is 0, the advertise address).",
     )
     route_ttl_s: float = Field(
         30.0,

@@ -44,7 +44,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         if settings.internal_advertise_address:
             return settings.internal_advertise_address
         if settings.internal_port:
-            return f"{settings.host}:{settings.internal_port}"
+            # The advertised host (a pod IP, say) with the internal port.
+            host = settings.advertise_address.rpartition(":")[0] or settings.host
+            return f"{host}:{settings.internal_port}"
         return settings.advertise_address or f"{settings.host}:{runtime.port}"
 
     redis = aioredis.from_url(
