@@ -35,6 +35,15 @@ def test_nothing_is_trusted_before_the_first_sync() -> None:
     assert r.seq == 1
 
 
+def test_after_a_reconnect_pushes_wait_for_the_sync_even_if_in_order() -> None:
+    r = synced(entries=[1, 2])
+    r.on_connected()
+    assert r.need_sync
+    assert r.on_push(e(3)) == []  # looks in order, but only a sync can vouch for it
+    assert r.start_sync() == 2
+    assert seqs(r.on_sync_page([e(3), e(4)], has_more=False)) == [3, 4]
+
+
 def test_in_order_pushes_are_applied_and_acked_cumulatively() -> None:
     r = synced()
     assert seqs(r.on_push(e(1))) == [1]
