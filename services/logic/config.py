@@ -72,6 +72,13 @@ class Settings(ServerSettings):
     db_connect_timeout_s: int = Field(
         5, ge=1, le=60, description="Timeout of one PostgreSQL connection attempt."
     )
+    db_startup_wait_s: float = Field(
+        120.0,
+        ge=0,
+        le=3600,
+        description="At start, how long logic retries reaching PostgreSQL (to apply its "
+        "migrations) before exiting with status 1.",
+    )
     db_statement_timeout_ms: int = Field(
         30_000,
         ge=100,

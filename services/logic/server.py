@@ -11,6 +11,8 @@ import asyncio
 import logging
 import sys
 
+import psycopg
+
 from imcommon.config import ConfigError
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
@@ -32,12 +34,45 @@ from seqsvc.client import SeqClient
 log = logging.getLogger(__name__)
 
 
+class StartupFailed(Exception):
+    """logic cannot start (PostgreSQL stayed unreachable); exit status 1."""
+
+
+class StartupAborted(Exception):
+    """SIGTERM arrived while logic was still starting; exit status 0."""
+
+
+async def migrate_at_start(settings: Settings, stop: asyncio.Event) -> None:
+    """Applies the migrations, retrying while PostgreSQL is unreachable (it may be
+    restarting too) for up to db_startup_wait_s. Not SERVING meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.db_startup_wait_s
+    delay = 0.2
+    while True:
+        try:
+            applied = await repo.migrate(settings.database_url)
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[0][:200]
+            if loop.time() + delay > deadline:
+                raise StartupFailed(
+                    f"PostgreSQL unreachable for {settings.db_startup_wait_s}s: {detail}"
+                ) from None
+            log.warning("PostgreSQL not reachable yet; retrying", extra={"error": detail})
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, 5.0)
+                continue
+            raise StartupAborted() from None
+        if applied:
+            log.info("migrations applied", extra={"applied": applied})
+        return
+
+
 async def build(settings: Settings, runtime: Runtime) -> None:
     settings.require_dependencies()
     faults = Faults.from_settings(settings)
-    applied = await repo.migrate(settings.database_url)
-    if applied:
-        log.info("migrations applied", extra={"applied": applied})
+    await migrate_at_start(settings, runtime.stop_requested)
 
     db = await runtime.stack.enter_async_context(open_database(settings))
     seq_client = await runtime.stack.enter_async_context(
@@ -156,3 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"logic: {exc}\n")
         return 2
+    except StartupFailed as exc:
+        sys.stderr.write(f"logic: {exc}\n")
+        return 1
+    except StartupAborted:
+        return 0

@@ -242,3 +242,38 @@ async def test_seqsvc_or_postgres_down_is_unavailable_and_writes_nothing(
     ids = [m.client_msg_id for _, m in await client.timeline("ann")]
     assert ids == ["before", "during-seq", "during-pg"]
     await client.close()
+
+
+async def test_logic_waits_for_postgres_at_start(
+    spawn: Callable[..., ServiceProcess],
+    logic_env: dict[str, str],
+    postgres_factory: Callable[..., PostgresServer],
+) -> None:
+    """Started while PostgreSQL is down (both restarting after an outage), logic
+    retries its migrations instead of crashing, and serves once it is back; past
+    db_startup_wait_s it exits 1 with a one-line reason."""
+    pg = postgres_factory()
+    dsn = pg.create_database("logic")
+    pg.stop()
+    proc = spawn("logic", {**logic_env, "IM_LOGIC_DATABASE_URL": dsn}, wait=False)
+    await wait_for(lambda: _log_has(proc, "PostgreSQL not reachable yet"), what="retrying")
+    assert proc.running()
+    pg.start()
+    proc.wait_ready(30)
+    client = LogicClient(proc.address)
+    assert not (await client.send("ann", "d:ann:ben")).duplicate
+    await client.close()
+
+    pg.stop()
+    quitter = spawn(
+        "logic",
+        {**logic_env, "IM_LOGIC_DATABASE_URL": dsn, "IM_LOGIC_DB_STARTUP_WAIT_S": "1"},
+        wait=False,
+    )
+    assert quitter.wait(timeout=30) == 1
+    assert "PostgreSQL unreachable for 1.0s" in quitter.log_path.read_text()
+    assert "Traceback" not in quitter.log_path.read_text()
+
+
+async def _log_has(proc: ServiceProcess, text: str) -> bool:
+    return text in proc.log_path.read_text()
