@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fault-interval", type=float, help="mean seconds between faults (the fault rate)"
     )
+    p.add_argument(
+        "--tracks", type=int, default=1, help="server faults in flight at once (overlapping)"
+    )
+    p.add_argument(
+        "--max-downtime", type=float, default=1.0, help="longest a killed part stays down (s)"
+    )
     p.add_argument("--think", type=float, help="mean think time between a client's sends (s)")
     p.add_argument("--duration", type=float, help="longest fault phase (s)")
     p.add_argument("--quiesce", type=float, help="deadline for syncing after the faults (s)")
@@ -100,6 +106,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         rounds=args.rounds,
         client_rounds=args.client_rounds,
         fault_pause_s=args.fault_interval,
+        server_tracks=args.tracks,
+        max_downtime_s=args.max_downtime,
         client_fault_pause_s=args.fault_interval,
         max_duration_s=args.duration,
         quiesce_deadline_s=args.quiesce,

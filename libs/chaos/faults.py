@@ -18,6 +18,7 @@ import asyncio
 import enum
 import logging
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ class FaultEvent:
     wall: float
     duration_s: float = 0.0
     error: str = ""
+    note: str = ""  # e.g. the victim failed to start and had to be started again
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -92,8 +94,10 @@ class FaultEvent:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.wall))
         stamp += f".{int(self.wall * 1000) % 1000:03d}"
         err = f" ERROR {self.error}" if self.error else ""
+        note = f" NOTE {self.note}" if self.note else ""
         return (
-            f"{stamp} +{self.at:7.2f}s {self.kind:<17} {self.target} ({self.duration_s:.2f}s){err}"
+            f"{stamp} +{self.at:7.2f}s {self.kind:<17} {self.target} "
+            f"({self.duration_s:.2f}s){err}{note}"
         )
 
 
@@ -155,9 +159,15 @@ class ServerFaults:
     """The server-side faults, acting on a `Stack`. Every method blocks until the
     victim serves again (or raises); run them in a thread."""
 
-    def __init__(self, stack: Stack, restart_timeout_s: float = 90.0) -> None:
+    def __init__(
+        self, stack: Stack, restart_timeout_s: float = 90.0, start_attempts: int = 5
+    ) -> None:
         self.stack = stack
         self.timeout = restart_timeout_s
+        self.start_attempts = start_attempts
+        self.notes = threading.local()
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
 
     def _procs(self, kind: str) -> list[ServiceProcess]:
         return {
@@ -222,25 +232,58 @@ class ServerFaults:
 
     # -- the primitives ------------------------------------------------------
 
+    def _lock(self, proc: Managed) -> threading.Lock:
+        """One fault at a time per process, when several tracks run at once."""
+        with self._guard:
+            return self._locks.setdefault(id(proc), threading.Lock())
+
+    def _start(self, proc: Managed) -> None:
+        """Starts `proc` like a supervisor would (Kubernetes restarts a crashed
+        pod): a process that exits during start-up is started again, a few
+        times, and each such exit is noted for the report."""
+        for attempt in range(1, self.start_attempts + 1):
+            try:
+                proc.start(self.timeout)
+                return
+            except RuntimeError as exc:  # exited before it was ready
+                note = f"{proc.name}:{proc.port} start attempt {attempt} failed: {exc}"
+                self.notes.items = [*getattr(self.notes, "items", []), note]
+                log.warning("fault victim failed to start", extra={"note": note})
+                if attempt == self.start_attempts:
+                    raise
+                time.sleep(0.5 * attempt)  # supervisor backoff before the next start
+
+    def take_notes(self) -> list[str]:
+        """Notes of the calling thread's last fault (and forgets them)."""
+        items: list[str] = getattr(self.notes, "items", [])
+        self.notes.items = []
+        return items
+
     def kill_restart(self, proc: Managed, downtime_s: float) -> None:
-        proc.kill()
-        _pause(downtime_s)
-        proc.start(self.timeout)
+        with self._lock(proc):
+            proc.kill()
+            _pause(downtime_s)
+            self._start(proc)
 
     def term_restart(self, proc: Managed, downtime_s: float) -> None:
-        proc.stop(timeout=self.timeout)
-        _pause(downtime_s)
-        proc.start(self.timeout)
+        with self._lock(proc):
+            proc.stop(timeout=self.timeout)
+            _pause(downtime_s)
+            self._start(proc)
 
     def nats_wipe(self, downtime_s: float) -> None:
         nats = self.stack.nats
-        nats.stop(timeout=self.timeout)
-        nats.wipe_store()
-        _pause(downtime_s)
-        nats.start(self.timeout)
+        with self._lock(nats):
+            nats.stop(timeout=self.timeout)
+            nats.wipe_store()
+            _pause(downtime_s)
+            self._start(nats)
 
     def redis_flush(self) -> None:
-        with redis.Redis.from_url(self.stack.redis.url(), socket_timeout=10) as r:
+        with (
+            self._lock(self.stack.redis),
+            redis.Redis.from_url(self.stack.redis.url(), socket_timeout=10) as r,
+        ):
             r.flushall()
 
 
@@ -269,12 +312,19 @@ async def run_server_faults(
         if stop.is_set():
             return
         ev = log_.begin(f.kind, faults.target(f))
-        try:
-            await asyncio.to_thread(faults.apply, f)
-        except Exception as exc:
-            log_.end(ev, f"{type(exc).__name__}: {exc}")
-        else:
-            log_.end(ev)
+
+        def act(f: PlannedFault = f) -> tuple[list[str], str]:
+            """Runs in a worker thread; the notes are that thread's."""
+            error = ""
+            try:
+                faults.apply(f)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            return faults.take_notes(), error
+
+        notes, error = await asyncio.to_thread(act)
+        ev.note = "; ".join(notes)
+        log_.end(ev, error)
         if await _sleep_or_stop(f.pause_s, stop):
             return
 

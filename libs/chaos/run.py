@@ -51,6 +51,7 @@ class RunConfig:
     fault_pause_s: float = 1.0  # mean pause after a server fault
     client_fault_pause_s: float = 1.0  # mean pause after a client fault
     client_rounds: int | None = None  # default: as many as `rounds`
+    server_tracks: int = 1  # server faults acted out by this many concurrent tracks
     max_downtime_s: float = 1.0
     # The fault phase ends when both schedules are done and `workload.messages`
     # sends are acked, or after `max_duration_s`, whichever comes first.
@@ -202,6 +203,7 @@ def _log_errors(logs: Path) -> dict[str, int]:
 async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResult:
     """Runs the whole experiment; never raises for a violation (see RunResult.ok)."""
     t_start = time.monotonic()
+    timelines: list[checker.DeviceHistory] = []
     workdir = _workdir(config)
     anomalies: list[str] = []
 
@@ -246,10 +248,15 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         )
         flog = FaultLog(echo=echo)
         stop = asyncio.Event()
+        server_faults = ServerFaults(stack)
+        n_tracks = max(1, config.server_tracks)
         tracks = [
-            asyncio.create_task(run_server_faults(ServerFaults(stack), server_plan, flog, stop)),
-            asyncio.create_task(run_client_faults(w, client_plan, flog, stop, seed + 2)),
+            asyncio.create_task(
+                run_server_faults(server_faults, server_plan[i::n_tracks], flog, stop)
+            )
+            for i in range(n_tracks)
         ]
+        tracks.append(asyncio.create_task(run_client_faults(w, client_plan, flog, stop, seed + 2)))
         t_phase = time.monotonic()
         next_progress = t_phase + 10
         while True:
@@ -288,11 +295,13 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         echo("chaos: every client reconnects and syncs")
         quiet, quiesce_s = await w.quiesce(config.quiesce_deadline_s)
         echo(f"chaos: {'quiet' if quiet else 'NOT quiet'} after {quiesce_s:.1f}s")
+        timelines = await w.audit_timelines()
     finally:
         await w.close()
         await asyncio.to_thread(stack.stop)
 
-    history = w.history()
+    anomalies += [f"{e.kind}: {e.note}" for e in flog.events if e.note]
+    history = w.history(timelines)
     report = checker.check(history)
     if not quiet:
         anomalies.append(f"not quiet after {config.quiesce_deadline_s}s")
@@ -312,7 +321,9 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         log_errors=_log_errors(workdir / "stack" / "logs"),
         history=history,
     )
-    if result.ok and not config.keep_workdir and config.workdir is None:
+    # Keep the logs of anything that deserves a look, not only of violations.
+    clean = result.ok and not anomalies and not result.fault_errors
+    if clean and not config.keep_workdir and config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
         result.workdir = ""
     return result

@@ -55,6 +55,9 @@ log = logging.getLogger("chaos.workload")
 
 TokenFactory = Callable[[str, str], str]  # (user, device) -> token
 
+#: The device id under which `audit_timelines()` reports a user's server timeline.
+TIMELINE_DEVICE = "~timeline"
+
 
 @dataclass(frozen=True)
 class WorkloadConfig:
@@ -133,6 +136,12 @@ class WorkloadStats:
     kicked: int = 0
     resyncs: int = 0  # reconnects forced while quiescing
     failures: Counter[str] = field(default_factory=Counter)
+    # From the SDK's own counters, summed over every client session:
+    duplicates_suppressed: int = 0  # a msg_id the server delivered again (hidden by the SDK)
+    retransmits: int = 0
+    gaps: int = 0
+    syncs: int = 0
+    connects: int = 0
 
 
 class Device:
@@ -230,7 +239,7 @@ class Workload:
 
     async def _create_group(self, owner: str, name: str, others: Sequence[str]) -> str:
         deadline = time.monotonic() + 60
-        async with GatewayApi(self.gateways, lambda: self.token(owner, "setup")) as api:
+        async with GatewayApi(self.gateways, self._token_source(owner, "setup")) as api:
             while True:
                 try:
                     conv = await api.create_group(name, list(others))
@@ -245,7 +254,7 @@ class Workload:
     def _new_client(self, dev: Device) -> Client:
         return Client(
             [p.address for p in dev.proxies],
-            lambda: self.token(dev.user, dev.device_id),
+            self._token_source(dev.user, dev.device_id),
             store=SQLiteStore(dev.store_path),
             send_window=16,
             # Shorter than the defaults so a run spends its time on faults, not
@@ -418,6 +427,7 @@ class Workload:
         client, dev.client = dev.client, None
         if client is not None:
             await client.close()
+            self._count(client)
         # Every pending send's waiter has seen ClientClosed (or its ACK).
         await asyncio.gather(*list(dev.waiters), return_exceptions=True)
         if dev.reader is not None:
@@ -551,15 +561,65 @@ class Workload:
                 client, dev.client = dev.client, None
                 if client is not None:
                     await client.close()
+                    self._count(client)
                 if dev.reader is not None:
                     await asyncio.gather(dev.reader, return_exceptions=True)
                 await asyncio.gather(*list(dev.waiters), return_exceptions=True)
                 for p in dev.proxies:
                     await p.close()
 
-    def history(self) -> checker.History:
+    def _token_source(self, user: str, device: str) -> Callable[[], str]:
+        return lambda: self.token(user, device)
+
+    def _count(self, client: Client) -> None:
+        st = client.stats
+        self.stats.duplicates_suppressed += st.duplicates_suppressed
+        self.stats.retransmits += st.retransmits
+        self.stats.gaps += st.gaps
+        self.stats.syncs += st.syncs
+        self.stats.connects += st.connects
+
+    async def audit_timelines(self, timeout_s: float = 60.0) -> list[checker.DeviceHistory]:
+        """Every user's whole timeline as the server holds it (Sync from 0),
+        as one more "device" per user named `TIMELINE_DEVICE`. The checker then
+        holds the server's timeline to the same rules as a device's: a second
+        copy of a msg_id there is a duplicate even though the SDK would hide it
+        from the application."""
+        out = []
+        for user in self.users:
+            deadline = time.monotonic() + timeout_s
+            async with GatewayApi(self.gateways, self._token_source(user, "audit")) as api:
+                while True:
+                    try:
+                        msgs = await api.sync_all(0)
+                        break
+                    except ImClientError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.5)
+            out.append(
+                checker.DeviceHistory(
+                    user,
+                    TIMELINE_DEVICE,
+                    [
+                        checker.Delivered(
+                            m.msg_id,
+                            m.conversation_id,
+                            m.sender_id,
+                            m.client_msg_id,
+                            m.conv_seq,
+                            m.seq,
+                            m.body,
+                        )
+                        for m in msgs
+                    ],
+                )
+            )
+        return out
+
+    def history(self, timelines: Sequence[checker.DeviceHistory] = ()) -> checker.History:
         return checker.History(
-            devices=[dev.history for dev in self.devices],
+            devices=[dev.history for dev in self.devices] + list(timelines),
             sends=[s.record() for s in self.sends],
             members=self.members,
         )

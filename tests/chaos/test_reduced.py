@@ -138,6 +138,29 @@ async def test_without_outbox_and_repair_acked_messages_are_reported_lost() -> N
         shutil.rmtree(result.workdir, ignore_errors=True)
 
 
+async def test_without_locks_concurrent_sends_are_reported_lost_or_reordered() -> None:
+    # Without the conversation and user locks, commit order stops matching
+    # seq/conv_seq order: fan-out skips messages below its watermark and a sync
+    # cursor passes rows not yet committed.
+    config = small_run(
+        {"logic": {"IM_LOGIC_TEST_FAULT_SKIP_LOCKS": "1"}},
+        users=8,
+        two_device_users=2,
+        groups=2,
+        group_size=(4, 6),
+        think_mean_s=0.02,
+        messages=800,
+    )
+    result = await run(config, echo=print)
+    try:
+        r = result.report
+        # Whatever else breaks without locks, the timelines lose or misorder
+        # messages, and the checker must say so.
+        assert r.lost + r.reordered > 0, checker.summarize(r)
+    finally:
+        shutil.rmtree(result.workdir, ignore_errors=True)
+
+
 class NoSyncReceiver(Receiver[Message]):
     """A client bug on purpose: it never syncs and takes any push as the next
     entry, advancing its cursor across the gap (gim issue 46's class of bug)."""
