@@ -317,6 +317,12 @@ async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
                 if line.strip():
                     client.submit(conv, line).add_done_callback(report)
             await client.flush()
+            # Show what has already arrived before leaving.
+            for _ in range(100):
+                if not client.undelivered:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
             if args.linger > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(args.linger):
