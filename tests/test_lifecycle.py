@@ -67,6 +67,10 @@ def test_sigterm_flips_health_then_exits_zero(
     env[prefix + "ADVERTISE_ADDRESS"] = f"127.0.0.1:{port}"
     env[prefix + "DRAIN_DELAY_S"] = "1.0"
     env[prefix + "SHUTDOWN_DEADLINE_S"] = "10"
+    if name == "gateway":
+        internal = free_port()
+        env["IM_GATEWAY_INTERNAL_PORT"] = str(internal)
+        env["IM_GATEWAY_INTERNAL_ADVERTISE_ADDRESS"] = f"127.0.0.1:{internal}"
     if name == "seqsvc":
         # A second seqsvc on the same sections would wait for (or fence) the lease of
         # the stack's instance: give it sections of its own.

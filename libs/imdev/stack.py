@@ -40,6 +40,7 @@ class StackPorts:
     logic: list[int]
     pusher: list[int]
     gateway: list[int]
+    gateway_internal: list[int]
 
     @classmethod
     def free(cls, gateways: int, logics: int, pushers: int) -> StackPorts:
@@ -51,6 +52,7 @@ class StackPorts:
             logic=[free_port() for _ in range(logics)],
             pusher=[free_port() for _ in range(pushers)],
             gateway=[free_port() for _ in range(gateways)],
+            gateway_internal=[free_port() for _ in range(gateways)],
         )
 
     @classmethod
@@ -63,6 +65,7 @@ class StackPorts:
             logic=[17010 + i for i in range(logics)],
             pusher=[17030 + i for i in range(pushers)],
             gateway=[17000 + i for i in range(gateways)],
+            gateway_internal=[17100 + i for i in range(gateways)],
         )
 
 
@@ -168,11 +171,16 @@ class Stack:
 
     def _gateway_env(self, i: int, port: int) -> dict[str, str]:
         logic = self.ports.logic[i % len(self.ports.logic)]
+        internal = self.ports.gateway_internal[i]
         return self._with(
             "gateway",
             {
                 "IM_GATEWAY_PORT": str(port),
                 "IM_GATEWAY_ADVERTISE_ADDRESS": f"127.0.0.1:{port}",
+                # Deliver and Kick on a port of their own, as in a deployment: clients
+                # must not reach GatewayInternal.
+                "IM_GATEWAY_INTERNAL_PORT": str(internal),
+                "IM_GATEWAY_INTERNAL_ADVERTISE_ADDRESS": f"127.0.0.1:{internal}",
                 "IM_GATEWAY_LOGIC_ADDRESS": f"127.0.0.1:{logic}",
                 "IM_GATEWAY_REDIS_URL": self.redis.url(),
                 "IM_GATEWAY_REDIS_PREFIX": self.redis_prefix,
