@@ -395,6 +395,11 @@ class Client(UnaryCalls):
         return self._receiver.seq if self._receiver else self.committed_seq
 
     @property
+    def stopped(self) -> ClientClosed | None:
+        """Why the client stopped for good by itself (`Kicked`, `AuthError`), or None."""
+        return self._terminal
+
+    @property
     def undelivered(self) -> int:
         """Messages received in order but not yet handed to the application."""
         return len(self._inbox) + self._app_queue.qsize()

@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from e2e_support import Inbox, TcpProxy, assert_exactly_once_in_order, uid, wait_until
 
 from im.gateway.v1 import gateway_pb2
 from imclient import (
+    AuthError,
     Client,
     DebugHooks,
     GatewayApi,
+    Kicked,
     MemoryStore,
+    SendErrorCode,
+    SendFailed,
+    SendResult,
     SQLiteStore,
     direct_conversation_id,
 )
@@ -246,3 +252,76 @@ async def test_push_during_sync_never_skips_gim_issue_46(stack: Stack) -> None:
         finally:
             release.set()
             await b.close()
+
+
+async def test_refused_sends_fail_alone_and_the_rest_keep_their_order(stack: Stack) -> None:
+    """Pipelined sends where some are refused for good (not a member; empty
+    body): those raise SendFailed, every other one is stored once, in order, and
+    the connection's client_ids resync without a reconnect."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    foreign = direct_conversation_id(uid("x"), uid("y"))
+    plan: list[tuple[str, str]] = []
+    for i in range(120):
+        if i % 10 == 3:
+            plan.append((foreign, f"foreign-{i}"))
+        elif i % 10 == 7:
+            plan.append((conv, ""))
+        else:
+            plan.append((conv, f"ok-{i:03d}"))
+    async with (
+        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+    ):
+        inbox = Inbox(b, "bob/b1")
+        outcomes = await asyncio.gather(
+            *(a.submit(c, body) for c, body in plan), return_exceptions=True
+        )
+        for (c, body), outcome in zip(plan, outcomes, strict=True):
+            if c == foreign:
+                assert isinstance(outcome, SendFailed), outcome
+                assert outcome.code in (SendErrorCode.PERMISSION_DENIED, SendErrorCode.NOT_FOUND)
+            elif not body:
+                assert isinstance(outcome, SendFailed), outcome
+                assert outcome.code == SendErrorCode.INVALID_ARGUMENT
+            else:
+                assert isinstance(outcome, SendResult), outcome
+        good = [body for c, body in plan if c == conv and body]
+        await inbox.wait_for(len(good), timeout=30, conversation_id=conv)
+        assert_exactly_once_in_order(inbox, conv, good)
+        assert a.stats.connects == 1  # resynced by the answers, not by reconnecting
+        assert a.stats.send_failures == 24
+        await inbox.close()
+
+
+async def test_a_second_connection_of_the_device_kicks_the_first(stack: Stack) -> None:
+    bob, alice = uid("bob"), uid("alice")
+    conv = direct_conversation_id(alice, bob)
+    token = stack.mint(bob, "b1")
+    first = Client(stack.gateway_addresses, token)
+    await first.start()
+    try:
+        async with Client(stack.gateway_addresses, token) as second:
+            await wait_until(lambda: first.stopped is not None, 15, "the first to be kicked")
+            assert isinstance(first.stopped, Kicked)
+            with pytest.raises(Kicked):
+                async for _ in first.messages():
+                    pass
+            with pytest.raises(Kicked):
+                first.submit(conv, "from the kicked one")
+            # The replacement works, and the kicked client did not come back.
+            inbox = Inbox(second, "bob/b1 (second)")
+            async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+                await a.send(conv, "after the kick")
+            await inbox.wait_for(1, timeout=15, conversation_id=conv)
+            assert second.stopped is None and first.stats.connects == 1
+            await inbox.close()
+    finally:
+        await first.close()
+
+
+async def test_a_refused_token_stops_the_client_with_auth_error(stack: Stack) -> None:
+    forged = stack.mint(uid("eve"), "e1")[:-4] + "AAAA"
+    with pytest.raises(AuthError):
+        async with Client(stack.gateway_addresses, forged, connect_timeout_s=15):
+            pass
