@@ -37,7 +37,16 @@ Receiving
   process has every entry up to seq", which only stops the pusher's retransmits;
   the sync cursor in the store is what decides what is fetched after a restart.
 
+- Received messages wait in memory until the application takes them (no
+  back-pressure on the server): an application that stops reading should close
+  the client, and will get the rest by sync on its next start.
+- The client opens its store on start and closes it on close; a store object may
+  be handed to a later client (that is a "restart").
+
 Connection
+- `async with Client(...)` (or `start()`) returns once connected AND caught up
+  by the first sync; a very long backlog may need a larger `connect_timeout_s`,
+  or `start(wait_ready=False)`. Sends may be submitted before that.
 - Reconnects with exponential backoff and full jitter, rotating through the
   gateway addresses. `GoAway` reconnects (to the next address) after the delay it
   names. `Kick` (same device connected elsewhere) and a refused token stop the
