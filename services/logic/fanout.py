@@ -24,6 +24,7 @@ nothing left above the new watermark. A call that fails writes nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from logic import repo
@@ -128,31 +129,33 @@ class Fanout:
 
     async def _recipients(
         self, conn: repo.Conn, conv: ConversationId, messages: list[StoredMessage]
-    ) -> dict[int, list[str]]:
-        """Sorted recipients of each message (by msg_id): both users of a direct
-        conversation; for a group, the members whose range holds its conv_seq."""
+    ) -> Callable[[StoredMessage], list[str]]:
+        """The sorted recipients of a message: both users of a direct conversation;
+        for a group, the members whose range holds its conv_seq (computed only for
+        the messages the page reaches)."""
         if conv.is_direct:
-            return {m.msg_id: list(conv.pair) for m in messages}
+            pair = list(conv.pair)
+            return lambda _msg: pair
         ranges = await repo.members_between(
             conn, conv.value, messages[0].conv_seq, messages[-1].conv_seq
         )
-        return {
-            m.msg_id: sorted({u for u, lo, hi in ranges if lo < m.conv_seq <= hi}) for m in messages
-        }
+        return lambda msg: sorted({u for u, lo, hi in ranges if lo < msg.conv_seq <= hi})
 
     def _plan(
         self,
         candidates: list[tuple[StoredMessage, bool]],
-        recipients: dict[int, list[str]],
+        recipients: Callable[[StoredMessage], list[str]],
         watermark: int,
         cursor: str,
     ) -> _Page:
+        """The next page of (recipient, message) rows after (watermark, cursor), in
+        (conv_seq, user_id) order, and where it leaves the watermark and cursor."""
         pairs: list[tuple[str, StoredMessage]] = []
         size = 0
         for i, (msg, fits) in enumerate(candidates):
             if not fits:  # its body was not even read: the page ends before it
                 return _Page(pairs, watermark, cursor, stopped=True)
-            users = recipients[msg.msg_id]
+            users = recipients(msg)
             if i == 0 and cursor:
                 users = [u for u in users if u > cursor]
             for j, user in enumerate(users):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -95,6 +96,10 @@ def msg(msg_id: int, conv_seq: int, body: bytes = b"x") -> StoredMessage:
     return StoredMessage(msg_id, "g:t", conv_seq, "s", "d", f"c{msg_id}", 1, body, 0)
 
 
+def by_id(recipients: dict[int, list[str]]) -> Callable[[StoredMessage], list[str]]:
+    return lambda m: recipients[m.msg_id]
+
+
 def planner(max_rows: int, max_response_bytes: int = 1 << 20) -> Fanout:
     return Fanout(
         db=Any,  # type: ignore[arg-type]
@@ -113,15 +118,15 @@ def test_plan_splits_a_big_message_and_resumes_at_the_cursor() -> None:
     m1, m2 = msg(1, 10), msg(2, 20)
     recipients = {1: users, 2: users}
     f = planner(max_rows=3)
-    page = f._plan([(m1, True), (m2, True)], recipients, watermark=0, cursor="")
+    page = f._plan([(m1, True), (m2, True)], by_id(recipients), watermark=0, cursor="")
     assert [(u, m.msg_id) for u, m in page.pairs] == [("u0", 1), ("u1", 1), ("u2", 1)]
     assert (page.watermark, page.cursor, page.stopped) == (0, "u2", True)
-    page = f._plan([(m1, True), (m2, True)], recipients, page.watermark, page.cursor)
+    page = f._plan([(m1, True), (m2, True)], by_id(recipients), page.watermark, page.cursor)
     assert [(u, m.msg_id) for u, m in page.pairs] == [("u3", 1), ("u4", 1), ("u0", 2)]
     assert (page.watermark, page.cursor, page.stopped) == (10, "u0", True)
-    page = f._plan([(m2, True)], recipients, page.watermark, page.cursor)
+    page = f._plan([(m2, True)], by_id(recipients), page.watermark, page.cursor)
     assert [u for u, _ in page.pairs] == ["u1", "u2", "u3"]
-    page = f._plan([(m2, True)], recipients, page.watermark, page.cursor)
+    page = f._plan([(m2, True)], by_id(recipients), page.watermark, page.cursor)
     assert [u for u, _ in page.pairs] == ["u4"]
     assert (page.watermark, page.cursor, page.stopped) == (20, "", False)
 
@@ -129,24 +134,26 @@ def test_plan_splits_a_big_message_and_resumes_at_the_cursor() -> None:
 def test_plan_stops_at_a_message_boundary_and_on_bytes() -> None:
     recipients = {1: ["a", "b"], 2: ["a", "b"], 3: ["a", "b"]}
     f = planner(max_rows=4)
-    page = f._plan([(msg(1, 1), True), (msg(2, 2), True), (msg(3, 3), True)], recipients, 0, "")
+    page = f._plan(
+        [(msg(1, 1), True), (msg(2, 2), True), (msg(3, 3), True)], by_id(recipients), 0, ""
+    )
     assert (len(page.pairs), page.watermark, page.cursor, page.stopped) == (4, 2, "", True)
     # A message whose body the query did not load ends the page before it.
-    page = f._plan([(msg(1, 1), True), (msg(2, 2), False)], recipients, 0, "")
+    page = f._plan([(msg(1, 1), True), (msg(2, 2), False)], by_id(recipients), 0, "")
     assert (len(page.pairs), page.watermark, page.stopped) == (2, 1, True)
     # The response budget: 3 KB bodies, 8 KiB budget -> two rows per page at most,
     # but never an empty page, whatever the body.
     big = planner(max_rows=100, max_response_bytes=8192 + 4096)
-    page = big._plan([(msg(1, 1, b"x" * 3000), True)], {1: ["a", "b", "c"]}, 0, "")
+    page = big._plan([(msg(1, 1, b"x" * 3000), True)], by_id({1: ["a", "b", "c"]}), 0, "")
     assert [u for u, _ in page.pairs] == ["a", "b"] and page.cursor == "b"
     tiny = planner(max_rows=100, max_response_bytes=4096 + 10)
-    page = tiny._plan([(msg(1, 1, b"x" * 3000), True)], {1: ["a", "b"]}, 0, "")
+    page = tiny._plan([(msg(1, 1, b"x" * 3000), True)], by_id({1: ["a", "b"]}), 0, "")
     assert [u for u, _ in page.pairs] == ["a"]
 
 
 def test_plan_skips_a_message_without_recipients() -> None:
     f = planner(max_rows=10)
-    page = f._plan([(msg(1, 1), True), (msg(2, 2), True)], {1: [], 2: ["a"]}, 0, "")
+    page = f._plan([(msg(1, 1), True), (msg(2, 2), True)], by_id({1: [], 2: ["a"]}), 0, "")
     assert [(u, m.msg_id) for u, m in page.pairs] == [("a", 2)]
     assert (page.watermark, page.stopped) == (2, False)
 
