@@ -365,6 +365,7 @@ def main() -> int:
     d = 1.0 if args.quick else args.duration
     w = 0.3 if args.quick else 1.0
     mem_keys = 100_000 if args.quick else 1_000_000
+    load_before = os.getloadavg()
     stack = Stack()
     stack.start()
     rows: dict[str, dict[str, Any]] = {}
@@ -398,7 +399,7 @@ def main() -> int:
             {"kind": "batch", "address": svc.address, "concurrency": 4, "batch": 1000},
         )
 
-        step = 1000
+        step = 500
         bsvc = stack.seqsvc(step=step, sections=1)
         boundary_spec = {
             "kind": "boundary",
@@ -406,7 +407,7 @@ def main() -> int:
             "window_s": 0.02,
             "concurrency": 8,
             "warmup": w,
-            "duration": max(d, 2.0),
+            "duration": 2 * d,
         }
         print("  running boundary (double buffer) ...", file=sys.stderr, flush=True)
         boundary = run_worker({**boundary_spec, "address": bsvc.address})
@@ -482,12 +483,22 @@ def main() -> int:
         f"({memory['bytes_per_key']} B/key); with max_keys={bounded_max:,}: "
         f"+{memory['bounded_rss_growth_mb']} MB"
     )
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after"
+    )
     for label, ok in targets.items():
         print(f"target {label}: {'met' if ok else 'NOT met'}")
 
     doc = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            # Other processes on the machine skew every number: record how busy it was.
+            "loadavg_1m_before": round(load_before[0], 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        },
         "duration_s": d,
         "phases": rows,
         "boundary": boundary,

@@ -29,7 +29,7 @@ import grpc
 
 from im.seqsvc.v1 import seqsvc_pb2 as pb
 from im.seqsvc.v1 import seqsvc_pb2_grpc as pb_grpc
-from seqsvc.keys import InvalidArgument, key_bytes
+from seqsvc.keys import MAX_KEY_BYTES, InvalidArgument, key_bytes
 
 T = TypeVar("T")
 
@@ -49,6 +49,9 @@ class SeqInvalidArgument(SeqError, ValueError):
 
 
 def _check_key(key: str) -> None:
+    # Fast path: a non-empty ASCII str of at most 128 chars is a valid key.
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
+        return
     try:
         key_bytes(key)
     except InvalidArgument as exc:
@@ -99,6 +102,7 @@ class SeqClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             *channel_options,
         ]
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SeqServiceStub | None = None
         self._keys: list[str] = []
@@ -123,7 +127,9 @@ class SeqClient:
         await self.close()
 
     def open(self) -> None:
+        """Creates the channel; call from the event loop that will use the client."""
         if self._channel is None:
+            self._loop = asyncio.get_running_loop()
             self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
             self._stub = pb_grpc.SeqServiceStub(self._channel)
 
@@ -154,15 +160,15 @@ class SeqClient:
     async def next(self, key: str) -> int:
         """The next value of key (coalesced with concurrent calls)."""
         _check_key(key)
-        if self._stub is None or self._closed:
+        loop = self._loop
+        if loop is None or self._closed:
             raise SeqError("SeqClient is not open (use `async with SeqClient(...)`)")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int] = loop.create_future()
         self._keys.append(key)
         self._futs.append(fut)
         if len(self._keys) >= self._max_batch:
             self._flush()
         elif self._timer is None:
-            loop = asyncio.get_running_loop()
             if self._window > 0:
                 self._timer = loop.call_later(self._window, self._flush)
             else:
