@@ -8,10 +8,13 @@ as a standby while another live instance holds them), then serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Callable
+
+import psycopg
 
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
@@ -70,10 +73,30 @@ def register_metrics(runtime: Runtime, allocator: Allocator) -> None:
         runtime.metrics.gauge(name, doc).set_function(read)
 
 
+async def migrate_with_retry(settings: Settings, stop: asyncio.Event) -> bool:
+    """Applies the migrations, retrying while PostgreSQL is unreachable (so a
+    database restart at the same moment does not crash the service). False if
+    `stop` was set first."""
+    backoff = settings.retry_min_s
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(settings.store_timeout_s * 5):
+                applied = await migrate(settings.database_url)
+        except (OSError, TimeoutError, psycopg.OperationalError) as exc:
+            log.warning("cannot apply migrations yet; retrying", extra={"error": repr(exc)})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await stop.wait()
+            backoff = min(backoff * 2, settings.retry_max_s)
+            continue
+        if applied:
+            log.info("migrations applied", extra={"applied": applied})
+        return True
+    return False
+
+
 async def build(settings: Settings, runtime: Runtime) -> None:
-    applied = await migrate(settings.database_url)
-    if applied:
-        log.info("migrations applied", extra={"applied": applied})
+    await migrate_with_retry(settings, runtime.stop_requested)
     store = await runtime.stack.enter_async_context(
         PgSectionStore(settings.database_url, settings.store_timeout_s)
     )

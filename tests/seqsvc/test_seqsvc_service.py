@@ -375,3 +375,22 @@ async def test_fenced_instance_stops_serving_and_exits(pg_dsn: str, spawn: Spawn
             await seq.next("k")
     async with SeqClient(b.address) as seq:
         assert min(await seq.next_batch(["k"] * 50)) > max(before)
+
+
+async def test_starts_when_postgres_comes_up_later(
+    postgres_factory: Callable[..., PostgresServer], spawn: Spawn
+) -> None:
+    """Started while PostgreSQL is down, seqsvc keeps its port closed (it cannot own
+    any section yet), retries, and serves once PostgreSQL is up."""
+    pg = postgres_factory()
+    dsn = pg.create_database("late")
+    await asyncio.to_thread(pg.stop)
+    svc = spawn("seqsvc", env(dsn, retry_max_s=0.2), wait=False)
+    await asyncio.sleep(1.0)  # long enough to have failed several attempts
+    assert svc.running()
+    with pytest.raises(grpc.RpcError):
+        health_status(svc.address)
+    await asyncio.to_thread(pg.start)
+    await asyncio.to_thread(svc.wait_ready, 30)
+    async with SeqClient(svc.address) as seq:
+        assert await seq.next("k") >= 1
