@@ -160,7 +160,7 @@ class ServerFaults:
     victim serves again (or raises); run them in a thread."""
 
     def __init__(
-        self, stack: Stack, restart_timeout_s: float = 90.0, start_attempts: int = 5
+        self, stack: Stack, restart_timeout_s: float = 90.0, start_attempts: int = 8
     ) -> None:
         self.stack = stack
         self.timeout = restart_timeout_s
@@ -251,7 +251,7 @@ class ServerFaults:
                 log.warning("fault victim failed to start", extra={"note": note})
                 if attempt == self.start_attempts:
                     raise
-                time.sleep(0.5 * attempt)  # supervisor backoff before the next start
+                time.sleep(min(0.5 * attempt, 3.0))  # supervisor backoff before the next start
 
     def take_notes(self) -> list[str]:
         """Notes of the calling thread's last fault (and forgets them)."""

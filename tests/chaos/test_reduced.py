@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from chaos import checker
 from chaos.cli import main
-from chaos.faults import FaultKind
+from chaos.faults import FaultKind, ServerFaults
 from chaos.run import RunConfig, run
 from chaos.workload import Workload, WorkloadConfig
 
@@ -159,6 +159,44 @@ async def test_without_locks_concurrent_sends_are_reported_lost_or_reordered() -
         assert r.lost + r.reordered > 0, checker.summarize(r)
     finally:
         shutil.rmtree(result.workdir, ignore_errors=True)
+
+
+async def test_without_repair_a_wiped_jetstream_store_is_reported_lost(
+    stack_dir: Path,
+) -> None:
+    # I8: JetStream may lose its store; the repair loop is what finds the
+    # committed messages that were never fanned out. Turned off, the checker
+    # must see them missing on the recipient (not on the sender: its own
+    # timeline row is written by the send).
+    stack = Stack(stack_dir / "stack", env={"logic": {"IM_LOGIC_TEST_FAULT_SKIP_REPAIR": "1"}})
+    await asyncio.to_thread(stack.start, 120.0)
+    w = Workload(
+        WorkloadConfig(users=3, two_device_users=0, groups=1, group_size=(3, 3), seed=9),
+        stack.gateway_addresses,
+        lambda user, device: stack.mint(user, device),
+        stack_dir,
+        echo=print,
+    )
+    try:
+        await w.setup()
+        await w.start(senders=False)
+        await asyncio.to_thread(stack.pushers[0].stop)  # triggers pile up in the stream
+        conv = direct_conversation_id("u00", "u01")
+        sent = [await w.send(w.device("u00"), conv) for _ in range(4)]
+        await asyncio.to_thread(ServerFaults(stack).nats_wipe, 0.0)
+        await asyncio.to_thread(stack.pushers[0].start, 60.0)
+        quiet, _ = await w.quiesce(deadline_s=8)
+        timelines = await w.audit_timelines()
+    finally:
+        await w.close()
+        await asyncio.to_thread(stack.stop)
+    report = checker.check(w.history(timelines))
+    assert not quiet
+    assert kinds(report) == {checker.Kind.LOST.value}, checker.summarize(report)
+    lost = {(v.user_id, v.msg_id) for v in report.violations}
+    # Each of the four on u01's device and in u01's server timeline.
+    assert lost == {("u01", s.ack.msg_id) for s in sent if s.ack is not None}
+    assert report.lost == 8
 
 
 class NoSyncReceiver(Receiver[Message]):
