@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ import e2e_load
 import e2e_png
 
 from imclient import direct_conversation_id
+from imdev.servers import free_port
 from imdev.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,6 +193,52 @@ def wait_quiet(groups: dict[str, list[int]], max_wait_s: float, threshold: float
         if foreign < threshold or time.monotonic() >= deadline:
             return foreign
         log(f"  machine busy with other processes ({foreign:.2f} cores); waiting")
+
+
+class MetricsScraper:
+    """Counter deltas from the services' Prometheus endpoints: RPCs by method
+    (server and client side) and the services' own counters. Divided by the
+    messages of a level they give the calls each message costs."""
+
+    def __init__(self, endpoints: dict[str, int]) -> None:
+        self.endpoints = endpoints  # service name -> metrics port
+        self._before: dict[str, float] = {}
+
+    def _scrape(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, port in self.endpoints.items():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if not line.startswith("im_") or "_total" not in line.split(" ")[0]:
+                    continue
+                key, _, value = line.rpartition(" ")
+                metric, _, labels = key.partition("{")
+                fields = dict(
+                    part.split("=", 1) for part in labels.rstrip("}").split(",") if "=" in part
+                )
+                fields = {k: v.strip('"') for k, v in fields.items() if k != "code"}
+                label = ",".join(fields.values())
+                short = f"{name}:{metric.removeprefix('im_').removesuffix('_total')}"
+                short = f"{short}[{label}]" if label else short
+                out[short] = out.get(short, 0.0) + float(value)
+        return out
+
+    def start(self) -> None:
+        self._before = self._scrape()
+
+    def stop(self, messages: int) -> dict[str, float]:
+        """Per message: counter deltas since start() divided by `messages`."""
+        after = self._scrape()
+        deltas = {k: v - self._before.get(k, 0.0) for k, v in after.items()}
+        return {
+            k: round(v / messages, 3)
+            for k, v in sorted(deltas.items())
+            if v > 0 and messages > 0 and not k.endswith(("[/grpc.health.v1.Health/Check]",))
+        }
 
 
 def machine_info() -> dict[str, Any]:
@@ -357,6 +405,7 @@ class LoadConfig:
     sustain_p99_ms: float
     quiet_wait_s: float = 0.0
     quiet_threshold: float = 0.3
+    max_backlog_s: float = 3.0
 
 
 @dataclass
@@ -377,21 +426,20 @@ def analyse_level(
     replies: list[dict[str, Any]],
     cpu: dict[str, float],
 ) -> dict[str, Any]:
+    """Latency and throughput of one level from the workers' per-message records
+    (taken when the drain deadline passed). Loss is judged later, by `verify`."""
     w0, w1 = start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.duration_s
+    aborts = [r["aborted_at"] for r in replies if r["aborted_at"] is not None]
+    end = min([w1, *aborts])  # messages intended after an abort were never sent
+    span = max(end - w0, 1e-9)
     ack_ms: list[float] = []
     deliv_ms: list[float] = []
     deliv_by_time: list[tuple[float, float]] = []
     lag_ms: list[float] = []
     acks_in_window = recvs_in_window = sent_in_window = 0
-    c: Counter[str] = Counter()
-    failures: list[str] = []
     settled = True
     for reply in replies:
         settled &= bool(reply["settled"])
-        failures += reply["failed"]
-        c["failed"] += reply["failed_count"]
-        c["wrong_recipient"] += reply["wrong_recipient"]
-        c["out_of_order"] += reply["out_of_order"]
         for j, (sub, ack, rcv, count) in enumerate(
             zip(
                 reply["submitted_at"],
@@ -402,32 +450,24 @@ def analyse_level(
             )
         ):
             intended = start_at + j / rate_w
-            c["sent"] += 1
-            has_ack = not math.isnan(ack)
-            c["acked"] += has_ack
-            c["received"] += count > 0
-            c["duplicates"] += max(0, count - 1)
-            c["missing"] += has_ack and count == 0
-            c["unacked"] += not has_ack
-            if not math.isnan(sub):
-                lag_ms.append((sub - intended) * 1000)
+            lag_ms.append((sub - intended) * 1000)
+            # Throughput: what the system completed during the measured window
+            # (the CPU window), backlog included.
             if w0 <= ack < w1:
                 acks_in_window += 1
             if w0 <= rcv < w1:
                 recvs_in_window += 1
-            if not w0 <= intended < w1:
+            if not w0 <= intended < end:
                 continue
             sent_in_window += 1
-            if has_ack:
+            if not math.isnan(ack):
                 ack_ms.append((ack - intended) * 1000)
             if count > 0:
                 deliv_ms.append((rcv - intended) * 1000)
                 deliv_by_time.append((intended, (rcv - intended) * 1000))
-    # unacked counts failures too; a failure is reported separately.
-    c["unacked"] -= c["failed"]
-    quarter = cfg.duration_s / 4
+    quarter = span / 4
     first = [d for t, d in deliv_by_time if t < w0 + quarter]
-    last = [d for t, d in deliv_by_time if t >= w1 - quarter]
+    last = [d for t, d in deliv_by_time if t >= end - quarter]
     p50_first, p50_last = percentile(first, 50), percentile(last, 50)
     growing = (
         p50_first is None or p50_last is None or p50_last > max(2 * p50_first, p50_first + 100)
@@ -435,45 +475,80 @@ def analyse_level(
     ack_rate = acks_in_window / cfg.duration_s
     deliv_rate = recvs_in_window / cfg.duration_s
     deliv = summary(deliv_ms)
-    zero_loss = (
-        settled
-        and c["failed"] == 0
-        and c["unacked"] == 0
-        and c["missing"] == 0
-        and c["duplicates"] == 0
-        and c["out_of_order"] == 0
-        and c["wrong_recipient"] == 0
-    )
     keeps_up = (
-        ack_rate >= 0.95 * offered
+        not aborts
+        and settled
+        and ack_rate >= 0.95 * offered
         and deliv_rate >= 0.95 * offered
         and not growing
         and deliv["p99"] is not None
         and float(deliv["p99"]) <= cfg.sustain_p99_ms
     )
+    ours = [k for k in cpu if k not in ("machine", "foreign", "total", "bench")]
+    per_msg = {k: round(cpu[k] * 1000 / deliv_rate, 3) for k in ours} if deliv_rate else {}
+    per_msg_total = round(sum(per_msg.values()), 3) if per_msg else None
     return {
         "offered_msgs_per_s": offered,
-        "sent_per_s_in_window": round(sent_in_window / cfg.duration_s, 1),
+        "overloaded_abort_after_s": round(min(aborts) - start_at, 1) if aborts else None,
+        "sent_per_s_in_window": round(sent_in_window / span, 1),
         "acked_per_s_in_window": round(ack_rate, 1),
         "delivered_per_s_in_window": round(deliv_rate, 1),
-        "counts": dict(c),
-        "zero_loss": zero_loss,
+        "settled_by_drain_deadline": settled,
         "keeps_up": keeps_up,
-        "sustained": zero_loss and keeps_up,
         "send_ack_ms": summary(ack_ms),
         "delivery_ms": deliv,
         "delivery_p50_ms_first_vs_last_quarter": [p50_first, p50_last],
         "loadgen_lag_ms": {"p99": summary(lag_ms)["p99"], "max": summary(lag_ms)["max"]},
         "cpu_cores": cpu,
-        "failures_sample": failures[:5],
+        # CPU time per delivered message by process group (load generator
+        # included): on an otherwise idle machine with N cores the rate cannot
+        # exceed N * 1000 / cpu_ms_per_msg_total messages per second.
+        "cpu_ms_per_msg": per_msg,
+        "cpu_ms_per_msg_total": per_msg_total,
+        "cpu_bound_msgs_per_s": (
+            round((os.cpu_count() or 1) * 1000 / per_msg_total) if per_msg_total else None
+        ),
     }
 
 
+def final_counts(verified: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [
+        "submitted",
+        "acked",
+        "failed",
+        "unacked",
+        "received",
+        "duplicates",
+        "missing",
+        "received_unacked",
+        "wrong_recipient",
+        "out_of_order",
+    ]
+    out: dict[str, Any] = {k: sum(v[k] for v in verified) for k in keys}
+    out["failures_sample"] = [f for v in verified for f in v["failures_sample"]][:5]
+    out["exactly_once"] = (
+        out["acked"] == out["submitted"]
+        and out["received"] == out["submitted"]
+        and out["duplicates"] == 0
+        and out["missing"] == 0
+        and out["wrong_recipient"] == 0
+        and out["out_of_order"] == 0
+    )
+    return out
+
+
 class LoadPhase:
-    def __init__(self, stack: Stack, cfg: LoadConfig, meter_groups: dict[str, list[int]]) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        cfg: LoadConfig,
+        meter_groups: dict[str, list[int]],
+        metrics: MetricsScraper | None = None,
+    ) -> None:
         self.stack = stack
         self.cfg = cfg
         self.meter_groups = meter_groups
+        self.metrics = metrics
         self.procs: list[Proc] = []
         self.results: list[LevelResult] = []
 
@@ -523,7 +598,10 @@ class LoadPhase:
             "total": total_w,
             "start_at": start_at,
             "drain_s": cfg.drain_s,
+            "max_backlog_s": cfg.max_backlog_s,
         }
+        if self.metrics is not None:
+            self.metrics.start()
         for p in self.procs:
             p.send("load", args)
         meter = CpuMeter(self.meter_groups)
@@ -540,25 +618,40 @@ class LoadPhase:
         for spy in spies:
             spy.wait(60)
         data = analyse_level(offered, start_at, run_cfg, rate_w, replies, cpu)
-        data["label"] = label
-        data["duration_s"] = duration
-        data["foreign_cores_before"] = foreign_before
-        result = LevelResult(offered, data)
-        ack, dl = data["send_ack_ms"], data["delivery_ms"]
-        log(
-            f"  {label}: offered {offered:g}/s acked {data['acked_per_s_in_window']}/s "
-            f"delivered {data['delivered_per_s_in_window']}/s | ACK p50 {ack['p50']} "
-            f"p99 {ack['p99']} p99.9 {ack['p999']} ms | delivery p50 {dl['p50']} "
-            f"p99 {dl['p99']} ms | loss-free {data['zero_loss']} keeps-up {data['keeps_up']} "
-            f"| counts {data['counts']} | cpu {cpu}"
-        )
+        submitted = sum(r["submitted"] for r in replies)
+        if self.metrics is not None:
+            # Counted over the whole level (warm-up and drain too), per message sent.
+            data["per_msg_counters"] = self.metrics.stop(submitted)
         quiet = call_all(
             self.procs, "quiesce", [{"timeout_s": cfg.quiesce_s, "quiet_s": 1.0}] * len(self.procs)
         )
-        data["quiesce"] = quiet
         if not all(q["quiet"] for q in quiet):
             log(f"  backlog still draining after {cfg.quiesce_s}s: {quiet}")
-        return result
+        final = final_counts(call_all(self.procs, "verify", [{"level": label}] * len(self.procs)))
+        data.update(
+            label=label,
+            duration_s=duration,
+            foreign_cores_before=foreign_before,
+            final_counts=final,
+            zero_loss=final["exactly_once"] and final["failed"] == 0,
+            sustained=final["exactly_once"] and final["failed"] == 0 and data["keeps_up"],
+        )
+        ack, dl = data["send_ack_ms"], data["delivery_ms"]
+        log(
+            f"  {label}: offered {offered:g}/s, completed {data['acked_per_s_in_window']} ACK/s "
+            f"{data['delivered_per_s_in_window']} deliveries/s | ACK p50 {ack['p50']} p99 "
+            f"{ack['p99']} p99.9 {ack['p999']} ms | delivery p50 {dl['p50']} p99 {dl['p99']} ms "
+            f"| exactly-once {final['exactly_once']} ({final['received']}/{final['submitted']}, "
+            f"dup {final['duplicates']}, failed {final['failed']}) | keeps up {data['keeps_up']}"
+            + (
+                f" (aborted: backlog > {cfg.max_backlog_s:g}s)"
+                if data["overloaded_abort_after_s"] is not None
+                else ""
+            )
+            + f" | CPU ms/msg {data['cpu_ms_per_msg_total']}, foreign load "
+            f"{cpu['foreign']} cores"
+        )
+        return LevelResult(offered, data)
 
     def search(self, fixed: list[LevelResult], steps: int, resolution: float) -> dict[str, Any]:
         """Highest offered load (a multiple of 50 msg/s) that is sustained with zero
@@ -799,6 +892,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def enable_metrics(stack: Stack) -> dict[str, int]:
+    """Gives the services on the message path a Prometheus port each (before
+    start); returns {service: port}."""
+    procs = {
+        "gateway": stack.gateways[0],
+        "logic": stack.logics[0],
+        "pusher": stack.pushers[0],
+        "seqsvc": stack.seqsvc,
+    }
+    ports = {}
+    for name, proc in procs.items():
+        ports[name] = free_port()
+        proc.extra_env[f"IM_{name.upper()}_METRICS_PORT"] = str(ports[name])
+    return ports
+
+
 def find_py_spy(hint: str) -> str | None:
     for cand in (hint, shutil.which("py-spy") or "", "/tmp/pyspy/bin/py-spy"):
         if cand and Path(cand).exists():
@@ -824,6 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="im-e2e-"))
     workdir.chmod(0o755)  # PostgreSQL runs as its own user when we are root
     stack = Stack(workdir, gateways=2, fsync=True)
+    metrics = MetricsScraper(enable_metrics(stack))
     report: dict[str, Any] = {
         "machine": machine_info(),
         "config": {
@@ -878,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet_wait_s=args.quiet_wait,
             )
             log(f"1:1 load: {args.pairs} pairs in {args.workers} load-generator processes")
-            phase = LoadPhase(stack, cfg, meter_groups)
+            phase = LoadPhase(stack, cfg, meter_groups, metrics)
             phase.open()
             try:
                 phase.run_level(200, "warmup", duration_s=3.0)

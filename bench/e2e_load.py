@@ -10,6 +10,7 @@ Commands (a tuple `(name, args)`; the reply is a dict):
 - `load`: open-loop traffic over those pairs at a fixed rate, from an agreed
   start time; then wait until every message is acknowledged and received (or a
   deadline passes) and return one record per message.
+- `verify`: the final exactly-once count of a level, after its backlog drained.
 - `quiesce`: wait until the previous level's backlog is gone.
 - `create_group`: CreateGroup through the gateway.
 - `group`: open receiving clients for group members (and the sender's client).
@@ -72,6 +73,7 @@ class _Level:
     wrong_recipient: int = 0
     out_of_order: int = 0
     last_j: dict[int, int] = field(default_factory=dict)  # pair -> last j received
+    submitted: int = 0
 
     def __post_init__(self) -> None:
         nan = math.nan
@@ -85,8 +87,9 @@ class _Level:
         return self.start + j / self.rate
 
     def settled(self) -> bool:
-        """Every message acknowledged (or failed) and every acknowledged one received."""
-        for j in range(self.total):
+        """Every submitted message acknowledged (or failed) and every acknowledged
+        one received."""
+        for j in range(self.submitted):
             if self.failed[j]:
                 continue
             if math.isnan(self.ack_at[j]) or self.recv_count[j] == 0:
@@ -175,16 +178,25 @@ class Worker:
     async def load(self, args: dict[str, Any]) -> dict[str, Any]:
         """Sends `total` messages at `rate`/s from `start_at`, round-robin over the
         pairs (each sender at rate/pairs), then waits up to `drain_s` after the
-        last send for every ACK and every delivery."""
+        last send for every ACK and every delivery, and returns the records.
+
+        Open loop, except for one safety valve: once more than `max_backlog_s`
+        seconds of offered load are unacknowledged, the level stops submitting
+        (it is overloaded; going on would only queue minutes of backlog). The
+        level's state stays here for `verify`, so late deliveries still count."""
         rate = float(args["rate"])
         total = int(args["total"])
         name = str(args["level"])
         level = _Level(name, float(args["start_at"]), rate, total, len(self.pairs))
         self.levels[name] = level
         pairs = self.pairs
+        max_backlog = max(1, int(rate * float(args["max_backlog_s"])))
+        answered = 0
 
         def acked(j: int) -> Callable[[asyncio.Future[SendResult]], None]:
             def done(fut: asyncio.Future[SendResult]) -> None:
+                nonlocal answered
+                answered += 1
                 if fut.cancelled():
                     level.failed[j] = "cancelled"
                 elif fut.exception() is not None:
@@ -195,8 +207,12 @@ class Worker:
             return done
 
         j = 0
+        aborted_at: float | None = None
         while j < total:
             now = time.monotonic()
+            if j - answered > max_backlog:
+                aborted_at = now
+                break
             due = level.intended(j)
             if due > now:
                 await asyncio.sleep(due - now)
@@ -210,22 +226,42 @@ class Worker:
                 level.submitted_at[j] = now
                 pair.sender.submit(pair.conversation_id, body).add_done_callback(acked(j))
                 j += 1
+        level.submitted = j
         deadline = time.monotonic() + float(args["drain_s"])
         while not level.settled() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        # Stragglers arriving later are not counted; the coordinator reports them
-        # as missing for this level.
-        self.levels.pop(name, None)
         return {
-            "submitted_at": level.submitted_at,
-            "ack_at": level.ack_at,
-            "recv_at": level.recv_at,
-            "recv_count": level.recv_count,
-            "failed": [f for f in level.failed if f][:20],
-            "failed_count": sum(1 for f in level.failed if f),
+            "submitted": j,
+            "aborted_at": aborted_at,
+            "submitted_at": level.submitted_at[:j],
+            "ack_at": level.ack_at[:j],
+            "recv_at": level.recv_at[:j],
+            "recv_count": level.recv_count[:j],
+            "settled": level.settled(),
+        }
+
+    async def verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Final exactly-once accounting of a level (after `quiesce`): every
+        submitted message acknowledged, received once by its recipient, in order."""
+        level = self.levels.pop(str(args["level"]))
+        n = level.submitted
+        failed = [f for f in level.failed[:n] if f]
+        acked = [not math.isnan(a) for a in level.ack_at[:n]]
+        counts = level.recv_count[:n]
+        return {
+            "submitted": n,
+            "acked": sum(acked),
+            "failed": len(failed),
+            "failures_sample": failed[:5],
+            "unacked": sum(
+                1 for a, f in zip(acked, level.failed[:n], strict=True) if not a and not f
+            ),
+            "received": sum(1 for c in counts if c > 0),
+            "duplicates": sum(c - 1 for c in counts if c > 1),
+            "missing": sum(1 for a, c in zip(acked, counts, strict=True) if a and c == 0),
+            "received_unacked": sum(1 for a, c in zip(acked, counts, strict=True) if not a and c),
             "wrong_recipient": level.wrong_recipient,
             "out_of_order": level.out_of_order,
-            "settled": level.settled(),
         }
 
     # -- group -----------------------------------------------------------------
@@ -306,6 +342,7 @@ async def _serve(conn: Connection, addresses: list[str], name: str) -> None:
         "load": worker.load,
         "group": worker.open_group,
         "quiesce": worker.quiesce,
+        "verify": worker.verify,
         "create_group": worker.create_group,
         "group_send": worker.group_send,
         "group_wait": worker.group_wait,
