@@ -135,7 +135,7 @@ async def test_dropped_delivery_acks_are_retransmitted_and_shown_once(stack: Sta
         for body in bodies[:10]:  # one at a time: one ACK each, all dropped
             await a.send(conv, body)
             await inbox.wait_for(len(inbox.messages) + 1, timeout=10, conversation_id=conv)
-        assert b.stats.acks_dropped == 10 and b.stats.acks_sent == 0
+        assert b.stats.acks_dropped == 10
         # Nothing acknowledges them now: the pusher's timers must fire.
         await wait_until(
             lambda: b.stats.duplicate_pushes >= 1, 15, lambda: f"a retransmit ({b.stats})"
