@@ -337,6 +337,7 @@ def start_py_spy(py_spy: str, pid: int, out: Path, duration_s: int) -> subproces
             "--rate",
             "200",
             "--nonblocking",
+            "--gil",  # only samples holding the GIL: Python work, not idle waits
             "--format",
             "raw",
             "--output",
@@ -358,10 +359,23 @@ def _frame_name(frame: str) -> str:
     return f"{func} ({short})"
 
 
+#: Frames every sample passes through (process entry, event loop, thread start).
+_ENTRY_FRAMES = (
+    "_run_module_as_main ",
+    "_run_code ",
+    "<module> ",
+    "main (",
+    "run (uvloop",
+    "Thread._bootstrap",
+)
+
+
 def summarize_profile(raw: Path, duration_s: float, rate_hz: int, top: int = 25) -> dict[str, Any]:
     """Self and inclusive sample shares per function from py-spy's collapsed
-    stacks. `busy_cores` is samples / (duration * rate): how much of one core the
-    process's Python threads were running (idle threads are not sampled)."""
+    stacks (recorded with --gil: samples of the thread holding the GIL). `busy_cores`
+    is samples / (duration * rate): how much of a core Python code kept busy.
+    `Runner.run` self time is C code run by the event loop (uvloop, grpc's Cython
+    layer); `Thread.run` self time is gRPC's polling threads."""
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
     total = 0
@@ -381,7 +395,8 @@ def summarize_profile(raw: Path, duration_s: float, rate_hz: int, top: int = 25)
             incl_counts[f] += n
 
     def share(counter: Counter[str]) -> list[list[Any]]:
-        return [[name, round(100 * c / total, 1)] for name, c in counter.most_common(top)]
+        ranked = [(n, c) for n, c in counter.most_common() if not n.startswith(_ENTRY_FRAMES)]
+        return [[name, round(100 * c / total, 1)] for name, c in ranked[:top]]
 
     return {
         "samples": total,
@@ -714,8 +729,12 @@ def connections_phase(stack: Stack, target: int, procs_n: int, hold_s: float) ->
         failed = sum(r["failed"] for r in replies)
         errors = [e for r in replies for e in r["errors"]][:5]
         log(f"  {opened} streams open ({failed} failed) in {open_s:.1f}s; holding {hold_s:g}s")
-        # Hold past at least one route refresh round of the gateway.
+        # Hold past at least one route refresh round of the gateway, measuring
+        # what the idle streams cost it in CPU (pings, route refreshes).
+        meter = CpuMeter({"gateway": [pid], "redis": [stack.redis.pid or 0]})
+        meter.start()
         time.sleep(hold_s)
+        idle_cpu = meter.stop()
         alive = sum(r["alive"] for r in call_all(procs, "check", [{}] * procs_n))
         rss, fds = rss_kb(pid), open_fds(pid)
         per_conn_kb = (rss - base_rss) / max(1, alive - 10)
@@ -734,6 +753,7 @@ def connections_phase(stack: Stack, target: int, procs_n: int, hold_s: float) ->
             "gateway_fds_before": base_fds,
             "gateway_fds_after": fds,
             "kb_per_connection": round(per_conn_kb, 2),
+            "idle_cpu_cores": {k: idle_cpu[k] for k in ("gateway", "redis", "foreign")},
             "client_processes": procs_n,
             "client_rss_kb_total": client_rss,
         }
@@ -871,6 +891,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="before each level, wait up to this long for other processes on the "
         "machine to use < 0.3 cores (shared machines)",
     )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KIND:VAR=VALUE",
+        help="extra setting for one service kind (repeatable), e.g. "
+        "logic:IM_LOGIC_DB_POOL_MAX=40 or gateway:OTEL_TRACES_SAMPLER=always_off",
+    )
     p.add_argument("--skip", default="", help="comma list of: load,search,conns,group")
     p.add_argument("--profile", action="store_true", help="py-spy every service during a level")
     p.add_argument("--profile-rate", type=float, default=1000.0)
@@ -932,7 +960,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="im-e2e-"))
     workdir.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    stack = Stack(workdir, gateways=2, fsync=True)
+    env: dict[str, dict[str, str]] = defaultdict(dict)
+    for item in args.env:
+        kind, _, assignment = item.partition(":")
+        var, _, value = assignment.partition("=")
+        if not kind or not var:
+            raise SystemExit(f"--env {item!r}: expected KIND:VAR=VALUE")
+        env[kind][var] = value
+    stack = Stack(workdir, gateways=2, fsync=True, env=env)
     metrics = MetricsScraper(enable_metrics(stack))
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -948,6 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "quiet_wait_s": args.quiet_wait,
             "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
             "nofile_limit": soft,
+            "extra_env": args.env,
             "stack": "1 seqsvc, 1 logic, 1 pusher, 2 gateways (gateway 1 only for the "
             "idle-connection test), PostgreSQL, Redis, NATS JetStream",
         },
