@@ -305,6 +305,21 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # ---- orchestration -----------------------------------------------------------
 
 
+def server_counters(svc: ServiceProcess) -> dict[str, float]:
+    """seqsvc's own counters from its /metrics: calls that had to wait for a step
+    reservation (what the double buffer exists to avoid) and reservations made."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{svc.extra_env['IM_SEQSVC_METRICS_PORT']}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        for name in ("im_seqsvc_waits", "im_seqsvc_store_writes"):
+            if line.startswith(name + " "):
+                out[name.removeprefix("im_seqsvc_")] = float(line.split()[1])
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -334,6 +349,7 @@ class Stack:
         env = {
             "IM_SEQSVC_DATABASE_URL": self.database(),
             "IM_SEQSVC_PORT": str(port),
+            "IM_SEQSVC_METRICS_PORT": str(free_port()),
             "IM_SEQSVC_LOG_LEVEL": "warning",
         }
         env.update({f"IM_SEQSVC_{k.upper()}": str(v) for k, v in settings.items()})
@@ -411,9 +427,11 @@ def main() -> int:
         }
         print("  running boundary (double buffer) ...", file=sys.stderr, flush=True)
         boundary = run_worker({**boundary_spec, "address": bsvc.address})
+        boundary.update(server_counters(bsvc))
         nsvc = stack.seqsvc(step=step, sections=1, prefetch_ratio=0.001)
         print("  running boundary (no double buffer) ...", file=sys.stderr, flush=True)
         nobuffer = run_worker({**boundary_spec, "address": nsvc.address})
+        nobuffer.update(server_counters(nsvc))
 
         print("  running memory ...", file=sys.stderr, flush=True)
         msvc = stack.seqsvc(max_keys=max(1000, mem_keys * 2))
@@ -453,6 +471,8 @@ def main() -> int:
         "steady_p999_ms": boundary["steady_p999_ms"],
         "nobuffer_boundary_p999_ms": nobuffer["boundary_p999_ms"],
         "nobuffer_steady_p999_ms": nobuffer["steady_p999_ms"],
+        "boundary_waits": boundary.get("waits"),
+        "nobuffer_boundary_waits": nobuffer.get("waits"),
         "bytes_per_key": memory["bytes_per_key"],
         "coalesced_vs_redis": round(coalesced["ids_per_s"] / redis["ids_per_s"], 2),
     }
@@ -476,7 +496,9 @@ def main() -> int:
             f"boundary windows ({label}, step {step}, 8 callers, 20 ms windows): "
             f"{b['boundary_windows']}/{b['windows']} windows cross a step; p99.9 "
             f"boundary {b['boundary_p999_ms']} ms vs steady {b['steady_p999_ms']} ms "
-            f"(max {b['boundary_max_ms']} vs {b['steady_max_ms']})"
+            f"(max {b['boundary_max_ms']} vs {b['steady_max_ms']}); calls that waited "
+            f"for a reservation: {b.get('waits', 0):.0f} of {b['ids_per_s'] * 2 * d:,.0f} "
+            f"({b.get('store_writes', 0):.0f} reservations)"
         )
     print(
         f"memory: {memory['keys']:,} keys -> +{memory['rss_growth_mb']} MB RSS "
