@@ -22,8 +22,8 @@ FULL = {
 }
 REDUCED = {
     "clients": 8,
-    "messages": 500,
-    "rounds": 2,
+    "messages": 400,
+    "rounds": 1,
     "client_rounds": 6,
     "think": 0.3,
     "fault_interval": 0.5,

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from chaos.faults import FaultKind, ServerFaults
 from chaos.run import RunConfig, run
 from chaos.workload import Workload, WorkloadConfig
 
-from imclient import Entry, Message, Receiver, direct_conversation_id
+from imclient import Entry, GatewayApi, Message, Receiver, direct_conversation_id
 from imdev.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -123,6 +124,7 @@ async def test_without_outbox_and_repair_acked_messages_are_reported_lost() -> N
         },
         messages=30,
     )
+    config = dataclasses.replace(config, quiesce_deadline_s=4)
     result = await run(config, echo=print)
     try:
         assert kinds(result.report) == {checker.Kind.LOST.value}
@@ -149,7 +151,7 @@ async def test_without_locks_concurrent_sends_are_reported_lost_or_reordered() -
         groups=2,
         group_size=(4, 6),
         think_mean_s=0.02,
-        messages=800,
+        messages=500,
     )
     result = await run(config, echo=print)
     try:
@@ -231,6 +233,16 @@ async def route_gone(stack: Stack, user: str, device: str, timeout_s: float = 10
             await asyncio.sleep(0.05)
 
 
+async def fanned_out(stack: Stack, user: str, msg_ids: set[int], timeout_s: float = 20.0) -> None:
+    """Waits until `msg_ids` are in `user`'s server timeline (read with Sync as
+    another device), i.e. their fan-out is over."""
+    async with GatewayApi(stack.gateway_addresses, stack.mint(user, "probe")) as api:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not msg_ids <= {m.msg_id for m in await api.sync_all(0)}:
+            assert asyncio.get_running_loop().time() < deadline, "fan-out never happened"
+            await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def stack_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="chaos-break-"))
@@ -269,10 +281,15 @@ async def test_a_client_that_skips_sync_is_reported_losing_what_it_missed(
             conv = direct_conversation_id("u00", user)
             await w.take_offline(victim)
             await route_gone(small_stack, user, "d1")
-            for _ in range(5):
-                await w.send(sender, conv)
+            sent = [await w.send(sender, conv) for _ in range(5)]
+            await fanned_out(small_stack, user, {s.ack.msg_id for s in sent if s.ack})
             await w.bring_online(victim)
-            await w.send(sender, conv)  # pushed with a gap of 5 behind it
+            last = await w.send(sender, conv)  # pushed with a gap of 5 behind it
+            assert last.ack is not None
+            deadline = asyncio.get_running_loop().time() + 20
+            while last.ack.msg_id not in victim.handed:
+                assert asyncio.get_running_loop().time() < deadline, "the push never came"
+                await asyncio.sleep(0.05)
 
         # The real client: it syncs on reconnect and gets all six.
         await offline_while_sent_to("u01")
@@ -286,6 +303,4 @@ async def test_a_client_that_skips_sync_is_reported_losing_what_it_missed(
     assert not quiet
     assert kinds(report) == {checker.Kind.LOST.value}, checker.summarize(report)
     assert {(v.user_id, v.device_id) for v in report.violations} == {("u02", "d1")}
-    # Those of the five whose fan-out ran before the device was back were never
-    # pushed; a late fan-out may push some after it, and then they are shown.
-    assert 1 <= report.lost <= 5
+    assert report.lost == 5
