@@ -887,9 +887,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quiet-wait",
         type=float,
-        default=0.0,
-        help="before each level, wait up to this long for other processes on the "
-        "machine to use < 0.3 cores (shared machines)",
+        default=20.0,
+        help="before each level, wait up to this long (default 20 s) for other "
+        "processes on the machine to use < 0.3 cores (shared machines; 0: do not wait)",
     )
     p.add_argument(
         "--env",
