@@ -105,9 +105,20 @@ class SectionStore(Protocol):
 
 
 class _Section:
-    __slots__ = ("base", "ceiling", "high", "index", "need", "requested", "room")
+    __slots__ = (
+        "base",
+        "ceiling",
+        "factor",
+        "high",
+        "index",
+        "need",
+        "requested",
+        "reserved_at",
+        "room",
+        "threshold",
+    )
 
-    def __init__(self, index: int, floor: int, ceiling: int) -> None:
+    def __init__(self, index: int, floor: int, ceiling: int, threshold: int, now: float) -> None:
         self.index = index
         self.base = floor
         self.high = floor
@@ -115,6 +126,9 @@ class _Section:
         self.requested = False
         self.need = 0  # values wanted by callers waiting for this section
         self.room: asyncio.Future[bool] | None = None
+        self.factor = 1  # this section's step is factor * step (adaptive)
+        self.threshold = threshold  # prefetch once headroom < threshold
+        self.reserved_at = now
 
 
 _STARTING, _SERVING, _FENCED, _CLOSED = "starting", "serving", "fenced", "closed"
@@ -131,6 +145,8 @@ class Allocator:
         sections: int,
         step: int,
         prefetch_ratio: float = 0.5,
+        max_step_factor: int = 64,
+        step_target_s: float = 1.0,
         max_batch: int = 10_000,
         max_reserve: int = 1_000_000,
         max_keys: int = 1_000_000,
@@ -146,7 +162,10 @@ class Allocator:
         self._store = store
         self._n = sections
         self._step = step
+        self._ratio = prefetch_ratio
         self._threshold = max(1, int(step * prefetch_ratio))
+        self._max_factor = max_step_factor
+        self._step_target = step_target_s
         self._max_batch = max_batch
         self._max_reserve = max_reserve
         self._max_keys = max_keys
@@ -233,8 +252,9 @@ class Allocator:
         if len(grant.floors) != self._n or len(grant.ceilings) != self._n:
             raise RuntimeError("store returned a grant for a different number of sections")
         self._epoch = grant.epoch
+        now = self._clock()
         self._sections = [
-            _Section(i, floor, ceiling)
+            _Section(i, floor, ceiling, self._threshold, now)
             for i, (floor, ceiling) in enumerate(zip(grant.floors, grant.ceilings, strict=True))
         ]
         self._cur.clear()
@@ -317,7 +337,7 @@ class Allocator:
         self._cur[key] = last
         if last > sec.high:
             sec.high = last
-            if sec.ceiling - last < self._threshold and not sec.requested:
+            if sec.ceiling - last < sec.threshold and not sec.requested:
                 self._request(sec)
         return cur + 1
 
@@ -433,11 +453,28 @@ class Allocator:
             self._wanted.set()
 
     def _amount(self, sec: _Section) -> int:
-        """How far to raise a section: one step, or enough for every waiting caller
+        """How far to raise a section: its step, or enough for every waiting caller
         plus the prefetch threshold, rounded up to whole steps."""
-        deficit = sec.need + self._threshold - (sec.ceiling - sec.high)
-        steps = max(1, -(-deficit // self._step))
-        return steps * self._step
+        step = self._step * sec.factor
+        deficit = sec.need + sec.threshold - (sec.ceiling - sec.high)
+        steps = max(1, -(-deficit // step))
+        return steps * step
+
+    def _adapt(self, sec: _Section) -> None:
+        """Leaf's dynamic step: a section that used its last reservation up in less
+        than step_target_s doubles its step (up to max_step_factor), one that took
+        over ten times as long halves it. So a hot section writes about once per
+        step_target_s at most, and its prefetch threshold (a share of its step) buys
+        the reservation enough time to commit before the headroom runs out."""
+        now = self._clock()
+        elapsed, sec.reserved_at = now - sec.reserved_at, now
+        if elapsed < self._step_target and sec.factor < self._max_factor:
+            sec.factor *= 2
+        elif elapsed > 10 * self._step_target and sec.factor > 1:
+            sec.factor //= 2
+        else:
+            return
+        sec.threshold = max(1, int(self._step * sec.factor * self._ratio))
 
     @staticmethod
     def _wake(sec: _Section, ok: bool) -> None:
@@ -488,9 +525,10 @@ class Allocator:
                 if new > sec.ceiling:
                     sec.ceiling = new
                 sec.requested = False
+                self._adapt(sec)
                 self._wake(sec, True)
                 # Waiters that still lack room re-request themselves once they ran.
-                if sec.ceiling - sec.high < self._threshold:
+                if sec.ceiling - sec.high < sec.threshold:
                     self._request(sec)
             await asyncio.sleep(0)  # let the woken callers take their values first
 

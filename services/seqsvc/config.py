@@ -41,6 +41,20 @@ class Settings(ServerSettings):
         description="Reserve the next step in the background once a section's headroom falls "
         "below prefetch_ratio * step (the double buffer).",
     )
+    max_step_factor: int = Field(
+        64,
+        ge=1,
+        le=1_000_000,
+        description="Adaptive step: a section that uses up its step in less than "
+        "step_target_s doubles its step, up to max_step_factor * step (1: fixed step).",
+    )
+    step_target_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Aim for at most one reservation per section per this many seconds "
+        "(see max_step_factor); a section slower than 10x this halves its step again.",
+    )
     max_batch: int = Field(
         10_000, ge=1, le=1_000_000, description="Most keys accepted in one NextBatch call."
     )

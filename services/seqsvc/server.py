@@ -44,6 +44,8 @@ def make_allocator(settings: Settings, store: PgSectionStore) -> Allocator:
         sections=settings.sections,
         step=settings.step,
         prefetch_ratio=settings.prefetch_ratio,
+        max_step_factor=settings.max_step_factor,
+        step_target_s=settings.step_target_s,
         max_batch=settings.max_batch,
         max_reserve=settings.max_reserve,
         max_keys=settings.max_keys,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -249,3 +250,30 @@ async def test_reserve_larger_than_a_step_is_one_contiguous_range(make: Factory)
     assert last <= store.max_seq[0]
     assert await alloc.next("k") == last + 1
     assert alloc.waits == 1  # one wait, served by one larger reservation
+
+
+async def test_hot_sections_grow_their_step_and_cold_ones_shrink_it(make: Factory) -> None:
+    clock = FakeClock()
+    store = MemStore(clock)
+    alloc = await make(
+        store, sections=1, step=100, max_step_factor=8, step_target_s=1.0, clock=clock,
+        lease_s=1e9,
+    )  # fmt: skip
+
+    async def use_up_one_reservation() -> int:
+        before = store.extend_calls
+        while store.extend_calls == before:
+            await alloc.next("k")
+            await asyncio.sleep(0)
+        await wait_until(lambda: not store.in_flight)
+        return store.history[-1][1]
+
+    ceilings = [store.max_seq[0]]
+    for _ in range(6):  # hot: each step used up at once
+        ceilings.append(await use_up_one_reservation())
+    amounts = [b - a for a, b in itertools.pairwise(ceilings)]
+    assert amounts == [100, 200, 400, 800, 800, 800]  # doubles up to 8 * step
+    for _ in range(2):  # cold: a step lasts longer than 10 * step_target_s
+        clock.now += 20
+        ceilings.append(await use_up_one_reservation())
+    assert [b - a for a, b in itertools.pairwise(ceilings[-3:])] == [800, 400]

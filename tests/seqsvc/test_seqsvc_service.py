@@ -232,7 +232,8 @@ async def test_postgres_stopped_under_load(
 async def test_step_10_with_1000_concurrent_callers(pg_dsn: str, spawn: Spawn) -> None:
     """Tiny step, heavy concurrency (Leaf's "both segments not ready"): no errors,
     no duplicates, per-caller order."""
-    svc = spawn("seqsvc", env(pg_dsn, step=10, sections=4))
+    # A fixed step (no adaptive growth): the hardest case for the double buffer.
+    svc = spawn("seqsvc", env(pg_dsn, step=10, sections=4, max_step_factor=1))
     keys = [f"hot{i}" for i in range(20)]
     by_key: dict[str, list[int]] = defaultdict(list)
     errors: list[str] = []
