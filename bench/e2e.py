@@ -52,6 +52,7 @@ from typing import Any
 import e2e_conns
 import e2e_load
 import e2e_png
+import psycopg
 
 from imclient import direct_conversation_id
 from imdev.servers import free_port
@@ -238,6 +239,53 @@ class MetricsScraper:
             k: round(v / messages, 3)
             for k, v in sorted(deltas.items())
             if v > 0 and messages > 0 and not k.endswith(("[/grpc.health.v1.Health/Check]",))
+        }
+
+
+class PgStats:
+    """PostgreSQL work per message: transactions, row writes, WAL records, bytes
+    and fsyncs (pg_stat_database, pg_stat_wal), as deltas over a level."""
+
+    QUERY = """
+        SELECT d.xact_commit, d.xact_rollback, d.tup_inserted, d.tup_updated,
+               d.tup_deleted, w.wal_records, w.wal_bytes, w.wal_write, w.wal_sync
+        FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = current_database()
+    """
+    NAMES = (
+        "commits",
+        "rollbacks",
+        "rows_inserted",
+        "rows_updated",
+        "rows_deleted",
+        "wal_records",
+        "wal_bytes",
+        "wal_writes",
+        "wal_fsyncs",
+    )
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self._before: tuple[float, ...] = ()
+
+    def _read(self) -> tuple[float, ...]:
+        try:
+            with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                conn.execute("SELECT pg_stat_clear_snapshot()")
+                row = conn.execute(self.QUERY).fetchone()
+        except psycopg.Error:
+            return ()
+        return tuple(float(v) for v in row) if row else ()
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def stop(self, messages: int) -> dict[str, float]:
+        after = self._read()
+        if not after or not self._before or messages <= 0:
+            return {}
+        return {
+            n: round((a - b) / messages, 3)
+            for n, a, b in zip(self.NAMES, after, self._before, strict=True)
         }
 
 
@@ -617,6 +665,8 @@ class LoadPhase:
         }
         if self.metrics is not None:
             self.metrics.start()
+        pg = PgStats(self.stack.database_url)
+        pg.start()
         for p in self.procs:
             p.send("load", args)
         meter = CpuMeter(self.meter_groups)
@@ -634,14 +684,17 @@ class LoadPhase:
             spy.wait(60)
         data = analyse_level(offered, start_at, run_cfg, rate_w, replies, cpu)
         submitted = sum(r["submitted"] for r in replies)
-        if self.metrics is not None:
-            # Counted over the whole level (warm-up and drain too), per message sent.
-            data["per_msg_counters"] = self.metrics.stop(submitted)
         quiet = call_all(
             self.procs, "quiesce", [{"timeout_s": cfg.quiesce_s, "quiet_s": 1.0}] * len(self.procs)
         )
         if not all(q["quiet"] for q in quiet):
             log(f"  backlog still draining after {cfg.quiesce_s}s: {quiet}")
+        # Counted over the whole level (warm-up and drain too), per message sent.
+        # PostgreSQL's activity stats are flushed lazily (about once a second).
+        time.sleep(1.0)
+        data["postgres_per_msg"] = pg.stop(submitted)
+        if self.metrics is not None:
+            data["per_msg_counters"] = self.metrics.stop(submitted)
         final = final_counts(call_all(self.procs, "verify", [{"level": label}] * len(self.procs)))
         data.update(
             label=label,
