@@ -101,7 +101,6 @@ async def test_kill9_rounds_never_go_back(pg_dsn: str, spawn: Spawn) -> None:
     keys = [f"c:{i}" for i in range(40)]
     highest: dict[str, int] = {}
     rng = random.Random(7)
-    rounds_with_values = 0
     for round_ in range(20):
         got: dict[str, list[int]] = defaultdict(list)
         async with SeqClient(svc.address, max_retries=0, deadline_s=2.0) as seq:
@@ -126,16 +125,15 @@ async def test_kill9_rounds_never_go_back(pg_dsn: str, spawn: Spawn) -> None:
                     check_increasing(values, f"round {round_} caller {n} key {key}")  # noqa: B023
 
             tasks = [asyncio.create_task(caller(n)) for n in range(12)]
-            await asyncio.sleep(rng.uniform(0.05, 0.4))  # the random moment of the kill
+            await wait_for(lambda: got, 10, "first values of the round")  # noqa: B023
+            await asyncio.sleep(rng.uniform(0.0, 0.3))  # the random moment of the kill
             svc.kill()
             stop.set()
             await asyncio.gather(*tasks)
         for key, values in got.items():
             assert min(values) > highest.get(key, 0), f"round {round_}: {key} went back"
             highest[key] = max(values)
-        rounds_with_values += bool(got)
         svc.start()
-    assert rounds_with_values >= 18
 
 
 def _ceilings(datadir: Path, dbname: str) -> dict[int, int]:
@@ -188,7 +186,7 @@ async def test_postgres_stopped_under_load(
                 key = r.choice(keys)
                 after_stop = stopped.is_set()
                 try:
-                    resp = await stub.Next(pb.NextRequest(key=key), timeout=2)
+                    resp = await stub.Next(pb.NextRequest(key=key), timeout=10)
                 except grpc.aio.AioRpcError as exc:
                     codes.add(exc.code())
                     if stopped.is_set():
@@ -311,7 +309,8 @@ async def test_standby_takes_over_after_kill_and_at_once_after_sigterm(
     the lease, takes over when it expires (kill -9) or is released (SIGTERM), and
     continues above every value the first handed out."""
     a = spawn("seqsvc", env(pg_dsn, instance_id="a", lease_s=2, standby_poll_s=0.1))
-    b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=2, standby_poll_s=0.1), wait=False)
+    # b's lease is long: handing over from b within a few seconds proves the release.
+    b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=30, standby_poll_s=0.1), wait=False)
     async with SeqClient(a.address) as seq:
         before = await seq.next_batch(["k"] * 10)
     await asyncio.sleep(0.5)  # give b every chance to (wrongly) start serving
@@ -332,7 +331,7 @@ async def test_standby_takes_over_after_kill_and_at_once_after_sigterm(
     stopped_at = time.monotonic()
     b.stop()
     await asyncio.to_thread(a.wait_ready, 15)
-    assert time.monotonic() - stopped_at < 2.0 + 1.5
+    assert time.monotonic() - stopped_at < 15  # far less than b's 30 s lease
     async with SeqClient(a.address) as seq:
         assert min(await seq.next_batch(["k"] * 3)) > max(after)
 
