@@ -67,6 +67,9 @@ class SeqClient:
     keys; while `max_in_flight` batches are outstanding, new calls queue for the next
     one, so batches grow with load. Each caller gets its own value.
 
+    `channel_factory(address, options)`, if given, makes the channel (e.g. one with
+    tracing interceptors: `imcommon.telemetry.insecure_channel`).
+
     `deadline_s` bounds each attempt; UNAVAILABLE and DEADLINE_EXCEEDED are retried
     up to `max_retries` times with exponential backoff (`backoff_base_s` doubling up to
     `backoff_max_s`) and full jitter.
@@ -84,6 +87,7 @@ class SeqClient:
         backoff_base_s: float = 0.02,
         backoff_max_s: float = 1.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        channel_factory: Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel] | None = None,
     ) -> None:
         if not address:
             raise ValueError("seqsvc address is empty (expected host:port)")
@@ -102,6 +106,7 @@ class SeqClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             *channel_options,
         ]
+        self._channel_factory = channel_factory
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SeqServiceStub | None = None
@@ -130,7 +135,10 @@ class SeqClient:
         """Creates the channel; call from the event loop that will use the client."""
         if self._channel is None:
             self._loop = asyncio.get_running_loop()
-            self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            if self._channel_factory is not None:
+                self._channel = self._channel_factory(self.address, list(self._options))
+            else:
+                self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
             self._stub = pb_grpc.SeqServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -94,3 +94,19 @@ async def test_close_fails_queued_calls_and_is_idempotent() -> None:
     for call in calls:
         with pytest.raises(SeqUnavailable):
             await call
+
+
+async def test_channel_factory_makes_the_channel(pg_dsn: str, spawn: Spawn) -> None:
+    import grpc
+
+    svc = spawn("seqsvc", env(pg_dsn))
+    made: list[tuple[str, list[tuple[str, object]]]] = []
+
+    def factory(address: str, options: list[tuple[str, object]]) -> grpc.aio.Channel:
+        made.append((address, options))
+        return grpc.aio.insecure_channel(address, options=options)
+
+    async with SeqClient(svc.address, channel_factory=factory) as seq:
+        assert await seq.next("k") >= 1
+    assert [a for a, _ in made] == [svc.address]
+    assert ("grpc.keepalive_time_ms", 30_000) in made[0][1]
