@@ -549,7 +549,10 @@ def analyse_level(
         and float(deliv["p99"]) <= cfg.sustain_p99_ms
     )
     ours = [k for k in cpu if k not in ("machine", "foreign", "total", "bench")]
-    per_msg = {k: round(cpu[k] * 1000 / deliv_rate, 3) for k in ours} if deliv_rate else {}
+    # A message's cost is half send path (ACKed) and half delivery path: when
+    # overloaded the two rates differ, so the mean of both is the denominator.
+    done_rate = (ack_rate + deliv_rate) / 2
+    per_msg = {k: round(cpu[k] * 1000 / done_rate, 3) for k in ours} if done_rate else {}
     per_msg_total = round(sum(per_msg.values()), 3) if per_msg else None
     return {
         "offered_msgs_per_s": offered,
@@ -1103,9 +1106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if "search" not in args.skip:
                     search = phase.search(fixed, args.search_steps, resolution=50.0)
                     log(f"  max sustained: {search['max_msgs_per_s']} msg/s ({search['path']})")
+                busiest = max(phase.results, key=lambda r: r.data["delivered_per_s_in_window"])
                 report["load"] = {
                     "levels": [r.data for r in phase.results],
                     "search": search,
+                    # From the level that completed the most messages per second:
+                    # the rate this CPU cost per message allows on an idle machine.
+                    "cpu_bound_estimate": {
+                        "level": busiest.data["label"],
+                        "cpu_ms_per_msg_total": busiest.data["cpu_ms_per_msg_total"],
+                        "cpu_ms_per_msg": busiest.data["cpu_ms_per_msg"],
+                        "msgs_per_s": busiest.data["cpu_bound_msgs_per_s"],
+                    },
                 }
                 if py_spy is not None:
                     out_dir = workdir / "profile"
