@@ -1,7 +1,14 @@
 """OpenTelemetry tracing set up from the standard OTEL_* variables only.
 
 No exporter unless OTEL_TRACES_EXPORTER=otlp or an OTLP endpoint variable is set;
-then spans go out through the OTLP/gRPC exporter in batches.
+then spans go out through the OTLP/gRPC exporter in batches (OTEL_BSP_* tune the
+batching, OTEL_TRACES_SAMPLER the sampling, OTEL_SERVICE_NAME and
+OTEL_RESOURCE_ATTRIBUTES the resource).
+
+Without an exporter (and without OTEL_TRACES_SAMPLER) spans are not recorded: a
+span nobody exports would only cost CPU. Their ids are still generated and
+propagated, so log lines keep carrying trace ids and a downstream service that
+does export still joins the caller's trace.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 
 def _otlp_requested() -> bool:
@@ -28,8 +36,11 @@ def setup_tracing(service: str) -> TracerProvider:
     """Installs a global TracerProvider for `service` (OTEL_SERVICE_NAME wins) and
     returns it; call `shutdown()` on it at exit to flush."""
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service)})
-    provider = TracerProvider(resource=resource)
-    if _otlp_requested():
+    export = _otlp_requested()
+    # None: the SDK reads OTEL_TRACES_SAMPLER (default parentbased_always_on).
+    sampler = None if export or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    if export:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

@@ -124,6 +124,7 @@ class Connection:
         acks: AckTarget,
         clock: Callable[[], float] = time.monotonic,
         on_send_result: Callable[[str], None] | None = None,
+        on_deliver_ack: Callable[[], None] | None = None,
     ) -> None:
         self.identity = identity
         self.connection_id = uuid.uuid4().hex
@@ -136,6 +137,7 @@ class Connection:
         self._backend = backend
         self._acks = acks
         self._on_send_result = on_send_result or (lambda _result: None)
+        self._count_deliver_ack = on_deliver_ack or (lambda: None)
         self._limit = settings.outbound_queue
         self._outbound: asyncio.Queue[OutboundItem] = asyncio.Queue()
         self._room = asyncio.Event()
@@ -334,6 +336,7 @@ class Connection:
         # which means an earlier forward may have been lost.
         if seq <= 0:
             return
+        self._count_deliver_ack()
         self._ack_seq = max(self._ack_seq, seq)
         self._ack_wanted.set()
 

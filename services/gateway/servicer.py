@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import trace
 
 from gateway.auth import Identity, TokenError, bearer_token, verify_token
 from gateway.config import Settings
@@ -43,6 +44,14 @@ INTERNAL_SERVICE = "im.gateway.v1.GatewayInternal"
 _identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("gateway_identity")
 
 R = TypeVar("R")
+T = TypeVar("T")
+
+#: Most ids one span attribute lists.
+MAX_SPAN_IDS = 64
+
+
+def _ids(values: Iterable[T]) -> list[T]:
+    return list(dict.fromkeys(values))[:MAX_SPAN_IDS]
 
 
 def current_identity() -> Identity:
@@ -162,6 +171,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._sends = metrics.counter(
             "gateway_sends", "Sends answered, by result (ok or SendError code)", ["result"]
         )
+        self._delivery_acks = metrics.counter(
+            "gateway_delivery_acks", "DeliverAck frames received from clients (cumulative ACKs)"
+        )
 
     async def Connect(
         self, request_iterator: Any, context: grpc.aio.ServicerContext
@@ -177,6 +189,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._logic,
             self._peers,
             on_send_result=lambda result: self._sends.labels(result).inc(),
+            on_deliver_ack=self._delivery_acks.inc,
         )
         await self._hub.attach(conn)
         self._connections.inc()
@@ -310,11 +323,31 @@ class GatewayInternalServicer(gateway_internal_pb2_grpc.GatewayInternalServicer)
         written = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_WRITTEN
         absent = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_NOT_CONNECTED
         statuses = []
+        debug = log.isEnabledFor(logging.DEBUG)
         for d in request.deliveries:
             conn = self._hub.get(d.user_id, d.device_id)
             ok = conn is not None and conn.push(d.seq, d.message, request.ack_to)
             statuses.append(written if ok else absent)
             self._pushes.labels("written" if ok else "not_connected").inc()
+            if debug:
+                log.debug(
+                    "push written" if ok else "push not written (no stream here)",
+                    extra={
+                        "msg_id": d.message.msg_id,
+                        "user_id": d.user_id,
+                        "device_id": d.device_id,
+                        "seq": d.seq,
+                    },
+                )
+        # The ids on the Deliver server span (the interceptor's): what this call carried.
+        trace.get_current_span().set_attributes(
+            {
+                "im.deliveries": len(request.deliveries),
+                "im.written": sum(1 for s in statuses if s == written),
+                "im.msg_ids": _ids(d.message.msg_id for d in request.deliveries),
+                "im.user_ids": _ids(d.user_id for d in request.deliveries),
+            }
+        )
         return gateway_internal_pb2.DeliverResponse(statuses=statuses)
 
     async def Kick(

@@ -81,12 +81,36 @@ class LogicClient:
         with self._tracer.start_as_current_span(
             "gateway.Send",
             kind=SpanKind.SERVER,
-            attributes={"im.user_id": identity.user_id, "im.client_id": send.client_id},
+            attributes={
+                "im.user_id": identity.user_id,
+                "im.device_id": identity.device_id,
+                "im.client_id": send.client_id,
+                "im.client_msg_id": send.client_msg_id,
+                "im.conversation_id": send.conversation_id,
+            },
         ) as span:
             while True:
                 try:
                     resp = await self.stub.SendMessage(request, timeout=self.timeout_s)
-                    span.set_attribute("im.msg_id", resp.msg_id)
+                    span.set_attributes(
+                        {
+                            "im.msg_id": resp.msg_id,
+                            "im.seq": resp.seq,
+                            "im.conv_seq": resp.conv_seq,
+                            "im.duplicate": resp.duplicate,
+                        }
+                    )
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "send stored",
+                            extra={
+                                "msg_id": resp.msg_id,
+                                "user_id": identity.user_id,
+                                "device_id": identity.device_id,
+                                "conversation_id": send.conversation_id,
+                                "client_id": send.client_id,
+                            },
+                        )
                     break
                 except grpc.aio.AioRpcError as exc:
                     status = exc.code()

@@ -205,6 +205,13 @@ class Settings(ServerSettings):
     repair_batch: int = Field(
         100, ge=1, le=10_000, description="Conversations the repair loop claims per round."
     )
+    metrics_sample_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often the backlog gauges (outbox, pending fan-outs) are sampled "
+        "with one cheap query; only while the metrics port is set.",
+    )
 
     # -- TEST-ONLY fault switches (see the class docstring) ----------------------
     test_fault_crash_after_commit: bool = Field(

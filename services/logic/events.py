@@ -17,9 +17,12 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from im.logic.v1 import logic_pb2
 from imcommon.jetstream import ensure_stream, stream_config, subject_for
+from logic.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class TriggerPublisher:
         replicas: int = 1,
         timeout_s: float = 1.0,
         retry_s: float = 1.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._servers = [u.strip() for u in url.split(",") if u.strip()]
         self._stream = stream
@@ -56,6 +60,7 @@ class TriggerPublisher:
         self._task: asyncio.Task[None] | None = None
         self._ensure_lock = asyncio.Lock()
         self._closed = False
+        self._tel = telemetry or Telemetry()
 
     async def __aenter__(self) -> TriggerPublisher:
         self._task = asyncio.create_task(self._connect_loop(), name="logic-nats-connect")
@@ -89,14 +94,43 @@ class TriggerPublisher:
     def subject(self, conversation_id: str) -> str:
         return subject_for(self._prefix, conversation_id)
 
-    async def publish(self, trigger: logic_pb2.MessageCommitted, msg_id: str) -> bool:
+    async def publish(
+        self, trigger: logic_pb2.MessageCommitted, msg_id: str, source: str = "send"
+    ) -> bool:
         """Publishes one trigger with header Nats-Msg-Id = msg_id (JetStream drops a
-        repeat within its duplicate window). True once JetStream has stored it."""
+        repeat within its duplicate window) and the current trace context (W3C
+        traceparent), so the pusher's consume span continues this trace. True once
+        JetStream has stored it. `source` (send, relay, repair) labels the metric."""
+        subject = self.subject(trigger.conversation_id)
+        with self._tel.tracer.start_as_current_span(
+            "jetstream.publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": subject,
+                "messaging.message.id": msg_id,
+                "im.msg_id": trigger.msg_id,
+                "im.conversation_id": trigger.conversation_id,
+                "im.conv_seq": trigger.conv_seq,
+                "im.publish_source": source,
+            },
+        ) as span:
+            ok = await self._publish(trigger, subject, msg_id)
+            self._tel.publishes.labels(source, "ok" if ok else "failed").inc()
+            if not ok:
+                span.set_status(Status(StatusCode.ERROR, "not published; the outbox relay retries"))
+            return ok
+
+    async def _publish(
+        self, trigger: logic_pb2.MessageCommitted, subject: str, msg_id: str
+    ) -> bool:
         js = self._js
         if js is None or not self.connected:
             return False
         payload = trigger.SerializeToString()
-        subject = self.subject(trigger.conversation_id)
+        headers = {NATS_MSG_ID: msg_id}
+        propagate.inject(headers)
         for attempt in range(2):
             try:
                 await js.publish(
@@ -104,7 +138,7 @@ class TriggerPublisher:
                     payload,
                     timeout=self._timeout,
                     stream=self._stream,
-                    headers={NATS_MSG_ID: msg_id},
+                    headers=headers,
                 )
                 return True
             except NoStreamResponseError:
@@ -114,7 +148,11 @@ class TriggerPublisher:
             except Exception as exc:
                 log.info(
                     "trigger not published",
-                    extra={"conversation_id": trigger.conversation_id, "error": repr(exc)},
+                    extra={
+                        "conversation_id": trigger.conversation_id,
+                        "msg_id": trigger.msg_id,
+                        "error": repr(exc),
+                    },
                 )
                 return False
         return False

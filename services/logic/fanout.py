@@ -42,6 +42,7 @@ from logic.ids import (
 from logic.model import Delivery, FanoutResult, StoredMessage
 from logic.seq import SeqSource
 from logic.store import Database
+from logic.telemetry import Telemetry, ids
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,11 @@ class Fanout:
         max_response_bytes: int,
         repair_after_s: float,
         faults: Faults,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
         self._seq = seq
+        self._tel = telemetry or Telemetry()
         self._default_messages = default_messages
         self._max_messages = max_messages
         self._max_rows = max_rows
@@ -91,10 +94,27 @@ class Fanout:
             limit = self._default_messages
         else:
             limit = min(max_messages, self._max_messages)
-        with self._db.errors():
-            return await self._fanout(conv, limit)
+        with self._db.errors(), self._tel.db("fanout", {"im.conversation_id": conv.value}) as span:
+            result, written = await self._fanout(conv, limit)
+            rows = result.deliveries
+            span.set_attributes(
+                {
+                    "im.watermark": result.watermark,
+                    "im.has_more": result.has_more,
+                    "im.rows": len(rows),
+                    "im.rows_written": written,
+                    "im.msg_ids": ids(d.message.msg_id for d in rows),
+                    "im.user_ids": ids(d.user_id for d in rows),
+                }
+            )
+        if written:
+            self._tel.fanout_rows.labels("written").inc(written)
+        if len(rows) > written:
+            self._tel.fanout_rows.labels("existing").inc(len(rows) - written)
+        return result
 
-    async def _fanout(self, conv: ConversationId, limit: int) -> FanoutResult:
+    async def _fanout(self, conv: ConversationId, limit: int) -> tuple[FanoutResult, int]:
+        """The Fanout transaction; returns the result and how many rows it wrote."""
         async with self._db.pool.connection() as conn, conn.transaction():
             if not self._faults.skip_locks:
                 await repo.lock_tx(conn, (LOCK_CONV_FANOUT, lock_key(conv.value)))
@@ -107,13 +127,13 @@ class Fanout:
             )
             if not rows:
                 await repo.clear_pending(conn, conv.value, watermark)
-                return FanoutResult([], watermark, has_more=False)
+                return FanoutResult([], watermark, has_more=False), 0
             candidates = rows[:window]
             recipients = await self._recipients(conn, conv, [m for m, _ in candidates])
             page = self._plan(candidates, recipients, watermark, cursor)
             has_more = page.stopped or len(rows) > window
 
-            seqs = await self._write_rows_tx(conn, page.pairs)
+            seqs, written = await self._write_rows_tx(conn, page.pairs)
             await repo.save_fanout_progress_tx(
                 conn,
                 conv.value,
@@ -125,7 +145,7 @@ class Fanout:
         deliveries = [
             Delivery(user, seq, msg) for (user, msg), seq in zip(page.pairs, seqs, strict=True)
         ]
-        return FanoutResult(deliveries, page.watermark, has_more)
+        return FanoutResult(deliveries, page.watermark, has_more), written
 
     async def _recipients(
         self, conn: repo.Conn, conv: ConversationId, messages: list[StoredMessage]
@@ -171,11 +191,11 @@ class Fanout:
 
     async def _write_rows_tx(
         self, conn: repo.Conn, pairs: list[tuple[str, StoredMessage]]
-    ) -> list[int]:
+    ) -> tuple[list[int], int]:
         """Writes the missing timeline rows of `pairs` under the users' locks; returns
-        each pair's seq (existing or new)."""
+        each pair's seq (existing or new) and the number of rows written."""
         if not pairs:
-            return []
+            return [], 0
         users = sorted({u for u, _ in pairs})
         if not self._faults.skip_locks:
             await repo.lock_many_tx(conn, LOCK_USER, sorted({lock_key(u) for u in users}))
@@ -205,4 +225,4 @@ class Fanout:
                 [existing[(u, m.msg_id)] for u, m in missing],
                 [m.msg_id for _, m in missing],
             )
-        return [existing[(u, m.msg_id)] for u, m in pairs]
+        return [existing[(u, m.msg_id)] for u, m in pairs], len(missing)

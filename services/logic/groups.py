@@ -25,13 +25,21 @@ from logic.ids import (
 )
 from logic.model import Conversation
 from logic.store import Database
+from logic.telemetry import Telemetry
 
 
 class Groups:
     def __init__(
-        self, db: Database, *, max_group_size: int, max_name_chars: int, faults: Faults
+        self,
+        db: Database,
+        *,
+        max_group_size: int,
+        max_name_chars: int,
+        faults: Faults,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
+        self._tel = telemetry or Telemetry()
         self._max_size = max_group_size
         self._max_name = max_name_chars
         self._faults = faults
@@ -51,7 +59,8 @@ class Groups:
             )
         conv = parse_conversation_id("g:" + secrets.token_hex(10))
         ordered = sorted(members)
-        with self._db.errors():
+        attrs = {"im.user_id": creator_id, "im.conversation_id": conv.value}
+        with self._db.errors(), self._tel.db("create_group", attrs):
             async with self._db.pool.connection() as conn:
                 await repo.create_group(conn, conv.value, name, creator_id, ordered)
         return Conversation(conv.value, KIND_GROUP, name, creator_id, ordered, 0)
@@ -64,7 +73,8 @@ class Groups:
         check_user_id(actor_id, "actor_id")
         conv = self._group_id(conversation_id)
         wanted = self._check_members(member_ids, allow_empty=False)
-        with self._db.errors():
+        attrs = {"im.user_id": actor_id, "im.conversation_id": conv.value}
+        with self._db.errors(), self._tel.db("add_members", attrs):
             async with self._db.pool.connection() as conn, conn.transaction():
                 state = await self._locked_state_tx(conn, conv, actor_id)
                 new = sorted(wanted - set(state.members))
@@ -90,7 +100,8 @@ class Groups:
         check_user_id(actor_id, "actor_id")
         conv = self._group_id(conversation_id)
         leaving = self._check_members(member_ids, allow_empty=False)
-        with self._db.errors():
+        attrs = {"im.user_id": actor_id, "im.conversation_id": conv.value}
+        with self._db.errors(), self._tel.db("remove_members", attrs):
             async with self._db.pool.connection() as conn, conn.transaction():
                 state = await self._locked_state_tx(conn, conv, actor_id)
                 if actor_id != state.owner_id and leaving != {actor_id}:
@@ -116,7 +127,7 @@ class Groups:
         part of, by conversation id, each with its current members and
         last_conv_seq."""
         check_user_id(user_id)
-        with self._db.errors():
+        with self._db.errors(), self._tel.db("list_conversations", {"im.user_id": user_id}):
             async with self._db.pool.connection() as conn:
                 convs = await repo.conversations_of(conn, user_id)
                 groups = [c.conversation_id for c in convs if c.kind == KIND_GROUP]

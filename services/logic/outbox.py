@@ -17,6 +17,7 @@ from im.logic.v1 import logic_pb2
 from logic import repo
 from logic.events import TriggerPublisher
 from logic.store import Database
+from logic.telemetry import Telemetry, ids
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ class OutboxRelay:
         interval_s: float,
         min_age_s: float,
         batch: int,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
+        self._tel = telemetry or Telemetry()
         self._publisher = publisher
         self._interval = interval_s
         self._min_age = min_age_s
@@ -97,18 +100,28 @@ class OutboxRelay:
         """One round; returns the number of rows published and deleted."""
         if not self._publisher.connected:
             return 0
+        done: list[int] = []
         async with self._db.pool.connection() as conn, conn.transaction():
             rows = await repo.claim_outbox_tx(conn, self._min_age, self._batch)
-            done = []
-            for msg_id, conv, conv_seq in rows:
-                trigger = logic_pb2.MessageCommitted(
-                    conversation_id=conv, msg_id=msg_id, conv_seq=conv_seq
-                )
-                if not await self._publisher.publish(trigger, str(msg_id)):
-                    break
-                done.append(msg_id)
-            if done:
-                await repo.delete_outbox(conn, done)
+            if not rows:
+                return 0
+            # A span only for rounds that found work: an idle relay traces nothing.
+            with self._tel.tracer.start_as_current_span(
+                "logic.outbox.relay", attributes={"im.rows": len(rows)}
+            ) as span:
+                for msg_id, conv, conv_seq in rows:
+                    trigger = logic_pb2.MessageCommitted(
+                        conversation_id=conv, msg_id=msg_id, conv_seq=conv_seq
+                    )
+                    if not await self._publisher.publish(trigger, str(msg_id), "relay"):
+                        break
+                    done.append(msg_id)
+                if done:
+                    await repo.delete_outbox(conn, done)
+                span.set_attributes({"im.published": len(done), "im.msg_ids": ids(done)})
         if done:
-            log.info("outbox relay published leftovers", extra={"rows": len(done)})
+            log.info(
+                "outbox relay published leftovers",
+                extra={"rows": len(done), "msg_ids": ids(done)},
+            )
         return len(done)

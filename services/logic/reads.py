@@ -8,6 +8,7 @@ from logic.errors import InvalidArgument, NotFound, PermissionDenied
 from logic.ids import check_user_id, parse_conversation_id
 from logic.model import HistoryPage, Page, StoredMessage, TimelineEntry
 from logic.store import Database
+from logic.telemetry import Telemetry
 
 
 class Reader:
@@ -20,8 +21,10 @@ class Reader:
         history_default_limit: int,
         history_max_limit: int,
         max_response_bytes: int,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
+        self._tel = telemetry or Telemetry()
         self._sync_default = sync_default_limit
         self._sync_max = sync_max_limit
         self._history_default = history_default_limit
@@ -40,9 +43,11 @@ class Reader:
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be >= 0 (0: from the start), got {after_seq}")
         limit = self._limit(limit, self._sync_default, self._sync_max)
-        with self._db.errors():
+        attrs = {"im.user_id": user_id, "im.after_seq": after_seq}
+        with self._db.errors(), self._tel.db("sync", attrs) as span:
             async with self._db.pool.connection() as conn:
                 rows = await repo.timeline_page(conn, user_id, after_seq, limit + 1, self._budget)
+            span.set_attribute("im.rows", len(rows))
         entries: list[TimelineEntry] = []
         size = 0
         for seq, msg in rows[:limit]:
@@ -67,7 +72,12 @@ class Reader:
             )
         limit = self._limit(limit, self._history_default, self._history_max)
         before = before_conv_seq or repo.MAX_BIGINT
-        with self._db.errors():
+        attrs = {
+            "im.user_id": user_id,
+            "im.conversation_id": conv.value,
+            "im.before_conv_seq": before_conv_seq,
+        }
+        with self._db.errors(), self._tel.db("history", attrs):
             async with self._db.pool.connection() as conn:
                 if conv.is_direct:
                     if user_id not in conv.pair:

@@ -25,6 +25,7 @@ from logic import repo
 from logic.events import TriggerPublisher
 from logic.fanout import Fanout
 from logic.store import Database
+from logic.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ class Repairer:
         max_backoff_s: float,
         direct_after: int,
         batch: int,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
+        self._tel = telemetry or Telemetry()
         self._publisher = publisher
         self._fanout = fanout
         self._interval = interval_s
@@ -75,8 +78,26 @@ class Repairer:
         return len(claims)
 
     async def _repair(self, claim: repo.RepairClaim) -> None:
+        """One claimed conversation, in a span of its own (a new trace: the sends
+        that left it behind are long finished; msg_id names the newest of them)."""
+        with self._tel.tracer.start_as_current_span(
+            "logic.repair",
+            attributes={
+                "im.conversation_id": claim.conversation_id,
+                "im.msg_id": claim.upto_msg_id,
+                "im.conv_seq": claim.upto_conv_seq,
+                "im.attempt": claim.attempts,
+            },
+        ) as span:
+            action = await self._repair_claim(claim)
+            span.set_attribute("im.repair_action", action)
+        self._tel.repairs.labels(action).inc()
+
+    async def _repair_claim(self, claim: repo.RepairClaim) -> str:
+        """Re-triggers or fans out directly; returns the action taken."""
         extra = {
             "conversation_id": claim.conversation_id,
+            "msg_id": claim.upto_msg_id,
             "upto_conv_seq": claim.upto_conv_seq,
             "attempt": claim.attempts,
         }
@@ -86,12 +107,12 @@ class Repairer:
                 msg_id=claim.upto_msg_id,
                 conv_seq=claim.upto_conv_seq,
             )
-            if await self._publisher.publish(trigger, f"repair-{uuid.uuid4().hex}"):
+            if await self._publisher.publish(trigger, f"repair-{uuid.uuid4().hex}", "repair"):
                 # A first repair usually means the pusher is behind; later ones that
                 # the trigger was lost again or nobody consumes.
                 level = logging.INFO if claim.attempts == 1 else logging.WARNING
                 log.log(level, "fan-out overdue; trigger re-published", extra=extra)
-                return
+                return "republished"
         log.warning("fan-out overdue; fanning out directly", extra=extra)
         try:
             for _ in range(MAX_DIRECT_ROUNDS):
@@ -101,3 +122,5 @@ class Repairer:
         except Exception as exc:
             # The claim's backoff brings the conversation back; nothing is lost.
             log.warning("direct fan-out failed", extra={**extra, "error": repr(exc)})
+            return "direct_failed"
+        return "direct"

@@ -396,6 +396,42 @@ async def claim_repairs(
     return [RepairClaim(r[0], int(r[1]), int(r[2]), int(r[3])) for r in await cur.fetchall()]
 
 
+@dataclass(frozen=True)
+class BacklogStats:
+    outbox_rows: int
+    outbox_oldest_s: float
+    pending: int
+    overdue: int
+    overdue_s: float
+    repairing: int
+
+
+async def backlog_stats(conn: Conn, cap: int) -> BacklogStats:
+    """The outbox and pending fan-out backlog in one statement: counts stop at
+    `cap` rows, ages come from the (indexed) oldest timestamps, so the cost stays
+    small however large the backlog grows."""
+    cur = await conn.execute(
+        """
+        SELECT
+            (SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT %(cap)s) o),
+            (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM outbox),
+            (SELECT count(*) FROM (SELECT 1 FROM fanout_pending LIMIT %(cap)s) p),
+            (SELECT count(*) FROM (
+                SELECT 1 FROM fanout_pending WHERE repair_at <= now() LIMIT %(cap)s) d),
+            (SELECT coalesce(extract(epoch FROM now() - min(repair_at)), 0)
+                FROM fanout_pending WHERE repair_at <= now()),
+            (SELECT count(*) FROM (
+                SELECT 1 FROM fanout_pending WHERE attempts > 0 LIMIT %(cap)s) r)
+        """,
+        {"cap": cap},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return BacklogStats(
+        int(row[0]), float(row[1]), int(row[2]), int(row[3]), float(row[4]), int(row[5])
+    )
+
+
 # -- reads ---------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from psycopg import errors as pg_errors
 
 from im.logic.v1 import logic_pb2
@@ -32,8 +33,19 @@ from logic.model import SendAck
 from logic.outbox import OutboxCleaner
 from logic.seq import SeqSource
 from logic.store import Database
+from logic.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+
+def _ack_attributes(ack: SendAck) -> dict[str, int | bool]:
+    return {
+        "im.msg_id": ack.msg_id,
+        "im.seq": ack.seq,
+        "im.conv_seq": ack.conv_seq,
+        "im.duplicate": ack.duplicate,
+    }
+
 
 KNOWN_CONTENT_TYPES = frozenset(range(0, 5))  # im.common.v1.ContentType values
 
@@ -61,9 +73,11 @@ class Sender:
         max_body_bytes: int,
         repair_after_s: float,
         faults: Faults,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
         self._seq = seq
+        self._tel = telemetry or Telemetry()
         self._publisher = publisher
         self._cleaner = cleaner
         self._max_body = max_body_bytes
@@ -107,9 +121,16 @@ class Sender:
         Unavailable (PostgreSQL or seqsvc down; nothing written, retry).
         """
         conv = self.validate(req)
+        ids = {
+            "im.user_id": req.sender_id,
+            "im.device_id": req.sender_device_id,
+            "im.conversation_id": conv.value,
+            "im.client_msg_id": req.client_msg_id,
+        }
         try:
-            with self._db.errors():
+            with self._db.errors(), self._tel.db("send", ids) as span:
                 ack, trigger = await self._commit(req, conv)
+                span.set_attributes(_ack_attributes(ack))
         except pg_errors.UniqueViolation as exc:
             # Sends of one sender serialise on its lock, and the dedup lookup runs
             # under it, so two identical sends cannot both get here... unless the
@@ -117,15 +138,38 @@ class Sender:
             # the winner's ACK, as a retransmit would get.
             if exc.diag.constraint_name != "send_dedup_pkey":
                 raise
-            with self._db.errors():
+            with self._db.errors(), self._tel.db("find_send", ids):
                 async with self._db.pool.connection() as conn:
                     stored = await repo.find_send(conn, req.sender_id, req.client_msg_id)
             if stored is None:
                 raise
+            self._stored(req, conv, stored)
             return stored
+        self._stored(req, conv, ack)
         if trigger is not None:
             await self._after_commit(trigger)
         return ack
+
+    def _stored(self, req: SendRequest, conv: ConversationId, ack: SendAck) -> None:
+        """Metrics, the ids on the caller's span (the SendMessage server span), a
+        debug line. Runs outside the transaction's span."""
+        self._tel.sends.labels("duplicate" if ack.duplicate else "new").inc()
+        trace.get_current_span().set_attributes(
+            {"im.user_id": req.sender_id, "im.conversation_id": conv.value, **_ack_attributes(ack)}
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "message stored",
+                extra={
+                    "msg_id": ack.msg_id,
+                    "user_id": req.sender_id,
+                    "device_id": req.sender_device_id,
+                    "conversation_id": conv.value,
+                    "seq": ack.seq,
+                    "conv_seq": ack.conv_seq,
+                    "duplicate": ack.duplicate,
+                },
+            )
 
     async def _commit(
         self, req: SendRequest, conv: ConversationId
@@ -195,5 +239,5 @@ class Sender:
             self._faults.crash_now()
         if self._faults.skip_outbox:
             return
-        if await self._publisher.publish(trigger, str(trigger.msg_id)):
+        if await self._publisher.publish(trigger, str(trigger.msg_id), "send"):
             self._cleaner.discard(trigger.msg_id)

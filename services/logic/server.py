@@ -26,10 +26,10 @@ from logic.outbox import OutboxCleaner, OutboxRelay
 from logic.reads import Reader
 from logic.repair import Repairer
 from logic.send import Sender
-from logic.seq import SeqClientSource
+from logic.seq import SeqClientSource, TracedSeqClient
 from logic.servicer import SERVICE_NAME, LogicServicer, add_to_server
 from logic.store import open_database
-from seqsvc.client import SeqClient
+from logic.telemetry import BacklogSampler, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,12 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     faults = Faults.from_settings(settings)
     await migrate_at_start(settings, runtime.stop_requested)
 
+    telemetry = Telemetry(runtime.metrics)
     db = await runtime.stack.enter_async_context(open_database(settings))
     seq_client = await runtime.stack.enter_async_context(
-        SeqClient(
+        TracedSeqClient(
             settings.seqsvc_address,
+            metrics=runtime.metrics,
             coalesce_window_ms=settings.seqsvc_coalesce_window_ms,
             deadline_s=settings.seqsvc_deadline_s,
             max_retries=settings.seqsvc_max_retries,
@@ -98,6 +100,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             settings.nats_subject_prefix,
             replicas=settings.nats_replicas,
             timeout_s=settings.publish_timeout_s,
+            telemetry=telemetry,
         )
     )
     cleaner = OutboxCleaner(
@@ -111,6 +114,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         max_body_bytes=settings.max_body_bytes,
         repair_after_s=settings.repair_after_s,
         faults=faults,
+        telemetry=telemetry,
     )
     fanout = Fanout(
         db,
@@ -121,6 +125,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         max_response_bytes=settings.max_response_bytes,
         repair_after_s=settings.repair_after_s,
         faults=faults,
+        telemetry=telemetry,
     )
     reader = Reader(
         db,
@@ -129,12 +134,14 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         history_default_limit=settings.history_default_limit,
         history_max_limit=settings.history_max_limit,
         max_response_bytes=settings.max_response_bytes,
+        telemetry=telemetry,
     )
     groups = Groups(
         db,
         max_group_size=settings.max_group_size,
         max_name_chars=settings.max_group_name_chars,
         faults=faults,
+        telemetry=telemetry,
     )
     relay = OutboxRelay(
         db,
@@ -142,6 +149,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         interval_s=settings.outbox_relay_interval_s,
         min_age_s=settings.outbox_relay_min_age_s,
         batch=settings.outbox_relay_batch,
+        telemetry=telemetry,
     )
     repairer = Repairer(
         db,
@@ -152,6 +160,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         max_backoff_s=settings.repair_max_backoff_s,
         direct_after=settings.repair_direct_after,
         batch=settings.repair_batch,
+        telemetry=telemetry,
     )
 
     loops = [
@@ -160,6 +169,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     ]
     if not faults.skip_repair:
         loops.append(runtime.spawn(repairer.run(), "logic-repair"))
+    if settings.metrics_port:
+        sampler = BacklogSampler(db, telemetry, interval_s=settings.metrics_sample_s)
+        loops.append(runtime.spawn(sampler.run(), "logic-backlog-sampler"))
 
     async def stop_loops() -> None:
         # Before the pool and the NATS connection close (the exit stack unwinds in

@@ -131,6 +131,13 @@ class Settings(ServerSettings):
         description="While idle, how often the consumer is checked to still exist (it is "
         "recreated if the JetStream store was wiped).",
     )
+    metrics_sample_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often the JetStream consumer lag gauges are sampled (one "
+        "consumer info request); only while the metrics port is set.",
+    )
 
     _lists = field_validator("redelivery_backoff_s", "retransmit_schedule_ms", mode="before")(
         _float_list

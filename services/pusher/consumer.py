@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,6 +36,9 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import AnyValue
 
 from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from imcommon.jetstream import ensure_stream, stream_config
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 _POISON = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 #: After one trigger arrives, how long to wait for more to fill the batch.
 _TOP_UP_S = 0.02
+#: Most triggers of one batch linked from its consume span / named in attributes.
+_MAX_LINKS = 64
 
 
 class _Poison(Exception):
@@ -85,6 +91,27 @@ class TriggerConsumer:
         self._fanouts = metrics.counter(
             "pusher_fanout_calls", "Fanout calls to logic, by result", ["result"]
         )
+        self._fanned_out = metrics.counter(
+            "pusher_fanout_deliveries",
+            "Timeline entries (message, recipient) received from Fanout, to push",
+        )
+        self._lag = metrics.gauge(
+            "pusher_jetstream_pending",
+            "Triggers in the stream not yet delivered to the durable consumer (num_pending, "
+            "sampled; the same for every pusher sharing the consumer)",
+        )
+        self._ack_pending = metrics.gauge(
+            "pusher_jetstream_ack_pending",
+            "Triggers delivered to the consumer and not yet acked (num_ack_pending, sampled)",
+        )
+        self._redelivered = metrics.gauge(
+            "pusher_jetstream_redelivered",
+            "Triggers delivered more than once and not yet acked (num_redelivered, sampled)",
+        )
+        self._lag_failures = metrics.counter(
+            "pusher_jetstream_sample_failures", "Consumer info requests that failed"
+        )
+        self._tracer = trace.get_tracer("im.pusher")
 
     # -- connection and subscription ------------------------------------------
 
@@ -225,7 +252,8 @@ class TriggerConsumer:
                 batch, state.pending = state.pending, []
                 heartbeat = asyncio.create_task(self._heartbeat(batch))
                 try:
-                    await self._fanout(conv)
+                    with self._consume_span(conv, batch):
+                        await self._fanout(conv)
                 except _Poison as exc:
                     log.error(
                         "trigger can never fan out; terminated",
@@ -245,6 +273,42 @@ class TriggerConsumer:
         if leftover:
             await self._settle(leftover, "nak_now")
 
+    def _consume_span(self, conv: str, batch: list[Msg]) -> AbstractContextManager[trace.Span]:
+        """The span of one batch of a conversation's triggers: it continues the
+        trace of the first trigger's publisher (the W3C context logic put in the
+        message headers) and links the other triggers' traces."""
+        contexts = [propagate.extract(m.headers or {}) for m in batch]
+        links = []
+        for ctx in contexts[1:_MAX_LINKS]:
+            span_context = trace.get_current_span(ctx).get_span_context()
+            if span_context.is_valid:
+                links.append(Link(span_context))
+        msg_ids = []
+        for m in batch[:_MAX_LINKS]:
+            trigger = logic_pb2.MessageCommitted()
+            with contextlib.suppress(DecodeError):
+                trigger.ParseFromString(m.data)
+            msg_ids.append(trigger.msg_id)
+        first = batch[0]
+        attributes: dict[str, AnyValue] = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": first.subject,
+            "messaging.batch.message_count": len(batch),
+            "messaging.message.id": (first.headers or {}).get("Nats-Msg-Id", ""),
+            "im.conversation_id": conv,
+            "im.msg_ids": msg_ids,
+        }
+        with contextlib.suppress(Exception):  # metadata needs a JetStream reply subject
+            attributes["im.deliveries"] = max(m.metadata.num_delivered or 1 for m in batch)
+        return self._tracer.start_as_current_span(
+            "pusher.consume",
+            context=contexts[0],
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes=attributes,
+        )
+
     async def _fanout(self, conv: str) -> None:
         """Fanout(conv) until has_more is false, pushing each page."""
         request = logic_pb2.FanoutRequest(
@@ -259,6 +323,18 @@ class TriggerConsumer:
                     raise _Poison(f"{exc.code().name}: {exc.details()}") from None
                 raise
             self._fanouts.labels("OK").inc()
+            if resp.deliveries:
+                self._fanned_out.inc(len(resp.deliveries))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "fanned out",
+                        extra={
+                            "conversation_id": conv,
+                            "msg_ids": sorted({d.message.msg_id for d in resp.deliveries}),
+                            "user_ids": sorted({d.user_id for d in resp.deliveries})[:_MAX_LINKS],
+                            "deliveries": len(resp.deliveries),
+                        },
+                    )
             await self._deliverer.push(resp.deliveries)
             if not resp.has_more:
                 return
@@ -291,6 +367,32 @@ class TriggerConsumer:
         self._held -= len(msgs)
         if self._held < self._settings.max_pending:
             self._room.set()
+
+    # -- lag ------------------------------------------------------------------------
+
+    async def sample_lag_once(self) -> bool:
+        """Sets the lag gauges from one consumer info request; False if NATS is not
+        connected or the request failed."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return False
+        s = self._settings
+        try:
+            info = await nc.jetstream().consumer_info(s.nats_stream, s.nats_durable, timeout=2.0)
+        except Exception as exc:
+            self._lag_failures.inc()
+            log.debug("consumer info failed", extra={"error": repr(exc)})
+            return False
+        self._lag.set(info.num_pending or 0)
+        self._ack_pending.set(info.num_ack_pending or 0)
+        self._redelivered.set(info.num_redelivered or 0)
+        return True
+
+    async def lag_loop(self, interval_s: float) -> None:
+        """Samples the consumer's lag every `interval_s` until cancelled."""
+        while True:
+            await self.sample_lag_once()
+            await asyncio.sleep(interval_s)
 
     # -- shutdown -----------------------------------------------------------------
 

@@ -14,8 +14,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
 from redis.exceptions import RedisError
 
 from im.common.v1 import common_pb2
@@ -29,7 +33,29 @@ from pusher.timingwheel import Timer, TimingWheel
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 WRITTEN = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_WRITTEN
+#: Most ids (or links) one span carries.
+MAX_SPAN_IDS = 64
+#: Buckets of the commit-to-push latency (seconds): a healthy push takes
+#: milliseconds; a backlog or a lost trigger (repair after seconds) shows far out.
+COMMIT_TO_PUSH_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+
+
+def _ids(values: Iterable[T]) -> list[T]:
+    return list(dict.fromkeys(values))[:MAX_SPAN_IDS]
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """What a retransmit timer holds: the message, and the span of its first push
+    (a retransmit span links to it)."""
+
+    message: common_pb2.Message
+    origin: SpanContext
 
 
 class GatewayClients:
@@ -114,7 +140,7 @@ class Deliverer:
         self._routes = routes
         self._gateways = gateways
         self._ack_to = ack_to
-        self.wheel: TimingWheel[common_pb2.Message] = TimingWheel(
+        self.wheel: TimingWheel[Pushed] = TimingWheel(
             tick_s=settings.wheel_tick_ms / 1000,
             slots=settings.wheel_slots,
             schedule_s=[ms / 1000 for ms in settings.retransmit_schedule_ms],
@@ -136,6 +162,13 @@ class Deliverer:
         self._route_errors = metrics.counter(
             "pusher_route_errors", "Route lookups that failed (Redis unreachable)"
         )
+        self._commit_to_push = metrics.histogram(
+            "pusher_commit_to_push_seconds",
+            "From a message's commit in logic (server_time_ms) to its first push written "
+            "to a device's stream, per delivery",
+            buckets=COMMIT_TO_PUSH_BUCKETS,
+        )
+        self._tracer = trace.get_tracer("im.pusher")
 
     async def _lookup(self, users: Iterable[str]) -> dict[str, dict[str, str]] | None:
         try:
@@ -152,36 +185,74 @@ class Deliverer:
         timed out; never raises for an unreachable Redis or gateway."""
         if not deliveries:
             return
-        routes = await self._lookup(d.user_id for d in deliveries)
-        if not routes:
-            return
-        batches: dict[str, list[gateway_internal_pb2.Delivery]] = {}
-        for d in deliveries:
-            for device, gateway in routes.get(d.user_id, {}).items():
-                self.wheel.add(d.user_id, device, d.seq, d.message)
-                batches.setdefault(gateway, []).append(
-                    gateway_internal_pb2.Delivery(
-                        user_id=d.user_id, device_id=device, seq=d.seq, message=d.message
+        with self._tracer.start_as_current_span(
+            "pusher.push",
+            attributes={
+                "im.deliveries": len(deliveries),
+                "im.msg_ids": _ids(d.message.msg_id for d in deliveries),
+                "im.user_ids": _ids(d.user_id for d in deliveries),
+            },
+        ) as span:
+            routes = await self._lookup(d.user_id for d in deliveries)
+            if not routes:
+                span.set_attribute("im.devices", 0)
+                return
+            origin = span.get_span_context()
+            batches: dict[str, list[gateway_internal_pb2.Delivery]] = {}
+            for d in deliveries:
+                for device, gateway in routes.get(d.user_id, {}).items():
+                    self.wheel.add(d.user_id, device, d.seq, Pushed(d.message, origin))
+                    batches.setdefault(gateway, []).append(
+                        gateway_internal_pb2.Delivery(
+                            user_id=d.user_id, device_id=device, seq=d.seq, message=d.message
+                        )
                     )
-                )
-        self._timers.set(len(self.wheel))
-        await self._send(batches, "first")
+            self._timers.set(len(self.wheel))
+            span.set_attribute("im.devices", sum(len(b) for b in batches.values()))
+            await self._send(batches, "first")
 
     async def _send(
         self, batches: dict[str, list[gateway_internal_pb2.Delivery]], kind: str
     ) -> None:
         ack_to = self._ack_to()
-        calls = [
-            self._gateways.deliver(address, chunk, ack_to)
-            for address, items in batches.items()
-            for chunk in _chunks(items, self._settings.deliver_batch_bytes)
-        ]
-        for results in await asyncio.gather(*calls):
+        await asyncio.gather(
+            *(
+                self._deliver(address, chunk, ack_to, kind)
+                for address, items in batches.items()
+                for chunk in _chunks(items, self._settings.deliver_batch_bytes)
+            )
+        )
+
+    async def _deliver(
+        self,
+        address: str,
+        chunk: list[gateway_internal_pb2.Delivery],
+        ack_to: str,
+        kind: str,
+    ) -> None:
+        """One Deliver call, in a span naming what it carries."""
+        with self._tracer.start_as_current_span(
+            "pusher.deliver",
+            attributes={
+                "im.gateway": address,
+                "im.push_kind": kind,
+                "im.deliveries": len(chunk),
+                "im.msg_ids": _ids(d.message.msg_id for d in chunk),
+                "im.user_ids": _ids(d.user_id for d in chunk),
+            },
+        ) as span:
+            results = await self._gateways.deliver(address, chunk, ack_to)
             written = sum(results)
-            if written:
-                self._pushes.labels(kind, "written").inc(written)
-            if len(results) - written:
-                self._pushes.labels(kind, "not_written").inc(len(results) - written)
+            span.set_attribute("im.written", written)
+        if written:
+            self._pushes.labels(kind, "written").inc(written)
+        if len(results) - written:
+            self._pushes.labels(kind, "not_written").inc(len(results) - written)
+        if kind == "first" and written:
+            now_ms = time.time() * 1000
+            for d, ok in zip(chunk, results, strict=True):
+                if ok:
+                    self._commit_to_push.observe(max(0.0, now_ms - d.message.server_time_ms) / 1000)
 
     def ack(self, user_id: str, device_id: str, seq: int) -> int:
         """A device's cumulative delivery ACK: cancels its timers at or below seq."""
@@ -191,7 +262,24 @@ class Deliverer:
             self._timers.set(len(self.wheel))
         return cancelled
 
-    async def _retransmit(self, timers: list[Timer[common_pb2.Message]]) -> None:
+    async def _retransmit(self, timers: list[Timer[Pushed]]) -> None:
+        """One round of due retransmits, in a span of its own (a new trace) linked
+        to the spans of the first pushes it repeats."""
+        # SpanContext is not hashable (its trace state is a mapping): key by ids.
+        origins = {(o.trace_id, o.span_id): o for t in timers if (o := t.payload.origin).is_valid}
+        with self._tracer.start_as_current_span(
+            "pusher.retransmit",
+            links=[Link(o) for o in list(origins.values())[:MAX_SPAN_IDS]],
+            attributes={
+                "im.deliveries": len(timers),
+                "im.max_attempt": max(t.attempts for t in timers),
+                "im.msg_ids": _ids(t.payload.message.msg_id for t in timers),
+                "im.user_ids": _ids(t.user_id for t in timers),
+            },
+        ):
+            await self._retransmit_round(timers)
+
+    async def _retransmit_round(self, timers: list[Timer[Pushed]]) -> None:
         # Re-read the route: the device may have moved to another gateway.
         routes = await self._lookup(t.user_id for t in timers)
         if routes is None:
@@ -205,7 +293,7 @@ class Deliverer:
                 continue
             batches.setdefault(gateway, []).append(
                 gateway_internal_pb2.Delivery(
-                    user_id=t.user_id, device_id=t.device_id, seq=t.seq, message=t.payload
+                    user_id=t.user_id, device_id=t.device_id, seq=t.seq, message=t.payload.message
                 )
             )
         if missing:
@@ -217,7 +305,14 @@ class Deliverer:
         out = self.wheel.advance()
         if out.gave_up:
             self._gave_up.inc(len(out.gave_up))
-            log.info("pushes given up", extra={"count": len(out.gave_up)})
+            log.info(
+                "pushes given up; the devices heal by sync",
+                extra={
+                    "count": len(out.gave_up),
+                    "user_ids": _ids(t.user_id for t in out.gave_up),
+                    "msg_ids": _ids(t.payload.message.msg_id for t in out.gave_up),
+                },
+            )
         self._timers.set(len(self.wheel))
         if out.retransmit:
             task = asyncio.ensure_future(self._retransmit(out.retransmit))

@@ -48,6 +48,8 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     runtime.expose(SERVICE)
     runtime.spawn(consumer.run(), "jetstream-consumer")
     runtime.spawn(deliverer.run(), "retransmit-wheel")
+    if settings.metrics_port:
+        runtime.spawn(consumer.lag_loop(settings.metrics_sample_s), "jetstream-lag")
 
     async def stop_consuming() -> None:
         await consumer.stop(wait_s=max(0.5, settings.shutdown_grace_s - 0.5))
