@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from im.seqsvc.v1 import seqsvc_pb2_grpc
-from imcommon.metrics import Metrics
-from imcommon.telemetry import insecure_channel
 from logic.errors import DependencyFailed, Unavailable
 from seqsvc.client import SeqClient, SeqError, SeqUnavailable
 
@@ -47,26 +44,3 @@ class SeqClientSource:
             raise Unavailable(f"sequence service unavailable: {exc}") from None
         except SeqError as exc:
             raise DependencyFailed(f"sequence service failed: {exc}") from None
-
-
-class TracedSeqClient(SeqClient):
-    """A SeqClient whose channel is `imcommon.telemetry.insecure_channel`: every
-    NextBatch carries the caller's trace context (seqsvc's server span joins the
-    send's or the fan-out's trace) and records client RPC metrics. A coalesced
-    batch belongs to the trace of the call that opened it.
-
-    SeqClient opens a plain channel and takes no interceptors, so this replaces
-    its `open()` and relies on its `_loop`, `_channel`, `_stub` and `_options`
-    attributes; tests/observability fails if the trace stops crossing. To be
-    replaced by a SeqClient parameter for the channel or its interceptors.
-    """
-
-    def __init__(self, address: str, *, metrics: Metrics | None = None, **kwargs: Any) -> None:
-        super().__init__(address, **kwargs)
-        self._metrics = metrics
-
-    def open(self) -> None:
-        if self._channel is None:
-            self._loop = asyncio.get_running_loop()
-            self._channel = insecure_channel(self.address, self._metrics, list(self._options))
-            self._stub = seqsvc_pb2_grpc.SeqServiceStub(self._channel)

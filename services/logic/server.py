@@ -16,6 +16,7 @@ import psycopg
 from imcommon.config import ConfigError
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
+from imcommon.telemetry import insecure_channel
 from logic import repo
 from logic.config import Settings
 from logic.events import TriggerPublisher
@@ -26,10 +27,11 @@ from logic.outbox import OutboxCleaner, OutboxRelay
 from logic.reads import Reader
 from logic.repair import Repairer
 from logic.send import Sender
-from logic.seq import SeqClientSource, TracedSeqClient
+from logic.seq import SeqClientSource
 from logic.servicer import SERVICE_NAME, LogicServicer, add_to_server
 from logic.store import open_database
 from logic.telemetry import BacklogSampler, Telemetry
+from seqsvc.client import SeqClient
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,8 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     telemetry = Telemetry(runtime.metrics)
     db = await runtime.stack.enter_async_context(open_database(settings))
     seq_client = await runtime.stack.enter_async_context(
-        TracedSeqClient(
+        SeqClient(
             settings.seqsvc_address,
-            metrics=runtime.metrics,
             coalesce_window_ms=settings.seqsvc_coalesce_window_ms,
             deadline_s=settings.seqsvc_deadline_s,
             max_retries=settings.seqsvc_max_retries,
@@ -90,6 +91,11 @@ async def build(settings: Settings, runtime: Runtime) -> None:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ],
+            # Trace context and client metrics on every NextBatch: seqsvc's spans
+            # join the send's (or the fan-out's) trace.
+            channel_factory=lambda address, options: insecure_channel(
+                address, runtime.metrics, options
+            ),
         )
     )
     seq = SeqClientSource(seq_client)

@@ -195,7 +195,7 @@ class Deliverer:
         ) as span:
             routes = await self._lookup(d.user_id for d in deliveries)
             if not routes:
-                span.set_attribute("im.devices", 0)
+                span.set_attributes({"im.devices": 0, "im.route_error": routes is None})
                 return
             origin = span.get_span_context()
             batches: dict[str, list[gateway_internal_pb2.Delivery]] = {}
