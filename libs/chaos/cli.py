@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-downtime", type=float, default=1.0, help="longest a killed part stays down (s)"
     )
+    p.add_argument(
+        "--max-offline",
+        type=float,
+        default=3.0,
+        help="longest a restarted client stays offline (s)",
+    )
     p.add_argument("--think", type=float, help="mean think time between a client's sends (s)")
     p.add_argument("--duration", type=float, help="longest fault phase (s)")
     p.add_argument("--quiesce", type=float, help="deadline for syncing after the faults (s)")
@@ -108,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         fault_pause_s=args.fault_interval,
         server_tracks=args.tracks,
         max_downtime_s=args.max_downtime,
+        max_offline_s=args.max_offline,
         client_fault_pause_s=args.fault_interval,
         max_duration_s=args.duration,
         quiesce_deadline_s=args.quiesce,

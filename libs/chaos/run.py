@@ -53,6 +53,7 @@ class RunConfig:
     client_rounds: int | None = None  # default: as many as `rounds`
     server_tracks: int = 1  # server faults acted out by this many concurrent tracks
     max_downtime_s: float = 1.0
+    max_offline_s: float = 3.0  # longest a restarted client stays offline
     # The fault phase ends when both schedules are done and `workload.messages`
     # sends are acked, or after `max_duration_s`, whichever comes first.
     max_duration_s: float = 3600.0
@@ -256,7 +257,11 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
             )
             for i in range(n_tracks)
         ]
-        tracks.append(asyncio.create_task(run_client_faults(w, client_plan, flog, stop, seed + 2)))
+        tracks.append(
+            asyncio.create_task(
+                run_client_faults(w, client_plan, flog, stop, seed + 2, config.max_offline_s)
+            )
+        )
         t_phase = time.monotonic()
         next_progress = t_phase + 10
         while True:
