@@ -96,8 +96,14 @@ class GatewayClients:
             )
         except grpc.aio.AioRpcError as exc:
             log.info(
-                "Deliver failed",
-                extra={"gateway": address, "code": exc.code().name, "deliveries": len(deliveries)},
+                "Deliver failed; the timers retransmit",
+                extra={
+                    "gateway": address,
+                    "code": exc.code().name,
+                    "deliveries": len(deliveries),
+                    "user_ids": _ids(d.user_id for d in deliveries),
+                    "msg_ids": _ids(d.message.msg_id for d in deliveries),
+                },
             )
             return [False] * len(deliveries)
         return [s == WRITTEN for s in resp.statuses] + [False] * (
