@@ -316,7 +316,7 @@ def server_counters(svc: ServiceProcess) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
         for name in ("im_seqsvc_waits", "im_seqsvc_store_writes"):
-            if line.startswith(name + " "):
+            if line.startswith(name + "_total "):
                 out[name.removeprefix("im_seqsvc_")] = float(line.split()[1])
     return out
 

@@ -194,6 +194,9 @@ class Allocator:
         self.store_writes = 0
         self.store_failures = 0
         self.waits = 0
+        self.allocated = 0
+        #: Called with the seconds each step reservation (store write) took.
+        self.on_store_write: Callable[[float], None] = lambda _s: None
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -335,6 +338,7 @@ class Allocator:
             if last > sec.ceiling:
                 return None
         self._cur[key] = last
+        self.allocated += n
         if last > sec.high:
             sec.high = last
             if sec.ceiling - last < sec.threshold and not sec.requested:
@@ -497,6 +501,7 @@ class Allocator:
             if not batch:
                 continue
             amounts = {sec.index: self._amount(sec) for sec in batch}
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._store_timeout):
                     raised = await self._store.extend(self._epoch, amounts)
@@ -512,6 +517,7 @@ class Allocator:
                 self._wanted.set()
                 continue
             self.store_writes += 1
+            self.on_store_write(time.perf_counter() - started)
             if self._store_down:
                 log.info("store reachable again")
             self._store_down = False

@@ -274,7 +274,13 @@ async def test_metrics_move_for_one_message(observed: Observed) -> None:
         assert value(await observed.scrape(svc), name) == 0, f"{svc} {name} stays above 0"
     # seqsvc's own gauges are on its endpoint.
     seq = names(after["seqsvc"])
-    assert {"im_seqsvc_store_writes", "im_seqsvc_waits", "im_seqsvc_serving"} <= seq
+    assert {
+        "im_seqsvc_store_writes_total",
+        "im_seqsvc_waits_total",
+        "im_seqsvc_allocated_total",
+        "im_seqsvc_serving",
+        "im_seqsvc_store_write_seconds_count",
+    } <= seq
 
 
 async def test_retransmit_span_links_to_the_first_push(observed: Observed) -> None:
