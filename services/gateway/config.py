@@ -19,7 +19,7 @@ class Settings(ServerSettings):
     """Everything the gateway reads from its environment."""
 
     model_config = SettingsConfigDict(env_prefix="IM_GATEWAY_", extra="ignore", frozen=True)
-    secret_fields: ClassVar[frozenset[str]] = frozenset({"token_secret"})
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"token_secret", "redis_url"})
 
     logic_address: str = Field(
         "", max_length=300, description="host:port of logic (required to start)."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -26,6 +26,8 @@ class Settings(ServerSettings):
     """Everything pusher reads from its environment."""
 
     model_config = SettingsConfigDict(env_prefix="IM_PUSHER_", extra="ignore", frozen=True)
+    #: URLs may carry credentials: --print-config masks them.
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"redis_url"})
 
     logic_address: str = Field(
         "", max_length=300, description="host:port of logic (required to start)."

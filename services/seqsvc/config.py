@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -12,6 +14,8 @@ class Settings(ServerSettings):
     """Everything seqsvc reads from its environment."""
 
     model_config = SettingsConfigDict(env_prefix="IM_SEQSVC_", extra="ignore", frozen=True)
+    #: URLs may carry credentials: --print-config masks them.
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"database_url"})
 
     database_url: str = Field(
         "",

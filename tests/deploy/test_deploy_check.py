@@ -127,9 +127,19 @@ def test_secret_setting_from_a_configmap_fails(k8s: Path) -> None:
     set_literal(k8s / "dev", "gateway-config", "IM_GATEWAY_TOKEN_SECRET", "x" * 40)
     set_literal(k8s / "dev", "gateway-secrets", "IM_GATEWAY_TOKEN_SECRET", None)
     set_literal(k8s / "dev", "gateway-secrets", "IM_GATEWAY_REDIS_PREFIX", "im:")
-    found = assert_fails(k8s, "IM_GATEWAY_TOKEN_SECRET is a secret setting", "configmap")
-    # The Secret is now read by nothing.
-    assert any("Secret/gateway-secrets" in m and "nothing reads it" in m for m in found), found
+    assert_fails(k8s, "IM_GATEWAY_TOKEN_SECRET is a secret setting", "configmap")
+
+
+def test_unread_secret_fails(k8s: Path) -> None:
+    def drop_secret_refs(obj: dict[str, Any]) -> None:
+        c = container(obj, "pusher")
+        c["env"] = [e for e in c["env"] if e["name"] != "IM_PUSHER_REDIS_URL"]
+
+    edit(k8s / "dev" / "patches" / "redis-from-secrets.yaml", "Deployment", "pusher",
+         drop_secret_refs)  # fmt: skip
+    set_literal(k8s / "dev", "pusher-config", "IM_PUSHER_REDIS_URL", "redis://redis:6379/0")
+    found = assert_fails(k8s, "nothing reads it")
+    assert any("Secret/pusher-secrets" in m for m in found), found
 
 
 def test_test_only_setting_fails(k8s: Path) -> None:
