@@ -311,7 +311,7 @@ class Workload:
                 dev.handed.add(m.msg_id)
         except Kicked as exc:
             self.stats.kicked += 1
-            self.echo(f"ANOMALY {dev.name} kicked: {exc}; restarting it")
+            self.echo(f"ANOMALY {dev.name} {exc}; restarting it")
             task = asyncio.create_task(self._restart(dev, 0.0, "after kick"))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
