@@ -50,6 +50,9 @@ class Hub:
         self._conns: dict[tuple[str, str], Connection] = {}
         self._locks: dict[tuple[str, str], _KeyLock] = {}
         self._background: set[asyncio.Task[object]] = set()
+        #: Streams whose route registration failed (Redis down): registered again,
+        #: not merely refreshed, on the next refresh round.
+        self._unregistered: set[Connection] = set()
         self.closing = False
 
     def __len__(self) -> int:
@@ -74,6 +77,14 @@ class Hub:
         if old is not None:
             log.info("kicking replaced connection", extra=old.log_extra())
             old.kick(REPLACED)
+        await self._register(conn)
+
+    async def _register(self, conn: Connection) -> None:
+        """Points the device's route at `conn` unconditionally (replacing whatever
+        route was there) and kicks the connection the route named before. If Redis
+        fails, `conn` is remembered and the next refresh round registers it the same
+        way: a refresh would take a route left by a dead gateway for a newer
+        connection and kick this live stream."""
         user, device = conn.key
         here = self._address()
         entry = self._locks.setdefault(conn.key, _KeyLock())
@@ -81,9 +92,12 @@ class Hub:
         try:
             async with entry.lock:
                 if self._conns.get(conn.key) is not conn:
+                    self._unregistered.discard(conn)
                     return  # replaced while waiting: the newer one registers
                 prev = await self._routes.register(user, device, conn.connection_id, here)
+                self._unregistered.discard(conn)
         except (RedisError, OSError) as exc:
+            self._unregistered.add(conn)
             log.warning(
                 "route not registered (Redis); retried on the next refresh",
                 extra={**conn.log_extra(), "error": str(exc)},
@@ -100,6 +114,7 @@ class Hub:
 
     async def detach(self, conn: Connection) -> None:
         """Forgets `conn` and removes its route if the route is still its own."""
+        self._unregistered.discard(conn)
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
         user, device = conn.key
@@ -121,7 +136,12 @@ class Hub:
     async def refresh_routes(self) -> None:
         """One refresh round: extends every open stream's route, re-creates lost
         ones, and kicks streams whose route another connection has taken."""
-        conns = [c for c in self._conns.values() if not c.closing]
+        for conn in list(self._unregistered):
+            if conn.closing or self._conns.get(conn.key) is not conn:
+                self._unregistered.discard(conn)
+            else:
+                await self._register(conn)
+        conns = [c for c in self._conns.values() if not c.closing and c not in self._unregistered]
         if not conns:
             return
         here = self._address()

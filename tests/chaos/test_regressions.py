@@ -1,8 +1,7 @@
 """Minimal reproductions of bugs the chaos harness found in other components.
 
-Each is marked `xfail(strict=True)` until its owner fixes it: the test then
-starts passing, strict xfail turns that into a failure, and the marker is
-removed. Found by `python -m chaos` (full run, seed 1); see docs/chaos.md.
+Each was marked `xfail(strict=True)` until the bug was fixed at its root; it now
+guards the fix. Found by `python -m chaos` (full run, seed 1); see docs/chaos.md.
 """
 
 from __future__ import annotations
@@ -52,15 +51,13 @@ async def route_of(stack: Stack, user: str, device: str) -> str:
     return value.decode() if value else ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway: a stream whose route registration failed (Redis error) is kicked at "
-    "the next refresh when a killed gateway's stale route for the same device is still "
-    "live in Redis; the SDK then stops for good (Kick means do not reconnect)",
-)
 async def test_a_stale_route_of_a_killed_gateway_does_not_kick_the_devices_new_stream(
     two_gateways: Stack,
 ) -> None:
+    """A stream whose route registration failed (Redis error) used to be kicked at
+    the next refresh when a killed gateway's stale route for the same device was
+    still live in Redis; the SDK then stopped for good (Kick means do not
+    reconnect). The hub now registers such a stream again instead of refreshing."""
     stack = two_gateways
     gw0, gw1 = stack.gateway_addresses
     # Routes name a gateway by its internal (Deliver) address.
@@ -104,9 +101,11 @@ async def test_a_stale_route_of_a_killed_gateway_does_not_kick_the_devices_new_s
         # Two more refresh rounds: a wrong kick would have happened by now.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(kicked.wait(), 2.5)
+        # Checked while the stream is open: closing it removes its route.
+        route_while_open = await route_of(stack, "alice", "phone")
     finally:
         await client.close()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
     assert not kicked.is_set(), "the live stream was kicked because of a dead gateway's route"
-    assert in0 in await route_of(stack, "alice", "phone")
+    assert in0 in route_while_open
