@@ -13,6 +13,7 @@ import itertools
 from collections import defaultdict
 
 import pytest
+
 from chaos.checker import (
     Ack,
     Delivered,

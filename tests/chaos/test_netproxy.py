@@ -8,8 +8,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from chaos.netproxy import TcpProxy
 
+from chaos.netproxy import TcpProxy
 from imdev.servers import free_port
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+
 from chaos import checker
 from chaos.cli import main
 from chaos.faults import FaultKind, ServerFaults
 from chaos.run import RunConfig, run
 from chaos.workload import Workload, WorkloadConfig
-
 from imclient import Entry, GatewayApi, Message, Receiver, direct_conversation_id
 from imdev.stack import Stack
 
