@@ -1,6 +1,6 @@
 """End-to-end benchmark: the whole stack on this machine, driven by SDK clients.
 
-    .venv/bin/python bench/e2e.py            # full run (about 6-9 minutes)
+    .venv/bin/python bench/e2e.py            # full run (4-8 minutes)
     .venv/bin/python bench/e2e.py --quick    # a smoke-sized run (about 2 minutes)
 
 Starts a fresh `imdev.stack.Stack` (PostgreSQL with fsync on, Redis, NATS
@@ -980,7 +980,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.pairs = args.pairs or (100 if quick else 200)
     args.duration = args.duration or (5.0 if quick else 12.0)
     args.drain = args.drain or (20.0 if quick else 30.0)
-    args.search_steps = args.search_steps if args.search_steps is not None else (1 if quick else 5)
+    args.search_steps = args.search_steps if args.search_steps is not None else (3 if quick else 5)
     args.connections = args.connections or (2000 if quick else 10_000)
     args.hold = args.hold or (5.0 if quick else 12.0)
     args.group_repeats = args.group_repeats or (5 if quick else 30)
