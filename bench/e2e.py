@@ -1138,7 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for name in targets
                             if (out_dir / f"{name}.txt").exists()
                         },
-                        "raw_dir": str(out_dir),
+                        # py-spy's collapsed stacks stay only with --keep/--workdir.
+                        "raw_dir": str(out_dir) if args.keep or args.workdir else None,
                     }
             finally:
                 phase.close()
