@@ -16,6 +16,7 @@ import logging
 from im.logic.v1 import logic_pb2
 from logic import repo
 from logic.events import TriggerPublisher
+from logic.rounds import run_rounds
 from logic.store import Database
 from logic.telemetry import Telemetry, ids
 
@@ -86,15 +87,7 @@ class OutboxRelay:
         self._batch = batch
 
     async def run(self) -> None:
-        while True:
-            try:
-                while await self.relay_once() >= self._batch:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("outbox relay round failed", extra={"error": repr(exc)})
-            await asyncio.sleep(self._interval)
+        await run_rounds(self.relay_once, self._batch, self._interval, "outbox relay")
 
     async def relay_once(self) -> int:
         """One round; returns the number of rows published and deleted."""

@@ -16,7 +16,6 @@ each other's work), moves their next repair time back exponentially, and:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 
@@ -24,6 +23,7 @@ from im.logic.v1 import logic_pb2
 from logic import repo
 from logic.events import TriggerPublisher
 from logic.fanout import Fanout
+from logic.rounds import run_rounds
 from logic.store import Database
 from logic.telemetry import Telemetry
 
@@ -58,15 +58,7 @@ class Repairer:
         self._batch = batch
 
     async def run(self) -> None:
-        while True:
-            try:
-                while await self.repair_once() >= self._batch:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("repair round failed", extra={"error": repr(exc)})
-            await asyncio.sleep(self._interval)
+        await run_rounds(self.repair_once, self._batch, self._interval, "repair")
 
     async def repair_once(self) -> int:
         """One round; returns the number of conversations claimed."""
