@@ -14,11 +14,13 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
 from imdev.servers import (
+    Managed,
     NatsServer,
     PostgresServer,
     RedisServer,
@@ -83,50 +85,42 @@ def key_prefix() -> str:
     return _unique("T").upper()
 
 
+M = TypeVar("M", bound=Managed)
+
+
+def _private_servers(make_one: Callable[..., M]) -> Iterator[Callable[..., M]]:
+    """A factory of private servers (started on demand, killed at teardown)."""
+    started: list[M] = []
+
+    def make(**kwargs: Any) -> M:
+        server = make_one(**kwargs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.kill()
+
+
 @pytest.fixture
 def postgres_factory(workdir: Path) -> Iterator[Callable[..., PostgresServer]]:
     """Private PostgreSQL clusters, for tests that stop or kill the database."""
-    started: list[PostgresServer] = []
-
-    def make(**kwargs: object) -> PostgresServer:
-        server = PostgresServer(free_port(), workdir / _unique("pg"), fsync=False, **kwargs)  # type: ignore[arg-type]
-        server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.kill()
+    yield from _private_servers(
+        lambda **kw: PostgresServer(free_port(), workdir / _unique("pg"), fsync=False, **kw)
+    )
 
 
 @pytest.fixture
-def nats_factory(workdir: Path) -> Iterator[Callable[[], NatsServer]]:
-    started: list[NatsServer] = []
-
-    def make() -> NatsServer:
-        server = NatsServer(free_port(), workdir / _unique("nats"))
-        server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.kill()
+def nats_factory(workdir: Path) -> Iterator[Callable[..., NatsServer]]:
+    """Private nats-servers, for tests that restart NATS or wipe its store."""
+    yield from _private_servers(lambda: NatsServer(free_port(), workdir / _unique("nats")))
 
 
 @pytest.fixture
-def redis_factory(workdir: Path) -> Iterator[Callable[[], RedisServer]]:
-    started: list[RedisServer] = []
-
-    def make() -> RedisServer:
-        server = RedisServer(free_port(), workdir / _unique("redis"))
-        server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.kill()
+def redis_factory(workdir: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Private redis-servers, for tests that restart or flush Redis."""
+    yield from _private_servers(lambda: RedisServer(free_port(), workdir / _unique("redis")))
 
 
 @pytest.fixture
