@@ -60,6 +60,16 @@ class _Poison(Exception):
     pass
 
 
+def _num_pending(msg: Msg) -> int:
+    """Triggers the stream held for the consumer beyond `msg` when it was delivered
+    (its JetStream metadata); unknown (no JetStream reply subject) counts as many,
+    so the caller tops up as it would without the hint."""
+    try:
+        return msg.metadata.num_pending
+    except Exception:
+        return 1 << 30
+
+
 @dataclass(slots=True)
 class _Conversation:
     pending: list[Msg] = field(default_factory=list)
@@ -210,8 +220,13 @@ class TriggerConsumer:
                 continue
             room = min(s.fetch_batch, s.max_pending - self._held) - len(msgs)
             if room > 0:
-                with contextlib.suppress(nats.errors.TimeoutError):
-                    msgs += await sub.fetch(room, timeout=_TOP_UP_S)
+                # Top up only when the stream holds more for this consumer: with an
+                # empty stream a fetch with a timeout is a long poll and would hold
+                # back the trigger already fetched for the whole _TOP_UP_S.
+                more = _num_pending(msgs[-1])
+                if more > 0:
+                    with contextlib.suppress(nats.errors.TimeoutError):
+                        msgs += await sub.fetch(min(room, more), timeout=_TOP_UP_S)
             checked = time.monotonic()
             for msg in msgs:
                 await self._dispatch(msg)
