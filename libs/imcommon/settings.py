@@ -55,3 +55,12 @@ class ServerSettings(BaseServiceSettings):
         le=64 * 1024 * 1024,
         description="Largest gRPC message accepted or sent.",
     )
+    gc_gen0_threshold: int = Field(
+        50_000,
+        ge=0,
+        le=10_000_000,
+        description="Python GC generation-0 threshold set once the service is built, "
+        "together with gc.freeze() of everything allocated during start-up, so "
+        "collections run less often and never walk long-lived start-up objects "
+        "(0 = leave Python's GC settings as they are).",
+    )
