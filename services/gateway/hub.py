@@ -150,9 +150,15 @@ class Hub:
             entries = [(*c.key, c.connection_id, here) for c in batch]
             results = await self._routes.refresh_many(entries)
             for conn, still_ours in zip(batch, results, strict=True):
-                if not still_ours and self._conns.get(conn.key) is conn:
+                current = self._conns.get(conn.key) is conn
+                if not still_ours and current:
                     log.info("route taken by another connection; kicking", extra=conn.log_extra())
                     conn.kick(REPLACED)
+                elif still_ours and not current:
+                    # The stream ended while this round was in Redis: its detach may
+                    # have removed the route just before the refresh re-created it.
+                    # Remove it again (compare-and-delete: only if still this one's).
+                    await self._routes.unregister(*conn.key, conn.connection_id)
 
     async def refresh_loop(self) -> None:
         while True:
