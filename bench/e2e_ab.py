@@ -1,0 +1,251 @@
+"""Before/after in one run: the 1:1 load of `bench/e2e.py` against two
+configurations of the same code, alternated on the same machine.
+
+    .venv/bin/python bench/e2e_ab.py                     # ~6-10 minutes
+    .venv/bin/python bench/e2e_ab.py --levels 150,300 --rounds 1 --no-search
+
+"before" turns the batching off with the settings that reproduce the old cost
+(one send per transaction, one conversation per Fanout call and no linger, one
+AckDelivery call per delivery ACK); "after" is the default configuration. Each
+round starts a fresh stack per configuration (ABBA order over rounds, so a drift
+in the machine's load does not favour one side), offers the same fixed loads,
+and, unless --no-search, searches each side's highest sustained rate. Every level
+is checked exactly once and in order, as in e2e.py.
+
+Writes bench/results/e2e_ab.json and prints `RESULT {json}` last: per side the
+median over rounds of CPU ms per message, ACK and delivery p99 at each level, the
+max sustained rate, and after/before ratios. What cannot be switched off (code
+that is simply cheaper now, e.g. the telemetry wrappers) is in both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import e2e
+from pydantic_settings import BaseSettings
+
+from imdev.stack import Stack
+
+#: The settings that turn this session's batching off (the old cost per message).
+BEFORE = (
+    "logic:IM_LOGIC_SEND_BATCH_MAX=1",
+    "pusher:IM_PUSHER_FANOUT_BATCH_CONVERSATIONS=1",
+    "pusher:IM_PUSHER_FANOUT_LINGER_MS=0",
+    "gateway:IM_GATEWAY_ACK_BATCH_MS=0",
+)
+
+
+def settings_class(kind: str) -> type[BaseSettings]:
+    if kind == "logic":
+        from logic.config import Settings as LogicSettings
+
+        return LogicSettings
+    if kind == "pusher":
+        from pusher.config import Settings as PusherSettings
+
+        return PusherSettings
+    if kind == "gateway":
+        from gateway.config import Settings as GatewaySettings
+
+        return GatewaySettings
+    if kind == "seqsvc":
+        from seqsvc.config import Settings as SeqsvcSettings
+
+        return SeqsvcSettings
+    raise SystemExit(f"unknown service kind {kind!r}")
+
+
+def parse_env(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """KIND:VAR=VALUE items -> {kind: {var: value}}; every VAR must be a setting
+    the service knows (a misspelt switch would silently compare a side with itself)."""
+    env: dict[str, dict[str, str]] = defaultdict(dict)
+    for item in items:
+        kind, _, assignment = item.partition(":")
+        var, _, value = assignment.partition("=")
+        if not kind or not var:
+            raise SystemExit(f"{item!r}: expected KIND:VAR=VALUE")
+        cls = settings_class(kind)
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        field = var.removeprefix(prefix).lower()
+        if not var.startswith(prefix) or field not in cls.model_fields:
+            raise SystemExit(f"{item!r}: {kind} has no setting {var}")
+        env[kind][var] = value
+    return dict(env)
+
+
+def run_side(
+    name: str,
+    env: dict[str, dict[str, str]],
+    levels: list[float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One fresh stack with `env`: the warm-up, the fixed levels, the search."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"im-ab-{name}-"))
+    workdir.chmod(0o755)  # PostgreSQL runs as its own user when we are root
+    stack = Stack(workdir, gateways=1, fsync=True, env=env)
+    metrics = e2e.MetricsScraper(e2e.enable_metrics(stack))
+    e2e.log(f"[{name}] starting a stack ({env or 'defaults'})")
+    stack.start()
+    groups: dict[str, list[int]] = {
+        "gateway": [stack.gateways[0].pid or 0],
+        "logic": [stack.logics[0].pid or 0],
+        "pusher": [stack.pushers[0].pid or 0],
+        "seqsvc": [stack.seqsvc.pid or 0],
+        "postgres": [stack.postgres.pid or 0],
+        "nats": [stack.nats.pid or 0],
+        "redis": [stack.redis.pid or 0],
+        "bench": [os.getpid()],
+    }
+    cfg = e2e.LoadConfig(
+        pairs=args.pairs,
+        workers=args.workers,
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+        drain_s=args.drain,
+        quiesce_s=60.0,
+        sustain_p99_ms=args.sustain_p99_ms,
+        quiet_wait_s=args.quiet_wait,
+    )
+    out: dict[str, Any] = {"env": env, "levels": {}, "search": None}
+    phase = e2e.LoadPhase(stack, cfg, groups, metrics)
+    try:
+        phase.open()
+        phase.run_level(200, "warmup", duration_s=3.0)
+        fixed = []
+        for offered in levels:
+            res = phase.run_level(offered, f"{name}-{int(offered)}")
+            fixed.append(res)
+            out["levels"][str(int(offered))] = res.data
+        if args.search:
+            out["search"] = phase.search(fixed, args.search_steps, resolution=50.0)
+            e2e.log(f"[{name}] max sustained {out['search']['max_msgs_per_s']} msg/s")
+    finally:
+        phase.close()
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 2) if present else None
+
+
+def _ratio(after: float | None, before: float | None) -> float | None:
+    return round(after / before, 3) if after is not None and before else None
+
+
+def summarise(rounds: list[dict[str, Any]], levels: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for side in ("before", "after"):
+        runs = [r[side] for r in rounds]
+        per_level = {}
+        for lv in levels:
+            key = str(int(lv))
+            data = [run["levels"][key] for run in runs if key in run["levels"]]
+            per_level[key] = {
+                "cpu_ms_per_msg": _median([d["cpu_ms_per_msg_total"] for d in data]),
+                "completed_ack_per_s": _median([d["acked_per_s_in_window"] for d in data]),
+                "send_ack_p99_ms": _median([d["send_ack_ms"]["p99"] for d in data]),
+                "delivery_p99_ms": _median([d["delivery_ms"]["p99"] for d in data]),
+                "exactly_once": all(d["final_counts"]["exactly_once"] for d in data),
+                "sustained": [bool(d["sustained"]) for d in data],
+                "foreign_cores": [d["cpu_cores"]["foreign"] for d in data],
+            }
+        searches = [run["search"]["max_msgs_per_s"] for run in runs if run["search"]]
+        out[side] = {"levels": per_level, "max_msgs_per_s": _median(searches)}
+    out["ratios_after_over_before"] = {
+        "max_msgs_per_s": _ratio(out["after"]["max_msgs_per_s"], out["before"]["max_msgs_per_s"]),
+        **{
+            f"cpu_ms_per_msg@{k}": _ratio(
+                out["after"]["levels"][k]["cpu_ms_per_msg"],
+                out["before"]["levels"][k]["cpu_ms_per_msg"],
+            )
+            for k in out["after"]["levels"]
+        },
+    }
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--levels", default="150,300,450", help="fixed offered loads, msg/s")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (before, after) pairs")
+    p.add_argument(
+        "--before", action="append", metavar="KIND:VAR=VALUE", help="default: batching off"
+    )
+    p.add_argument("--after", action="append", default=[], metavar="KIND:VAR=VALUE")
+    p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--drain", type=float, default=20.0)
+    p.add_argument("--sustain-p99-ms", type=float, default=1000.0)
+    p.add_argument("--quiet-wait", type=float, default=20.0)
+    p.add_argument("--no-search", dest="search", action="store_false")
+    p.add_argument("--search-steps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=e2e.RESULTS / "e2e_ab.json")
+    args = p.parse_args(argv)
+    args.before = args.before if args.before is not None else list(BEFORE)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    sides = {"before": parse_env(args.before), "after": parse_env(args.after)}
+    levels = [float(x) for x in args.levels.split(",") if x.strip()]
+    report: dict[str, Any] = {
+        "machine": e2e.machine_info(),
+        "config": {
+            "levels": levels,
+            "rounds": args.rounds,
+            "pairs": args.pairs,
+            "duration_s": args.duration,
+            "before": args.before,
+            "after": args.after,
+            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        },
+        "rounds": [],
+    }
+    for r in range(args.rounds):
+        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        report["rounds"].append({side: run_side(side, sides[side], levels, args) for side in order})
+    report["summary"] = summarise(report["rounds"], levels)
+    report["elapsed_s"] = round(time.monotonic() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    e2e.log(f"wrote {args.out}")
+    summary = report["summary"]
+    for side in ("before", "after"):
+        for lv, d in summary[side]["levels"].items():
+            e2e.log(
+                f"  {side:6} {lv:>5} msg/s: CPU {d['cpu_ms_per_msg']} ms/msg, ACK p99 "
+                f"{d['send_ack_p99_ms']} ms, delivery p99 {d['delivery_p99_ms']} ms, "
+                f"completed {d['completed_ack_per_s']}/s, exactly once {d['exactly_once']}, "
+                f"foreign {d['foreign_cores']}"
+            )
+        e2e.log(f"  {side:6} max sustained {summary[side]['max_msgs_per_s']} msg/s")
+    result = {
+        "before_max_msgs_per_s": summary["before"]["max_msgs_per_s"],
+        "after_max_msgs_per_s": summary["after"]["max_msgs_per_s"],
+        **summary["ratios_after_over_before"],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
