@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench chaos k8s-check images clean lock
+        bench-seq bench-logic bench bench-ab chaos k8s-check images clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -91,6 +91,9 @@ bench-logic: deps ## Benchmark logic SendMessage and fan-out
 
 bench: deps ## End-to-end benchmark
 	$(PY) bench/e2e.py
+
+bench-ab: deps ## End-to-end before/after of the batching switches, in one run
+	$(PY) bench/e2e_ab.py
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
