@@ -147,6 +147,14 @@ class Settings(ServerSettings):
         "max_locks_per_transaction x max_connections. A bigger group takes several calls "
         "(has_more).",
     )
+    fanout_batch_max_conversations: int = Field(
+        256,
+        ge=1,
+        le=10_000,
+        description="Most conversations one FanoutBatch call may name (more is "
+        "INVALID_ARGUMENT). The whole call is one transaction bounded by "
+        "IM_LOGIC_FANOUT_MAX_ROWS and IM_LOGIC_MAX_RESPONSE_BYTES like one Fanout.",
+    )
 
     # -- outbox and repair ------------------------------------------------------
     publish_timeout_s: float = Field(

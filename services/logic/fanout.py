@@ -19,17 +19,28 @@ One call is one transaction:
 
 A concurrent call for the same conversation waits on the lock and then finds
 nothing left above the new watermark. A call that fails writes nothing.
+
+FanoutBatch does the same for several conversations in ONE transaction (one
+commit, one seqsvc call): every conversation's FAN-OUT lock first, in ascending
+lock-key order, then the union of all recipients' USER locks in ascending order.
+Every transaction that takes several of these locks takes them in that one
+global order (send locks, then fan-out locks, then user locks, each class by
+key), so batches, single fan-outs and sends cannot deadlock one another. Each
+conversation gets exactly what a Fanout of it alone would have given; the rows
+and response bytes of the whole call are bounded like one Fanout, and a
+conversation the call did not finish says has_more (possibly with no rows). An
+invalid id is that conversation's own error and never touches the others.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from logic import repo
 from logic.config import RESPONSE_HEADROOM_BYTES
-from logic.errors import DependencyFailed, SequenceRegression
+from logic.errors import DependencyFailed, InvalidArgument, LogicError, SequenceRegression
 from logic.faults import Faults
 from logic.ids import (
     LOCK_CONV_FANOUT,
@@ -46,6 +57,21 @@ from logic.telemetry import Telemetry, ids
 
 log = logging.getLogger(__name__)
 
+#: Longest error message put in one FanoutBatch result.
+_MAX_ERROR_CHARS = 300
+#: Accounted response bytes of one FanoutBatch result besides its rows.
+_RESULT_OVERHEAD_BYTES = 48
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One conversation's part of a FanoutBatch: its result, or the error a
+    Fanout of it alone would have raised (then nothing was written for it)."""
+
+    conversation_id: str
+    result: FanoutResult | None
+    error: LogicError | None = None
+
 
 @dataclass
 class _Page:
@@ -53,6 +79,7 @@ class _Page:
     watermark: int
     cursor: str
     stopped: bool  # the page ended before the last candidate message was complete
+    size: int = 0  # accounted response bytes, including what came before the page
 
 
 class Fanout:
@@ -68,6 +95,7 @@ class Fanout:
         repair_after_s: float,
         faults: Faults,
         telemetry: Telemetry | None = None,
+        max_batch_conversations: int = 256,
     ) -> None:
         self._db = db
         self._seq = seq
@@ -78,6 +106,7 @@ class Fanout:
         self._budget = max_response_bytes - RESPONSE_HEADROOM_BYTES
         self._repair_after = repair_after_s
         self._faults = faults
+        self._max_batch = max_batch_conversations
 
     async def fanout(self, conversation_id: str, max_messages: int = 0) -> FanoutResult:
         """Fans out what is committed above the conversation's watermark, up to
@@ -112,6 +141,189 @@ class Fanout:
         if len(rows) > written:
             self._tel.fanout_rows.labels("existing").inc(len(rows) - written)
         return result
+
+    async def fanout_batch(
+        self, conversation_ids: Sequence[str], max_messages: int = 0
+    ) -> list[BatchResult]:
+        """`fanout` for several distinct conversations in one transaction: one
+        result per id, in the order given. `max_messages` bounds each
+        conversation; max_rows and the response budget bound the whole call, and
+        a conversation it did not finish has has_more (possibly with no rows).
+
+        An invalid id gets its own InvalidArgument in its result and the others
+        go on. Raises InvalidArgument for the request itself (no ids, too many,
+        repeated ids), and like `fanout` (SequenceRegression, Unavailable) when
+        the transaction fails: then nothing was written for any of them."""
+        if not conversation_ids:
+            raise InvalidArgument("conversation_ids is empty: name at least one conversation")
+        if len(conversation_ids) > self._max_batch:
+            raise InvalidArgument(
+                f"{len(conversation_ids)} conversation_ids in one FanoutBatch; at most "
+                f"{self._max_batch} are allowed (IM_LOGIC_FANOUT_BATCH_MAX_CONVERSATIONS): "
+                "split them over several calls"
+            )
+        seen: set[str] = set()
+        for cid in conversation_ids:
+            if cid in seen:
+                raise InvalidArgument(
+                    f"conversation_id {cid[:80]!r} appears more than once in conversation_ids; "
+                    "name each conversation once"
+                )
+            seen.add(cid)
+        limit = (
+            self._default_messages if max_messages <= 0 else min(max_messages, self._max_messages)
+        )
+
+        out: list[BatchResult] = []
+        valid: list[ConversationId] = []
+        for cid in conversation_ids:
+            try:
+                valid.append(parse_conversation_id(cid))
+            except InvalidArgument as exc:
+                out.append(BatchResult(cid, None, InvalidArgument(str(exc)[:_MAX_ERROR_CHARS])))
+            else:
+                out.append(BatchResult(cid, None))
+        overhead = sum(
+            len(r.conversation_id.encode()) + _RESULT_OVERHEAD_BYTES + len(str(r.error or ""))
+            for r in out
+        )
+        results: dict[str, FanoutResult] = {}
+        if valid:
+            attrs = {"im.conversation_ids": ids(c.value for c in valid)}
+            with self._db.errors(), self._tel.db("fanout_batch", attrs) as span:
+                results, written = await self._fanout_batch(valid, limit, self._budget - overhead)
+                rows = [d for r in results.values() for d in r.deliveries]
+                span.set_attributes(
+                    {
+                        "im.conversations": len(valid),
+                        "im.has_more": sum(r.has_more for r in results.values()),
+                        "im.rows": len(rows),
+                        "im.rows_written": written,
+                        "im.msg_ids": ids(d.message.msg_id for d in rows),
+                        "im.user_ids": ids(d.user_id for d in rows),
+                    }
+                )
+            if written:
+                self._tel.fanout_rows.labels("written").inc(written)
+            if len(rows) > written:
+                self._tel.fanout_rows.labels("existing").inc(len(rows) - written)
+        return [
+            r if r.error is not None else BatchResult(r.conversation_id, results[r.conversation_id])
+            for r in out
+        ]
+
+    async def _fanout_batch(
+        self, convs: list[ConversationId], limit: int, budget: int
+    ) -> tuple[dict[str, FanoutResult], int]:
+        """The FanoutBatch transaction; returns each conversation's result and how
+        many rows it wrote. See the module docstring for the lock order."""
+        values = [c.value for c in convs]
+        window = min(limit, self._max_rows)
+        async with self._db.pool.connection() as conn, conn.transaction():
+            if not self._faults.skip_locks:
+                keys = sorted({lock_key(v) for v in values})
+                await repo.lock_many_tx(conn, LOCK_CONV_FANOUT, keys)
+            states = await repo.fanout_states_tx(conn, values)
+            # Every message has a recipient, so no page of the whole call spans
+            # more than max_rows messages: reading one more says whether the read
+            # was cut short.
+            total = self._max_rows + 1
+            rows = await repo.messages_above_many_tx(
+                conn, values, [states[v][0] for v in values], window + 1, total, budget
+            )
+            found: dict[int, list[tuple[StoredMessage, bool]]] = {}
+            for i, msg, fits in rows:
+                found.setdefault(i, []).append((msg, fits))
+            # Conversations from this index on may have more than was read.
+            cut = rows[-1][0] if len(rows) >= total else len(convs)
+            ranges = await self._group_ranges(conn, convs, found, window)
+
+            results: dict[str, FanoutResult] = {}
+            spans: list[tuple[ConversationId, int, int]] = []  # (conv, first pair, end)
+            pairs: list[tuple[str, StoredMessage]] = []
+            progress: list[tuple[str, int, str, bool, bool]] = []
+            size = 0
+            for i, conv in enumerate(convs):
+                watermark, cursor = states[conv.value]
+                if i > cut:  # not read at all: untouched, ask again
+                    results[conv.value] = FanoutResult([], watermark, has_more=True)
+                    continue
+                candidates = found.get(i, [])[:window]
+                if not candidates:  # nothing above the watermark: caught up
+                    results[conv.value] = FanoutResult([], watermark, has_more=False)
+                    progress.append((conv.value, watermark, cursor, True, False))
+                    continue
+                page = self._plan(
+                    candidates,
+                    self._recipients_from(conv, ranges.get(conv.value, [])),
+                    watermark,
+                    cursor,
+                    budget=budget,
+                    taken=len(pairs),
+                    size=size,
+                )
+                size = page.size
+                if not page.pairs:  # the call's budget is spent: untouched, ask again
+                    results[conv.value] = FanoutResult([], watermark, has_more=True)
+                    continue
+                has_more = page.stopped or len(found[i]) > window or i == cut
+                spans.append((conv, len(pairs), len(pairs) + len(page.pairs)))
+                pairs.extend(page.pairs)
+                results[conv.value] = FanoutResult([], page.watermark, has_more)
+                progress.append((conv.value, page.watermark, page.cursor, not has_more, True))
+
+            seqs, written = await self._write_rows_tx(conn, pairs)
+            if progress:
+                await repo.save_fanout_progress_many_tx(
+                    conn,
+                    [p[0] for p in progress],
+                    [p[1] for p in progress],
+                    [p[2] for p in progress],
+                    [p[3] for p in progress],
+                    [p[4] for p in progress],
+                    self._repair_after,
+                )
+        for conv, start, end in spans:
+            r = results[conv.value]
+            deliveries = [
+                Delivery(user, seq, msg)
+                for (user, msg), seq in zip(pairs[start:end], seqs[start:end], strict=True)
+            ]
+            results[conv.value] = FanoutResult(deliveries, r.watermark, r.has_more)
+        return results, written
+
+    async def _group_ranges(
+        self,
+        conn: repo.Conn,
+        convs: list[ConversationId],
+        found: dict[int, list[tuple[StoredMessage, bool]]],
+        window: int,
+    ) -> dict[str, list[tuple[str, int, int]]]:
+        """Membership ranges of the groups with messages to fan out, over the
+        conv_seqs of their candidate messages, in one statement."""
+        groups = [
+            (c.value, found[i][:window])
+            for i, c in enumerate(convs)
+            if i in found and not c.is_direct
+        ]
+        if not groups:
+            return {}
+        return await repo.members_between_many(
+            conn,
+            [v for v, _ in groups],
+            [msgs[0][0].conv_seq for _, msgs in groups],
+            [msgs[-1][0].conv_seq for _, msgs in groups],
+        )
+
+    @staticmethod
+    def _recipients_from(
+        conv: ConversationId, ranges: list[tuple[str, int, int]]
+    ) -> Callable[[StoredMessage], list[str]]:
+        """`_recipients` from ranges read beforehand."""
+        if conv.is_direct:
+            pair = list(conv.pair)
+            return lambda _msg: pair
+        return lambda msg: sorted({u for u, lo, hi in ranges if lo < msg.conv_seq <= hi})
 
     async def _fanout(self, conv: ConversationId, limit: int) -> tuple[FanoutResult, int]:
         """The Fanout transaction; returns the result and how many rows it wrote."""
@@ -167,27 +379,38 @@ class Fanout:
         recipients: Callable[[StoredMessage], list[str]],
         watermark: int,
         cursor: str,
+        *,
+        budget: int | None = None,
+        taken: int = 0,
+        size: int = 0,
     ) -> _Page:
         """The next page of (recipient, message) rows after (watermark, cursor), in
-        (conv_seq, user_id) order, and where it leaves the watermark and cursor."""
+        (conv_seq, user_id) order, and where it leaves the watermark and cursor.
+
+        `taken` rows of `size` bytes are already in the response (earlier
+        conversations of a FanoutBatch): the page gets what is left of max_rows
+        and of `budget` (default: the response budget). The response's first row
+        is always taken, so every call makes progress."""
+        budget = self._budget if budget is None else budget
         pairs: list[tuple[str, StoredMessage]] = []
-        size = 0
         for i, (msg, fits) in enumerate(candidates):
             if not fits:  # its body was not even read: the page ends before it
-                return _Page(pairs, watermark, cursor, stopped=True)
+                return _Page(pairs, watermark, cursor, stopped=True, size=size)
             users = recipients(msg)
             if i == 0 and cursor:
                 users = [u for u in users if u > cursor]
             for j, user in enumerate(users):
                 cost = msg.wire_size + len(user) + 32  # + the FanoutDelivery around it
-                if pairs and (len(pairs) >= self._max_rows or size + cost > self._budget):
+                if (pairs or taken) and (
+                    taken + len(pairs) >= self._max_rows or size + cost > budget
+                ):
                     if j > 0:  # part of this message is done: remember where
                         cursor = users[j - 1]
-                    return _Page(pairs, watermark, cursor, stopped=True)
+                    return _Page(pairs, watermark, cursor, stopped=True, size=size)
                 pairs.append((user, msg))
                 size += cost
             watermark, cursor = msg.conv_seq, ""
-        return _Page(pairs, watermark, cursor, stopped=False)
+        return _Page(pairs, watermark, cursor, stopped=False, size=size)
 
     async def _write_rows_tx(
         self, conn: repo.Conn, pairs: list[tuple[str, StoredMessage]]

@@ -363,6 +363,137 @@ async def clear_pending(conn: Conn, conv: str, watermark: int) -> None:
     )
 
 
+# -- fan-out of several conversations in one transaction (FanoutBatch) --------------
+
+
+async def fanout_states_tx(conn: Conn, convs: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """(watermark, cursor_user) of each conversation; (0, '') before its first
+    fan-out. Run it after the conversations' fan-out locks."""
+    cur = await conn.execute(
+        "SELECT conversation_id, watermark, cursor_user FROM fanout_state "
+        "WHERE conversation_id = ANY(%s::text[])",
+        (list(convs),),
+    )
+    out = {c: (0, "") for c in convs}
+    for r in await cur.fetchall():
+        out[r[0]] = (int(r[1]), str(r[2]))
+    return out
+
+
+async def messages_above_many_tx(
+    conn: Conn,
+    convs: Sequence[str],
+    watermarks: Sequence[int],
+    limit: int,
+    total: int,
+    body_budget: int,
+) -> list[tuple[int, StoredMessage, bool]]:
+    """For each conversation (by its index in `convs`), up to `limit` committed
+    messages with conv_seq above its watermark, and at most `total` messages in
+    all, in (index, conv_seq) order; each with whether it fits: False once the
+    running total of bodies before it, over the whole result, reaches
+    body_budget (the very first always fits; a body that does not fit is never
+    read). When `total` rows come back, the last row's conversation and every
+    later one may have more than was returned."""
+    cur = await conn.execute(
+        f"""
+        SELECT m.i - 1, {_PAGED_COLUMNS} FROM (
+            SELECT m.*, c.i, sum(octet_length(m.body)) OVER (
+                       ORDER BY c.i, m.conv_seq ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+                   ) - octet_length(m.body) < %(budget)s AS fits
+            FROM unnest(%(convs)s::text[], %(wms)s::int8[]) WITH ORDINALITY AS c (conv, wm, i)
+            CROSS JOIN LATERAL (
+                SELECT * FROM messages m
+                WHERE m.conversation_id = c.conv AND m.conv_seq > c.wm
+                ORDER BY m.conv_seq LIMIT %(limit)s
+            ) AS m
+            ORDER BY c.i, m.conv_seq LIMIT %(total)s
+        ) AS m
+        ORDER BY m.i, m.conv_seq
+        """,
+        {
+            "convs": list(convs),
+            "wms": list(watermarks),
+            "limit": limit,
+            "total": total,
+            "budget": body_budget,
+        },
+    )
+    return [(int(r[0]), _message(r, 1), bool(r[10])) for r in await cur.fetchall()]
+
+
+async def members_between_many(
+    conn: Conn, convs: Sequence[str], los: Sequence[int], his: Sequence[int]
+) -> dict[str, list[tuple[str, int, int]]]:
+    """`members_between` for several groups at once: per group, the membership
+    ranges that cover some conv_seq in its [lo, hi]."""
+    cur = await conn.execute(
+        """
+        SELECT c.conv, m.user_id, m.joined_after, coalesce(m.left_after, %s)
+        FROM unnest(%s::text[], %s::int8[], %s::int8[]) AS c (conv, lo, hi)
+        JOIN members m ON m.conversation_id = c.conv AND m.joined_after < c.hi
+                      AND (m.left_after IS NULL OR m.left_after >= c.lo)
+        """,
+        (MAX_BIGINT, list(convs), list(los), list(his)),
+    )
+    out: dict[str, list[tuple[str, int, int]]] = {c: [] for c in convs}
+    for r in await cur.fetchall():
+        out[r[0]].append((r[1], int(r[2]), int(r[3])))
+    return out
+
+
+async def save_fanout_progress_many_tx(
+    conn: Conn,
+    convs: Sequence[str],
+    watermarks: Sequence[int],
+    cursors: Sequence[str],
+    caught_up: Sequence[bool],
+    advanced: Sequence[bool],
+    repair_after_s: float,
+) -> None:
+    """`save_fanout_progress_tx` for several (distinct) conversations in one
+    statement; a conversation with `advanced` false had nothing above its
+    watermark and only gets `clear_pending` (its state row is not written).
+
+    Per conversation: an advanced one stores its watermark and cursor; a caught-up
+    one loses its pending mark unless a send committed meanwhile raised the mark's
+    upto_conv_seq (a send in progress holds the row: the DELETE waits and rechecks
+    the new version); an advanced one that keeps its mark has its repair clock
+    restarted (it is making progress)."""
+    await conn.execute(
+        """
+        WITH a AS (
+            SELECT * FROM unnest(%(convs)s::text[], %(wms)s::int8[], %(cursors)s::text[],
+                                 %(caught_up)s::bool[], %(advanced)s::bool[])
+                AS a (conv, wm, cursor_user, caught_up, advanced)
+        ), st AS (
+            INSERT INTO fanout_state (conversation_id, watermark, cursor_user)
+            SELECT conv, wm, cursor_user FROM a WHERE advanced
+            ON CONFLICT (conversation_id) DO UPDATE
+                SET watermark = excluded.watermark, cursor_user = excluded.cursor_user,
+                    updated_at = now()
+        ), del AS (
+            DELETE FROM fanout_pending p USING a
+            WHERE p.conversation_id = a.conv AND p.upto_conv_seq <= a.wm AND a.caught_up
+            RETURNING p.conversation_id
+        )
+        UPDATE fanout_pending p
+        SET attempts = 0, repair_at = now() + make_interval(secs => %(repair_after)s)
+        FROM a
+        WHERE p.conversation_id = a.conv AND a.advanced
+          AND a.conv NOT IN (SELECT conversation_id FROM del)
+        """,
+        {
+            "convs": list(convs),
+            "wms": list(watermarks),
+            "cursors": list(cursors),
+            "caught_up": list(caught_up),
+            "advanced": list(advanced),
+            "repair_after": repair_after_s,
+        },
+    )
+
+
 # -- repair --------------------------------------------------------------------------
 
 

@@ -132,6 +132,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         repair_after_s=settings.repair_after_s,
         faults=faults,
         telemetry=telemetry,
+        max_batch_conversations=settings.fanout_batch_max_conversations,
     )
     reader = Reader(
         db,

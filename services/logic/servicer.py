@@ -188,6 +188,41 @@ class LogicServicer:
         )
 
     @_rpc
+    async def FanoutBatch(self, request: Any, context: Context) -> pb.FanoutBatchResponse:
+        items = await self._fanout.fanout_batch(
+            list(request.conversation_ids), request.max_messages
+        )
+        cache: dict[int, common_pb2.Message] = {}
+        results = []
+        for item in items:
+            if item.error is not None:
+                code = STATUS.get(type(item.error), grpc.StatusCode.INTERNAL)
+                results.append(
+                    pb.FanoutBatchResult(
+                        conversation_id=item.conversation_id,
+                        error_code=code.value[0],
+                        error_message=str(item.error),
+                    )
+                )
+                continue
+            assert item.result is not None
+            deliveries = []
+            for d in item.result.deliveries:
+                msg = cache.get(d.message.msg_id)
+                if msg is None:
+                    msg = cache[d.message.msg_id] = message_pb(d.message)
+                deliveries.append(pb.FanoutDelivery(user_id=d.user_id, seq=d.seq, message=msg))
+            results.append(
+                pb.FanoutBatchResult(
+                    conversation_id=item.conversation_id,
+                    deliveries=deliveries,
+                    watermark=item.result.watermark,
+                    has_more=item.result.has_more,
+                )
+            )
+        return pb.FanoutBatchResponse(results=results)
+
+    @_rpc
     async def History(self, request: Any, context: Context) -> pb.HistoryResponse:
         page = await self._reader.history(
             request.user_id, request.conversation_id, request.before_conv_seq, request.limit
@@ -230,6 +265,7 @@ def add_to_server(servicer: LogicServicer, server: grpc.aio.Server) -> None:
         "SendMessage": (servicer.SendMessage, pb.SendMessageRequest, pb.SendMessageResponse),
         "SyncMessages": (servicer.SyncMessages, pb.SyncMessagesRequest, pb.SyncMessagesResponse),
         "Fanout": (servicer.Fanout, pb.FanoutRequest, pb.FanoutResponse),
+        "FanoutBatch": (servicer.FanoutBatch, pb.FanoutBatchRequest, pb.FanoutBatchResponse),
         "History": (servicer.History, pb.HistoryRequest, pb.HistoryResponse),
         "CreateGroup": (servicer.CreateGroup, pb.CreateGroupRequest, pb.CreateGroupResponse),
         "AddMembers": (servicer.AddMembers, pb.AddMembersRequest, pb.AddMembersResponse),
