@@ -135,11 +135,36 @@ class Settings(ServerSettings):
         le=10_000,
         description="Pushers remembered per connection as targets of its DeliverAcks (LRU).",
     )
+    ack_batch_ms: int = Field(
+        10,
+        ge=0,
+        le=10_000,
+        description="Delivery ACKs are collected per pusher for up to this long and sent as "
+        "one AckDeliveries call, so an ACK reaches the pusher up to this much later (keep it "
+        "far under the pusher's first retransmit, 1 s by default). 0 = one AckDelivery per "
+        "ACK, sent at once (the behaviour before batching).",
+    )
+    ack_batch_max: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="A pusher's ACK batch is sent at once when this many devices are waiting. "
+        "Must not exceed the pushers' IM_PUSHER_MAX_ACKS_PER_CALL.",
+    )
+    ack_queue_max: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Devices whose ACK may wait per pusher (behind a slow or failing call); "
+        "beyond it the oldest waiting ACK is dropped (counted; it costs a retransmit).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.route_refresh_s and self.route_refresh_s >= self.route_ttl_s:
             raise ValueError("IM_GATEWAY_ROUTE_REFRESH_S must be below IM_GATEWAY_ROUTE_TTL_S")
+        if self.ack_queue_max < self.ack_batch_max:
+            raise ValueError("IM_GATEWAY_ACK_QUEUE_MAX must be at least IM_GATEWAY_ACK_BATCH_MAX")
         return self
 
     @property

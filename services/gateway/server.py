@@ -28,6 +28,9 @@ from imcommon.telemetry import ServerTelemetryInterceptor, insecure_channel
 
 log = logging.getLogger(__name__)
 
+#: Longest the shutdown waits for queued delivery ACKs to reach their pushers.
+ACK_FLUSH_DEADLINE_S = 1.0
+
 
 async def build(settings: Settings, runtime: Runtime) -> None:
     """Wires the gateway: Redis routes, the logic channel, the stream hub, both
@@ -57,8 +60,21 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     runtime.stack.push_async_callback(redis.aclose)
     logic_channel = insecure_channel(settings.logic_address, runtime.metrics)
     runtime.stack.push_async_callback(logic_channel.close)
-    peers = Peers(runtime.metrics, settings.internal_timeout_s)
+    peers = Peers(
+        runtime.metrics,
+        settings.internal_timeout_s,
+        ack_batch_s=settings.ack_batch_ms / 1000,
+        ack_batch_max=settings.ack_batch_max,
+        ack_queue_max=settings.ack_queue_max,
+    )
     runtime.stack.push_async_callback(peers.close)
+    # Delivery ACKs still queued for pushers leave once the server has stopped (no
+    # stream can ACK any more) and before the channels close; the stack unwinds in
+    # reverse, so this runs first. A short deadline: an unsent ACK costs only a
+    # retransmit. No background task: a pusher's queue arms a timer while non-empty.
+    runtime.stack.push_async_callback(
+        peers.acks.close, min(ACK_FLUSH_DEADLINE_S, settings.internal_timeout_s)
+    )
 
     routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
     hub = Hub(routes, peers, address, settings.refresh_interval_s)

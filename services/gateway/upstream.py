@@ -8,9 +8,11 @@ decide who may reach whom (see imcommon.telemetry.insecure_channel).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
@@ -137,15 +139,306 @@ class LogicClient:
         )
 
 
-class Peers:
-    """Channels to pushers and other gateways, cached per address (LRU)."""
+#: Items per AckDeliveries call, for the batch size histogram.
+ACK_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
-    def __init__(self, metrics: Metrics, timeout_s: float, max_channels: int = 256) -> None:
+#: How long a pusher address that answered AckDeliveries with UNIMPLEMENTED (a
+#: pusher older than that RPC, during a rolling deploy) gets one AckDelivery per ACK
+#: before it is asked again: by then the address may belong to a newer pusher.
+LEGACY_RECHECK_S = 60.0
+
+_MAX_LEGACY = 256
+
+
+class _PusherQueue:
+    """The ACKs waiting for one pusher and the state of its one call in flight."""
+
+    __slots__ = ("pending", "task", "timer")
+
+    def __init__(self) -> None:
+        #: (user_id, device_id) -> highest seq, in order of first arrival.
+        self.pending: dict[tuple[str, str], int] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class AckForwarder:
+    """Forwards devices' cumulative delivery ACKs to the pushers that pushed to
+    them. Best effort throughout: a lost ACK costs one retransmit, which the
+    device ACKs again.
+
+    With `batch_s` 0, every ACK is one AckDelivery call, sent at once. Otherwise
+    ACKs wait per pusher address and leave as one AckDeliveries call `batch_s`
+    after the first of them arrived, at once when `batch_max` devices wait, or at
+    close(). While waiting, ACKs of one device coalesce to the highest seq (they are
+    cumulative, so that one says everything the others said). Each address has at
+    most one call in flight and its own queue: a slow or failing pusher delays and
+    loses only its own ACKs. A queue holds at most `queue_max` devices; beyond that
+    the oldest waiting ACK is dropped (counted). A pusher that answers UNIMPLEMENTED
+    (older than AckDeliveries) gets one AckDelivery per ACK for LEGACY_RECHECK_S.
+    No task runs while nothing is queued.
+    """
+
+    def __init__(
+        self,
+        channel: Callable[[str], grpc.aio.Channel],
+        metrics: Metrics,
+        timeout_s: float,
+        batch_s: float = 0.0,
+        batch_max: int = 500,
+        queue_max: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._channel = channel
+        self._timeout_s = timeout_s
+        self.batch_s = batch_s
+        self._queue_max = queue_max
+        self._batch_max = min(batch_max, queue_max)
+        self._clock = clock
+        self._queues: dict[str, _PusherQueue] = {}
+        self._legacy: OrderedDict[str, float] = OrderedDict()
+        self._closing = False
+        forwards = metrics.counter(
+            "gateway_ack_forwards",
+            "Delivery ACKs forwarded to pushers (one per device per call), by RPC and result "
+            "(ok, failed, rejected by the pusher)",
+            ["rpc", "result"],
+        )
+        self._single_ok = forwards.labels("AckDelivery", "ok")
+        self._single_failed = forwards.labels("AckDelivery", "failed")
+        self._batched_ok = forwards.labels("AckDeliveries", "ok")
+        self._batched_failed = forwards.labels("AckDeliveries", "failed")
+        self._batched_rejected = forwards.labels("AckDeliveries", "rejected")
+        self._batches = metrics.counter(
+            "gateway_ack_batches",
+            "AckDeliveries calls to pushers, by result (ok, failed, unimplemented: the "
+            "pusher is older and gets AckDelivery calls instead)",
+            ["result"],
+        )
+        self._batch_size = metrics.histogram(
+            "gateway_ack_batch_size", "Devices per AckDeliveries call", buckets=ACK_BATCH_BUCKETS
+        )
+        self._coalesced = metrics.counter(
+            "gateway_acks_coalesced",
+            "Delivery ACKs merged into a waiting ACK of the same device (highest seq kept)",
+        )
+        self._dropped = metrics.counter(
+            "gateway_acks_dropped",
+            "Delivery ACKs never sent: queue_full (a pusher's queue at IM_GATEWAY_ACK_QUEUE_MAX), "
+            "shutdown (not flushed in time, or arriving after the flush)",
+            ["reason"],
+        )
+        self._queued = metrics.gauge(
+            "gateway_acks_queued", "Delivery ACKs waiting to be sent to pushers"
+        )
+
+    # -- one ACK, one call ---------------------------------------------------
+
+    async def ack_now(self, address: str, user_id: str, device_id: str, seq: int) -> None:
+        """One AckDelivery call (the unbatched path). Never raises."""
+        stub = pusher_pb2_grpc.PusherStub(self._channel(address))
+        try:
+            await stub.AckDelivery(
+                pusher_pb2.AckDeliveryRequest(user_id=user_id, device_id=device_id, seq=seq),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._single_failed.inc()
+            log.debug(
+                "AckDelivery failed",
+                extra={"pusher": address, "user_id": user_id, "code": exc.code().name},
+            )
+        else:
+            self._single_ok.inc()
+
+    # -- batching -------------------------------------------------------------
+
+    def add(self, address: str, user_id: str, device_id: str, seq: int) -> None:
+        """Queues one cumulative ACK for the pusher at `address`; returns at once.
+        Must be called on the event loop."""
+        if self._closing:
+            self._dropped.labels("shutdown").inc()
+            return
+        q = self._queues.get(address)
+        if q is None:
+            q = self._queues[address] = _PusherQueue()
+        pending = q.pending
+        key = (user_id, device_id)
+        waiting = pending.get(key)
+        if waiting is not None:
+            # Its batch is already scheduled (timer or the call in flight).
+            self._coalesced.inc()
+            if seq > waiting:
+                pending[key] = seq
+            return
+        if len(pending) >= self._queue_max:
+            del pending[next(iter(pending))]
+            self._dropped.labels("queue_full").inc()
+            self._queued.dec()
+        pending[key] = seq
+        self._queued.inc()
+        if q.task is not None:
+            return  # the call in flight sends or schedules the rest when it ends
+        if len(pending) >= self._batch_max:
+            self._start(address, q)
+        elif q.timer is None:
+            q.timer = asyncio.get_running_loop().call_later(self.batch_s, self._start, address, q)
+
+    def _start(self, address: str, q: _PusherQueue) -> None:
+        if q.timer is not None:
+            q.timer.cancel()
+            q.timer = None
+        if q.task is None and q.pending:
+            q.task = asyncio.ensure_future(self._drain(address, q))
+
+    async def _drain(self, address: str, q: _PusherQueue) -> None:
+        cancelled = False
+        try:
+            while q.pending:
+                pending = q.pending
+                if len(pending) <= self._batch_max:
+                    batch = list(pending.items())
+                    pending.clear()
+                else:
+                    batch = list(itertools.islice(pending.items(), self._batch_max))
+                    for key, _ in batch:
+                        del pending[key]
+                self._queued.dec(len(batch))
+                await self._send(address, batch)
+                if not self._closing and len(q.pending) < self._batch_max:
+                    break  # the rest waits for its window
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            q.task = None
+            if cancelled:
+                pass
+            elif q.pending:
+                if self._closing:
+                    self._start(address, q)
+                elif q.timer is None:
+                    q.timer = asyncio.get_running_loop().call_later(
+                        self.batch_s, self._start, address, q
+                    )
+            elif q.timer is None and self._queues.get(address) is q:
+                del self._queues[address]  # idle: forget the address
+
+    def _is_legacy(self, address: str) -> bool:
+        until = self._legacy.get(address)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._legacy[address]
+        return False
+
+    async def _send(self, address: str, batch: list[tuple[tuple[str, str], int]]) -> None:
+        """One batch to one pusher. Never raises (but can be cancelled)."""
+        if self._is_legacy(address):
+            await self._send_singly(address, batch)
+            return
+        self._batch_size.observe(len(batch))
+        request = pusher_pb2.AckDeliveriesRequest(
+            acks=[
+                pusher_pb2.AckDeliveryRequest(user_id=user, device_id=device, seq=seq)
+                for (user, device), seq in batch
+            ]
+        )
+        stub = pusher_pb2_grpc.PusherStub(self._channel(address))
+        try:
+            resp = await stub.AckDeliveries(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self._batches.labels("unimplemented").inc()
+                log.info(
+                    "pusher has no AckDeliveries: one AckDelivery per ACK for a while",
+                    extra={"pusher": address, "recheck_s": LEGACY_RECHECK_S},
+                )
+                self._legacy[address] = self._clock() + LEGACY_RECHECK_S
+                self._legacy.move_to_end(address)
+                while len(self._legacy) > _MAX_LEGACY:
+                    self._legacy.popitem(last=False)
+                await self._send_singly(address, batch)
+                return
+            self._batches.labels("failed").inc()
+            self._batched_failed.inc(len(batch))
+            level = logging.WARNING if code == grpc.StatusCode.INVALID_ARGUMENT else logging.DEBUG
+            log.log(
+                level,
+                "AckDeliveries failed",
+                extra={
+                    "pusher": address,
+                    "items": len(batch),
+                    "code": code.name,
+                    "details": exc.details(),
+                },
+            )
+            return
+        except Exception:  # e.g. a channel closed under the call: still best effort
+            self._batches.labels("failed").inc()
+            self._batched_failed.inc(len(batch))
+            log.exception("AckDeliveries failed", extra={"pusher": address, "items": len(batch)})
+            return
+        self._batches.labels("ok").inc()
+        self._batched_ok.inc(len(batch) - resp.rejected)
+        if resp.rejected:
+            self._batched_rejected.inc(resp.rejected)
+
+    async def _send_singly(self, address: str, batch: list[tuple[tuple[str, str], int]]) -> None:
+        await asyncio.gather(
+            *(self.ack_now(address, user, device, seq) for (user, device), seq in batch),
+            return_exceptions=True,
+        )
+
+    async def close(self, deadline_s: float = 1.0) -> None:
+        """Sends everything queued (at most `deadline_s`; the rest is dropped and
+        counted), then refuses new ACKs (dropped, counted). Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        for address, q in list(self._queues.items()):
+            self._start(address, q)
+        tasks = [q.task for q in self._queues.values() if q.task is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=deadline_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        left = sum(len(q.pending) for q in self._queues.values())
+        for q in self._queues.values():
+            if q.timer is not None:
+                q.timer.cancel()
+            q.pending.clear()
+        self._queues.clear()
+        if left:
+            self._dropped.labels("shutdown").inc(left)
+            self._queued.dec(left)
+            log.warning("delivery ACKs not flushed at shutdown", extra={"dropped": left})
+
+
+class Peers:
+    """Channels to pushers and other gateways, cached per address (LRU), and the
+    delivery ACKs on their way to pushers (AckForwarder)."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        timeout_s: float,
+        max_channels: int = 256,
+        ack_batch_s: float = 0.0,
+        ack_batch_max: int = 500,
+        ack_queue_max: int = 10_000,
+    ) -> None:
         self._metrics = metrics
         self._timeout_s = timeout_s
         self._max = max_channels
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Future[None]] = set()
+        self.acks = AckForwarder(
+            self._channel, metrics, timeout_s, ack_batch_s, ack_batch_max, ack_queue_max
+        )
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -161,18 +454,14 @@ class Peers:
         return channel
 
     async def ack_delivery(self, address: str, user_id: str, device_id: str, seq: int) -> None:
-        """Best effort: a lost ACK costs a retransmit, which the client ACKs again."""
-        stub = pusher_pb2_grpc.PusherStub(self._channel(address))
-        try:
-            await stub.AckDelivery(
-                pusher_pb2.AckDeliveryRequest(user_id=user_id, device_id=device_id, seq=seq),
-                timeout=self._timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.debug(
-                "AckDelivery failed",
-                extra={"pusher": address, "user_id": user_id, "code": exc.code().name},
-            )
+        """Forwards a device's cumulative delivery ACK to the pusher at `address`.
+        Best effort: a lost ACK costs a retransmit, which the client ACKs again.
+        With batching on (IM_GATEWAY_ACK_BATCH_MS > 0) it only queues the ACK and
+        returns at once; otherwise it returns after one AckDelivery call."""
+        if self.acks.batch_s > 0:
+            self.acks.add(address, user_id, device_id, seq)
+        else:
+            await self.acks.ack_now(address, user_id, device_id, seq)
 
     async def kick(
         self, address: str, user_id: str, device_id: str, connection_id: str, reason: str
@@ -196,6 +485,8 @@ class Peers:
             return False
 
     async def close(self) -> None:
-        """Closes every channel. Idempotent."""
+        """Flushes queued delivery ACKs (AckForwarder.close, if not done yet), then
+        closes every channel. Idempotent."""
+        await self.acks.close(min(1.0, self._timeout_s))
         channels, self._channels = list(self._channels.values()), OrderedDict()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

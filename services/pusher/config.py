@@ -133,6 +133,14 @@ class Settings(ServerSettings):
         description="While idle, how often the consumer is checked to still exist (it is "
         "recreated if the JetStream store was wiped).",
     )
+    max_acks_per_call: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Items accepted in one AckDeliveries call (gateways batch delivery ACKs "
+        "per pusher); a bigger call fails with INVALID_ARGUMENT. Keep it at or above the "
+        "gateways' IM_GATEWAY_ACK_BATCH_MAX.",
+    )
     metrics_sample_s: float = Field(
         5.0,
         gt=0,

@@ -44,7 +44,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     consumer = TriggerConsumer(
         settings, logic_pb2_grpc.LogicStub(logic_channel), deliverer, runtime.metrics
     )
-    pusher_pb2_grpc.add_PusherServicer_to_server(PusherServicer(deliverer), runtime.server)
+    pusher_pb2_grpc.add_PusherServicer_to_server(
+        PusherServicer(deliverer, settings.max_acks_per_call), runtime.server
+    )
     runtime.expose(SERVICE)
     runtime.spawn(consumer.run(), "jetstream-consumer")
     runtime.spawn(deliverer.run(), "retransmit-wheel")
