@@ -35,7 +35,7 @@ from imcommon.config import ConfigError, describe_settings, load_settings
 from imcommon.logging import setup_logging
 from imcommon.metrics import Metrics
 from imcommon.settings import ServerSettings
-from imcommon.telemetry import ServerTelemetryInterceptor
+from imcommon.telemetry import instrument_server
 from imcommon.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,11 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(provider.shutdown)
         metrics = Metrics(component)
-        server = grpc.aio.server(
-            options=server_options(settings),
-            interceptors=[ServerTelemetryInterceptor(metrics)],
-        )
-        runtime = Runtime(server, stack, metrics)
+        server = grpc.aio.server(options=server_options(settings))
+        # Servicers register through the instrumented server: every unary method
+        # gets its span and RPC metrics once, at registration (health and
+        # reflection below are registered on the plain server).
+        runtime = Runtime(instrument_server(server, metrics), stack, metrics)
         if settings.metrics_port:
             metrics.serve(settings.host, settings.metrics_port)
             stack.callback(metrics.close)
