@@ -84,7 +84,11 @@ class Settings(ServerSettings):
         description="Triggers held (fetched, not yet acked) by this process at most.",
     )
     max_concurrency: int = Field(
-        32, ge=1, le=10_000, description="Conversations fanned out at the same time."
+        32,
+        ge=1,
+        le=10_000,
+        description="Fan-out calls (Fanout or FanoutBatch, each with its pushes) in flight at "
+        "the same time.",
     )
     max_ack_pending: int = Field(
         10_000,
@@ -95,6 +99,22 @@ class Settings(ServerSettings):
     )
     fanout_max_messages: int = Field(
         256, ge=0, le=100_000, description="max_messages per Fanout call (0 = logic's default)."
+    )
+    fanout_batch_conversations: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Conversations fanned out by one FanoutBatch call (one logic transaction "
+        "and one Deliver per gateway for all of them); 1 = one Fanout call per conversation "
+        "as before. Keep it at most logic's IM_LOGIC_FANOUT_BATCH_MAX_CONVERSATIONS.",
+    )
+    fanout_linger_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long a conversation with new triggers waits for others to share "
+        "its FanoutBatch call before the call goes out anyway (0 = at once). A full batch "
+        "goes at once.",
     )
     logic_timeout_s: float = Field(15.0, gt=0, le=300, description="Deadline of one Fanout.")
     deliver_timeout_s: float = Field(

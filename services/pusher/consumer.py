@@ -1,16 +1,28 @@
 """The JetStream side of pusher: a durable pull consumer of "conversation has new
 committed messages" triggers (im.logic.v1.MessageCommitted).
 
+Conversations with new triggers are gathered into batches: a batch goes out when
+it holds `fanout_batch_conversations` conversations, or `fanout_linger_ms` after its
+first conversation became ready. A batch of several conversations is ONE logic
+FanoutBatch call (one transaction) per page, and all its deliveries go to one
+`Deliverer.push` (one Deliver per gateway); a batch of one conversation is the
+plain Fanout call. With a batch size of 1 and no linger this is exactly the
+one-Fanout-per-conversation pusher of before. A logic that does not know
+FanoutBatch (UNIMPLEMENTED, during a rolling deploy) gets Fanout calls.
+
 Guarantees:
-- a trigger is acked only after logic's Fanout for its conversation returned OK
-  with has_more = false, in a call that started after the trigger was received;
-  so every message committed before the trigger is in every member's timeline;
+- a trigger is acked only after logic's fan-out of its conversation returned OK
+  with has_more = false for that conversation, in a call that started after the
+  trigger was received; so every message committed before the trigger is in every
+  member's timeline;
 - on failure it is nak'ed with a delay from `redelivery_backoff_s` (by delivery
   count); redelivery is unlimited (max_deliver = -1). A trigger whose pusher dies is
-  redelivered after `ack_wait_s`; long fan-outs send in-progress heartbeats;
-- conversations are processed concurrently (up to `max_concurrency`), each one
-  serially: triggers of a conversation that arrive while its fan-out runs are
-  coalesced and settled by the next Fanout call;
+  redelivered after `ack_wait_s`; long fan-outs send in-progress heartbeats. A
+  conversation that can never fan out (an invalid id: INVALID_ARGUMENT or NOT_FOUND
+  in its own result) has its triggers terminated, and only its own;
+- up to `max_concurrency` batches run at once; each conversation is in at most one
+  of them: triggers of a conversation that arrive while its fan-out runs are
+  coalesced and settled by its next call;
 - several pusher processes share the durable consumer; logic serialises
   concurrent Fanout calls of one conversation, so they never conflict;
 - it survives nats-server restarts (the client reconnects) and a wiped JetStream
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from contextlib import AbstractContextManager
@@ -54,6 +67,8 @@ _POISON = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 _TOP_UP_S = 0.02
 #: Most triggers of one batch linked from its consume span / named in attributes.
 _MAX_LINKS = 64
+#: gRPC status codes by number (FanoutBatch results carry the number).
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Poison(Exception):
@@ -72,7 +87,10 @@ def _num_pending(msg: Msg) -> int:
 
 @dataclass(slots=True)
 class _Conversation:
+    #: triggers received and not yet covered by a fan-out call
     pending: list[Msg] = field(default_factory=list)
+    #: in a batch now (then new triggers wait for its next call)
+    busy: bool = False
 
 
 class TriggerConsumer:
@@ -87,8 +105,15 @@ class TriggerConsumer:
         self._logic = logic
         self._deliverer = deliverer
         self._convs: dict[str, _Conversation] = {}
+        #: conversations with pending triggers and no call running, in arrival
+        #: order, with the loop time each became ready
+        self._ready: dict[str, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._inflight = 0
+        self._linger = settings.fanout_linger_ms / 1000
+        #: False once logic answered FanoutBatch with UNIMPLEMENTED (an older logic)
+        self._batch_rpc = True
         self._workers: set[asyncio.Task[None]] = set()
-        self._sem = asyncio.Semaphore(settings.max_concurrency)
         self._held = 0
         self._room = asyncio.Event()
         self._room.set()
@@ -100,6 +125,13 @@ class TriggerConsumer:
         )
         self._fanouts = metrics.counter(
             "pusher_fanout_calls", "Fanout calls to logic, by result", ["result"]
+        )
+        self._batch_calls = metrics.counter(
+            "pusher_fanout_batch_calls", "FanoutBatch calls to logic, by result", ["result"]
+        )
+        self._batch_convs = metrics.counter(
+            "pusher_fanout_batch_conversations",
+            "Conversations named in FanoutBatch calls (divided by the calls: the batch size)",
         )
         self._fanned_out = metrics.counter(
             "pusher_fanout_deliveries",
@@ -231,7 +263,7 @@ class TriggerConsumer:
             for msg in msgs:
                 await self._dispatch(msg)
 
-    # -- per-conversation work --------------------------------------------------
+    # -- batches of conversations ------------------------------------------------
 
     async def _dispatch(self, msg: Msg) -> None:
         trigger = logic_pb2.MessageCommitted()
@@ -246,76 +278,241 @@ class TriggerConsumer:
                 await msg.term()
             return
         self._held += 1
+        if self._stopping:
+            await self._settle([msg], "nak_now")
+            return
         conv = trigger.conversation_id
         state = self._convs.get(conv)
-        if state is not None:
-            state.pending.append(msg)
+        if state is None:
+            state = self._convs[conv] = _Conversation()
+        state.pending.append(msg)
+        if not state.busy and conv not in self._ready:
+            self._ready[conv] = asyncio.get_running_loop().time()
+            self._pump()
+
+    def _pump(self, due: bool = False) -> None:
+        """Starts the batches that are due: full ones at once, a partial one when
+        its oldest conversation has waited the linger time (`due`: the timer for
+        that fired); at most max_concurrency in flight. Otherwise sets a timer for
+        the next due time."""
+        if self._stopping:
             return
-        state = _Conversation([msg])
-        self._convs[conv] = state
-        worker = asyncio.create_task(self._work(conv, state), name=f"fanout-{conv}")
+        size, loop = self._settings.fanout_batch_conversations, asyncio.get_running_loop()
+        now = loop.time()
+        while self._ready and self._inflight < self._settings.max_concurrency:
+            oldest = next(iter(self._ready.values()))
+            if len(self._ready) < size and now - oldest < self._linger and not due:
+                break
+            due = False
+            convs = list(itertools.islice(self._ready, size))
+            for conv in convs:
+                del self._ready[conv]
+            self._start(convs)
+        if self._ready and self._inflight < self._settings.max_concurrency and not self._timer:
+            at = next(iter(self._ready.values())) + self._linger
+            self._timer = loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump(due=True)
+
+    def _start(self, convs: list[str]) -> None:
+        batch: dict[str, list[Msg]] = {}
+        for conv in convs:
+            state = self._convs[conv]
+            batch[conv], state.pending = state.pending, []
+            state.busy = True
+        self._inflight += 1
+        name = f"fanout-{convs[0]}" if len(convs) == 1 else f"fanout-batch-{len(convs)}"
+        worker = asyncio.create_task(self._work(batch), name=name)
         self._workers.add(worker)
         worker.add_done_callback(self._workers.discard)
 
-    async def _work(self, conv: str, state: _Conversation) -> None:
-        async with self._sem:
-            while True:
-                if not state.pending or self._stopping:
-                    leftover, state.pending = state.pending, []
-                    del self._convs[conv]
-                    break
-                batch, state.pending = state.pending, []
-                heartbeat = asyncio.create_task(self._heartbeat(batch))
+    async def _work(self, batch: dict[str, list[Msg]]) -> None:
+        """Fans out one batch; every trigger in it is settled when this returns
+        (unless cancelled: then JetStream redelivers after ack_wait)."""
+        unsettled = dict(batch)  # what the heartbeat keeps alive
+        heartbeat = asyncio.create_task(self._heartbeat(unsettled))
+        leftover: list[Msg] = []
+        try:
+            with self._consume_span(batch):
                 try:
-                    with self._consume_span(conv, batch):
-                        await self._fanout(conv)
-                except _Poison as exc:
-                    log.error(
-                        "trigger can never fan out; terminated",
-                        extra={"conversation_id": conv, "error": str(exc)},
-                    )
-                    await self._settle(batch, "terminated")
+                    if len(batch) == 1 or not self._batch_rpc:
+                        await self._fanout_each(list(batch), unsettled)
+                    else:
+                        await self._fanout_batch(list(batch), unsettled)
                 except Exception as exc:
-                    log.warning(
+                    log.exception(
                         "fan-out failed; will be redelivered",
-                        extra={"conversation_id": conv, "error": f"{type(exc).__name__}: {exc}"},
+                        extra={"error": f"{type(exc).__name__}: {exc}"},
                     )
-                    await self._settle(batch, "nak")
+                    for conv in list(unsettled):
+                        await self._settle(unsettled.pop(conv), "nak")
+        finally:
+            heartbeat.cancel()
+            self._inflight -= 1
+            now = asyncio.get_running_loop().time()
+            for conv in batch:
+                state = self._convs[conv]
+                state.busy = False
+                if self._stopping:
+                    leftover += state.pending
+                    state.pending = []
+                if state.pending:
+                    self._ready[conv] = now
                 else:
-                    await self._settle(batch, "ack")
-                finally:
-                    heartbeat.cancel()
+                    del self._convs[conv]
+            self._pump()
         if leftover:
             await self._settle(leftover, "nak_now")
 
-    def _consume_span(self, conv: str, batch: list[Msg]) -> AbstractContextManager[trace.Span]:
-        """The span of one batch of a conversation's triggers: it continues the
-        trace of the first trigger's publisher (the W3C context logic put in the
-        message headers) and links the other triggers' traces."""
-        contexts = [propagate.extract(m.headers or {}) for m in batch]
+    async def _fanout_each(self, convs: list[str], unsettled: dict[str, list[Msg]]) -> None:
+        """One Fanout loop per conversation (concurrently), each settled alone."""
+
+        async def one(conv: str) -> None:
+            try:
+                await self._fanout(conv)
+            except _Poison as exc:
+                log.error(
+                    "trigger can never fan out; terminated",
+                    extra={"conversation_id": conv, "error": str(exc)},
+                )
+                await self._settle(unsettled.pop(conv), "terminated")
+            except Exception as exc:
+                log.warning(
+                    "fan-out failed; will be redelivered",
+                    extra={"conversation_id": conv, "error": f"{type(exc).__name__}: {exc}"},
+                )
+                await self._settle(unsettled.pop(conv), "nak")
+            else:
+                await self._settle(unsettled.pop(conv), "ack")
+
+        await asyncio.gather(*(one(conv) for conv in convs))
+
+    async def _fanout_batch(self, convs: list[str], unsettled: dict[str, list[Msg]]) -> None:
+        """FanoutBatch until no conversation of the batch has more; each call's
+        deliveries go out in one push, then the conversations it finished are
+        acked, its poison terminated and its failures nak'ed."""
+        todo = convs
+        while todo:
+            request = logic_pb2.FanoutBatchRequest(
+                conversation_ids=todo, max_messages=self._settings.fanout_max_messages
+            )
+            try:
+                resp = await self._logic.FanoutBatch(
+                    request, timeout=self._settings.logic_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                self._batch_calls.labels(exc.code().name).inc()
+                if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT):
+                    # UNIMPLEMENTED: an older logic; INVALID_ARGUMENT for the whole
+                    # request: e.g. more conversations than logic allows. Fanout
+                    # still works, and tells each conversation's poison apart.
+                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        self._batch_rpc = False
+                    log.warning(
+                        "FanoutBatch refused; fanning out one conversation per call",
+                        extra={"error": f"{exc.code().name}: {exc.details()}"},
+                    )
+                    await self._fanout_each(todo, unsettled)
+                    return
+                log.warning(
+                    "fan-out failed; will be redelivered",
+                    extra={
+                        "conversation_ids": todo[:_MAX_LINKS],
+                        "error": f"{exc.code().name}: {exc.details()}",
+                    },
+                )
+                for conv in todo:
+                    await self._settle(unsettled.pop(conv), "nak")
+                return
+            self._batch_calls.labels("OK").inc()
+            self._batch_convs.inc(len(todo))
+            outcome: dict[str, str] = {conv: "nak" for conv in todo}  # unanswered: retry
+            deliveries: list[logic_pb2.FanoutDelivery] = []
+            more: list[str] = []
+            for r in resp.results:
+                conv = r.conversation_id
+                if conv not in outcome:
+                    continue
+                if r.error_code:
+                    code = _CODES.get(r.error_code, grpc.StatusCode.UNKNOWN)
+                    poison = code in _POISON
+                    outcome[conv] = "terminated" if poison else "nak"
+                    log.log(
+                        logging.ERROR if poison else logging.WARNING,
+                        "trigger can never fan out; terminated"
+                        if poison
+                        else "fan-out failed; will be redelivered",
+                        extra={"conversation_id": conv, "error": f"{code.name}: {r.error_message}"},
+                    )
+                    continue
+                deliveries.extend(r.deliveries)
+                if r.has_more:
+                    del outcome[conv]
+                    more.append(conv)
+                else:
+                    outcome[conv] = "ack"
+            if deliveries:
+                self._fanned_out.inc(len(deliveries))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "fanned out",
+                        extra={
+                            "conversation_ids": todo[:_MAX_LINKS],
+                            "msg_ids": sorted({d.message.msg_id for d in deliveries})[:_MAX_LINKS],
+                            "deliveries": len(deliveries),
+                        },
+                    )
+                # Each user's entries in seq order, whichever conversation they are of.
+                deliveries.sort(key=lambda d: (d.user_id, d.seq))
+            try:
+                await self._deliverer.push(deliveries)
+            except Exception as exc:
+                log.warning(
+                    "push failed; will be redelivered",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+                for conv in todo:
+                    await self._settle(unsettled.pop(conv), "nak")
+                return
+            for conv, how in outcome.items():
+                await self._settle(unsettled.pop(conv), how)
+            todo = more
+
+    def _consume_span(self, batch: dict[str, list[Msg]]) -> AbstractContextManager[trace.Span]:
+        """The span of one batch of triggers (of one or several conversations): it
+        continues the trace of the first trigger's publisher (the W3C context logic
+        put in the message headers) and links the other triggers' traces."""
+        msgs = [m for ms in batch.values() for m in ms]
+        contexts = [propagate.extract(m.headers or {}) for m in msgs[:_MAX_LINKS]]
         links = []
-        for ctx in contexts[1:_MAX_LINKS]:
+        for ctx in contexts[1:]:
             span_context = trace.get_current_span(ctx).get_span_context()
             if span_context.is_valid:
                 links.append(Link(span_context))
         msg_ids = []
-        for m in batch[:_MAX_LINKS]:
+        for m in msgs[:_MAX_LINKS]:
             trigger = logic_pb2.MessageCommitted()
             with contextlib.suppress(DecodeError):
                 trigger.ParseFromString(m.data)
             msg_ids.append(trigger.msg_id)
-        first = batch[0]
+        first = msgs[0]
+        convs = list(batch)
         attributes: dict[str, AnyValue] = {
             "messaging.system": "nats",
             "messaging.operation.type": "process",
             "messaging.destination.name": first.subject,
-            "messaging.batch.message_count": len(batch),
+            "messaging.batch.message_count": len(msgs),
             "messaging.message.id": (first.headers or {}).get("Nats-Msg-Id", ""),
-            "im.conversation_id": conv,
+            "im.conversation_id": convs[0],
             "im.msg_ids": msg_ids,
         }
+        if len(convs) > 1:
+            attributes["im.conversations"] = len(convs)
+            attributes["im.conversation_ids"] = convs[:_MAX_LINKS]
         with contextlib.suppress(Exception):  # metadata needs a JetStream reply subject
-            attributes["im.deliveries"] = max(m.metadata.num_delivered or 1 for m in batch)
+            attributes["im.deliveries"] = max(m.metadata.num_delivered or 1 for m in msgs)
         return self._tracer.start_as_current_span(
             "pusher.consume",
             context=contexts[0],
@@ -354,13 +551,16 @@ class TriggerConsumer:
             if not resp.has_more:
                 return
 
-    async def _heartbeat(self, batch: list[Msg]) -> None:
+    async def _heartbeat(self, unsettled: dict[str, list[Msg]]) -> None:
+        """Keeps the batch's unsettled triggers from being redelivered while their
+        fan-out runs (JetStream in-progress)."""
         interval = max(0.5, self._settings.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
-            for msg in batch:
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
+            for msgs in list(unsettled.values()):
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
 
     async def _settle(self, msgs: list[Msg], how: str) -> None:
         backoff = self._settings.redelivery_backoff_s
@@ -417,6 +617,14 @@ class TriggerConsumer:
         closes the NATS connection."""
         self._stopping = True
         self._room.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Triggers not started are given back at once (another pusher takes them).
+        waiting, self._ready = list(self._ready), {}
+        for conv in waiting:
+            state = self._convs.pop(conv)
+            await self._settle(state.pending, "nak_now")
         workers = list(self._workers)
         if workers:
             _, pending = await asyncio.wait(workers, timeout=wait_s)
