@@ -1,36 +1,44 @@
 """One client stream: the client_id rule, limits, pushes and control frames.
 
-Three tasks per connection plus the writer (the RPC handler itself):
+An idle connection costs one coroutine: the RPC handler itself, waiting in
+`context.read()`. Everything else starts when there is work and ends when the
+work is done, so ten thousand idle devices hold no tasks, queues or events of
+their own (docs/benchmarks.md, "Idle connections"):
 
-- the reader takes client frames off the stream. It answers what needs no backend
-  at once (duplicates, OUT_OF_ORDER, limits, Pong) and queues accepted sends; it
-  records DeliverAcks. It never waits on logic, so a slow send never holds back
-  the delivery ACKs behind it.
-- the sender processes queued sends ONE AT A TIME in client_id order, and answers
-  SendAck only after logic's SendMessage returned OK (the message is committed: I3).
-- the ack forwarder sends the latest cumulative DeliverAck to every pusher that
-  pushed to this connection (best effort: a lost forward only means a retransmit,
-  which the client acknowledges again).
-- the writer yields frames from one outbound queue. Pushes that find the queue
-  at its limit are refused (the pusher retransmits, the client syncs); replies wait
-  for room, which slows down only this connection's reader and sender.
+- the handler reads client frames. It answers what needs no backend at once
+  (duplicates, OUT_OF_ORDER, limits, Pong) and queues accepted sends; it records
+  DeliverAcks. It never waits on logic, so a slow send never holds back the
+  delivery ACKs behind it.
+- the sender (started by the first queued send, ending when none is left)
+  processes sends ONE AT A TIME in client_id order, and answers SendAck only after
+  logic's SendMessage returned OK (the message is committed: I3). At most one
+  sender exists per connection.
+- the ack forwarder (started by a DeliverAck, ending when no newer one is
+  waiting) sends the latest cumulative DeliverAck to every pusher that pushed to
+  this connection (best effort: a lost forward only means a retransmit, which the
+  client acknowledges again).
+- the writer (started when a frame is queued, ending when the queue is empty) is
+  the only one writing to the stream after the Welcome, in queue order. Pushes
+  that find the queue at its limit are refused (the pusher retransmits, the
+  client syncs); replies wait for room, which slows down only this connection's
+  reader and sender.
 
 A Kick or GoAway is the last frame of a stream: queued after everything already
-queued; if the client does not read it within `close_grace_s`, the stream is
-cancelled.
+queued; once the writer has written it, the handler's pending read is cancelled
+and the stream ends with OK. If the client does not read it within
+`close_grace_s`, the stream is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -113,8 +121,56 @@ _CLOSE = _Close()
 OutboundItem = gateway_pb2.ServerFrame | _Close | ConnectionAborted
 
 
+class StreamContext(Protocol):
+    """The part of grpc.aio.ServicerContext a connection uses."""
+
+    async def read(self) -> Any: ...
+
+    async def write(self, message: Any) -> None: ...
+
+
 class Connection:
-    """State of one device stream on this gateway."""
+    """State of one device stream on this gateway.
+
+    Slots, and every container, task and event created only when first needed:
+    this object is what each idle connection costs in Python."""
+
+    __slots__ = (
+        "_ack_seq",
+        "_ack_wanted",
+        "_acks",
+        "_backend",
+        "_bucket",
+        "_cancel_timer",
+        "_clock",
+        "_context",
+        "_count_deliver_ack",
+        "_done",
+        "_done_flag",
+        "_end",
+        "_ending",
+        "_eof_wait",
+        "_finished",
+        "_forwarder",
+        "_handler",
+        "_on_send_result",
+        "_order",
+        "_outbound",
+        "_pushers",
+        "_read_done",
+        "_room",
+        "_sender",
+        "_sends",
+        "_started",
+        "_writer",
+        "closing",
+        "connection_id",
+        "forwarder_runs",
+        "identity",
+        "sender_runs",
+        "settings",
+        "writer_runs",
+    )
 
     def __init__(
         self,
@@ -129,30 +185,74 @@ class Connection:
         self.identity = identity
         self.connection_id = uuid.uuid4().hex
         self.settings = settings
-        self.order: ClientIdOrder[gateway_pb2.SendAck] = ClientIdOrder(
-            max(settings.ack_memory, settings.send_window)
-        )
+        self.closing = False
+        #: How often each on-demand task was started (tests and debugging).
+        self.writer_runs = 0
+        self.sender_runs = 0
+        self.forwarder_runs = 0
         self._clock = clock
-        self._bucket = TokenBucket(settings.send_rate_per_s, settings.send_burst, clock())
         self._backend = backend
         self._acks = acks
-        self._on_send_result = on_send_result or (lambda _result: None)
-        self._count_deliver_ack = on_deliver_ack or (lambda: None)
-        self._limit = settings.outbound_queue
-        self._outbound: asyncio.Queue[OutboundItem] = asyncio.Queue()
-        self._room = asyncio.Event()
-        self._sends: asyncio.Queue[_Queued | None] = asyncio.Queue()
-        self._pushers: OrderedDict[str, None] = OrderedDict()
+        self._on_send_result = on_send_result or _ignore_result
+        self._count_deliver_ack = on_deliver_ack or _nothing
+        # Created on first use (None until then).
+        self._order: ClientIdOrder[gateway_pb2.SendAck] | None = None
+        self._bucket: TokenBucket | None = None
+        self._outbound: deque[OutboundItem] | None = None
+        self._room: asyncio.Event | None = None
+        self._sends: deque[_Queued] | None = None
+        self._pushers: dict[str, None] | None = None
         self._ack_seq = 0
-        self._ack_wanted = asyncio.Event()
-        self._handler: asyncio.Task[object] | None = None
+        self._ack_wanted = False
+        self._context: StreamContext | None = None
+        self._handler: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._forwarder: asyncio.Task[None] | None = None
+        #: The Welcome is written: the writer may run.
+        self._started = False
+        #: The client half-closed (or went away, or sent garbage): no more reads.
+        self._read_done = False
+        #: The handler's pending read is being cancelled by us, to end the stream.
+        self._ending = False
+        #: How the stream ends once the writer reached the end of the queue:
+        #: None = OK, else the error status.
+        self._end: ConnectionAborted | None = None
+        self._finished = False
+        self._eof_wait: asyncio.Future[None] | None = None
         self._cancel_timer: asyncio.TimerHandle | None = None
-        self.closing = False
-        self.done = asyncio.Event()
+        self._done: asyncio.Event | None = None
+        self._done_flag = False
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.identity.user_id, self.identity.device_id)
+
+    @property
+    def order(self) -> ClientIdOrder[gateway_pb2.SendAck]:
+        """The client_id state machine, made on the first Send."""
+        if self._order is None:
+            self._order = ClientIdOrder(max(self.settings.ack_memory, self.settings.send_window))
+        return self._order
+
+    @property
+    def done(self) -> asyncio.Event:
+        """Set once the stream has ended and its tasks are gone."""
+        if self._done is None:
+            self._done = asyncio.Event()
+            if self._done_flag:
+                self._done.set()
+        return self._done
+
+    def running_tasks(self) -> list[str]:
+        """Names of this connection's on-demand tasks that are running now
+        (empty for an idle connection)."""
+        tasks = (
+            ("writer", self._writer),
+            ("sender", self._sender),
+            ("ack-forwarder", self._forwarder),
+        )
+        return [name for name, task in tasks if task is not None and not task.done()]
 
     def log_extra(self) -> dict[str, object]:
         return {
@@ -163,71 +263,141 @@ class Connection:
 
     # -- the stream ---------------------------------------------------------
 
-    async def frames(
-        self, requests: AsyncIterable[gateway_pb2.ClientFrame | MalformedFrame]
-    ) -> AsyncIterator[gateway_pb2.ServerFrame]:
-        """The server frames of this stream, Welcome first. Consumes `requests`
-        in a task of its own. Raises ConnectionAborted if the stream must end
-        with an error status."""
-        self._handler = asyncio.current_task()
-        tasks = [
-            self._spawn(self._read(requests), "reader"),
-            self._spawn(self._send_loop(), "sender"),
-            self._spawn(self._forward_acks(), "ack-forwarder"),
-        ]
-        try:
-            yield gateway_pb2.ServerFrame(
-                welcome=gateway_pb2.Welcome(
-                    user_id=self.identity.user_id,
-                    device_id=self.identity.device_id,
-                    connection_id=self.connection_id,
-                    next_client_id=1,
-                    max_body_bytes=self.settings.max_body_bytes,
-                    send_window=self.settings.send_window,
-                    server_time_ms=int(time.time() * 1000),
-                )
+    def _welcome(self) -> gateway_pb2.ServerFrame:
+        return gateway_pb2.ServerFrame(
+            welcome=gateway_pb2.Welcome(
+                user_id=self.identity.user_id,
+                device_id=self.identity.device_id,
+                connection_id=self.connection_id,
+                next_client_id=1,
+                max_body_bytes=self.settings.max_body_bytes,
+                send_window=self.settings.send_window,
+                server_time_ms=int(time.time() * 1000),
             )
-            while True:
-                item = await self._outbound.get()
-                if self._outbound.qsize() < self._limit:
-                    self._room.set()
-                if isinstance(item, _Close):
-                    return
-                if isinstance(item, ConnectionAborted):
-                    raise item
-                yield item
+        )
+
+    async def run(self, context: StreamContext) -> None:
+        """Serves the stream until it ends: writes the Welcome, then reads client
+        frames in this task. Returns when the stream ends with OK; raises
+        ConnectionAborted if it must end with an error status."""
+        self._handler = asyncio.current_task()
+        self._context = context
+        try:
+            try:
+                await context.write(self._welcome())
+                self._started = True
+                if self._outbound:
+                    self._start_writer()
+                await self._read(context)
+                if not self._finished:
+                    # Half-closed: wait until the answers to every queued send are
+                    # written and the writer reached the end of the queue.
+                    self._eof_wait = asyncio.get_running_loop().create_future()
+                    await self._eof_wait
+            except asyncio.CancelledError:
+                if not self._ending:
+                    raise  # cancelled by gRPC (client gone, server stopping) or close_grace_s
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            if self._end is not None:
+                raise self._end
         finally:
             self.closing = True
-            self._room.set()
+            if self._room is not None:
+                self._room.set()
             if self._cancel_timer is not None:
                 self._cancel_timer.cancel()
+            tasks = [t for t in (self._writer, self._sender, self._forwarder) if t is not None]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.done.set()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self._done_flag = True
+            if self._done is not None:
+                self._done.set()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         task.set_name(f"{name}-{self.connection_id}")
-
-        def finished(t: asyncio.Task[None]) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.error(
-                    "connection task failed",
-                    exc_info=t.exception(),
-                    extra={**self.log_extra(), "task": name},
-                )
-                self._abort(grpc.StatusCode.INTERNAL, "internal error in the gateway; reconnect")
-
-        task.add_done_callback(finished)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "connection task failed",
+                exc_info=task.exception(),
+                extra={**self.log_extra(), "task": task.get_name().partition("-")[0]},
+            )
+            self._abort(grpc.StatusCode.INTERNAL, "internal error in the gateway; reconnect")
+
+    def _queue(self, item: OutboundItem) -> None:
+        """Appends to the outbound queue and makes sure a writer drains it."""
+        if self._outbound is None:
+            self._outbound = deque()
+        self._outbound.append(item)
+        if self._writer is None and self._started:
+            self._start_writer()
+
+    def _queued(self) -> int:
+        return len(self._outbound) if self._outbound is not None else 0
+
+    def _start_writer(self) -> None:
+        self.writer_runs += 1
+        self._writer = self._spawn(self._write_loop(), "writer")
+
+    async def _write_loop(self) -> None:
+        """Writes queued frames in order until the queue is empty (then ends), or
+        until it reaches the end of the stream (then ends the handler)."""
+        out = self._outbound
+        context = self._context
+        assert out is not None and context is not None
+        try:
+            while out:
+                item = out.popleft()
+                if self._room is not None and len(out) < self.settings.outbound_queue:
+                    self._room.set()
+                if isinstance(item, _Close):
+                    self._finish(None)
+                    return
+                if isinstance(item, ConnectionAborted):
+                    self._finish(item)
+                    return
+                try:
+                    await context.write(item)
+                except Exception as exc:
+                    # The RPC is over (client gone, cancelled): nothing more can be
+                    # written; end the handler too if it is still waiting.
+                    log.info("stream write failed", extra={**self.log_extra(), "error": repr(exc)})
+                    self.closing = True
+                    out.clear()
+                    if self._handler is not None and not self._handler.done():
+                        self._handler.cancel()
+                    return
+        finally:
+            self._writer = None
+
+    def _finish(self, end: ConnectionAborted | None) -> None:
+        """Everything queued is written: end the stream (OK, or `end`'s status)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._end = end
+        if self._eof_wait is not None:
+            if not self._eof_wait.done():
+                self._eof_wait.set_result(None)
+        elif self._handler is not None and not self._handler.done():
+            self._ending = True
+            self._handler.cancel()
 
     def _abort(self, code: grpc.StatusCode, details: str) -> None:
         if self.closing:
             return
         self.closing = True
-        self._outbound.put_nowait(ConnectionAborted(code, details))
-        self._room.set()
+        self._queue(ConnectionAborted(code, details))
+        if self._room is not None:
+            self._room.set()
 
     def close(self, final: gateway_pb2.ServerFrame | None = None) -> None:
         """Ends the stream after the frames already queued and `final` (Kick,
@@ -237,9 +407,10 @@ class Connection:
             return
         self.closing = True
         if final is not None:
-            self._outbound.put_nowait(final)
-        self._outbound.put_nowait(_CLOSE)
-        self._room.set()
+            self._queue(final)
+        self._queue(_CLOSE)
+        if self._room is not None:
+            self._room.set()
         loop = asyncio.get_running_loop()
         self._cancel_timer = loop.call_later(self.settings.close_grace_s, self._cancel_handler)
 
@@ -260,11 +431,13 @@ class Connection:
 
     async def _reply(self, frame: gateway_pb2.ServerFrame) -> None:
         """Queues a reply, waiting while the outbound queue is at its limit."""
-        while not self.closing and self._outbound.qsize() >= self._limit:
+        while not self.closing and self._queued() >= self.settings.outbound_queue:
+            if self._room is None:
+                self._room = asyncio.Event()
             self._room.clear()
             await self._room.wait()
         if not self.closing:
-            self._outbound.put_nowait(frame)
+            self._queue(frame)
 
     # -- downstream ---------------------------------------------------------
 
@@ -272,38 +445,44 @@ class Connection:
         """Queues a Push; False if the stream is closing or its queue is full.
         Remembers `ack_to` as a target of this device's DeliverAcks."""
         if ack_to:
-            self._pushers[ack_to] = None
-            self._pushers.move_to_end(ack_to)
-            while len(self._pushers) > self.settings.max_pushers_per_connection:
-                self._pushers.popitem(last=False)
-        if self.closing or self._outbound.qsize() >= self._limit:
+            pushers = self._pushers
+            if pushers is None:
+                pushers = self._pushers = {}
+            pushers.pop(ack_to, None)
+            pushers[ack_to] = None  # most recent last
+            while len(pushers) > self.settings.max_pushers_per_connection:
+                del pushers[next(iter(pushers))]
+        if self.closing or self._queued() >= self.settings.outbound_queue:
             return False
-        self._outbound.put_nowait(
-            gateway_pb2.ServerFrame(push=gateway_pb2.Push(seq=seq, message=message))
-        )
+        self._queue(gateway_pb2.ServerFrame(push=gateway_pb2.Push(seq=seq, message=message)))
         return True
 
     async def _forward_acks(self) -> None:
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted.clear()
-            seq = self._ack_seq
-            targets = list(self._pushers)
-            if not targets:
-                continue
-            user, device = self.key
-            await asyncio.gather(
-                *(self._acks.ack_delivery(a, user, device, seq) for a in targets),
-                return_exceptions=True,
-            )
+        try:
+            while self._ack_wanted:
+                self._ack_wanted = False
+                targets = list(self._pushers or ())
+                if not targets:
+                    continue
+                seq = self._ack_seq
+                user, device = self.key
+                await asyncio.gather(
+                    *(self._acks.ack_delivery(a, user, device, seq) for a in targets),
+                    return_exceptions=True,
+                )
+        finally:
+            self._forwarder = None
 
     # -- upstream -----------------------------------------------------------
 
-    async def _read(
-        self, requests: AsyncIterable[gateway_pb2.ClientFrame | MalformedFrame]
-    ) -> None:
+    async def _read(self, context: StreamContext) -> None:
+        """Reads client frames until the client half-closes or goes away, or
+        sends garbage (then the stream ends INVALID_ARGUMENT)."""
         try:
-            async for frame in requests:
+            while True:
+                frame = await context.read()
+                if frame is grpc.aio.EOF:
+                    break
                 if isinstance(frame, MalformedFrame):
                     log.info(
                         "undecodable client frame", extra={**self.log_extra(), "error": frame.error}
@@ -313,7 +492,7 @@ class Connection:
                         f"frame is not a valid im.gateway.v1.ClientFrame ({frame.error}); "
                         "stream closed, reconnect",
                     )
-                    return
+                    break
                 if self.closing:
                     continue
                 kind = frame.WhichOneof("frame")
@@ -328,8 +507,11 @@ class Connection:
                 # An empty frame (or one a newer client sends) is ignored.
         except grpc.RpcError:
             pass  # the client went away; the handler is ending
-        finally:
-            self._sends.put_nowait(None)
+        self._read_done = True
+        if self._sender is None:
+            # No send in progress: nothing more will be answered. (Otherwise the
+            # sender closes once it has answered every queued send.)
+            self.close()
 
     def _on_deliver_ack(self, seq: int) -> None:
         # Every ACK is forwarded, repeats included: a repeat answers a retransmit,
@@ -337,8 +519,14 @@ class Connection:
         if seq <= 0:
             return
         self._count_deliver_ack()
-        self._ack_seq = max(self._ack_seq, seq)
-        self._ack_wanted.set()
+        if seq > self._ack_seq:
+            self._ack_seq = seq
+        if not self._pushers:
+            return  # no pusher to tell (as before: an ACK without a target is dropped)
+        self._ack_wanted = True
+        if self._forwarder is None:
+            self.forwarder_runs += 1
+            self._forwarder = self._spawn(self._forward_acks(), "ack-forwarder")
 
     def _error(
         self,
@@ -420,6 +608,12 @@ class Connection:
                 )
             )
             return
+        if self._bucket is None:
+            # Made on the first accepted send: it starts full, as it would have
+            # been had it been made at connect time.
+            self._bucket = TokenBucket(
+                self.settings.send_rate_per_s, self.settings.send_burst, self._clock()
+            )
         if not self._bucket.take(self._clock()):
             self._on_send_result("rate_limited")
             wait_ms = max(1, int(self._bucket.retry_after() * 1000))
@@ -434,13 +628,27 @@ class Connection:
             )
             return
         epoch = self.order.accept(send.client_id, send.client_msg_id)
-        self._sends.put_nowait(_Queued(send, epoch))
+        if self._sends is None:
+            self._sends = deque()
+        self._sends.append(_Queued(send, epoch))
+        if self._sender is None:
+            self.sender_runs += 1
+            self._sender = self._spawn(self._send_loop(), "sender")
 
     async def _send_loop(self) -> None:
-        while True:
-            item = await self._sends.get()
-            if item is None:
-                break
+        sends = self._sends
+        assert sends is not None
+        try:
+            await self._process_sends(sends)
+        finally:
+            self._sender = None
+        if self._read_done:
+            # The client half-closed and every queued send is answered: end the stream.
+            self.close()
+
+    async def _process_sends(self, sends: deque[_Queued]) -> None:
+        while sends:
+            item = sends.popleft()
             send = item.send
             if self.order.is_stale(item.epoch):
                 expected = self.order.reset_to
@@ -465,6 +673,11 @@ class Connection:
             self.order.completed(send.client_id, send.client_msg_id, ack)
             self._on_send_result("ok")
             await self._reply(gateway_pb2.ServerFrame(send_ack=ack))
-        # The client half-closed and every queued send is answered: end the stream.
-        with contextlib.suppress(RuntimeError):
-            self.close()
+
+
+def _ignore_result(_result: str) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass

@@ -14,6 +14,7 @@ acts as the token's user.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -103,6 +104,24 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
         )
     if handler.stream_stream is not None:
         inner_stream = handler.stream_stream
+        # Connect's frames are decoded here, not by gRPC: an undecodable frame
+        # becomes a MalformedFrame the connection answers with a clear status.
+        deserializer = parse_client_frame if method == "Connect" else handler.request_deserializer
+        if inspect.iscoroutinefunction(inner_stream):
+            # A handler that reads and writes through the context (Connect): one
+            # coroutine per stream, no response generator.
+            async def stream_rw(requests: Any, context: grpc.aio.ServicerContext) -> None:
+                identity, problem = _authenticate(secret, context.invocation_metadata())
+                if identity is None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+                _identity.set(identity)  # type: ignore[arg-type]
+                await inner_stream(requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_rw,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
         async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             identity, problem = _authenticate(secret, context.invocation_metadata())
@@ -112,9 +131,6 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
             async for response in inner_stream(requests, context):
                 yield response
 
-        # Connect's frames are decoded here, not by gRPC: an undecodable frame
-        # becomes a MalformedFrame the connection answers with a clear status.
-        deserializer = parse_client_frame if method == "Connect" else handler.request_deserializer
         return grpc.stream_stream_rpc_method_handler(
             stream,
             request_deserializer=deserializer,
@@ -137,6 +153,13 @@ def add_authenticated_gateway(
 
 
 # -- the client-facing service -------------------------------------------------
+
+
+def _log_stream(message: str, conn: Connection) -> None:
+    """Logs from a plain function: logging's caller lookup turns the calling frame
+    into a frame object, which for a coroutine lives as long as the coroutine (a
+    few hundred bytes per open stream had Connect logged itself)."""
+    log.info(message, extra=conn.log_extra())
 
 
 async def _forward(context: grpc.aio.ServicerContext, call: Awaitable[R]) -> R:
@@ -174,10 +197,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._delivery_acks = metrics.counter(
             "gateway_delivery_acks", "DeliverAck frames received from clients (cumulative ACKs)"
         )
+        # Bound once, shared by every connection (no closure per connection).
+        self._count_send = self._sends_inc
+        self._count_delivery_ack = self._delivery_acks.inc
 
-    async def Connect(
+    def _sends_inc(self, result: str) -> None:
+        self._sends.labels(result).inc()
+
+    async def Connect(  # type: ignore[override]
         self, request_iterator: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[gateway_pb2.ServerFrame]:
+    ) -> None:
+        """Serves one device stream. A coroutine using context.read()/write()
+        rather than a response generator: the connection reads in this very task,
+        so an idle stream costs no task of its own (docs/benchmarks.md)."""
         identity = current_identity()
         if self._hub.closing:
             await context.abort(
@@ -188,21 +220,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._settings,
             self._logic,
             self._peers,
-            on_send_result=lambda result: self._sends.labels(result).inc(),
-            on_deliver_ack=self._delivery_acks.inc,
+            on_send_result=self._count_send,
+            on_deliver_ack=self._count_delivery_ack,
         )
         await self._hub.attach(conn)
         self._connections.inc()
-        log.info("stream open", extra=conn.log_extra())
+        _log_stream("stream open", conn)
         try:
-            async for frame in conn.frames(request_iterator):
-                yield frame
+            await conn.run(context)
         except ConnectionAborted as exc:
             await context.abort(exc.code, exc.details)
         finally:
             self._connections.dec()
             await self._hub.detach(conn)
-            log.info("stream closed", extra=conn.log_extra())
+            _log_stream("stream closed", conn)
 
     async def Sync(
         self, request: gateway_pb2.SyncRequest, context: grpc.aio.ServicerContext
