@@ -7,7 +7,7 @@ a stream. The protocol state machines (`SendWindow`, `Receiver`) are pure and
 usable on their own. See `imclient.client` for the guarantees.
 """
 
-from imclient.client import Client, ClientStats, DebugHooks, MessageHandler
+from imclient.client import Client, ClientStats, DebugHooks, MessageHandler, SendResultHandler
 from imclient.errors import (
     AuthError,
     ClientClosed,
@@ -16,6 +16,7 @@ from imclient.errors import (
     InvalidArgument,
     Kicked,
     NotFound,
+    OutboxFull,
     PermissionDenied,
     ProtocolError,
     RpcError,
@@ -27,13 +28,14 @@ from imclient.errors import (
 from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
 from imclient.sender import SendWindow
-from imclient.store import MemoryStore, SQLiteStore, Store
+from imclient.store import DEFAULT_MAX_OUTBOX, MemoryStore, OutboxEntry, SQLiteStore, Store
 from imclient.types import (
     ContentType,
     Conversation,
     ConversationKind,
     HistoryPage,
     Message,
+    SendOutcome,
     SendResult,
     SyncPage,
     direct_conversation_id,
@@ -41,6 +43,7 @@ from imclient.types import (
 from imclient.unary import GatewayApi, TokenSource
 
 __all__ = [
+    "DEFAULT_MAX_OUTBOX",
     "AuthError",
     "Client",
     "ClientClosed",
@@ -60,6 +63,8 @@ __all__ = [
     "Message",
     "MessageHandler",
     "NotFound",
+    "OutboxEntry",
+    "OutboxFull",
     "PermissionDenied",
     "ProtocolError",
     "Receiver",
@@ -69,7 +74,9 @@ __all__ = [
     "SQLiteStore",
     "SendErrorCode",
     "SendFailed",
+    "SendOutcome",
     "SendResult",
+    "SendResultHandler",
     "SendWindow",
     "Store",
     "SyncPage",

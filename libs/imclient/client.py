@@ -21,6 +21,41 @@ Sending
 - Cancelling a `send()` does not withdraw the message: it stays queued until it is
   acknowledged or the client closes.
 
+Sending across restarts (the outbox)
+- Every submitted message is written to the store's outbox (`Store.outbox_add`)
+  before its first `Send` frame can be written, and deleted only after its
+  outcome (the SendAck, or a refusal for good) has been handed to the app:
+  the `submit()` future is resolved and `on_send_result` has returned. So an
+  acknowledged message was always in the outbox first, and a message in the
+  outbox is either acknowledged already or still to be sent.
+- `submit()` does not block: it queues the message for the outbox, then for
+  sending. It is durable (survives kill -9 of the process, with `SQLiteStore`)
+  once `await client.persisted()` returns, which covers every message submitted
+  before that call. The account (`<user>/<device>`) names the outbox, so before
+  the first connection says who the token is, a submit is durable only once the
+  client has connected, unless the client was given `account=` (then at once,
+  even offline). `close()` still writes out what was submitted but not yet
+  written, if the account is known.
+- On start (the first Welcome, or `start()` itself with `account=`), the client
+  loads the account's outbox and sends those messages first, in their original
+  order, with their original `client_msg_id`, before anything submitted now.
+  The server deduplicates on that id: a message stored before the crash is
+  answered with its original ACK (reported as acknowledged, never stored twice).
+- Their outcomes reach the app through `on_send_result` (called for every
+  message, restored ones with `SendOutcome.restored`), and through
+  `submit(..., client_msg_id=<restored id>)`, which joins the restored message
+  instead of queueing it again. Outcomes are reported once per client; across a
+  crash at least once: a process killed after reporting an outcome but before
+  the outbox delete reports it again (same msg_id) in the next process, so apps
+  key their effects on `client_msg_id`.
+- The outbox is bounded by the store's `max_outbox` (default 10,000) pending
+  messages per account: beyond it `submit()` raises `OutboxFull`. A refused
+  message (`SendFailed`) leaves the outbox and is never retried; one the client
+  could not finish because it closed or stopped (`ClientClosed`, `Kicked`,
+  `AuthError`) stays in it and is sent by the next client on that store.
+- With the default `MemoryStore` the outbox lives in memory: a message survives
+  a `Client` handed the same store object, never the process.
+
 Receiving
 - Messages are handed to the application in timeline (`seq`) order, with no gap,
   exactly once per process; across process restarts at least once, and deduped by
@@ -76,6 +111,7 @@ from imclient.errors import (
     ConnectTimeout,
     ImClientError,
     Kicked,
+    OutboxFull,
     ProtocolError,
     SendErrorCode,
     SendFailed,
@@ -83,8 +119,8 @@ from imclient.errors import (
 from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
 from imclient.sender import Outgoing, SendWindow
-from imclient.store import MemoryStore, Store
-from imclient.types import ContentType, Message, SendResult
+from imclient.store import MemoryStore, OutboxEntry, Store
+from imclient.types import ID_PATTERN, ContentType, Message, SendOutcome, SendResult
 from imclient.unary import (
     DEFAULT_CHANNEL_OPTIONS,
     TokenSource,
@@ -97,6 +133,7 @@ from imclient.unary import (
 log = logging.getLogger("imclient")
 
 MessageHandler = Callable[[Message], Awaitable[None] | None]
+SendResultHandler = Callable[[SendOutcome], Awaitable[None] | None]
 
 
 @dataclass
@@ -163,10 +200,17 @@ class Client(UnaryCalls):
         addresses: gateway `host:port`s (a list, or comma-separated), tried in turn.
         token: the device's token, or a (sync or async) callable returning it,
             called before every connection attempt.
-        store: durable cursor and seen-ids store; default an in-memory one (pass
-            `SQLiteStore(path)` to survive restarts).
+        store: durable cursor, seen ids and outbox; default an in-memory one
+            (pass `SQLiteStore(path)` to survive restarts).
         on_message: optional callback (sync or async) for each message, in order;
             the alternative to `messages()` (use one or the other).
+        on_send_result: optional callback (sync or async) with the outcome of
+            every sent message, including those restored from the outbox (see
+            "Sending across restarts"); the outbox entry is deleted after it
+            returns.
+        account: optional `<user>/<device>` of the token: the outbox is loaded
+            by `start()` and submits are durable without a connection. A Welcome
+            naming another account stops the client with `AuthError`.
         send_window: most sends in flight at once (the gateway may lower it).
         connect_timeout_s: how long `__aenter__`/`start()` wait for the first
             connection and sync before raising `ConnectTimeout` (None: forever).
@@ -182,6 +226,8 @@ class Client(UnaryCalls):
         *,
         store: Store | None = None,
         on_message: MessageHandler | None = None,
+        on_send_result: SendResultHandler | None = None,
+        account: str | None = None,
         send_window: int = 64,
         retransmit: RetransmitPolicy | None = None,
         reconnect: ReconnectPolicy | None = None,
@@ -200,6 +246,12 @@ class Client(UnaryCalls):
         self._token = token
         self._store: Store = store if store is not None else MemoryStore()
         self._on_message = on_message
+        self._on_send_result = on_send_result
+        if account is not None:
+            parts = account.split("/")
+            if len(parts) != 2 or not all(ID_PATTERN.fullmatch(p) for p in parts):
+                raise ValueError(f"account {account!r} is not <user>/<device>")
+        self._account_arg = account
         self._receive = receive
         if on_message is not None and not receive:
             raise ValueError("on_message needs receive=True")
@@ -227,6 +279,18 @@ class Client(UnaryCalls):
         self._receiver: Receiver[Message] | None = None
 
         self._futures: dict[str, asyncio.Future[SendResult]] = {}
+        # The outbox: submitted, not yet in the store (submission order) ...
+        self._unsaved: dict[str, Outgoing] = {}
+        # ... and outcomes to hand to on_send_result, then delete from the store.
+        self._finished: list[SendOutcome] = []
+        self._reported = 0  # how many of _finished on_send_result has had
+        self._next_order = 0
+        self._tickets = 0  # submits accepted so far
+        self._persisted_ticket = 0  # every submit up to this one is settled
+        self._persist_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._outbox_event = asyncio.Event()
+        self._outbox_lock = asyncio.Lock()
+        self._account_ready = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
         self._session_token: str | None = None
         self._wake = asyncio.Event()  # the pump has something to do
@@ -267,10 +331,17 @@ class Client(UnaryCalls):
             return
         self._started = True
         await self._store.open()
+        if self._account_arg is not None:
+            try:
+                await self._open_account(self._account_arg)
+            except BaseException:
+                await self._store.close()
+                raise
         self._run_task = asyncio.create_task(self._run(), name="imclient-run")
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="imclient-dispatch"),
             asyncio.create_task(self._committer(), name="imclient-commit"),
+            asyncio.create_task(self._outboxer(), name="imclient-outbox"),
         ]
         if wait_ready:
             try:
@@ -300,8 +371,9 @@ class Client(UnaryCalls):
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Stops the client. With `drain_timeout_s`, first waits that long for the
         pending sends to be acknowledged. Sends still pending fail with
-        `ClientClosed`. The message last handed by `messages()` counts as handled.
-        Idempotent."""
+        `ClientClosed` and stay in the store's outbox (written out now if they
+        were not yet, when the account is known) for the next client. The
+        message last handed by `messages()` counts as handled. Idempotent."""
         if self._closing:
             return
         if drain_timeout_s and self._started:
@@ -324,15 +396,39 @@ class Client(UnaryCalls):
         if self._started:
             try:
                 await self._flush_commits()
+                async with self._outbox_lock:
+                    await self._drain_outbox_locked()
             finally:
+                self._settle_persist_waiters(ClientClosed("closed before the account was known"))
                 await self._store.close()
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Waits until every send submitted so far is acknowledged or failed."""
+        """Waits until every send submitted so far (and every one restored from
+        the outbox) is acknowledged or failed, its outcome handed to the app and
+        removed from the outbox."""
         futures = list(self._futures.values())
-        if futures:
-            async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout):
+            if futures:
                 await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+            if self._account is not None and (self._finished or self._unsaved):
+                async with self._outbox_lock:
+                    await self._drain_outbox_locked()
+
+    async def persisted(self, timeout: float | None = None) -> None:
+        """Waits until every message submitted before this call is in the store's
+        outbox (durable: with `SQLiteStore` it survives kill -9 of the process
+        and is resent by the next client), or has already failed. Before the
+        account is known (no `account=`, no Welcome yet), that means after the
+        first connection. Raises the store's error if writing failed (those
+        messages' futures fail with it too, and they are not sent), and
+        `ClientClosed` if the client closed before the account was known."""
+        target = self._tickets
+        if self._persisted_ticket >= target:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._persist_waiters.append((target, waiter))
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(waiter)
 
     # -- sending -----------------------------------------------------------------
 
@@ -343,29 +439,51 @@ class Client(UnaryCalls):
         content_type: ContentType = ContentType.TEXT,
         client_msg_id: str | None = None,
     ) -> asyncio.Future[SendResult]:
-        """Queues a message and returns a future for its SendResult. Messages are
-        sent in the order of `submit()` calls, and keep that order in the
-        conversation. Pass `client_msg_id` only to re-send a message whose earlier
-        client closed before its ACK (same id: stored at most once)."""
+        """Queues a message and returns a future for its SendResult, without
+        blocking. Messages are sent in the order of `submit()` calls (after
+        any restored from the outbox), and keep that order in the conversation.
+
+        The message goes to the store's outbox first, then to the gateway; it is
+        durable once `persisted()` returns (see the module docs). Pass
+        `client_msg_id` to re-send a message whose earlier client closed before
+        its ACK (same id: stored at most once); if that message was restored
+        from the outbox, this returns its future instead of queueing it again.
+        Raises `OutboxFull` past the store's `max_outbox` pending messages,
+        `ValueError` if `client_msg_id` is already pending (not restored)."""
         if self._terminal is not None:
             raise self._terminal
         if self._closing or not self._started:
             raise ClientClosed("client is not running")
         data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         cmid = client_msg_id or str(uuid.uuid4())
-        future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if cmid in self._futures:
+            existing = self._window.get(cmid)
+            if existing is not None and existing.restored:
+                return self._futures[cmid]
+            raise ValueError(f"client_msg_id {cmid!r} is already pending")
+        pending = len(self._futures)
+        if pending >= self._store.max_outbox:
+            raise OutboxFull(pending, self._store.max_outbox)
+        future: asyncio.Future[SendResult] = loop.create_future()
         if self.max_body_bytes and len(data) > self.max_body_bytes:
-            future.set_exception(
-                SendFailed(
-                    SendErrorCode.INVALID_ARGUMENT,
-                    f"body is {len(data)} bytes, the limit is {self.max_body_bytes}",
-                    cmid,
-                )
+            error = SendFailed(
+                SendErrorCode.INVALID_ARGUMENT,
+                f"body is {len(data)} bytes, the limit is {self.max_body_bytes}",
+                cmid,
             )
+            future.set_exception(error)
+            self._finish(SendOutcome(cmid, conversation_id, None, error, False))
             return future
-        self._window.submit(Outgoing(cmid, conversation_id, data, int(content_type)))
+        message = Outgoing(cmid, conversation_id, data, int(content_type))
+        if self._account is not None:
+            message.order = self._next_order
+            self._next_order += 1
+        self._tickets += 1
+        message.ticket = self._tickets
+        self._unsaved[cmid] = message
         self._futures[cmid] = future
-        self._wake.set()
+        self._outbox_event.set()
         return future
 
     async def send(
@@ -384,7 +502,8 @@ class Client(UnaryCalls):
 
     @property
     def pending_sends(self) -> int:
-        return len(self._window)
+        """Messages submitted or restored and not yet acknowledged or failed."""
+        return len(self._window) + len(self._unsaved)
 
     # -- receiving ---------------------------------------------------------------
 
@@ -541,11 +660,7 @@ class Client(UnaryCalls):
     async def _on_welcome(self, welcome: gateway_pb2.Welcome) -> None:
         account = f"{welcome.user_id}/{welcome.device_id}"
         if self._account is None:
-            last = await self._store.load_last_seq(account)
-            self._account = account
-            self.user_id, self.device_id = welcome.user_id, welcome.device_id
-            self._receiver = Receiver(last)
-            self.committed_seq = self._commit_seq = last
+            await self._open_account(account)
         elif account != self._account:
             raise AuthError(f"the gateway says this token is {account}, it was {self._account}")
         self.connection_id = welcome.connection_id
@@ -567,13 +682,22 @@ class Client(UnaryCalls):
                 )
                 if acked is not None:
                     self._stats.send_acks += 1
+                    result = SendResult(
+                        a.client_msg_id,
+                        a.msg_id,
+                        a.seq,
+                        a.conv_seq,
+                        a.server_time_ms,
+                        # Set by a gateway that reports dedup hits; absent otherwise.
+                        bool(getattr(a, "duplicate", False)),
+                    )
                     future = self._futures.pop(a.client_msg_id, None)
                     if future is not None and not future.done():
-                        future.set_result(
-                            SendResult(
-                                a.client_msg_id, a.msg_id, a.seq, a.conv_seq, a.server_time_ms
-                            )
-                        )
+                        future.set_result(result)
+                    m = acked.message
+                    self._finish(
+                        SendOutcome(m.client_msg_id, m.conversation_id, result, None, m.restored)
+                    )
                 self._wake.set()
             elif kind == "send_error":
                 e = frame.send_error
@@ -592,9 +716,14 @@ class Client(UnaryCalls):
                 )
                 if failed is not None:
                     self._stats.send_failures += 1
+                    error = SendFailed(code, e.reason, e.client_msg_id)
                     future = self._futures.pop(e.client_msg_id, None)
                     if future is not None and not future.done():
-                        future.set_exception(SendFailed(code, e.reason, e.client_msg_id))
+                        future.set_exception(error)
+                    m = failed.message
+                    self._finish(
+                        SendOutcome(m.client_msg_id, m.conversation_id, None, error, m.restored)
+                    )
                 elif code != SendErrorCode.OUT_OF_ORDER:
                     log.debug("send %s: retryable %s: %s", e.client_msg_id, code.name, e.reason)
                 self._wake.set()
@@ -814,8 +943,142 @@ class Client(UnaryCalls):
                 raise
             self.committed_seq = max(self.committed_seq, seq)
 
+    # -- the outbox --------------------------------------------------------------------
+
+    async def _open_account(self, account: str) -> None:
+        """Loads the account's cursor and outbox. The restored messages enter the
+        send window first, in their order; what was submitted meanwhile follows."""
+        last = await self._store.load_last_seq(account)
+        entries = await self._store.outbox_load(account)
+        # Nothing awaited from here on: submit() sees the account and the
+        # restored messages at once.
+        loop = asyncio.get_running_loop()
+        self._account = account
+        self.user_id, self.device_id = account.split("/", 1)
+        self._receiver = Receiver(last)
+        self.committed_seq = self._commit_seq = last
+        for e in entries:
+            m = Outgoing(e.client_msg_id, e.conversation_id, e.body, e.content_type)
+            m.order, m.restored = e.order, True
+            future = self._futures.get(e.client_msg_id)
+            if future is not None:
+                # The app re-submitted it before the account was known: it is
+                # the restored one, in its original place.
+                self._unsaved.pop(e.client_msg_id, None)
+            else:
+                future = loop.create_future()
+                future.add_done_callback(_consume_exception)  # the app may never ask
+                self._futures[e.client_msg_id] = future
+            self._window.submit(m)
+        self._next_order = max((e.order for e in entries), default=-1) + 1
+        for m in self._unsaved.values():
+            m.order = self._next_order
+            self._next_order += 1
+        if entries:
+            log.info("resending %d messages from the outbox of %s", len(entries), account)
+            self._wake.set()
+        self._settle_persist_waiters(None)
+        self._account_ready.set()
+        self._outbox_event.set()
+
+    def _finish(self, outcome: SendOutcome) -> None:
+        """Queues a final outcome: reported to the app, then deleted from the outbox."""
+        self._finished.append(outcome)
+        self._outbox_event.set()
+
+    async def _outboxer(self) -> None:
+        await self._account_ready.wait()
+        while True:
+            await self._outbox_event.wait()
+            self._outbox_event.clear()
+            async with self._outbox_lock:
+                await self._drain_outbox_locked()
+
+    async def _drain_outbox_locked(self) -> None:
+        """Writes submitted messages to the outbox (then lets them be sent), and
+        reports finished ones to the app (then deletes them). Safe to cancel and
+        to run again: each step is repeated, never skipped."""
+        account = self._account
+        if account is None:
+            return
+        if self._unsaved:
+            batch = list(self._unsaved.values())
+            try:
+                await self._store.outbox_add(
+                    account,
+                    [
+                        OutboxEntry(
+                            m.client_msg_id, m.conversation_id, m.content_type, m.body, m.order
+                        )
+                        for m in batch
+                    ],
+                )
+            except Exception as exc:
+                log.error("could not write %d messages to the outbox: %r", len(batch), exc)
+                for m in batch:
+                    if self._unsaved.get(m.client_msg_id) is m:
+                        del self._unsaved[m.client_msg_id]
+                        future = self._futures.pop(m.client_msg_id, None)
+                        if future is not None and not future.done():
+                            future.set_exception(exc)
+                self._persisted_ticket = max(self._persisted_ticket, batch[-1].ticket)
+                self._settle_persist_waiters(exc)
+            else:
+                sending = not self._closing and self._terminal is None
+                for m in batch:
+                    if self._unsaved.get(m.client_msg_id) is m:
+                        del self._unsaved[m.client_msg_id]
+                        if sending and m.client_msg_id in self._futures:
+                            self._window.submit(m)
+                self._persisted_ticket = max(self._persisted_ticket, batch[-1].ticket)
+                self._settle_persist_waiters(None)
+                self._wake.set()
+        if self._finished:
+            outcomes = list(self._finished)
+            while self._reported < len(outcomes):
+                outcome = outcomes[self._reported]
+                self._reported += 1
+                await self._report(outcome)
+            await self._store.outbox_delete(account, [o.client_msg_id for o in outcomes])
+            del self._finished[: len(outcomes)]
+            self._reported -= len(outcomes)
+
+    async def _report(self, outcome: SendOutcome) -> None:
+        if self._on_send_result is None:
+            return
+        try:
+            result = self._on_send_result(outcome)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Reported all the same: a failing handler must not keep a message
+            # in the outbox (and resent) for ever.
+            log.exception("on_send_result handler failed for %s", outcome.client_msg_id)
+
+    def _settle_persist_waiters(self, error: BaseException | None) -> None:
+        """Wakes `persisted()` callers whose messages are all settled (or, with
+        `error`, all of them still waiting if the account is unknown)."""
+        keep = []
+        for target, waiter in self._persist_waiters:
+            if waiter.done():
+                continue
+            if self._persisted_ticket >= target:
+                if error is not None:
+                    waiter.set_exception(error)
+                else:
+                    waiter.set_result(None)
+            elif error is not None and self._account is None:
+                waiter.set_exception(error)
+            else:
+                keep.append((target, waiter))
+        self._persist_waiters = keep
+
     def _stop(self, exc: ClientClosed) -> None:
-        """Fails every pending send with `exc` and ends `messages()`."""
+        """Fails every pending send with `exc` and ends `messages()`. The
+        messages stay in the outbox (those not written yet are written by
+        close()), for the next client on this store."""
         for cmid, future in list(self._futures.items()):
             self._window.remove(cmid)
             if not future.done():
@@ -854,6 +1117,11 @@ class _Messages:
             return message
 
 
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
     """Cancels `tasks` and waits until they are done. A task may survive one
     cancellation (an application hook, or asyncio.wait_for on Python 3.11,
@@ -874,4 +1142,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["Client", "ClientStats", "DebugHooks", "MessageHandler"]
+__all__ = ["Client", "ClientStats", "DebugHooks", "MessageHandler", "SendResultHandler"]

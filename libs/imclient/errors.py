@@ -40,6 +40,20 @@ class SendFailed(ImClientError):
         self.client_msg_id = client_msg_id
 
 
+class OutboxFull(ImClientError):
+    """`Client.submit()` refused a message because the account already has the
+    store's `max_outbox` messages pending (submitted, not yet acknowledged or
+    refused). Nothing was queued; submit again once some are answered."""
+
+    def __init__(self, pending: int, limit: int) -> None:
+        super().__init__(
+            f"the outbox is full: {pending} messages pending, the limit is {limit} "
+            f"(store max_outbox); wait for ACKs (flush()) before submitting more"
+        )
+        self.pending = pending
+        self.limit = limit
+
+
 class ClientClosed(ImClientError):
     """The client was closed (or stopped for good) before the operation finished.
 

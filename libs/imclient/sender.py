@@ -47,6 +47,9 @@ class Outgoing:
     conversation_id: str
     body: bytes
     content_type: int
+    order: int = 0  # submission order in the account's outbox
+    restored: bool = False  # loaded from the outbox (submitted by an earlier client)
+    ticket: int = 0  # the client's submit counter (for Client.persisted())
     # State on the current connection; reset by on_connected/on_disconnected.
     client_id: int = 0  # 0: not numbered (not in the window) yet
     sent: bool = False  # the current (client_id, client_msg_id) frame was written
@@ -118,6 +121,10 @@ class SendWindow:
     def pending(self) -> list[Outgoing]:
         """Unacknowledged messages in send order."""
         return list(self._pending.values())
+
+    def get(self, client_msg_id: str) -> Outgoing | None:
+        """The pending message with this id, if any."""
+        return self._pending.get(client_msg_id)
 
     def in_flight(self) -> list[Outgoing]:
         """Numbered (in-window) messages in client_id order."""

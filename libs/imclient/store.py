@@ -1,5 +1,6 @@
-"""Durable client state: the sync cursor (`last_seq`) and the ids of messages
-already handed to the application, per account (`<user>/<device>`).
+"""Durable client state, per account (`<user>/<device>`): the sync cursor
+(`last_seq`), the ids of messages already handed to the application, and the
+outbox (messages submitted but not yet acknowledged or refused for good).
 
 `Store` is the protocol; `SQLiteStore` (the default, stdlib sqlite3 on one worker
 thread) and `MemoryStore` (tests; state lives as long as the object) implement it.
@@ -13,10 +14,28 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
 R = TypeVar("R")
+
+#: The default bound on an account's outbox (messages submitted and not yet
+#: acknowledged or refused for good). `Client.submit()` beyond it raises
+#: `OutboxFull` instead of letting the outbox grow without limit.
+DEFAULT_MAX_OUTBOX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One outgoing message as the outbox keeps it. `order` is the submission
+    order within the account (increasing; gaps allowed)."""
+
+    client_msg_id: str
+    conversation_id: str
+    content_type: int
+    body: bytes
+    order: int
 
 
 @runtime_checkable
@@ -42,17 +61,44 @@ class Store(Protocol):
         cursor to `last_seq` (never lowers it). Durable when it returns."""
         ...
 
+    #: Most messages an account's outbox may hold (the client enforces it).
+    max_outbox: int
+
+    async def outbox_add(self, account: str, entries: Sequence[OutboxEntry]) -> None:
+        """Atomically adds `entries` to the account's outbox. An entry whose
+        client_msg_id is already there is left as it was (a repeat is harmless).
+        Durable when it returns."""
+        ...
+
+    async def outbox_delete(self, account: str, client_msg_ids: Sequence[str]) -> None:
+        """Atomically removes these messages (acknowledged or refused for good)
+        from the account's outbox; unknown ids are ignored. Durable when it
+        returns."""
+        ...
+
+    async def outbox_load(self, account: str) -> list[OutboxEntry]:
+        """The account's outbox in submission (`order`) order."""
+        ...
+
 
 class MemoryStore:
     """An in-memory `Store`: survives `Client` instances, not the process.
 
     `keep_msg_ids` bounds the remembered ids per account (oldest seqs go first).
+    The outbox is a dict per account (insertion order is submission order, since
+    the client adds in that order): a message submitted to one `Client` and
+    not acknowledged before it closed is resent by the next `Client` given this
+    same object, and by no one once the process ends.
     """
 
-    def __init__(self, keep_msg_ids: int = 100_000) -> None:
+    def __init__(self, keep_msg_ids: int = 100_000, max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:
+        if max_outbox < 1:
+            raise ValueError("max_outbox must be at least 1")
         self.keep_msg_ids = keep_msg_ids
+        self.max_outbox = max_outbox
         self._last_seq: dict[str, int] = {}
         self._seen: dict[str, dict[int, int]] = {}
+        self._outbox: dict[str, dict[str, OutboxEntry]] = {}
         self.commits = 0
 
     async def open(self) -> None:
@@ -80,6 +126,20 @@ class MemoryStore:
         self._last_seq[account] = max(self._last_seq.get(account, 0), last_seq)
         self.commits += 1
 
+    async def outbox_add(self, account: str, entries: Sequence[OutboxEntry]) -> None:
+        box = self._outbox.setdefault(account, {})
+        for e in entries:
+            box.setdefault(e.client_msg_id, e)
+
+    async def outbox_delete(self, account: str, client_msg_ids: Sequence[str]) -> None:
+        box = self._outbox.get(account)
+        if box:
+            for cmid in client_msg_ids:
+                box.pop(cmid, None)
+
+    async def outbox_load(self, account: str) -> list[OutboxEntry]:
+        return sorted(self._outbox.get(account, {}).values(), key=lambda e: e.order)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursor (
@@ -93,6 +153,16 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (account, msg_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_by_seq ON seen (account, seq);
+CREATE TABLE IF NOT EXISTS outbox (
+    account TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    conversation_id TEXT NOT NULL,
+    content_type INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (account, client_msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_by_ord ON outbox (account, ord);
 """
 
 
@@ -100,16 +170,28 @@ class SQLiteStore:
     """A `Store` in one SQLite file (WAL, `synchronous=FULL`), driven from a
     single worker thread so the event loop never blocks on disk.
 
+    Every write is one transaction, durable (fsynced to the WAL) when its method
+    returns; a process killed at any point leaves the state of the last
+    completed write. The tables are created with CREATE ... IF NOT EXISTS on
+    open, so a file made by an older SDK gains the outbox table in place.
+
     Remembers the newest `keep_msg_ids` message ids per account; older ones are
     pruned (a duplicate older than that many messages is not expected: the
-    server never stores one message twice in a timeline).
+    server never stores one message twice in a timeline). The outbox holds at
+    most `max_outbox` messages per account (enforced by the client at submit).
+    One file serves one process at a time per account.
     """
 
     _CHUNK = 500  # SQLite's default limit on host parameters is 999
 
-    def __init__(self, path: str | Path, keep_msg_ids: int = 100_000) -> None:
+    def __init__(
+        self, path: str | Path, keep_msg_ids: int = 100_000, max_outbox: int = DEFAULT_MAX_OUTBOX
+    ) -> None:
+        if max_outbox < 1:
+            raise ValueError("max_outbox must be at least 1")
         self.path = Path(path)
         self.keep_msg_ids = keep_msg_ids
+        self.max_outbox = max_outbox
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._commits = 0
@@ -179,6 +261,47 @@ class SQLiteStore:
                     self._prune(conn, account)
 
         await self._with_conn(run)
+
+    async def outbox_add(self, account: str, entries: Sequence[OutboxEntry]) -> None:
+        rows = [
+            (account, e.client_msg_id, e.order, e.conversation_id, e.content_type, e.body)
+            for e in entries
+        ]
+
+        def run(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.executemany(
+                    "INSERT INTO outbox (account, client_msg_id, ord, conversation_id, "
+                    "content_type, body) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (account, client_msg_id) DO NOTHING",
+                    rows,
+                )
+
+        if rows:
+            await self._with_conn(run)
+
+    async def outbox_delete(self, account: str, client_msg_ids: Sequence[str]) -> None:
+        rows = [(account, cmid) for cmid in client_msg_ids]
+
+        def run(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.executemany("DELETE FROM outbox WHERE account = ? AND client_msg_id = ?", rows)
+
+        if rows:
+            await self._with_conn(run)
+
+    async def outbox_load(self, account: str) -> list[OutboxEntry]:
+        def run(conn: sqlite3.Connection) -> list[OutboxEntry]:
+            rows = conn.execute(
+                "SELECT client_msg_id, conversation_id, content_type, body, ord FROM outbox "
+                "WHERE account = ? ORDER BY ord",
+                (account,),
+            )
+            return [
+                OutboxEntry(str(r[0]), str(r[1]), int(r[2]), bytes(r[3]), int(r[4])) for r in rows
+            ]
+
+        return await self._with_conn(run)
 
     # -- internals ---------------------------------------------------------------
 

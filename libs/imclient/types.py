@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from im.common.v1 import common_pb2
+from imclient.errors import SendFailed
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
@@ -34,13 +35,38 @@ def direct_conversation_id(user_a: str, user_b: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """The gateway's SendAck: the message is durable and will reach every member."""
+    """The gateway's SendAck: the message is durable and will reach every member.
+
+    `duplicate` is True when the server says this send repeated one it had
+    already stored (the ACK names that stored message): for the app it is an
+    ACK like any other. It stays False with a gateway that does not say so."""
 
     client_msg_id: str
     msg_id: int
     seq: int  # the sender's own timeline position of this message
     conv_seq: int  # position in the conversation (the order every member sees)
     server_time_ms: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """How one submitted message ended, as `Client(on_send_result=...)` reports it:
+    acknowledged (`result` set: durable, will reach every member) or refused for
+    good (`error` set: never stored). `restored` marks a message this client
+    did not get from `submit()` but loaded from the store's outbox, i.e. one a
+    previous client (process) submitted and could not see answered; its outcome
+    may repeat one that process already reported (same `msg_id`)."""
+
+    client_msg_id: str
+    conversation_id: str
+    result: SendResult | None
+    error: SendFailed | None
+    restored: bool
+
+    @property
+    def acked(self) -> bool:
+        return self.result is not None
 
 
 @dataclass(frozen=True, slots=True)
