@@ -399,7 +399,12 @@ class Client(UnaryCalls):
                 async with self._outbox_lock:
                     await self._drain_outbox_locked()
             finally:
-                self._settle_persist_waiters(ClientClosed("closed before the account was known"))
+                self._advance_persisted()
+                self._settle_persist_waiters(None)
+                self._settle_persist_waiters(
+                    ClientClosed("closed before these messages were written to the outbox"),
+                    final=True,
+                )
                 await self._store.close()
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -977,6 +982,7 @@ class Client(UnaryCalls):
         if entries:
             log.info("resending %d messages from the outbox of %s", len(entries), account)
             self._wake.set()
+        self._advance_persisted()
         self._settle_persist_waiters(None)
         self._account_ready.set()
         self._outbox_event.set()
@@ -1021,7 +1027,7 @@ class Client(UnaryCalls):
                         future = self._futures.pop(m.client_msg_id, None)
                         if future is not None and not future.done():
                             future.set_exception(exc)
-                self._persisted_ticket = max(self._persisted_ticket, batch[-1].ticket)
+                self._advance_persisted()
                 self._settle_persist_waiters(exc)
             else:
                 sending = not self._closing and self._terminal is None
@@ -1030,9 +1036,13 @@ class Client(UnaryCalls):
                         del self._unsaved[m.client_msg_id]
                         if sending and m.client_msg_id in self._futures:
                             self._window.submit(m)
-                self._persisted_ticket = max(self._persisted_ticket, batch[-1].ticket)
+                self._advance_persisted()
                 self._settle_persist_waiters(None)
                 self._wake.set()
+        # Deletes come after adds (lower send latency). A message the app
+        # re-submits while its earlier copy's delete is queued loses its row to
+        # that delete; it is a repeat of an acknowledged (stored) message, so
+        # nothing can be lost by that.
         if self._finished:
             outcomes = list(self._finished)
             while self._reported < len(outcomes):
@@ -1057,20 +1067,26 @@ class Client(UnaryCalls):
             # in the outbox (and resent) for ever.
             log.exception("on_send_result handler failed for %s", outcome.client_msg_id)
 
-    def _settle_persist_waiters(self, error: BaseException | None) -> None:
-        """Wakes `persisted()` callers whose messages are all settled (or, with
-        `error`, all of them still waiting if the account is unknown)."""
+    def _advance_persisted(self) -> None:
+        """Every submit older than the oldest unwritten one is settled (`_unsaved`
+        is in submit order; a message merged into a restored one left it)."""
+        if self._unsaved:
+            self._persisted_ticket = next(iter(self._unsaved.values())).ticket - 1
+        else:
+            self._persisted_ticket = self._tickets
+
+    def _settle_persist_waiters(self, error: BaseException | None, final: bool = False) -> None:
+        """Wakes `persisted()` callers whose messages are all settled, with
+        `error` if given; with `final` (closing), every caller."""
         keep = []
         for target, waiter in self._persist_waiters:
             if waiter.done():
                 continue
-            if self._persisted_ticket >= target:
+            if self._persisted_ticket >= target or final:
                 if error is not None:
                     waiter.set_exception(error)
                 else:
                     waiter.set_result(None)
-            elif error is not None and self._account is None:
-                waiter.set_exception(error)
             else:
                 keep.append((target, waiter))
         self._persist_waiters = keep

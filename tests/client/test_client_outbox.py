@@ -22,6 +22,7 @@ from e2e.e2e_support import uid, wait_until
 
 from imclient import (
     Client,
+    ClientClosed,
     GatewayApi,
     MemoryStore,
     OutboxFull,
@@ -430,3 +431,22 @@ async def test_memory_store_keeps_todays_behaviour(stack: Stack) -> None:
         assert fresh.pending_sends == 0
     texts = [t for t, _ in await wait_timeline(stack, stack.mint(bob, "b1"), conv, 51)]
     assert texts == [f"m{i}" for i in range(50)] + ["last"]
+
+
+async def test_persisted_waits_for_the_account_and_fails_if_closed_first(tmp_path: Path) -> None:
+    """Without `account=`, a submit is durable only once a Welcome names the
+    account: closing before that fails `persisted()` with ClientClosed, and
+    the message is not in the store (no outbox could be named)."""
+    dead = [f"127.0.0.1:{free_port()}"]
+    store = SQLiteStore(tmp_path / "a.sqlite3")
+    client = Client(dead, "token", store=store)
+    await client.start(wait_ready=False)
+    future = client.submit("d:alice:bob", "m0")
+    waiter = asyncio.ensure_future(client.persisted())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(waiter), 0.5)
+    await client.close()
+    with pytest.raises(ClientClosed, match="outbox"):
+        await waiter
+    with pytest.raises(ClientClosed):
+        await future
