@@ -37,11 +37,24 @@ from functools import partial
 from typing import Any
 
 import grpc
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as context_api
-from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter, Histogram
 
 from imcommon.metrics import Metrics
@@ -54,6 +67,44 @@ _SKIP = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 #: whatever context the server's own task happens to hold.
 _NO_PARENT = Context()
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_TRACEPARENT = "traceparent"
+_TRACEPARENT_RE = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
+_TRACEPARENT_MAX = TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH
+
+
+def _is_default_w3c(textmap: TextMapPropagator) -> bool:
+    """Whether `textmap` is OpenTelemetry's default propagator (W3C trace context,
+    then W3C baggage), whose work on a lone traceparent header this module can
+    do itself, without building contexts it would only unpack again."""
+    inner = getattr(textmap, "_propagators", None)
+    return (
+        isinstance(textmap, CompositePropagator)
+        and isinstance(inner, list | tuple)
+        and [type(p) for p in inner] == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+    )
+
+
+def remote_parent(traceparent: str) -> SpanContext:
+    """The span context TraceContextTextMapPropagator extracts from a lone
+    traceparent header (no tracestate, no baggage); INVALID_SPAN_CONTEXT where it
+    extracts none. The caller sends headers over the maximum length to the
+    propagator itself (it logs them)."""
+    match = _TRACEPARENT_RE.search(traceparent)
+    if not match:
+        return INVALID_SPAN_CONTEXT
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == "0" * 32 or span_id == "0" * 16 or (version == "00" and rest) or version == "ff":
+        return INVALID_SPAN_CONTEXT
+    return SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
+    )
+
+
+def traceparent_of(span_context: SpanContext) -> str:
+    """The traceparent header TraceContextTextMapPropagator injects for a valid
+    `span_context`."""
+    ctx = span_context
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
 
 
 class _Tracing:
@@ -62,7 +113,16 @@ class _Tracing:
     checks them, which costs two function calls; anything derived from them is
     recomputed only when one changes."""
 
-    __slots__ = ("_name", "_provider", "_textmap", "fields", "ids_only", "recording", "tracer")
+    __slots__ = (
+        "_name",
+        "_provider",
+        "_textmap",
+        "fields",
+        "ids_only",
+        "recording",
+        "tracer",
+        "w3c",
+    )
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -72,6 +132,7 @@ class _Tracing:
         self.recording = False
         self.ids_only = False
         self.fields: frozenset[str] = frozenset()
+        self.w3c = False
 
     def refresh(self) -> TextMapPropagator:
         provider = trace.get_tracer_provider()
@@ -84,6 +145,7 @@ class _Tracing:
         if textmap is not self._textmap:
             self._textmap = textmap
             self.fields = frozenset(textmap.fields)
+            self.w3c = _is_default_w3c(textmap)
         return textmap
 
 
@@ -127,19 +189,32 @@ def _instrument_unary(
                 if carrier is None:
                     carrier = {}
                 carrier[key] = value
-        parent = textmap.extract(carrier) if carrier is not None else _NO_PARENT
         start = time.perf_counter()
         recording = tracing.recording
         span: Span
         if recording:
+            parent = textmap.extract(carrier) if carrier is not None else _NO_PARENT
             span = tracing.tracer.start_span(
                 name, context=parent, kind=SpanKind.SERVER,
                 record_exception=False, set_status_on_exception=False,
             )  # fmt: skip
-        elif tracing.ids_only:
-            span = ids_only_span(trace.get_current_span(parent).get_span_context())
-        else:  # no tracer provider at all: pass the caller's context through
-            span = trace.get_current_span(parent)
+        else:
+            remote = INVALID_SPAN_CONTEXT
+            if carrier is not None:
+                traceparent = carrier.get(_TRACEPARENT)
+                if (
+                    tracing.w3c
+                    and len(carrier) == 1
+                    and traceparent is not None
+                    and len(traceparent) <= _TRACEPARENT_MAX
+                ):
+                    remote = remote_parent(traceparent)
+                else:
+                    remote = trace.get_current_span(textmap.extract(carrier)).get_span_context()
+            if tracing.ids_only:
+                span = ids_only_span(remote)
+            else:  # no tracer provider at all: the caller's context passes through
+                span = NonRecordingSpan(remote) if remote.is_valid else INVALID_SPAN
         token = context_api.attach(trace.set_span_in_context(span))
         code = "OK"
         try:
@@ -281,12 +356,12 @@ class ServerTelemetryInterceptor(grpc.aio.ServerInterceptor):
 # -- client side -----------------------------------------------------------------
 
 
-def _with_context(metadata: Any, carrier: dict[str, str]) -> Any:
-    if not carrier:
+def _with_context(metadata: Any, items: tuple[tuple[str, str], ...]) -> Any:
+    if not items:
         return metadata
     if not metadata:
-        return tuple(carrier.items())
-    return (*metadata, *carrier.items())
+        return items
+    return (*metadata, *items)
 
 
 class _InstrumentedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable):
@@ -328,10 +403,15 @@ class _InstrumentedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable):
         if tracing.recording:
             span = tracing.tracer.start_span(self._name, kind=SpanKind.CLIENT)
             textmap.inject(carrier, context=trace.set_span_in_context(span))
-            metadata = _with_context(metadata, carrier)
-        elif trace.get_current_span().get_span_context().is_valid:
-            textmap.inject(carrier)
-            metadata = _with_context(metadata, carrier)
+            metadata = _with_context(metadata, tuple(carrier.items()))
+        else:
+            current = trace.get_current_span().get_span_context()
+            if current.is_valid:
+                if tracing.w3c and not current.trace_state and not baggage.get_all():
+                    metadata = _with_context(metadata, ((_TRACEPARENT, traceparent_of(current)),))
+                else:
+                    textmap.inject(carrier)
+                    metadata = _with_context(metadata, tuple(carrier.items()))
         start = time.perf_counter()
         try:
             call = self._inner(

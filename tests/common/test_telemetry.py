@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace.status import StatusCode
 
 from im.seqsvc.v1 import seqsvc_pb2, seqsvc_pb2_grpc
@@ -374,6 +375,50 @@ async def test_with_no_tracer_provider_the_callers_context_passes_through() -> N
     assert parse_traceparent(back.traceparents[0])[:2] == (TRACE_ID, SPAN_ID)
     assert not front.seen[1].is_valid
     assert back.traceparents[1] is None, "no context, nothing injected"
+
+
+TRACEPARENTS = [
+    TRACEPARENT,
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-00",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-03",
+    f" \t00-{TRACE_ID:032x}-{SPAN_ID:016x}-01 \t",
+    f"01-{TRACE_ID:032x}-{SPAN_ID:016x}-01-future-fields",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01-not-allowed-in-00",
+    f"ff-{TRACE_ID:032x}-{SPAN_ID:016x}-01",
+    f"00-{0:032x}-{SPAN_ID:016x}-01",
+    f"00-{TRACE_ID:032x}-{0:016x}-01",
+    f"00-{TRACE_ID:032X}-{SPAN_ID:016x}-01",
+    f"00-{TRACE_ID:031x}-{SPAN_ID:016x}-01",
+    "",
+    "garbage",
+]
+
+
+@pytest.mark.parametrize("header", TRACEPARENTS)
+def test_the_traceparent_fast_path_reads_what_the_propagator_reads(header: str) -> None:
+    expected = trace.get_current_span(
+        TraceContextTextMapPropagator().extract({"traceparent": header})
+    ).get_span_context()
+    assert telemetry.remote_parent(header) == expected
+    if expected.is_valid:
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(
+            carrier, context=trace.set_span_in_context(NonRecordingSpan(expected))
+        )
+        assert telemetry.traceparent_of(expected) == carrier["traceparent"]
+
+
+async def test_without_an_exporter_tracestate_reaches_the_next_hop() -> None:
+    with global_provider(IdsOnlyTracerProvider()):
+        async with two_hops() as (stub, front, back, _logs):
+            await stub.Current(
+                seqsvc_pb2.CurrentRequest(key="a"),
+                metadata=(("traceparent", TRACEPARENT), ("tracestate", "vendor=x")),
+            )
+    assert front.seen[0].trace_id == TRACE_ID
+    assert front.seen[0].trace_state == TraceState([("vendor", "x")])
+    assert back.seen[0].trace_state == TraceState([("vendor", "x")])
+    assert parse_traceparent(back.traceparents[0])[:2] == (TRACE_ID, front.seen[0].span_id)
 
 
 def test_ids_only_spans_match_what_the_sdk_made_without_an_exporter() -> None:
