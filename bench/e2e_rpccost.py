@@ -13,7 +13,8 @@ process and one server process:
   the client: metrics, trace context propagation) with OpenTelemetry's default
   no-op tracer;
 - `services`: the same plus `imcommon.tracing.setup_tracing`, i.e. what every
-  service runs without an exporter.
+  service runs without an exporter, with the calls made inside a span as a
+  service makes them (so each carries a traceparent the server reads).
 
 `--baseline-libs DIR` adds `baseline-telemetry` and `baseline-services`: the same
 two with the `imcommon` found in DIR (e.g. `git archive <commit> libs | tar -x -C
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import statistics
@@ -107,13 +109,15 @@ def _client(
     _use_libs(libs)
     import grpc
     import uvloop
+    from opentelemetry import trace
 
     from im.pusher.v1 import pusher_pb2, pusher_pb2_grpc
     from imcommon.metrics import Metrics
     from imcommon.telemetry import insecure_channel
     from imcommon.tracing import setup_tracing
 
-    if setup.endswith("services"):
+    traced = setup.endswith("services")
+    if traced:
         setup_tracing("rpccost-client")
 
     def server_cpu() -> float:
@@ -132,9 +136,15 @@ def _client(
             for _ in range(200):  # warm up
                 await stub.AckDelivery(request)
 
+        tracer = trace.get_tracer("rpccost")
+
         async def worker(stub: Any, n: int) -> None:
-            for _ in range(n):
-                await stub.AckDelivery(request)
+            # In `services`, calls are made inside a span, as a service's are
+            # (inside the handler of the call it serves), so the trace context
+            # goes out with every call and the server reads it.
+            with tracer.start_as_current_span("work") if traced else contextlib.nullcontext():
+                for _ in range(n):
+                    await stub.AckDelivery(request)
 
         per_worker = calls // concurrency
         n = per_worker * concurrency
