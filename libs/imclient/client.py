@@ -175,6 +175,7 @@ class ClientStats:
     handed: int = 0
     last_seq: int = 0
     committed_seq: int = 0
+    outbox_restored: int = 0  # messages loaded from the outbox on start (sent first)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -979,6 +980,7 @@ class Client(UnaryCalls):
         for m in self._unsaved.values():
             m.order = self._next_order
             self._next_order += 1
+        self._stats.outbox_restored = len(entries)
         if entries:
             log.info("resending %d messages from the outbox of %s", len(entries), account)
             self._wake.set()
