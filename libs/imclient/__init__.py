@@ -1,6 +1,7 @@
 """Python client SDK for the IM gateway (asyncio, grpc.aio).
 
-`Client` is one device's connection: reliable sends (`send`, `submit`), in-order
+`Client` is one device's connection: reliable sends (`send`, `submit`; kept in
+the store's outbox until answered, so they survive an app restart), in-order
 exactly-once delivery (`messages()` or an `on_message` callback), and the unary
 calls (`sync`, `history`, groups). `GatewayApi` is the unary calls alone, without
 a stream. The protocol state machines (`SendWindow`, `Receiver`) are pure and
