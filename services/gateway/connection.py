@@ -309,13 +309,15 @@ class Connection:
             if self._cancel_timer is not None:
                 self._cancel_timer.cancel()
             tasks = [t for t in (self._writer, self._sender, self._forwarder) if t is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            self._done_flag = True
-            if self._done is not None:
-                self._done.set()
+            try:
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                self._done_flag = True
+                if self._done is not None:
+                    self._done.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -13,11 +13,12 @@ acts as the token's user.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -155,6 +156,20 @@ def add_authenticated_gateway(
 # -- the client-facing service -------------------------------------------------
 
 
+async def _to_completion(coro: Coroutine[Any, Any, None]) -> bool:
+    """Runs `coro` to its end even if this task is cancelled meanwhile; returns
+    whether it was (the caller re-raises the cancellation afterwards)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    return cancelled
+
+
 def _log_stream(message: str, conn: Connection) -> None:
     """Logs from a plain function: logging's caller lookup turns the calling frame
     into a frame object, which for a coroutine lives as long as the coroutine (a
@@ -223,17 +238,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             on_send_result=self._count_send,
             on_deliver_ack=self._count_delivery_ack,
         )
-        await self._hub.attach(conn)
         self._connections.inc()
-        _log_stream("stream open", conn)
         try:
+            await self._hub.attach(conn)
+            _log_stream("stream open", conn)
             await conn.run(context)
         except ConnectionAborted as exc:
             await context.abort(exc.code, exc.details)
         finally:
             self._connections.dec()
-            await self._hub.detach(conn)
+            # gRPC cancels this task when the client goes away, possibly while
+            # the stream is already ending here: the route must still be removed
+            # (else pushes go to a closed stream until the route's TTL).
+            cancelled = await _to_completion(self._hub.detach(conn))
             _log_stream("stream closed", conn)
+            if cancelled:
+                raise asyncio.CancelledError()
 
     async def Sync(
         self, request: gateway_pb2.SyncRequest, context: grpc.aio.ServicerContext

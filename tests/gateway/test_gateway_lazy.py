@@ -79,6 +79,7 @@ class InProcessGateway:
     address: str
     hub: Hub
     settings: Settings
+    routes: RouteTable
 
     async def connection(self, user: str, device: str = "d1") -> Connection:
         conn = await wait_for(lambda: self.hub.get(user, device), what=f"{user}'s stream")
@@ -101,8 +102,9 @@ async def gateway(redis_server: RedisServer, key_prefix: str) -> AsyncIterator[I
     redis = aioredis.from_url(settings.redis_url)
     logic_channel = grpc.aio.insecure_channel(settings.logic_address)
     peers = Peers(metrics, settings.internal_timeout_s, ack_batch_s=settings.ack_batch_ms / 1000)
+    routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
     hub = Hub(
-        RouteTable(redis, settings.redis_prefix, settings.route_ttl_s),
+        routes,
         peers,
         lambda: address,
         settings.refresh_interval_s,
@@ -118,7 +120,7 @@ async def gateway(redis_server: RedisServer, key_prefix: str) -> AsyncIterator[I
     port = server.add_insecure_port("127.0.0.1:0")
     address = f"127.0.0.1:{port}"
     await server.start()
-    yield InProcessGateway(address, hub, settings)
+    yield InProcessGateway(address, hub, settings, routes)
     await server.stop(0)
     await peers.acks.close(0.5)
     await peers.close()
@@ -284,3 +286,37 @@ async def test_max_size_frames_pass_both_ways(gateway: InProcessGateway) -> None
         assert error.code == gateway_pb2.SEND_ERROR_CODE_UNAVAILABLE
     finally:
         await stream.close()
+
+
+async def test_a_cancellation_during_detach_still_removes_the_route(
+    gateway: InProcessGateway,
+) -> None:
+    """gRPC cancels the handler when the client goes away, which can land while
+    the stream is already ending and removing its route. The removal must finish
+    anyway, or pushes keep going to a closed stream until the route's TTL (seen as
+    stray give-ups in tests/pusher)."""
+    user = "lazy-detach"
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    real_unregister = gateway.routes.unregister
+
+    async def slow_unregister(user_id: str, device_id: str, connection_id: str) -> bool:
+        entered.set()
+        await release.wait()
+        return await real_unregister(user_id, device_id, connection_id)
+
+    gateway.routes.unregister = slow_unregister  # type: ignore[method-assign]
+    stream = RawStream(gateway.address, token_for(user))
+    await stream.welcome()
+    conn = await gateway.connection(user)
+    handler = conn._handler
+    assert handler is not None
+    assert [r.connection_id for r in await gateway.routes.lookup(user)] == [conn.connection_id]
+    await stream.call.done_writing()  # the stream ends: detach starts and waits
+    await asyncio.wait_for(entered.wait(), 5)
+    handler.cancel()  # what gRPC does when the client goes away now
+    release.set()  # runs after the cancellation reached the handler (FIFO callbacks)
+    await wait_for(lambda: handler.done(), what="the handler to end")
+    assert await gateway.routes.lookup(user) == []
+    assert gateway.hub.get(user, "d1") is None
+    await stream.close()
