@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
+import psycopg
 import pytest
 from logic_support import FanoutDriver, LogicClient, query, table_counts, wait_for
 from send_batch_support import batches, blocked_committer, outcome, published, with_metrics
 
 from im.logic.v1 import logic_pb2 as pb
+from imcommon.config import load_settings
 from imdev.servers import NatsServer, PostgresServer, ServiceProcess
-from logic.faults import CRASH_EXIT_CODE
+from logic import repo
+from logic.config import Settings
+from logic.errors import SequenceRegression
+from logic.events import TriggerPublisher
+from logic.faults import CRASH_EXIT_CODE, Faults
+from logic.ids import LOCK_CONV_SEND, lock_key
+from logic.outbox import OutboxCleaner
+from logic.send import Sender, SendRequest
+from logic.seq import SeqClientSource
+from logic.store import open_database
+from seqsvc.client import SeqClient
 
 
 async def make_group(client: LogicClient, owner: str, members: list[str]) -> str:
@@ -310,3 +322,95 @@ async def test_crash_after_a_batch_commit_relays_every_conversation(
     assert all(a.duplicate for a in again)
     assert sorted(a.msg_id for a in again) == sorted(r[0] for r in rows)
     await client.close()
+
+
+class RewindingSeq:
+    """The real seqsvc's values, minus `rewind[key]` for the keys the test picks."""
+
+    def __init__(self, inner: SeqClientSource) -> None:
+        self.inner = inner
+        self.rewind: dict[str, int] = {}
+
+    async def next_batch(self, keys: Sequence[str]) -> list[int]:
+        values = await self.inner.next_batch(keys)
+        return [v - self.rewind.get(k, 0) for k, v in zip(keys, values, strict=True)]
+
+
+async def test_a_sequence_regression_fails_the_whole_batch(
+    pg_dsn: str, seqsvc: ServiceProcess, nats_server: NatsServer, key_prefix: str
+) -> None:
+    """seqsvc goes back for ONE key of a batch (in-process Sender, real seqsvc
+    behind a rewinding wrapper): every send of the batch fails, nothing is written;
+    with seqsvc sane again the same sends are stored once each."""
+    settings = load_settings(
+        Settings,
+        {
+            "IM_LOGIC_DATABASE_URL": pg_dsn,
+            "IM_LOGIC_SEQSVC_ADDRESS": seqsvc.address,
+            "IM_LOGIC_NATS_URL": nats_server.url(),
+        },
+    )
+    await repo.migrate(pg_dsn)
+    async with (
+        open_database(settings) as db,
+        SeqClient(seqsvc.address) as seq_client,
+        TriggerPublisher(nats_server.url(), key_prefix, key_prefix.lower()) as publisher,
+    ):
+        seq = RewindingSeq(SeqClientSource(seq_client))
+        sender = Sender(
+            db,
+            seq,
+            publisher,
+            OutboxCleaner(db, batch=100, delay_s=0),
+            max_body_bytes=1024,
+            repair_after_s=60,
+            faults=Faults(),
+        )
+
+        def req(user: str, conv: str, cmid: str) -> SendRequest:
+            return SendRequest(user, "d1", cmid, conv, 1, b"x")
+
+        try:
+            await sender.send(req("bob", "d:bob:cat", "bob-0"))  # bob's last seq > 0
+            before = await table_counts(pg_dsn)
+            seq.rewind["u:bob"] = 10**12
+            batch = [req("ann", "d:ann:cat", "ann-1"), req("bob", "d:bob:cat", "bob-1")]
+            async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+                await conn.execute(
+                    "SELECT pg_advisory_lock(%s, %s)", (LOCK_CONV_SEND, lock_key("d:x:y"))
+                )
+                blocker = asyncio.create_task(sender.send(req("x", "d:x:y", "x-1")))
+
+                async def waiting() -> bool:
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    )
+                    row = await cur.fetchone()
+                    return row is not None and row[0] >= 1
+
+                await wait_for(waiting, what="the committer waits for the held lock")
+                tasks = [asyncio.create_task(sender.send(r)) for r in batch]
+                await wait_for(lambda: _true(sender.queued == 2), what="two sends queued")
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(%s, %s)", (LOCK_CONV_SEND, lock_key("d:x:y"))
+                )
+            await blocker
+            for task in tasks:
+                with pytest.raises(SequenceRegression, match="u:bob"):
+                    await task
+            after = await table_counts(pg_dsn)
+            assert after["messages"] == before["messages"] + 1  # the blocker only
+            assert await query(
+                pg_dsn, "SELECT client_msg_id FROM messages WHERE client_msg_id <> 'x-1'"
+            ) == [("bob-0",)]
+
+            seq.rewind.clear()
+            acks = await asyncio.gather(*(sender.send(r) for r in batch))
+            assert not any(a.duplicate for a in acks)
+            assert len(await query(pg_dsn, "SELECT 1 FROM messages")) == 4
+        finally:
+            await sender.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
