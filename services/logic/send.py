@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link
 from psycopg import errors as pg_errors
@@ -113,6 +114,9 @@ class _Committed:
 
     items: list[_Item]
     triggers: list[logic_pb2.MessageCommitted]
+    #: The batch transaction's span, so the triggers carry its trace context to
+    #: the pusher (a batch run by the committer has no caller context of its own).
+    span: trace.Span | None = None
 
 
 class Sender:
@@ -295,6 +299,7 @@ class Sender:
                         self._tel.db("send", attributes, links=links) as span,
                     ):
                         committed = await self._commit(items)
+                        committed.span = span
                         new = [
                             i.outcome
                             for i in items
@@ -303,6 +308,8 @@ class Sender:
                         span.set_attributes({"im.stored": len(new)})
                         if len(items) == 1 and isinstance(items[0].outcome, SendAck):
                             span.set_attributes(_ack_attributes(items[0].outcome))
+                    if committed.triggers and self._faults.crash_after_commit:
+                        self._faults.crash_now()
                     return committed
                 except pg_errors.UniqueViolation as exc:
                     # Sends of one sender serialise on its lock, and the dedup lookup
@@ -450,11 +457,15 @@ class Sender:
     async def _finish(self, committed: _Committed) -> None:
         """After the commit: the triggers (one per conversation), then the answers.
         A failed publish never fails a send: the outbox relay publishes it later."""
-        if committed.triggers:
-            if self._faults.crash_after_commit:
-                self._faults.crash_now()
-            if not self._faults.skip_outbox:
+        if committed.triggers and not self._faults.skip_outbox:
+            token = None
+            if committed.span is not None:
+                token = otel_context.attach(trace.set_span_in_context(committed.span))
+            try:
                 await asyncio.gather(*(self._publish(t) for t in committed.triggers))
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
         for item in committed.items:
             if item.future.done():
                 continue
@@ -496,5 +507,9 @@ def _fail(items: list[_Item], error: BaseException) -> None:
         if not item.future.done():
             copy = type(error)(*error.args) if isinstance(error, LogicError) else error
             item.future.set_exception(copy)
+            # Retrieved: a caller that awaits it still raises it; one that is gone
+            # (or the one-send path, which raises the error itself) leaves no
+            # "exception was never retrieved" noise behind.
+            item.future.exception()
             # A caller that gave up never retrieves it; do not log it as unretrieved.
             item.future.exception()
