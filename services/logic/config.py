@@ -250,7 +250,8 @@ class Settings(ServerSettings):
         description="Most sends stored by one transaction (group commit): concurrent "
         "SendMessage calls queue and the committer takes up to this many at once as soon "
         "as it is free. 1: every send is its own transaction in its own task (no queue), "
-        "the behaviour before group commit.",
+        "the behaviour before group commit. A batch holds up to 2 x this many advisory "
+        "locks (its conversations and senders) until it commits.",
     )
     send_linger_ms: float = Field(
         0.0,
