@@ -103,7 +103,8 @@ class _Item:
     req: SendRequest
     conv: ConversationId
     future: asyncio.Future[SendAck]
-    link: trace.SpanContext | None = None
+    #: The caller's trace context (its SendMessage server span).
+    ctx: otel_context.Context | None = None
     #: Set by the batch: the ACK, or the error for this caller only.
     outcome: SendAck | LogicError | None = field(default=None)
 
@@ -113,10 +114,9 @@ class _Committed:
     """A committed batch: the outcome of each item, the triggers to publish."""
 
     items: list[_Item]
-    triggers: list[logic_pb2.MessageCommitted]
-    #: The batch transaction's span, so the triggers carry its trace context to
-    #: the pusher (a batch run by the committer has no caller context of its own).
-    span: trace.Span | None = None
+    #: Each with the item whose message it names: the trigger is published in
+    #: that caller's trace, so the pusher's spans continue it.
+    triggers: list[tuple[logic_pb2.MessageCommitted, _Item]]
 
 
 class Sender:
@@ -213,8 +213,7 @@ class Sender:
         else:
             if self._closed:
                 raise Unavailable("logic is shutting down; retry")
-            span = trace.get_current_span().get_span_context()
-            item.link = span if span.is_valid else None
+            item.ctx = otel_context.get_current()
             self._queue.append(item)
             self._ready.set()
             self._start_committers()
@@ -290,16 +289,21 @@ class Sender:
                 "im.user_ids": ids(i.req.sender_id for i in items),
                 "im.conversation_ids": ids(i.conv.value for i in items),
             }
-        links = [Link(i.link) for i in items if i.link is not None]
+        # The batch's span continues the first caller's trace (in the one-send path,
+        # the caller's own) and links the other callers' spans.
+        links = []
+        for item in items[1:]:
+            span_context = trace.get_current_span(item.ctx).get_span_context()
+            if span_context.is_valid:
+                links.append(Link(span_context))
         try:
             for attempt in range(1, DEDUP_RACE_ATTEMPTS + 1):
                 try:
                     with (
                         self._db.errors(),
-                        self._tel.db("send", attributes, links=links) as span,
+                        self._tel.db("send", attributes, links=links, context=items[0].ctx) as span,
                     ):
                         committed = await self._commit(items)
-                        committed.span = span
                         new = [
                             i.outcome
                             for i in items
@@ -361,11 +365,14 @@ class Sender:
                 outbox=not self._faults.skip_outbox,
                 repair_after_s=self._repair_after,
             )
-        last: dict[str, logic_pb2.MessageCommitted] = {}
+        last: dict[str, tuple[logic_pb2.MessageCommitted, _Item]] = {}
         for item, msg, (msg_id, server_time_ms) in zip(new, msgs, stored, strict=True):
             item.outcome = SendAck(msg_id, msg.sender_seq, msg.conv_seq, server_time_ms, False)
-            last[msg.conversation_id] = logic_pb2.MessageCommitted(
-                conversation_id=msg.conversation_id, msg_id=msg_id, conv_seq=msg.conv_seq
+            last[msg.conversation_id] = (
+                logic_pb2.MessageCommitted(
+                    conversation_id=msg.conversation_id, msg_id=msg_id, conv_seq=msg.conv_seq
+                ),
+                item,
             )
         first: dict[tuple[str, str], SendAck] = {}
         for item in items:
@@ -458,14 +465,7 @@ class Sender:
         """After the commit: the triggers (one per conversation), then the answers.
         A failed publish never fails a send: the outbox relay publishes it later."""
         if committed.triggers and not self._faults.skip_outbox:
-            token = None
-            if committed.span is not None:
-                token = otel_context.attach(trace.set_span_in_context(committed.span))
-            try:
-                await asyncio.gather(*(self._publish(t) for t in committed.triggers))
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
+            await asyncio.gather(*(self._publish(t, item) for t, item in committed.triggers))
         for item in committed.items:
             if item.future.done():
                 continue
@@ -474,9 +474,15 @@ class Sender:
             else:
                 item.future.set_exception(item.outcome or RuntimeError("send without outcome"))
 
-    async def _publish(self, trigger: logic_pb2.MessageCommitted) -> None:
-        if await self._publisher.publish(trigger, str(trigger.msg_id), "send"):
-            self._cleaner.discard(trigger.msg_id)
+    async def _publish(self, trigger: logic_pb2.MessageCommitted, item: _Item) -> None:
+        """Publishes in the trace of the send whose message the trigger names."""
+        token = otel_context.attach(item.ctx) if item.ctx is not None else None
+        try:
+            if await self._publisher.publish(trigger, str(trigger.msg_id), "send"):
+                self._cleaner.discard(trigger.msg_id)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
     def _stored(self, req: SendRequest, conv: ConversationId, ack: SendAck) -> None:
         """Metrics, the ids on the caller's span (the SendMessage server span), a

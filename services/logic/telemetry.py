@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind
 
 from imcommon.metrics import Metrics
@@ -113,14 +114,20 @@ class Telemetry:
         op: str,
         attributes: Mapping[str, Any] | None = None,
         links: Sequence[Link] | None = None,
+        context: Context | None = None,
     ) -> Iterator[Span]:
-        """A span and a latency observation around one database transaction (a send
-        batch links the spans of the sends it stores)."""
+        """A span and a latency observation around one database transaction. A send
+        batch passes its parent `context` (the first caller's) and links the spans
+        of the other sends it stores."""
         start = time.perf_counter()
         attrs = {"db.system.name": "postgresql", "db.operation.name": op, **(attributes or {})}
         try:
             with self.tracer.start_as_current_span(
-                f"logic.db.{op}", kind=SpanKind.CLIENT, attributes=attrs, links=links
+                f"logic.db.{op}",
+                context=context,
+                kind=SpanKind.CLIENT,
+                attributes=attrs,
+                links=links,
             ) as span:
                 yield span
         finally:
