@@ -19,6 +19,11 @@ numbers on this machine. Prints a table, writes bench/results/logic.json, and en
 with `RESULT {json}`.
 
     python bench/logic.py [--duration 10] [--concurrency 64] [--logics 1] [--no-fsync]
+    python bench/logic.py --sends-only --env IM_LOGIC_SEND_BATCH_MAX=1   # no group commit
+
+Send phases also report PostgreSQL commits and WAL fsyncs per send
+(pg_stat_database, pg_stat_wal) and `foreign_cores`: CPU used on the machine by
+processes outside the benchmark during the phase (/proc/stat).
 """
 
 from __future__ import annotations
@@ -105,12 +110,48 @@ class CpuMeter:
         return out
 
 
+def _busy_jiffies() -> float:
+    """CPU seconds all processes on the machine used (the cpu line of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / CLK_TCK
+
+
+class PgCounters:
+    """Commits and WAL fsyncs of the bench database between start() and stop()."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._start: tuple[int, int] = (0, 0)
+
+    async def _read(self) -> tuple[int, int]:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = "
+                "current_database()), (SELECT wal_sync FROM pg_stat_wal)"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+    async def start(self) -> None:
+        self._start = await self._read()
+
+    async def stop(self) -> dict[str, int]:
+        end = await self._read()
+        return {"commits": end[0] - self._start[0], "wal_fsyncs": end[1] - self._start[1]}
+
+
 # -- the stack -------------------------------------------------------------------------
 
 
 class Stack:
-    def __init__(self, workdir: Path, logics: int, fsync: bool) -> None:
+    def __init__(
+        self, workdir: Path, logics: int, fsync: bool, logic_env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
+        self.logic_env = logic_env or {}
         self.postgres = PostgresServer(
             free_port(),
             workdir / "pg",
@@ -150,6 +191,7 @@ class Stack:
                     # No pusher runs here: keep the repair loop out of the numbers.
                     "IM_LOGIC_REPAIR_AFTER_S": "86400",
                     "IM_LOGIC_LOG_LEVEL": "warning",
+                    **self.logic_env,
                 },
                 self.workdir / f"logic-{i}.log",
             )
@@ -207,6 +249,8 @@ def _summary(
         "latency_ms": {
             "p50": pct(0.50),
             "p99": pct(0.99),
+            "p999": pct(0.999),
+            "max": round(lat[-1] * 1000, 2) if lat else 0.0,
             "mean": round(statistics.fmean(lat) * 1000, 2) if lat else 0.0,
         },
         "cpu_seconds": cpu,
@@ -223,6 +267,7 @@ async def bench_send(
     concurrency: int,
     conv_of: Callable[[int], tuple[str, str]],
     body: bytes,
+    pg: PgCounters | None = None,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     deadline = time.monotonic() + duration
@@ -235,11 +280,28 @@ async def bench_send(
             await _send(stub, sender, conv, body)
             latencies.append(time.perf_counter() - t0)
 
+    if pg is not None:
+        await pg.start()
+    busy0 = _busy_jiffies()
     meter.start()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - t0
-    return _summary(len(latencies), elapsed, latencies, meter.stop())
+    cpu = meter.stop()
+    busy = _busy_jiffies() - busy0
+    out = _summary(len(latencies), elapsed, latencies, cpu)
+    # Cores used by processes that are not this benchmark's (other work on the
+    # machine): read every number together with it.
+    out["foreign_cores"] = round(max(0.0, busy - sum(cpu.values())) / elapsed, 2)
+    if pg is not None:
+        counts = await pg.stop()
+        n = max(1, len(latencies))
+        out["postgres"] = {
+            **counts,
+            "commits_per_send": round(counts["commits"] / n, 3),
+            "wal_fsyncs_per_send": round(counts["wal_fsyncs"] / n, 3),
+        }
+    return out
 
 
 async def fanout_until_done(stub: Any, conv: str) -> tuple[int, int, list[float]]:
@@ -336,8 +398,23 @@ def _limits(results: dict[str, Any], cores: int) -> str:
     )
 
 
+def _config(args: argparse.Namespace, logic_env: dict[str, str]) -> dict[str, Any]:
+    return {
+        "logics": args.logics,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "body_bytes": args.body_bytes,
+        "postgres_fsync": not args.no_fsync,
+        "logic_env": logic_env,
+        "cpu_cores": os.cpu_count() or 1,
+        # Other work on the machine skews every number: check this first.
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+    }
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    stack = Stack(workdir, args.logics, fsync=not args.no_fsync)
+    logic_env = dict(kv.split("=", 1) for kv in args.env)
+    stack = Stack(workdir, args.logics, fsync=not args.no_fsync, logic_env=logic_env)
     try:
         stack.start()
         channels = [grpc.aio.insecure_channel(p.address) for p in stack.logics]
@@ -347,11 +424,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Warm up connections, prepared statements and seqsvc steps.
         await bench_send(stubs, meter, 2, args.concurrency, lambda w: ("w", f"d:w:w{w:04d}"), body)
 
+        pg = PgCounters(stack.dsn)
         results: dict[str, Any] = {}
         results["send_spread"] = await bench_send(
             stubs, meter, args.duration, args.concurrency,
-            lambda w: (f"s{w:04d}", f"d:r{w:04d}:s{w:04d}"), body,
+            lambda w: (f"s{w:04d}", f"d:r{w:04d}:s{w:04d}"), body, pg,
         )  # fmt: skip
+        if args.sends_only:
+            results["config"] = _config(args, logic_env)
+            return results
         group = (
             await stubs[0].CreateGroup(
                 pb.CreateGroupRequest(
@@ -361,7 +442,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ).conversation.conversation_id
         results["send_one_group"] = await bench_send(
             stubs, meter, args.duration / 2, args.concurrency,
-            lambda w: (f"h{w:04d}", group), body,
+            lambda w: (f"h{w:04d}", group), body, pg,
         )  # fmt: skip
         results["fanout_group"] = await bench_fanout_group(
             stubs, meter, args.group_size, args.group_messages, body
@@ -376,16 +457,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             row = await cur.fetchone()
             results["timeline_rows_total"] = row[0] if row else 0
         cores = os.cpu_count() or 1
-        results["config"] = {
-            "logics": args.logics,
-            "concurrency": args.concurrency,
-            "duration_s": args.duration,
-            "body_bytes": args.body_bytes,
-            "postgres_fsync": not args.no_fsync,
-            "cpu_cores": cores,
-            # Other work on the machine skews every number: check this first.
-            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
-        }
+        results["config"] = _config(args, logic_env)
         results["limits"] = _limits(results, cores)
         return results
     finally:
@@ -402,7 +474,24 @@ def main() -> int:
     parser.add_argument("--group-messages", type=int, default=20)
     parser.add_argument("--direct-convs", type=int, default=300)
     parser.add_argument("--no-fsync", action="store_true", help="PostgreSQL with fsync=off")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra logic setting, repeatable (e.g. IM_LOGIC_SEND_BATCH_MAX=1 for one "
+        "transaction per send, the behaviour before group commit)",
+    )
+    parser.add_argument(
+        "--sends-only", action="store_true", help="only the send_spread phase (no fan-out)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"JSON results file (default {RESULTS})"
+    )
     args = parser.parse_args()
+    for kv in args.env:
+        if "=" not in kv or not kv.startswith("IM_LOGIC_"):
+            parser.error(f"--env {kv!r}: expected IM_LOGIC_<NAME>=<value>")
     # Not pytest's tmp dir: PostgreSQL (as user postgres when we are root) must reach it.
     workdir = Path(tempfile.mkdtemp(prefix="bench-logic-"))
     workdir.chmod(0o755)
@@ -411,6 +500,8 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for name in ("send_spread", "send_one_group", "fanout_group", "fanout_direct"):
+        if name not in results:
+            continue
         r = results[name]
         lat = r.get("latency_ms") or r.get("latency_ms_per_call")
         unit = "sends/s" if name.startswith("send") else "rows/s"
@@ -418,9 +509,12 @@ def main() -> int:
             f"{name:15s} {r['per_second']:>10.1f} {unit:8s} p50 {lat['p50']:>7.2f} ms  "
             f"p99 {lat['p99']:>7.2f} ms  cpu ms/op {r['cpu_ms_per_op']}"
         )
-    print("limits:", results["limits"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        if "postgres" in r:
+            print(f"{'':15s} postgres {r['postgres']}  foreign cores {r['foreign_cores']}")
+    if "limits" in results:
+        print("limits:", results["limits"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print("RESULT " + json.dumps(results))
     return 0
 

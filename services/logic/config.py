@@ -250,6 +250,33 @@ class Settings(ServerSettings):
         False, description="TEST ONLY, breaks I8: the repair loop does not run."
     )
 
+    # -- group commit of SendMessage --------------------------------------------
+    send_batch_max: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most sends stored by one transaction (group commit): concurrent "
+        "SendMessage calls queue and the committer takes up to this many at once as soon "
+        "as it is free. 1: every send is its own transaction in its own task (no queue), "
+        "the behaviour before group commit. A batch holds up to 2 x this many advisory "
+        "locks (its conversations and senders) until it commits.",
+    )
+    send_linger_ms: float = Field(
+        0.0,
+        ge=0,
+        le=50,
+        description="How long the committer waits for more sends before taking a batch "
+        "smaller than send_batch_max (0: take what is queued at once; while one batch "
+        "commits the next one fills anyway).",
+    )
+    send_committers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Send batches committed at once by one logic process (each holds one "
+        "database connection). Ignored when send_batch_max is 1.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.db_pool_max < self.db_pool_min:

@@ -89,30 +89,57 @@ class SendState:
     stored: SendAck | None  # the earlier send with this (sender, client_msg_id)
 
 
-async def read_send_state_tx(conn: Conn, sender: str, client_msg_id: str, conv: str) -> SendState:
-    """Everything a send decides on, in one statement. Run it after the conversation
-    and sender locks: then the last seqs it reads cannot change before commit."""
+@dataclass(frozen=True)
+class SendKey:
+    sender_id: str
+    client_msg_id: str
+    conversation_id: str
+
+
+async def lock_send_tx(conn: Conn, locks: Sequence[tuple[int, int]]) -> None:
+    """Takes the (class, key) advisory locks of a send batch in the order given (the
+    caller sorts them), in one statement whose text does not depend on the number
+    of locks. Same rule as `lock_tx`: its own statement, before the reads."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(c, k) "
+        "FROM unnest(%s::int4[], %s::int4[]) WITH ORDINALITY AS t (c, k, i) ORDER BY i",
+        ([c for c, _ in locks], [k for _, k in locks]),
+    )
+
+
+async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendState]:
+    """Everything the sends of a batch decide on, in one statement, one state per
+    key in the order given. Run it after the conversation and sender locks: then
+    the last seqs it reads cannot change before commit."""
     cur = await conn.execute(
         """
         SELECT
-            (SELECT max(seq) FROM timeline WHERE user_id = %(sender)s),
-            (SELECT max(conv_seq) FROM messages WHERE conversation_id = %(conv)s),
-            (SELECT kind FROM conversations WHERE conversation_id = %(conv)s),
-            EXISTS (SELECT 1 FROM members WHERE conversation_id = %(conv)s
-                    AND user_id = %(sender)s AND left_after IS NULL),
+            (SELECT max(seq) FROM timeline WHERE user_id = t.sender),
+            (SELECT max(conv_seq) FROM messages WHERE conversation_id = t.conv),
+            (SELECT kind FROM conversations WHERE conversation_id = t.conv),
+            EXISTS (SELECT 1 FROM members WHERE conversation_id = t.conv
+                    AND user_id = t.sender AND left_after IS NULL),
             d.msg_id, m.sender_seq, m.conv_seq, m.server_time_ms
-        FROM (VALUES (1)) AS one (x)
-        LEFT JOIN send_dedup d ON d.sender_id = %(sender)s AND d.client_msg_id = %(cmid)s
+        FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (sender, cmid, conv, i)
+        LEFT JOIN send_dedup d ON d.sender_id = t.sender AND d.client_msg_id = t.cmid
         LEFT JOIN messages m ON m.msg_id = d.msg_id
+        ORDER BY t.i
         """,
-        {"sender": sender, "conv": conv, "cmid": client_msg_id},
+        (
+            [k.sender_id for k in keys],
+            [k.client_msg_id for k in keys],
+            [k.conversation_id for k in keys],
+        ),
     )
-    row = await cur.fetchone()
-    assert row is not None
-    stored = None
-    if row[4] is not None:
-        stored = SendAck(row[4], row[5], row[6], row[7], duplicate=True)
-    return SendState(row[0] or 0, row[1] or 0, row[2], bool(row[3]), stored)
+    out = []
+    for row in await cur.fetchall():
+        stored = None
+        if row[4] is not None:
+            stored = SendAck(row[4], row[5], row[6], row[7], duplicate=True)
+        out.append(SendState(row[0] or 0, row[1] or 0, row[2], bool(row[3]), stored))
+    if len(out) != len(keys):
+        raise RuntimeError(f"send state read returned {len(out)} rows for {len(keys)} sends")
+    return out
 
 
 @dataclass(frozen=True)
@@ -128,70 +155,92 @@ class NewMessage:
     direct_pair: tuple[str, ...]  # (a, b) of a direct conversation, () for a group
 
 
-async def insert_message_tx(
-    conn: Conn, msg: NewMessage, *, dedup: bool, outbox: bool, repair_after_s: float
-) -> tuple[int, int]:
-    """Inserts the message, its dedup key, the sender's timeline row, the outbox row
-    and the conversation's pending-fan-out mark (and, for a direct conversation's
-    first message, its conversations row), in one statement. Returns
-    (msg_id, server_time_ms)."""
-    a, b = msg.direct_pair if msg.direct_pair else (None, None)
+async def insert_messages_tx(
+    conn: Conn,
+    msgs: Sequence[NewMessage],
+    *,
+    dedup: bool,
+    outbox: bool,
+    repair_after_s: float,
+) -> list[tuple[int, int]]:
+    """Inserts a batch of messages in one statement: each message, its dedup key and
+    the sender's timeline row; per conversation of the batch ONE outbox row and the
+    pending-fan-out mark, both naming the conversation's last message in the batch
+    (a trigger means "fan out everything above the watermark", so one per
+    conversation covers the earlier ones); a direct conversation's row on its
+    first message; the user and device rows. Returns (msg_id, server_time_ms) per
+    message, in the order given."""
+    directs = {m.conversation_id: m.direct_pair for m in msgs if m.direct_pair}
+    devices = sorted({(m.sender_id, m.sender_device_id) for m in msgs})
     cur = await conn.execute(
         """
-        WITH msg AS (
+        WITH input AS (
+            SELECT * FROM unnest(%(conv)s::text[], %(conv_seq)s::int8[], %(sender)s::text[],
+                                 %(device)s::text[], %(cmid)s::text[], %(seq)s::int8[],
+                                 %(ctype)s::int2[], %(body)s::bytea[])
+                WITH ORDINALITY AS t (conv, conv_seq, sender, device, cmid, seq, ctype, body, i)
+        ), msg AS (
             INSERT INTO messages (conversation_id, conv_seq, sender_id, sender_device_id,
                                   client_msg_id, sender_seq, content_type, body, server_time_ms)
-            VALUES (%(conv)s, %(conv_seq)s, %(sender)s, %(device)s, %(cmid)s, %(seq)s,
-                    %(ctype)s, %(body)s,
-                    (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
-            RETURNING msg_id, server_time_ms
+            SELECT conv, conv_seq, sender, device, cmid, seq, ctype, body,
+                   (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+            FROM input ORDER BY i
+            RETURNING msg_id, conversation_id, conv_seq, sender_id, client_msg_id, sender_seq,
+                      server_time_ms
         ), dedup AS (
             INSERT INTO send_dedup (sender_id, client_msg_id, msg_id)
-            SELECT %(sender)s, %(cmid)s, msg_id FROM msg WHERE %(dedup)s
+            SELECT sender_id, client_msg_id, msg_id FROM msg WHERE %(dedup)s
         ), tl AS (
             INSERT INTO timeline (user_id, seq, msg_id)
-            SELECT %(sender)s, %(seq)s, msg_id FROM msg
+            SELECT sender_id, sender_seq, msg_id FROM msg
+        ), last AS (
+            SELECT DISTINCT ON (conversation_id) conversation_id, conv_seq, msg_id
+            FROM msg ORDER BY conversation_id, conv_seq DESC
         ), ob AS (
             INSERT INTO outbox (msg_id, conversation_id, conv_seq)
-            SELECT msg_id, %(conv)s, %(conv_seq)s FROM msg WHERE %(outbox)s
+            SELECT msg_id, conversation_id, conv_seq FROM last WHERE %(outbox)s
         ), pending AS (
             INSERT INTO fanout_pending (conversation_id, upto_conv_seq, upto_msg_id, repair_at)
-            SELECT %(conv)s, %(conv_seq)s, msg_id,
-                   now() + make_interval(secs => %(repair_after)s) FROM msg
+            SELECT conversation_id, conv_seq, msg_id,
+                   now() + make_interval(secs => %(repair_after)s) FROM last
             ON CONFLICT (conversation_id) DO UPDATE
                 SET upto_conv_seq = excluded.upto_conv_seq, upto_msg_id = excluded.upto_msg_id
         ), conv AS (
             INSERT INTO conversations (conversation_id, kind, direct_user_a, direct_user_b)
-            SELECT %(conv)s, 1, %(a)s, %(b)s WHERE %(direct)s
+            SELECT c, 1, a, b FROM unnest(%(dconv)s::text[], %(da)s::text[], %(db)s::text[])
+                AS d (c, a, b)
             ON CONFLICT DO NOTHING
         ), usr AS (
-            INSERT INTO users (user_id) VALUES (%(sender)s) ON CONFLICT DO NOTHING
+            INSERT INTO users (user_id) SELECT DISTINCT unnest(%(dev_user)s::text[])
+            ON CONFLICT DO NOTHING
         ), dev AS (
-            INSERT INTO devices (user_id, device_id) VALUES (%(sender)s, %(device)s)
+            INSERT INTO devices (user_id, device_id)
+            SELECT * FROM unnest(%(dev_user)s::text[], %(dev_id)s::text[])
             ON CONFLICT DO NOTHING
         )
-        SELECT msg_id, server_time_ms FROM msg
+        SELECT conversation_id, conv_seq, msg_id, server_time_ms FROM msg
         """,
         {
-            "conv": msg.conversation_id,
-            "conv_seq": msg.conv_seq,
-            "sender": msg.sender_id,
-            "device": msg.sender_device_id,
-            "cmid": msg.client_msg_id,
-            "seq": msg.sender_seq,
-            "ctype": msg.content_type,
-            "body": msg.body,
+            "conv": [m.conversation_id for m in msgs],
+            "conv_seq": [m.conv_seq for m in msgs],
+            "sender": [m.sender_id for m in msgs],
+            "device": [m.sender_device_id for m in msgs],
+            "cmid": [m.client_msg_id for m in msgs],
+            "seq": [m.sender_seq for m in msgs],
+            "ctype": [m.content_type for m in msgs],
+            "body": [m.body for m in msgs],
             "dedup": dedup,
             "outbox": outbox,
             "repair_after": repair_after_s,
-            "direct": bool(msg.direct_pair),
-            "a": a,
-            "b": b,
+            "dconv": list(directs),
+            "da": [p[0] for p in directs.values()],
+            "db": [p[1] for p in directs.values()],
+            "dev_user": [u for u, _ in devices],
+            "dev_id": [d for _, d in devices],
         },
     )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+    stored = {(r[0], int(r[1])): (int(r[2]), int(r[3])) for r in await cur.fetchall()}
+    return [stored[(m.conversation_id, m.conv_seq)] for m in msgs]
 
 
 async def find_send(conn: Conn, sender: str, client_msg_id: str) -> SendAck | None:

@@ -1,20 +1,52 @@
-"""SendMessage: the durable, idempotent, ordered store of one message (I1-I5)."""
+"""SendMessage: the durable, idempotent, ordered store of messages (I1-I5), with
+group commit.
+
+Concurrent `send()` calls share one transaction: they queue, and a committer takes
+up to `batch_max` of them as soon as it is free (while one batch commits, the next
+fills). One batch is one transaction:
+
+1. all conversation SEND locks and sender USER locks of the batch, in ascending
+   (class, key) order (SEND < FANOUT < USER, the global order: Fanout takes its
+   FANOUT lock, then USER locks by key; membership changes take one SEND lock);
+2. one read of every send's state (dedup row, group kind and membership, the
+   conversation's last conv_seq, the sender's last seq);
+3. per send, in queue order, as if the sends ran one after another: a stored or
+   earlier-in-the-batch (sender, client_msg_id) is a duplicate (the first send's
+   ACK); an unknown group or a non-member is refused, for that caller only;
+4. one seqsvc call for the keys of the remaining sends in queue order (conv_seq
+   increasing in queue order within each conversation, seq per sender), each value
+   checked to be above the last committed one for its key (I1/I5);
+5. one bulk insert, COMMIT; then one trigger per conversation of the batch.
+
+A database or seqsvc failure or a SequenceRegression fails every send of the batch
+and writes nothing (retrying with the same client_msg_id is safe). `batch_max=1`
+runs each send as its own transaction in the caller's task, as before group commit.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Link
 from psycopg import errors as pg_errors
 
 from im.logic.v1 import logic_pb2
 from logic import repo
 from logic.errors import (
+    DependencyFailed,
     InvalidArgument,
+    LogicError,
     NotFound,
     PermissionDenied,
     SequenceRegression,
+    Unavailable,
 )
 from logic.events import TriggerPublisher
 from logic.faults import Faults
@@ -33,9 +65,13 @@ from logic.model import SendAck
 from logic.outbox import OutboxCleaner
 from logic.seq import SeqSource
 from logic.store import Database
-from logic.telemetry import Telemetry
+from logic.telemetry import Telemetry, ids
 
 log = logging.getLogger(__name__)
+
+#: Attempts of a batch that lost a dedup race (only without the locks: a test-only
+#: fault, or a bug): the retry reads the winner's row and answers with its ACK.
+DEDUP_RACE_ATTEMPTS = 3
 
 
 def _ack_attributes(ack: SendAck) -> dict[str, int | bool]:
@@ -60,6 +96,29 @@ class SendRequest:
     body: bytes
 
 
+@dataclass(eq=False)
+class _Item:
+    """One queued send and where its answer goes."""
+
+    req: SendRequest
+    conv: ConversationId
+    future: asyncio.Future[SendAck]
+    #: The caller's trace context (its SendMessage server span).
+    ctx: otel_context.Context | None = None
+    #: Set by the batch: the ACK, or the error for this caller only.
+    outcome: SendAck | LogicError | None = field(default=None)
+
+
+@dataclass
+class _Committed:
+    """A committed batch: the outcome of each item, the triggers to publish."""
+
+    items: list[_Item]
+    #: Each with the item whose message it names: the trigger is published in
+    #: that caller's trace, so the pusher's spans continue it.
+    triggers: list[tuple[logic_pb2.MessageCommitted, _Item]]
+
+
 class Sender:
     """Stores messages. One instance per process, shared by every call."""
 
@@ -74,6 +133,9 @@ class Sender:
         repair_after_s: float,
         faults: Faults,
         telemetry: Telemetry | None = None,
+        batch_max: int = 64,
+        linger_s: float = 0.0,
+        committers: int = 1,
     ) -> None:
         self._db = db
         self._seq = seq
@@ -83,6 +145,20 @@ class Sender:
         self._max_body = max_body_bytes
         self._repair_after = repair_after_s
         self._faults = faults
+        self._batch_max = batch_max
+        self._linger = linger_s
+        self._committers = committers
+        self._queue: deque[_Item] = deque()
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._tel.send_queued.set_function(lambda: len(self._queue))
+
+    @property
+    def queued(self) -> int:
+        """Sends waiting for a batch."""
+        return len(self._queue)
 
     def validate(self, req: SendRequest) -> ConversationId:
         check_user_id(req.sender_id, "sender_id")
@@ -112,47 +188,305 @@ class Sender:
 
         When this returns, the message, the sender's timeline row and the outbox row
         are committed (I3); a repeat of (sender_id, client_msg_id), concurrent or
-        later, returns the first send's ACK with duplicate=True and stores nothing
-        (I2). The trigger is then published to JetStream before returning; if that
-        fails the send still succeeds and the outbox relay publishes it later (I4).
+        later, in the same batch or not, returns the first send's ACK with
+        duplicate=True and stores nothing (I2). The trigger is then published to
+        JetStream before returning; if that fails the send still succeeds and the
+        outbox relay publishes it later (I4).
 
         Raises InvalidArgument, NotFound (unknown group), PermissionDenied (not a
         member), SequenceRegression (seqsvc went back; nothing written) and
         Unavailable (PostgreSQL or seqsvc down; nothing written, retry).
         """
         conv = self.validate(req)
-        ids = {
-            "im.user_id": req.sender_id,
-            "im.device_id": req.sender_device_id,
-            "im.conversation_id": conv.value,
-            "im.client_msg_id": req.client_msg_id,
-        }
-        try:
-            with self._db.errors(), self._tel.db("send", ids) as span:
-                ack, trigger = await self._commit(req, conv)
-                span.set_attributes(_ack_attributes(ack))
-        except pg_errors.UniqueViolation as exc:
-            # Sends of one sender serialise on its lock, and the dedup lookup runs
-            # under it, so two identical sends cannot both get here... unless the
-            # locks are off. The constraint still decides; the loser answers with
-            # the winner's ACK, as a retransmit would get.
-            if exc.diag.constraint_name != "send_dedup_pkey":
-                raise
-            with self._db.errors(), self._tel.db("find_send", ids):
-                async with self._db.pool.connection() as conn:
-                    stored = await repo.find_send(conn, req.sender_id, req.client_msg_id)
-            if stored is None:
-                raise
-            self._stored(req, conv, stored)
-            return stored
+        loop = asyncio.get_running_loop()
+        item = _Item(req, conv, loop.create_future())
+        if self._batch_max == 1:
+            # One send, one transaction, in the caller's task and trace.
+            attributes = {
+                "im.user_id": req.sender_id,
+                "im.device_id": req.sender_device_id,
+                "im.conversation_id": conv.value,
+                "im.client_msg_id": req.client_msg_id,
+            }
+            committed = await self._run_batch([item], attributes)
+            await self._finish(committed)
+        else:
+            if self._closed:
+                raise Unavailable("logic is shutting down; retry")
+            item.ctx = otel_context.get_current()
+            self._queue.append(item)
+            self._ready.set()
+            self._start_committers()
+        ack = await item.future
         self._stored(req, conv, ack)
-        if trigger is not None:
-            await self._after_commit(trigger)
         return ack
+
+    # -- the committer ----------------------------------------------------------
+
+    def _start_committers(self) -> None:
+        if len(self._tasks) == self._committers:
+            return
+        for n in range(len(self._tasks), self._committers):
+            # A fresh context: the batches' spans must not join the trace of the
+            # send that happened to start the committer.
+            task = asyncio.get_running_loop().create_task(
+                self._committer(), name=f"logic-send-committer-{n}", context=contextvars.Context()
+            )
+            self._tasks.append(task)
+
+    async def _committer(self) -> None:
+        """Takes a batch whenever it is free and there is work; never raises."""
+        while True:
+            await self._ready.wait()
+            if self._linger and len(self._queue) < self._batch_max:
+                await asyncio.sleep(self._linger)
+            batch: list[_Item] = []
+            while self._queue and len(batch) < self._batch_max:
+                item = self._queue.popleft()
+                if not item.future.done():  # the caller gave up (deadline): skip it
+                    batch.append(item)
+            if not self._queue:
+                self._ready.clear()
+            if not batch:
+                continue
+            try:
+                committed = await self._run_batch(batch, None)
+            except asyncio.CancelledError:
+                _fail(batch, Unavailable("logic is shutting down; retry"))
+                raise
+            except LogicError:
+                continue  # _run_batch has answered every item
+            except Exception:
+                # A bug (the callers get INTERNAL); the committer goes on.
+                log.exception("send batch failed", extra={"batch_size": len(batch)})
+                continue
+            task = asyncio.get_running_loop().create_task(self._finish(committed))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def close(self) -> None:
+        """Stops the committers; queued sends fail UNAVAILABLE (nothing written).
+        Idempotent."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        _fail(list(self._queue), Unavailable("logic is shutting down; retry"))
+        self._queue.clear()
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+
+    # -- one batch --------------------------------------------------------------
+
+    async def _run_batch(self, items: list[_Item], attributes: dict[str, Any] | None) -> _Committed:
+        """Runs the batch's transaction (retrying a lost dedup race). On failure
+        every item's future gets the error and it is raised again."""
+        self._tel.send_batch_size.observe(len(items))
+        if attributes is None:
+            attributes = {
+                "im.batch_size": len(items),
+                "im.user_ids": ids(i.req.sender_id for i in items),
+                "im.conversation_ids": ids(i.conv.value for i in items),
+            }
+        # The batch's span continues the first caller's trace (in the one-send path,
+        # the caller's own) and links the other callers' spans.
+        links = []
+        for item in items[1:]:
+            span_context = trace.get_current_span(item.ctx).get_span_context()
+            if span_context.is_valid:
+                links.append(Link(span_context))
+        try:
+            for attempt in range(1, DEDUP_RACE_ATTEMPTS + 1):
+                try:
+                    with (
+                        self._db.errors(),
+                        self._tel.db("send", attributes, links=links, context=items[0].ctx) as span,
+                    ):
+                        committed = await self._commit(items)
+                        new = [
+                            i.outcome
+                            for i in items
+                            if isinstance(i.outcome, SendAck) and not i.outcome.duplicate
+                        ]
+                        span.set_attributes({"im.stored": len(new)})
+                        if len(items) == 1 and isinstance(items[0].outcome, SendAck):
+                            span.set_attributes(_ack_attributes(items[0].outcome))
+                    if committed.triggers and self._faults.crash_after_commit:
+                        self._faults.crash_now()
+                    return committed
+                except pg_errors.UniqueViolation as exc:
+                    # Sends of one sender serialise on its lock, and the dedup lookup
+                    # runs under it, so two identical sends cannot both get here...
+                    # unless the locks are off. The constraint still decides; the
+                    # retry reads the winner's row, and the loser answers with the
+                    # winner's ACK, as a retransmit would get.
+                    if (
+                        exc.diag.constraint_name != "send_dedup_pkey"
+                        or attempt == DEDUP_RACE_ATTEMPTS
+                    ):
+                        raise
+                    log.info("send batch lost a dedup race; retrying", extra={"attempt": attempt})
+            raise AssertionError("unreachable")
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                _fail(items, Unavailable("logic is shutting down; retry"))
+            else:
+                _fail(items, exc)
+            raise
+
+    async def _commit(self, items: list[_Item]) -> _Committed:
+        """The batch transaction. Sets each item's outcome; returns the triggers."""
+        for item in items:
+            item.outcome = None
+        async with self._db.pool.connection() as conn, conn.transaction():
+            if not self._faults.skip_locks:
+                locks = {(LOCK_CONV_SEND, lock_key(i.conv.value)) for i in items}
+                locks |= {(LOCK_USER, lock_key(i.req.sender_id)) for i in items}
+                await repo.lock_send_tx(conn, sorted(locks))
+            states = await repo.read_send_states_tx(
+                conn,
+                [repo.SendKey(i.req.sender_id, i.req.client_msg_id, i.conv.value) for i in items],
+            )
+            new = self._decide(items, states)
+            if not new:
+                return _Committed(items, [])
+            keys: list[str] = []
+            for item in new:
+                keys += [item.conv.seq_key, user_seq_key(item.req.sender_id)]
+            values = await self._seq.next_batch(keys)
+            if len(values) != len(keys):
+                raise DependencyFailed(f"seqsvc returned {len(values)} values for {len(keys)} keys")
+            msgs = self._number(new, states, items, values)
+            stored = await repo.insert_messages_tx(
+                conn,
+                msgs,
+                dedup=not self._faults.skip_dedup,
+                outbox=not self._faults.skip_outbox,
+                repair_after_s=self._repair_after,
+            )
+        last: dict[str, tuple[logic_pb2.MessageCommitted, _Item]] = {}
+        for item, msg, (msg_id, server_time_ms) in zip(new, msgs, stored, strict=True):
+            item.outcome = SendAck(msg_id, msg.sender_seq, msg.conv_seq, server_time_ms, False)
+            last[msg.conversation_id] = (
+                logic_pb2.MessageCommitted(
+                    conversation_id=msg.conversation_id, msg_id=msg_id, conv_seq=msg.conv_seq
+                ),
+                item,
+            )
+        first: dict[tuple[str, str], SendAck] = {}
+        for item in items:
+            key = (item.req.sender_id, item.req.client_msg_id)
+            if isinstance(item.outcome, SendAck) and not item.outcome.duplicate:
+                first.setdefault(key, item.outcome)
+            elif item.outcome is None:  # a repeat of a send stored by this batch
+                item.outcome = replace(first[key], duplicate=True)
+        return _Committed(items, list(last.values()))
+
+    def _decide(self, items: list[_Item], states: list[repo.SendState]) -> list[_Item]:
+        """Per send, in queue order: duplicate, refused, or new (returned). A repeat
+        of a send that is new in this batch keeps outcome None (its ACK is the first
+        one's, known after the insert)."""
+        new: list[_Item] = []
+        in_batch: set[tuple[str, str]] = set()
+        for item, state in zip(items, states, strict=True):
+            req, conv = item.req, item.conv
+            key = (req.sender_id, req.client_msg_id)
+            if not self._faults.skip_dedup:
+                if state.stored is not None:
+                    item.outcome = state.stored
+                    continue
+                if key in in_batch:
+                    continue
+            if not conv.is_direct:
+                if state.kind is None:
+                    item.outcome = NotFound(
+                        f"group {conv.value} does not exist (create it with CreateGroup)"
+                    )
+                    continue
+                if not state.is_member:
+                    item.outcome = PermissionDenied(
+                        f"{req.sender_id} is not a member of {conv.value}; ask a member to "
+                        "add you (AddMembers)"
+                    )
+                    continue
+            in_batch.add(key)
+            new.append(item)
+        return new
+
+    def _number(
+        self,
+        new: list[_Item],
+        states: list[repo.SendState],
+        items: list[_Item],
+        values: list[int],
+    ) -> list[repo.NewMessage]:
+        """The new messages with their seqsvc values, each checked to be above the
+        last committed (or earlier in the batch) value of its key (I1/I5)."""
+        state_of = {id(item): state for item, state in zip(items, states, strict=True)}
+        last_conv: dict[str, int] = {}
+        last_user: dict[str, int] = {}
+        msgs = []
+        for n, item in enumerate(new):
+            req, conv = item.req, item.conv
+            conv_seq, seq = values[2 * n], values[2 * n + 1]
+            state = state_of[id(item)]
+            prev_conv = last_conv.get(conv.value, state.last_conv_seq)
+            prev_seq = last_user.get(req.sender_id, state.last_seq)
+            if not self._faults.skip_seq_check:
+                if conv_seq <= prev_conv:
+                    raise SequenceRegression(
+                        f"seqsvc returned conv_seq {conv_seq} for {conv.seq_key}, not above the "
+                        f"last committed {prev_conv}; nothing was written"
+                    )
+                if seq <= prev_seq:
+                    raise SequenceRegression(
+                        f"seqsvc returned seq {seq} for u:{req.sender_id}, not above the last "
+                        f"committed {prev_seq}; nothing was written"
+                    )
+            last_conv[conv.value] = max(prev_conv, conv_seq)
+            last_user[req.sender_id] = max(prev_seq, seq)
+            msgs.append(
+                repo.NewMessage(
+                    conversation_id=conv.value,
+                    conv_seq=conv_seq,
+                    sender_id=req.sender_id,
+                    sender_device_id=req.sender_device_id,
+                    client_msg_id=req.client_msg_id,
+                    sender_seq=seq,
+                    content_type=req.content_type,
+                    body=req.body,
+                    direct_pair=conv.pair,
+                )
+            )
+        return msgs
+
+    async def _finish(self, committed: _Committed) -> None:
+        """After the commit: the triggers (one per conversation), then the answers.
+        A failed publish never fails a send: the outbox relay publishes it later."""
+        if committed.triggers and not self._faults.skip_outbox:
+            await asyncio.gather(*(self._publish(t, item) for t, item in committed.triggers))
+        for item in committed.items:
+            if item.future.done():
+                continue
+            if isinstance(item.outcome, SendAck):
+                item.future.set_result(item.outcome)
+            else:
+                item.future.set_exception(item.outcome or RuntimeError("send without outcome"))
+
+    async def _publish(self, trigger: logic_pb2.MessageCommitted, item: _Item) -> None:
+        """Publishes in the trace of the send whose message the trigger names."""
+        token = otel_context.attach(item.ctx) if item.ctx is not None else None
+        try:
+            if await self._publisher.publish(trigger, str(trigger.msg_id), "send"):
+                self._cleaner.discard(trigger.msg_id)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
     def _stored(self, req: SendRequest, conv: ConversationId, ack: SendAck) -> None:
         """Metrics, the ids on the caller's span (the SendMessage server span), a
-        debug line. Runs outside the transaction's span."""
+        debug line. Runs in the caller's task, outside the transaction's span."""
         self._tel.sends.labels("duplicate" if ack.duplicate else "new").inc()
         trace.get_current_span().set_attributes(
             {"im.user_id": req.sender_id, "im.conversation_id": conv.value, **_ack_attributes(ack)}
@@ -171,73 +505,17 @@ class Sender:
                 },
             )
 
-    async def _commit(
-        self, req: SendRequest, conv: ConversationId
-    ) -> tuple[SendAck, logic_pb2.MessageCommitted | None]:
-        """The send transaction (lock order: conversation, then the sender)."""
-        async with self._db.pool.connection() as conn, conn.transaction():
-            if not self._faults.skip_locks:
-                await repo.lock_tx(
-                    conn,
-                    (LOCK_CONV_SEND, lock_key(conv.value)),
-                    (LOCK_USER, lock_key(req.sender_id)),
-                )
-            state = await repo.read_send_state_tx(
-                conn, req.sender_id, req.client_msg_id, conv.value
-            )
-            if state.stored is not None and not self._faults.skip_dedup:
-                return state.stored, None
-            if not conv.is_direct:
-                if state.kind is None:
-                    raise NotFound(
-                        f"group {conv.value} does not exist (create it with CreateGroup)"
-                    )
-                if not state.is_member:
-                    raise PermissionDenied(
-                        f"{req.sender_id} is not a member of {conv.value}; ask a member to "
-                        "add you (AddMembers)"
-                    )
-            conv_seq, seq = await self._seq.next_batch([conv.seq_key, user_seq_key(req.sender_id)])
-            if not self._faults.skip_seq_check:
-                if conv_seq <= state.last_conv_seq:
-                    raise SequenceRegression(
-                        f"seqsvc returned conv_seq {conv_seq} for {conv.seq_key}, not above the "
-                        f"last committed {state.last_conv_seq}; nothing was written"
-                    )
-                if seq <= state.last_seq:
-                    raise SequenceRegression(
-                        f"seqsvc returned seq {seq} for u:{req.sender_id}, not above the last "
-                        f"committed {state.last_seq}; nothing was written"
-                    )
-            msg = repo.NewMessage(
-                conversation_id=conv.value,
-                conv_seq=conv_seq,
-                sender_id=req.sender_id,
-                sender_device_id=req.sender_device_id,
-                client_msg_id=req.client_msg_id,
-                sender_seq=seq,
-                content_type=req.content_type,
-                body=req.body,
-                direct_pair=conv.pair,
-            )
-            msg_id, server_time_ms = await repo.insert_message_tx(
-                conn,
-                msg,
-                dedup=not self._faults.skip_dedup,
-                outbox=not self._faults.skip_outbox,
-                repair_after_s=self._repair_after,
-            )
-        ack = SendAck(msg_id, seq, conv_seq, server_time_ms, duplicate=False)
-        trigger = logic_pb2.MessageCommitted(
-            conversation_id=conv.value, msg_id=msg_id, conv_seq=conv_seq
-        )
-        return ack, trigger
 
-    async def _after_commit(self, trigger: logic_pb2.MessageCommitted) -> None:
-        """Publishes the committed message's trigger; never fails the send."""
-        if self._faults.crash_after_commit:
-            self._faults.crash_now()
-        if self._faults.skip_outbox:
-            return
-        if await self._publisher.publish(trigger, str(trigger.msg_id), "send"):
-            self._cleaner.discard(trigger.msg_id)
+def _fail(items: list[_Item], error: BaseException) -> None:
+    """Answers every item still waiting with `error` (a domain error is copied per
+    caller, so each caller raises its own exception object)."""
+    for item in items:
+        if not item.future.done():
+            copy = type(error)(*error.args) if isinstance(error, LogicError) else error
+            item.future.set_exception(copy)
+            # Retrieved: a caller that awaits it still raises it; one that is gone
+            # (or the one-send path, which raises the error itself) leaves no
+            # "exception was never retrieved" noise behind.
+            item.future.exception()
+            # A caller that gave up never retrieves it; do not log it as unretrieved.
+            item.future.exception()

@@ -121,7 +121,13 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         repair_after_s=settings.repair_after_s,
         faults=faults,
         telemetry=telemetry,
+        batch_max=settings.send_batch_max,
+        linger_s=settings.send_linger_ms / 1000,
+        committers=settings.send_committers,
     )
+    # Unwinds before the pool and the NATS connection close: sends still queued
+    # fail UNAVAILABLE, batches being published finish.
+    runtime.stack.push_async_callback(sender.close)
     fanout = Fanout(
         db,
         seq,

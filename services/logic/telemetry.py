@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind
 
 from imcommon.metrics import Metrics
 from logic import repo
@@ -94,18 +95,39 @@ class Telemetry:
             "logic_fanout_repairing_conversations",
             "Pending fan-outs the repair loop acted on that are still not caught up (sampled)",
         )
+        self.send_batch_size = m.histogram(
+            "logic_send_batch_size",
+            "Sends per SendMessage transaction (group commit): _count is the number of "
+            "send transactions, _sum the sends they carried",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+        )
+        self.send_queued = m.gauge(
+            "logic_send_queued", "Sends waiting for the committer to take them into a batch"
+        )
         self.sample_failures = m.counter(
             "logic_backlog_sample_failures", "Backlog samples that failed (database unreachable)"
         )
 
     @contextlib.contextmanager
-    def db(self, op: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
-        """A span and a latency observation around one database transaction."""
+    def db(
+        self,
+        op: str,
+        attributes: Mapping[str, Any] | None = None,
+        links: Sequence[Link] | None = None,
+        context: Context | None = None,
+    ) -> Iterator[Span]:
+        """A span and a latency observation around one database transaction. A send
+        batch passes its parent `context` (the first caller's) and links the spans
+        of the other sends it stores."""
         start = time.perf_counter()
         attrs = {"db.system.name": "postgresql", "db.operation.name": op, **(attributes or {})}
         try:
             with self.tracer.start_as_current_span(
-                f"logic.db.{op}", kind=SpanKind.CLIENT, attributes=attrs
+                f"logic.db.{op}",
+                context=context,
+                kind=SpanKind.CLIENT,
+                attributes=attrs,
+                links=links,
             ) as span:
                 yield span
         finally:

@@ -11,9 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 from logic_support import LogicClient, table_counts, wait_for
+from send_batch_support import blocked_committer
 
 from im.logic.v1 import logic_pb2 as pb
-from imdev.servers import NatsServer, PostgresServer, ServiceProcess
+from imdev.servers import NatsServer, PostgresServer, ServiceProcess, free_port
 
 
 async def test_send_fanout_sync_roundtrip(client: LogicClient, pg_dsn: str) -> None:
@@ -66,17 +67,19 @@ async def test_send_fanout_sync_roundtrip(client: LogicClient, pg_dsn: str) -> N
     assert [m.msg_id for _, m in await client.timeline(b)] == [long_ack.msg_id]
 
 
-@pytest.mark.parametrize("locks", ["locks", "no-locks"])
+@pytest.mark.parametrize("locks", ["locks", "no-locks", "no-locks-unbatched"])
 async def test_ten_identical_concurrent_sends_store_one_message(
     spawn: Callable[..., ServiceProcess], logic_env: dict[str, str], pg_dsn: str, locks: str
 ) -> None:
-    """With the locks, the sender's lock serialises the ten and the dedup lookup
-    answers nine of them. Without (a test-only switch), all ten race into the
-    insert: the unique constraint decides and the losers answer with the winner's
-    ACK, not an error."""
+    """With the locks, the sender's lock serialises the ten (or they share a batch)
+    and the dedup lookup answers nine of them. Without (a test-only switch) and
+    with one transaction per send, all ten race into the insert: the unique
+    constraint decides and the losers answer with the winner's ACK, not an error."""
     env = dict(logic_env)
-    if locks == "no-locks":
+    if locks.startswith("no-locks"):
         env["IM_LOGIC_TEST_FAULT_SKIP_LOCKS"] = "1"
+    if locks == "no-locks-unbatched":
+        env["IM_LOGIC_SEND_BATCH_MAX"] = "1"
     client = LogicClient(spawn("logic", env).address)
     cmid = str(uuid.uuid4())
     try:
@@ -102,11 +105,12 @@ async def test_statements_per_send_are_pinned(
     nats_server: NatsServer,
     key_prefix: str,
 ) -> None:
-    """Counted by PostgreSQL itself (pg_stat_statements): a new send is exactly
-    BEGIN, the locks, one read, one write, COMMIT; a duplicate is BEGIN, the locks,
-    the read, COMMIT. Deleting the published outbox rows is batched off the send
-    path: one statement for all of these sends. A Fanout call's statements do not
-    grow with its recipients."""
+    """Counted by PostgreSQL itself (pg_stat_statements): a send transaction is
+    exactly BEGIN, the locks, one read, one write, COMMIT, whether it stores one
+    send or a batch of concurrent ones (group commit); a transaction of duplicates
+    only is BEGIN, the locks, the read, COMMIT. Deleting the published outbox rows
+    is batched off the send path: one statement for all of these sends. A Fanout
+    call's statements do not grow with its recipients."""
     server = postgres_factory(
         settings={
             "shared_preload_libraries": "pg_stat_statements",
@@ -115,6 +119,7 @@ async def test_statements_per_send_are_pinned(
     )
     dsn = server.create_database("logic")
     seqsvc = spawn("seqsvc", {"IM_SEQSVC_DATABASE_URL": server.create_database("seq")})
+    metrics_port = free_port()
     logic = spawn(
         "logic",
         {
@@ -126,6 +131,8 @@ async def test_statements_per_send_are_pinned(
             "IM_LOGIC_OUTBOX_RELAY_INTERVAL_S": "3600",
             "IM_LOGIC_REPAIR_INTERVAL_S": "3600",
             "IM_LOGIC_OUTBOX_DELETE_DELAY_MS": "2000",
+            "IM_LOGIC_METRICS_PORT": str(metrics_port),
+            "IM_LOGIC_METRICS_SAMPLE_S": "3600",
         },
     )
     client = LogicClient(logic.address)
@@ -154,6 +161,30 @@ async def test_statements_per_send_are_pinned(
 
             send_calls = await statement_calls(conn)
 
+            # Group commit: a send waits inside its transaction (the test holds its
+            # conversation's lock) while five more queue; they are stored by ONE
+            # more transaction: two new, one repeated inside the batch, one
+            # repeat of an earlier send.
+            await conn.execute(probe + "SELECT pg_stat_statements_reset()")
+            batch = [
+                ("bat", "d:bat:pin", "b-1"),
+                ("bat", "d:bat:pin", "b-2"),
+                ("bat", "d:bat:pin", "b-1"),
+                ("pin", "d:count:pin", "pin-0"),
+                ("bat", "d:bat:pin", "b-3"),
+            ]
+            async with blocked_committer(dsn, client, metrics_port) as until_queued:
+                tasks = [
+                    asyncio.create_task(client.send(u, c, client_msg_id=m)) for u, c, m in batch
+                ]
+                await until_queued(len(batch))
+            acks = await asyncio.gather(*tasks)
+            assert [a.duplicate for a in acks] == [False, False, True, True, False]
+            assert acks[2].msg_id == acks[0].msg_id
+            assert acks[0].conv_seq < acks[1].conv_seq < acks[4].conv_seq
+            await wait_for(outbox_empty, what="outbox rows deleted")
+            batch_calls = await statement_calls(conn)
+
             # Fanout: a fixed number of statements per call, whatever the number of
             # recipients (one page here): 10 for a direct conversation, 11 for a
             # group (its membership ranges); 6 when there is nothing to do.
@@ -181,9 +212,19 @@ async def test_statements_per_send_are_pinned(
     assert count("COMMIT") == n + 1
     assert count("SELECT pg_advisory_xact_lock") == n + 1
     assert count("SELECT (SELECT max(seq) FROM timeline") == n + 1
-    assert count("WITH msg AS ( INSERT INTO messages") == n
+    assert count("WITH input AS ( SELECT * FROM unnest") == n
     assert count("DELETE FROM outbox") == 1
     assert sum(send_calls.values()) == 5 * n + 4 + 1, send_calls
+
+    # The blocked send's transaction, then one for the five queued sends.
+    send_calls = batch_calls
+    assert count("BEGIN") == count("COMMIT") == 2, batch_calls
+    assert count("SELECT pg_advisory_xact_lock") == 2
+    assert count("SELECT (SELECT max(seq) FROM timeline") == 2
+    assert count("WITH input AS ( SELECT * FROM unnest") == 2
+    deletes = count("DELETE FROM outbox")
+    assert deletes in (1, 2)  # one unless the cleaner's 2 s window split them
+    assert sum(batch_calls.values()) == 5 * 2 + deletes, batch_calls
     assert list(fanout_calls.values()) == [10, 11, 6], fanout_calls
 
 
