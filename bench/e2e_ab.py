@@ -21,6 +21,7 @@ that is simply cheaper now, e.g. the telemetry wrappers) is in both sides.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -48,23 +49,20 @@ BEFORE = (
 
 
 def settings_class(kind: str) -> type[BaseSettings]:
-    if kind == "logic":
-        from logic.config import Settings as LogicSettings
-
-        return LogicSettings
-    if kind == "pusher":
-        from pusher.config import Settings as PusherSettings
-
-        return PusherSettings
-    if kind == "gateway":
-        from gateway.config import Settings as GatewaySettings
-
-        return GatewaySettings
-    if kind == "seqsvc":
-        from seqsvc.config import Settings as SeqsvcSettings
-
-        return SeqsvcSettings
-    raise SystemExit(f"unknown service kind {kind!r}")
+    """The Settings class of a service. bench/ (this script's directory, first on
+    sys.path) holds logic.py and seqsvc.py, which shadow the service packages of
+    the same names: import the services with it out of the way."""
+    if kind not in ("logic", "pusher", "gateway", "seqsvc"):
+        raise SystemExit(f"unknown service kind {kind!r}")
+    here = str(Path(__file__).resolve().parent)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(here)]
+    try:
+        module = importlib.import_module(f"{kind}.config")
+    finally:
+        sys.path[:] = saved
+    cls: type[BaseSettings] = module.Settings
+    return cls
 
 
 def parse_env(items: Sequence[str]) -> dict[str, dict[str, str]]:
