@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -95,7 +96,12 @@ def run_side(
     stack = Stack(workdir, gateways=1, fsync=True, env=env)
     metrics = e2e.MetricsScraper(e2e.enable_metrics(stack))
     e2e.log(f"[{name}] starting a stack ({env or 'defaults'})")
-    stack.start()
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     groups: dict[str, list[int]] = {
         "gateway": [stack.gateways[0].pid or 0],
         "logic": [stack.logics[0].pid or 0],
@@ -200,8 +206,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks: stacks stop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     t0 = time.monotonic()
     sides = {"before": parse_env(args.before), "after": parse_env(args.after)}
     levels = [float(x) for x in args.levels.split(",") if x.strip()]
