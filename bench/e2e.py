@@ -37,6 +37,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1058,7 +1059,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     log(f"starting the stack in {workdir}")
-    stack.start()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        raise
     log(f"stack up in {time.monotonic() - t_start:.1f}s")
     pids = {
         "gateway": stack.gateways[0].pid,
@@ -1186,6 +1192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"total {report['elapsed_s']}s")
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks: the stack stops
 
 
 def _met(value: float | None, bound: float, ge: bool = False) -> bool | None:
