@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -317,9 +318,9 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
+            self._wal_sync(conn)
+            conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
         except BaseException:
             conn.close()
@@ -327,6 +328,25 @@ class SQLiteStore:
         # isolation_level=None is autocommit; `with conn:` needs a transaction.
         conn.isolation_level = "DEFERRED"
         self._conn = conn
+
+    @staticmethod
+    def _wal_sync(conn: sqlite3.Connection) -> None:
+        """Puts the file in WAL mode (a property of the file, kept across opens).
+        Several processes may open one file at once (imctl's listen and chat):
+        switching the mode needs an exclusive lock and SQLite answers "database is
+        locked" at once, without waiting, while another connection reads. So the
+        mode is only switched when it is not WAL yet, retrying for a while."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
