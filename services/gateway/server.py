@@ -24,7 +24,7 @@ from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
 from imcommon.server import Runtime, server_options
 from imcommon.server import main as serve_main
-from imcommon.telemetry import ServerTelemetryInterceptor, insecure_channel
+from imcommon.telemetry import insecure_channel, instrument_server
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,10 @@ async def _serve_internal(
     """GatewayInternal on its own port (plain insecure gRPC on the cluster network;
     NetworkPolicies let only pushers and gateways reach it). It stops after the
     client-facing server, so pushes keep flowing while clients get GoAway."""
-    server = grpc.aio.server(
-        options=server_options(settings),
-        interceptors=[ServerTelemetryInterceptor(runtime.metrics)],
+    server = grpc.aio.server(options=server_options(settings))
+    gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(
+        servicer, instrument_server(server, runtime.metrics)
     )
-    gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
