@@ -79,10 +79,18 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self.failed = asyncio.Event()
         self.stop_requested = asyncio.Event()
+        self.ready_check: tuple[Callable[[], bool], float] | None = None
 
     def expose(self, full_service_name: str) -> None:
         """Lists a registered service in health and reflection."""
         self.service_names.append(full_service_name)
+
+    def readiness(self, check: Callable[[], bool], interval_s: float = 0.5) -> None:
+        """Makes health follow `check()` while the process serves: NOT_SERVING
+        (for the server and every exposed service) while it returns False, e.g.
+        while a dependency the service cannot answer without is gone, SERVING
+        again when it returns True. Polled every `interval_s`."""
+        self.ready_check = (check, interval_s)
 
     def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Runs `hook` after health is NOT_SERVING and before the server stops."""
@@ -162,6 +170,12 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         for name in ["", *runtime.service_names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": f"{settings.host}:{runtime.port}"})
+        follow: asyncio.Task[None] | None = None
+        if runtime.ready_check is not None:
+            check, interval = runtime.ready_check
+            follow = asyncio.create_task(
+                _follow_readiness(health_servicer, ["", *runtime.service_names], check, interval)
+            )
 
         stop = asyncio.create_task(runtime.stop_requested.wait())
         failed = asyncio.create_task(runtime.failed.wait())
@@ -172,6 +186,9 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
             exit_code = 1
         log.info("shutting down", extra={"exit_code": exit_code})
         watchdog = _start_watchdog(settings.shutdown_deadline_s)
+        if follow is not None:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
         await health_servicer.enter_graceful_shutdown()
         if settings.drain_delay_s:
             await asyncio.sleep(settings.drain_delay_s)
@@ -181,6 +198,37 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         watchdog.cancel()
     log.info("stopped", extra={"exit_code": exit_code})
     return exit_code
+
+
+async def _follow_readiness(
+    health_servicer: health.aio.HealthServicer,
+    names: list[str],
+    check: Callable[[], bool],
+    interval_s: float,
+) -> None:
+    """Sets every name's health from `check()` whenever it changes, until cancelled."""
+    ready = True  # serve() has just set SERVING
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            now = bool(check())
+        except Exception:
+            log.exception("readiness check failed; reporting NOT_SERVING")
+            now = False
+        if now == ready:
+            continue
+        ready = now
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in names:
+            await health_servicer.set(name, status)
+        if ready:
+            log.info("ready again: health SERVING")
+        else:
+            log.warning("not ready: health NOT_SERVING")
 
 
 def _tune_gc(gen0_threshold: int) -> None:

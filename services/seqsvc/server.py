@@ -130,6 +130,8 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     runtime.stack.push_async_callback(allocator.close)
     if await allocator.start(runtime.stop_requested):
         runtime.spawn(allocator.run(), "seqsvc-allocator")
+    # Without a renewable lease every call is UNAVAILABLE: say so in health.
+    runtime.readiness(lambda: allocator.serving, interval_s=max(0.1, settings.lease_s / 8))
     register_metrics(runtime, allocator)
     add_to_server(SeqServicer(allocator), runtime.server)
     runtime.expose(SERVICE_NAME)

@@ -394,3 +394,30 @@ async def test_starts_when_postgres_comes_up_later(
     await asyncio.to_thread(svc.wait_ready, 30)
     async with SeqClient(svc.address) as seq:
         assert await seq.next("k") >= 1
+
+
+async def test_health_follows_the_lease(
+    postgres_factory: Callable[..., PostgresServer], spawn: Spawn
+) -> None:
+    """While seqsvc cannot renew its lease on the sections (PostgreSQL down past the
+    lease), every call gets UNAVAILABLE, so its health says NOT_SERVING (a readiness
+    probe takes it out of the Service, an alert can fire); once the lease is renewed
+    it says SERVING again."""
+    pg = postgres_factory()
+    dsn = pg.create_database("seq")
+    svc = spawn("seqsvc", env(dsn, lease_s=2, store_timeout_s=0.5, retry_max_s=0.2))
+    serving, not_serving = 1, 2  # grpc.health.v1 HealthCheckResponse.ServingStatus
+    service = "im.seqsvc.v1.SeqService"
+    assert health_status(svc.address, service) == serving
+
+    await asyncio.to_thread(pg.stop)
+    await wait_for(lambda: health_status(svc.address, service) == not_serving, 20, "NOT_SERVING")
+    assert health_status(svc.address) == not_serving  # the server as a whole too
+    async with grpc.aio.insecure_channel(svc.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.SeqServiceStub(channel).Next(pb.NextRequest(key="k"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    await asyncio.to_thread(pg.start)
+    await wait_for(lambda: health_status(svc.address, service) == serving, 30, "SERVING again")
+    assert health_status(svc.address) == serving
