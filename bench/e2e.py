@@ -472,6 +472,20 @@ class LoadConfig:
     quiet_threshold: float = 0.3
     max_backlog_s: float = 3.0
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoadConfig:
+        """From the command-line options e2e.py and e2e_ab.py share."""
+        return cls(
+            pairs=args.pairs,
+            workers=args.workers,
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+            drain_s=args.drain,
+            quiesce_s=60.0,
+            sustain_p99_ms=args.sustain_p99_ms,
+            quiet_wait_s=args.quiet_wait,
+        )
+
 
 @dataclass
 class LevelResult:
@@ -1088,16 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack, args.connections, args.conn_procs, args.hold
             )
         if "load" not in args.skip:
-            cfg = LoadConfig(
-                pairs=args.pairs,
-                workers=args.workers,
-                warmup_s=args.warmup,
-                duration_s=args.duration,
-                drain_s=args.drain,
-                quiesce_s=60.0,
-                sustain_p99_ms=args.sustain_p99_ms,
-                quiet_wait_s=args.quiet_wait,
-            )
+            cfg = LoadConfig.from_args(args)
             log(f"1:1 load: {args.pairs} pairs in {args.workers} load-generator processes")
             phase = LoadPhase(stack, cfg, meter_groups, metrics)
             phase.open()

@@ -112,16 +112,7 @@ def run_side(
         "redis": [stack.redis.pid or 0],
         "bench": [os.getpid()],
     }
-    cfg = e2e.LoadConfig(
-        pairs=args.pairs,
-        workers=args.workers,
-        warmup_s=args.warmup,
-        duration_s=args.duration,
-        drain_s=args.drain,
-        quiesce_s=60.0,
-        sustain_p99_ms=args.sustain_p99_ms,
-        quiet_wait_s=args.quiet_wait,
-    )
+    cfg = e2e.LoadConfig.from_args(args)
     out: dict[str, Any] = {"env": env, "levels": {}, "search": None}
     phase = e2e.LoadPhase(stack, cfg, groups, metrics)
     try:
