@@ -46,6 +46,7 @@ BEFORE = (
     "pusher:IM_PUSHER_FANOUT_BATCH_CONVERSATIONS=1",
     "pusher:IM_PUSHER_FANOUT_LINGER_MS=0",
     "gateway:IM_GATEWAY_ACK_BATCH_MS=0",
+    "gateway:IM_GATEWAY_SEND_BATCH_MAX=1",
 )
 
 

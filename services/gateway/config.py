@@ -158,6 +158,23 @@ class Settings(ServerSettings):
         description="Devices whose ACK may wait per pusher (behind a slow or failing call); "
         "beyond it the oldest waiting ACK is dropped (counted; it costs a retransmit).",
     )
+    send_batch_max: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most sends of all connections sent to logic in one SendMessages call "
+        "(concurrent sends leave together; a lone send is not delayed). 1 = one SendMessage "
+        "call per send (the behaviour before batching). Keep it at or below logic's "
+        "IM_LOGIC_SEND_MESSAGES_MAX_ITEMS.",
+    )
+    send_batch_linger_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long sends wait behind a call to logic still in flight before they "
+        "leave in a call of their own (calls then overlap). 0 = until that call returns "
+        "(at most IM_GATEWAY_LOGIC_TIMEOUT_S). With no call in flight sends leave at once.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -78,7 +78,14 @@ async def build(settings: Settings, runtime: Runtime) -> None:
 
     routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
     hub = Hub(routes, peers, address, settings.refresh_interval_s)
-    logic = LogicClient(logic_channel, settings.logic_timeout_s, settings.logic_retry_s)
+    logic = LogicClient(
+        logic_channel,
+        settings.logic_timeout_s,
+        settings.logic_retry_s,
+        runtime.metrics,
+        batch_max=settings.send_batch_max,
+        linger_s=settings.send_batch_linger_ms / 1000,
+    )
 
     add_authenticated_gateway(
         GatewayServicer(settings, hub, logic, peers, runtime.metrics),

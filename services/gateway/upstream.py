@@ -8,6 +8,7 @@ decide who may reach whom (see imcommon.telemetry.insecure_channel).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
@@ -15,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -24,7 +26,7 @@ from im.gateway.v1 import gateway_internal_pb2, gateway_internal_pb2_grpc, gatew
 from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from im.pusher.v1 import pusher_pb2, pusher_pb2_grpc
 from imcommon.metrics import Metrics
-from imcommon.telemetry import insecure_channel
+from imcommon.telemetry import insecure_channel, traceparent_of
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,109 @@ def send_error_for(code: grpc.StatusCode) -> tuple[gateway_pb2.SendErrorCode.Val
     return _SEND_ERRORS.get(code, (Code.SEND_ERROR_CODE_INTERNAL, True))
 
 
-class LogicClient:
-    """Sends through logic.SendMessage, retrying while logic is UNAVAILABLE."""
+#: Status code number -> grpc.StatusCode, for the per-item results of SendMessages.
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, retry_s: float) -> None:
+#: Body bytes per SendMessages call, far under logic's 4 MiB receive limit; a
+#: batch is cut before it would exceed this (a send with a bigger body goes alone).
+SEND_BATCH_BYTES = 1024 * 1024
+
+#: Items per call to logic, for the batch size histogram.
+SEND_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+
+
+class _Failed(Exception):
+    """One attempt at logic failed with this status (what SendMessage's AioRpcError
+    said, or a SendMessages item's error)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+
+class _Queued:
+    """One send waiting for (or in) a call to logic."""
+
+    __slots__ = ("ctx", "future", "request", "size")
+
+    def __init__(
+        self,
+        request: logic_pb2.SendMessageRequest,
+        ctx: otel_context.Context,
+        future: asyncio.Future[logic_pb2.SendMessageResponse],
+    ) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.future = future
+        self.size = len(request.body) + 256
+
+
+class LogicClient:
+    """Sends through logic, retrying while logic is UNAVAILABLE.
+
+    With `batch_max` 1 every send is one SendMessage call in its caller's task (the
+    behaviour before batching). Otherwise concurrent sends of ALL connections are
+    queued and leave together: when no call to logic is in flight, what was queued
+    in the same event-loop turn goes at once (a lone send is not delayed); while a
+    call is in flight, sends wait until it returns, or at most `linger_s` when that
+    is above 0 (then calls overlap). A batch holds up to `batch_max` sends and
+    SEND_BATCH_BYTES of bodies (more pending -> several calls at once); a batch of
+    one is a plain SendMessage in the sender's trace, a bigger one is one
+    SendMessages call whose items carry their senders' traceparents. Each send gets
+    its own result, exactly what SendMessage would have answered, and keeps its own
+    deadline (`timeout_s` per attempt, waiting in the queue included).
+
+    Order: a connection sends one message at a time (Connection awaits each send
+    before the next, I5 / client_id order), so a batch never holds two sends of
+    one connection and batching cannot reorder a connection's sends. Keep it so:
+    a caller that issued two sends at once would have them stored in any order.
+
+    A logic without SendMessages (UNIMPLEMENTED, an older logic during a rolling
+    deploy) gets one SendMessage per send for LEGACY_RECHECK_S, then is asked
+    again; a SendMessages refused as a whole with INVALID_ARGUMENT (e.g. more items
+    than that logic accepts) is resent as one SendMessage per send, so one bad send
+    never fails the others.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        timeout_s: float,
+        retry_s: float,
+        metrics: Metrics | None = None,
+        batch_max: int = 1,
+        linger_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stub = logic_pb2_grpc.LogicStub(channel)
         self._tracer = trace.get_tracer("im.gateway")
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        self.batch_max = batch_max
+        self.linger_s = linger_s
+        self._clock = clock
+        self._pending: list[_Queued] = []
+        self._inflight = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._legacy_until = 0.0
+        metrics = metrics or Metrics("gateway")
+        self._batch_size = metrics.histogram(
+            "gateway_send_batch_size",
+            "Sends per call to logic (a SendMessage call counts as 1)",
+            buckets=SEND_BATCH_BUCKETS,
+        )
+        metrics.gauge(
+            "gateway_sends_waiting",
+            "Sends queued for the next call to logic (behind the call in flight)",
+        ).set_function(lambda: len(self._pending))
+        self._fallbacks = metrics.counter(
+            "gateway_send_batch_fallbacks",
+            "SendMessages calls resent as one SendMessage per send: unimplemented (an older "
+            "logic), invalid_argument (refused as a whole)",
+            ["reason"],
+        )
 
     async def send(self, identity: Identity, send: gateway_pb2.Send) -> gateway_pb2.SendAck:
         """Stores the message as `identity` (never a user named by the client).
@@ -93,7 +190,7 @@ class LogicClient:
         ) as span:
             while True:
                 try:
-                    resp = await self.stub.SendMessage(request, timeout=self.timeout_s)
+                    resp = await self._attempt(request)
                     span.set_attributes(
                         {
                             "im.msg_id": resp.msg_id,
@@ -114,8 +211,8 @@ class LogicClient:
                             },
                         )
                     break
-                except grpc.aio.AioRpcError as exc:
-                    status = exc.code()
+                except _Failed as exc:
+                    status = exc.code
                     if (
                         status == grpc.StatusCode.UNAVAILABLE
                         and time.monotonic() + delay < give_up_at
@@ -124,7 +221,7 @@ class LogicClient:
                         delay = min(delay * 2, 1.0)
                         continue
                     code, retryable = send_error_for(status)
-                    reason = exc.details() or status.name
+                    reason = exc.details or status.name
                     if code == Code.SEND_ERROR_CODE_UNAVAILABLE:
                         reason = f"message store unavailable ({reason}); resend the same frame"
                     span.set_status(Status(StatusCode.ERROR, status.name))
@@ -137,6 +234,160 @@ class LogicClient:
             conv_seq=resp.conv_seq,
             server_time_ms=resp.server_time_ms,
         )
+
+    async def _attempt(
+        self, request: logic_pb2.SendMessageRequest
+    ) -> logic_pb2.SendMessageResponse:
+        """One attempt, at most timeout_s; raises _Failed."""
+        if self.batch_max == 1:
+            self._batch_size.observe(1)
+            try:
+                return await self.stub.SendMessage(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise _Failed(exc.code(), exc.details() or "") from None
+        loop = asyncio.get_running_loop()
+        item = _Queued(request, otel_context.get_current(), loop.create_future())
+        self._pending.append(item)
+        if self._inflight == 0:
+            self._flush_soon(loop)
+        elif self.linger_s > 0 and self._flush_handle is None:
+            self._flush_handle = loop.call_later(
+                self.linger_s, self._flush, context=contextvars.Context()
+            )
+        try:
+            # On timeout or cancellation wait_for cancels the future: a batch not yet
+            # sent skips it, a batch in flight ignores its result.
+            return await asyncio.wait_for(item.future, self.timeout_s)
+        except TimeoutError:
+            raise _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sends what is pending at the end of this event-loop turn, in a context of
+        its own (the calls must not join the trace of whoever scheduled them)."""
+        handle = self._flush_handle
+        if handle is not None:
+            if not isinstance(handle, asyncio.TimerHandle):
+                return  # already due this turn
+            handle.cancel()  # a linger timer: now is sooner
+        self._flush_handle = loop.call_soon(self._flush, context=contextvars.Context())
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        pending = [item for item in self._pending if not item.future.done()]
+        self._pending = []
+        batch: list[_Queued] = []
+        size = 0
+        for item in pending:
+            if batch and (len(batch) >= self.batch_max or size + item.size > SEND_BATCH_BYTES):
+                self._start(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += item.size
+        if batch:
+            self._start(batch)
+
+    def _start(self, batch: list[_Queued]) -> None:
+        self._inflight += 1
+        task = asyncio.ensure_future(self._call(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._inflight -= 1
+        if self._pending:
+            self._flush_soon(asyncio.get_running_loop())
+
+    def _is_legacy(self) -> bool:
+        return self._legacy_until > 0 and self._clock() < self._legacy_until
+
+    async def _call(self, batch: list[_Queued]) -> None:
+        """One call to logic for `batch`; resolves every item's future. Never raises
+        (but can be cancelled)."""
+        if len(batch) == 1 or self._is_legacy():
+            await self._singly(batch)
+            return
+        self._batch_size.observe(len(batch))
+        traceparents = []
+        for item in batch:
+            span_context = trace.get_current_span(item.ctx).get_span_context()
+            traceparents.append(traceparent_of(span_context) if span_context.is_valid else "")
+        request = logic_pb2.SendMessagesRequest(
+            items=[item.request for item in batch],
+            traceparents=traceparents if any(traceparents) else (),
+        )
+        try:
+            resp = await self.stub.SendMessages(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT):
+                reason = code.name.lower()
+                self._fallbacks.labels(reason).inc()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    self._legacy_until = self._clock() + LEGACY_RECHECK_S
+                    log.info(
+                        "logic has no SendMessages: one SendMessage per send for a while",
+                        extra={"recheck_s": LEGACY_RECHECK_S},
+                    )
+                else:
+                    log.warning(
+                        "SendMessages refused as a whole: resending one SendMessage per send",
+                        extra={"items": len(batch), "details": exc.details()},
+                    )
+                await self._singly(batch)
+                return
+            _fail(batch, code, exc.details() or "")
+            return
+        except Exception:  # e.g. the channel closed under the call (shutdown)
+            log.exception("SendMessages failed", extra={"items": len(batch)})
+            _fail(batch, grpc.StatusCode.CANCELLED, "the call to logic failed")
+            return
+        if len(resp.results) != len(batch):
+            log.error(
+                "SendMessages answered the wrong number of results",
+                extra={"items": len(batch), "results": len(resp.results)},
+            )
+            _fail(batch, grpc.StatusCode.INTERNAL, "logic answered a malformed batch")
+            return
+        for item, result in zip(batch, resp.results, strict=True):
+            if item.future.done():
+                continue
+            if result.error_code:
+                status = _STATUS_BY_NUMBER.get(result.error_code, grpc.StatusCode.UNKNOWN)
+                item.future.set_exception(_Failed(status, result.error_message))
+            else:
+                item.future.set_result(result.response)
+
+    async def _singly(self, batch: list[_Queued]) -> None:
+        await asyncio.gather(*(self._single(item) for item in batch))
+
+    async def _single(self, item: _Queued) -> None:
+        """One SendMessage in the trace of the send it carries."""
+        if item.future.done():
+            return
+        self._batch_size.observe(1)
+        token = otel_context.attach(item.ctx)
+        try:
+            call = self.stub.SendMessage(item.request, timeout=self.timeout_s)
+        finally:
+            otel_context.detach(token)
+        try:
+            resp = await call
+        except grpc.aio.AioRpcError as exc:
+            if not item.future.done():
+                item.future.set_exception(_Failed(exc.code(), exc.details() or ""))
+        except Exception:
+            log.exception("SendMessage failed")
+            _fail([item], grpc.StatusCode.CANCELLED, "the call to logic failed")
+        else:
+            if not item.future.done():
+                item.future.set_result(resp)
+
+
+def _fail(batch: list[_Queued], code: grpc.StatusCode, details: str) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(_Failed(code, details))
 
 
 #: Items per AckDeliveries call, for the batch size histogram.

@@ -276,6 +276,14 @@ class Settings(ServerSettings):
         description="Send batches committed at once by one logic process (each holds one "
         "database connection). Ignored when send_batch_max is 1.",
     )
+    send_messages_max_items: int = Field(
+        256,
+        ge=1,
+        le=10_000,
+        description="Most items one SendMessages call may carry (the gateway's batched "
+        "sends); a call with more fails as a whole with INVALID_ARGUMENT. Keep it at or "
+        "above the gateways' IM_GATEWAY_SEND_BATCH_MAX.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -195,7 +195,10 @@ async def build(settings: Settings, runtime: Runtime) -> None:
 
     runtime.stack.push_async_callback(stop_loops)
 
-    add_to_server(LogicServicer(sender, fanout, reader, groups), runtime.server)
+    add_to_server(
+        LogicServicer(sender, fanout, reader, groups, settings.send_messages_max_items),
+        runtime.server,
+    )
     runtime.expose(SERVICE_NAME)
 
 

@@ -18,6 +18,7 @@ Every failed call wrote nothing.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,9 +26,13 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from im.common.v1 import common_pb2
 from im.logic.v1 import logic_pb2 as pb
+from imcommon.telemetry import remote_parent
 from logic.errors import (
     DependencyFailed,
     FailedPrecondition,
@@ -77,14 +82,21 @@ def _lenient(cls: type[Message]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def _abort(context: Context, exc: BaseException) -> NoReturn:
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a call that raised `exc` ends with (logged when INTERNAL): the one
+    mapping of SendMessage and of each SendMessages item."""
     code = STATUS.get(type(exc)) if isinstance(exc, LogicError) else None
     if code is None:
         log.error("internal error", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error in logic (see its logs)")
-    elif code == grpc.StatusCode.INTERNAL:
+        return grpc.StatusCode.INTERNAL, "internal error in logic (see its logs)"
+    if code == grpc.StatusCode.INTERNAL:
         log.error("dependency misbehaved", extra={"error": str(exc)})
-    await context.abort(code or grpc.StatusCode.INTERNAL, str(exc))
+    return code, str(exc)
+
+
+async def _abort(context: Context, exc: BaseException) -> NoReturn:
+    code, message = _status_for(exc)
+    await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
 
 
@@ -136,14 +148,22 @@ def conversation_pb(c: Conversation) -> common_pb2.Conversation:
 class LogicServicer:
     """im.logic.v1.Logic over the domain objects."""
 
-    def __init__(self, sender: Sender, fanout: Fanout, reader: Reader, groups: Groups) -> None:
+    def __init__(
+        self,
+        sender: Sender,
+        fanout: Fanout,
+        reader: Reader,
+        groups: Groups,
+        send_messages_max_items: int = 256,
+    ) -> None:
         self._sender = sender
         self._fanout = fanout
         self._reader = reader
         self._groups = groups
+        self._send_messages_max_items = send_messages_max_items
+        self._tracer = trace.get_tracer("im.logic")
 
-    @_rpc
-    async def SendMessage(self, request: Any, context: Context) -> pb.SendMessageResponse:
+    async def _send(self, request: Any) -> pb.SendMessageResponse:
         ack = await self._sender.send(
             SendRequest(
                 sender_id=request.sender_id,
@@ -161,6 +181,60 @@ class LogicServicer:
             server_time_ms=ack.server_time_ms,
             duplicate=ack.duplicate,
         )
+
+    @_rpc
+    async def SendMessage(self, request: Any, context: Context) -> pb.SendMessageResponse:
+        return await self._send(request)
+
+    @_rpc
+    async def SendMessages(self, request: Any, context: Context) -> pb.SendMessagesResponse:
+        items = request.items
+        limit = self._send_messages_max_items
+        if len(items) > limit:
+            raise InvalidArgument(
+                f"SendMessages carries {len(items)} items; at most {limit} "
+                "(IM_LOGIC_SEND_MESSAGES_MAX_ITEMS) per call"
+            )
+        traceparents = request.traceparents
+        if traceparents and len(traceparents) != len(items):
+            raise InvalidArgument(
+                f"traceparents has {len(traceparents)} entries for {len(items)} items; "
+                "send none or one per item"
+            )
+        batch_span = trace.get_current_span()
+        batch_link = (
+            [Link(batch_span.get_span_context())] if batch_span.get_span_context().is_valid else []
+        )
+        # Concurrently, so that the items join the same group-commit batch.
+        results = await asyncio.gather(
+            *(
+                self._send_item(item, traceparents[i] if traceparents else "", batch_link)
+                for i, item in enumerate(items)
+            )
+        )
+        return pb.SendMessagesResponse(results=results)
+
+    async def _send_item(
+        self, item: Any, traceparent: str, batch_link: list[Link]
+    ) -> pb.SendMessagesResult:
+        """One item exactly as SendMessage would store it, in the trace of the span
+        that sent it (linked to the SendMessages server span); its error becomes its
+        result with the status code SendMessage would have returned."""
+        parent = remote_parent(traceparent) if traceparent else None
+        ctx = (
+            trace.set_span_in_context(trace.NonRecordingSpan(parent))
+            if parent is not None and parent.is_valid
+            else otel_context.get_current()
+        )
+        with self._tracer.start_as_current_span(
+            "logic.SendMessages.item", context=ctx, kind=SpanKind.SERVER, links=batch_link
+        ) as span:
+            try:
+                return pb.SendMessagesResult(response=await self._send(item))
+            except Exception as exc:
+                code, message = _status_for(exc)
+                span.set_status(Status(StatusCode.ERROR, code.name))
+                return pb.SendMessagesResult(error_code=code.value[0], error_message=message)
 
     @_rpc
     async def SyncMessages(self, request: Any, context: Context) -> pb.SyncMessagesResponse:
@@ -263,6 +337,7 @@ def add_to_server(servicer: LogicServicer, server: grpc.aio.Server) -> None:
     lenient deserializers (undecodable bytes -> INVALID_ARGUMENT, not INTERNAL)."""
     methods: dict[str, tuple[Callable[..., Any], type[Message], type[Message]]] = {
         "SendMessage": (servicer.SendMessage, pb.SendMessageRequest, pb.SendMessageResponse),
+        "SendMessages": (servicer.SendMessages, pb.SendMessagesRequest, pb.SendMessagesResponse),
         "SyncMessages": (servicer.SyncMessages, pb.SyncMessagesRequest, pb.SyncMessagesResponse),
         "Fanout": (servicer.Fanout, pb.FanoutRequest, pb.FanoutResponse),
         "FanoutBatch": (servicer.FanoutBatch, pb.FanoutBatchRequest, pb.FanoutBatchResponse),
