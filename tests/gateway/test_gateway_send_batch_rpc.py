@@ -215,6 +215,34 @@ async def test_batch_max_1_sends_only_send_message(
     assert await m(gport, "im_gateway_sends_waiting") == 0
 
 
+async def test_with_linger_sends_leave_behind_a_call_still_in_flight(
+    logic_stack: tuple[ServiceProcess, int],
+    start_gateway: Callable[..., ServiceProcess],
+    pg_dsn: str,
+) -> None:
+    """IM_GATEWAY_SEND_BATCH_LINGER_MS > 0: the sends waiting behind the blocked
+    call leave in one SendMessages while that call is still in flight (they reach
+    logic's committer queue with the lock still held)."""
+    logic, lport = logic_stack
+    gw = start_gateway(
+        IM_GATEWAY_LOGIC_ADDRESS=logic.address, IM_GATEWAY_SEND_BATCH_LINGER_MS="300"
+    )
+    before = await calls(lport, "server")
+
+    async def waiting(n: int) -> bool:
+        if n == 0:
+            return await _lock_waits(pg_dsn)
+        return await m(lport, "im_logic_send_queued") >= n
+
+    answers, _ = await one_round(pg_dsn, gw.address, waiting)
+    assert all(isinstance(a, gateway_pb2.SendAck) for a in answers), answers
+    after = await calls(lport, "server")
+    # The blocker alone; the others in SendMessages calls (one per linger window:
+    # how many windows the test's writes span is timing, so only bounded here).
+    sends, batches = after[SEND] - before[SEND], after[SENDS] - before[SENDS]
+    assert batches >= 1 and sends + batches < N + 1, (sends, batches)
+
+
 class _OldLogic:
     """A logic stand-in older than SendMessages: it serves only SendMessage, whose
     call for client_msg_id "block" waits until `release` is set."""
