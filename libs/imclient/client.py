@@ -694,7 +694,7 @@ class Client(UnaryCalls):
                         a.seq,
                         a.conv_seq,
                         a.server_time_ms,
-                        # Set by a gateway that reports dedup hits; absent otherwise.
+                        # The server had this client_msg_id already (a resend).
                         bool(getattr(a, "duplicate", False)),
                     )
                     future = self._futures.pop(a.client_msg_id, None)

@@ -233,6 +233,7 @@ class LogicClient:
             seq=resp.seq,
             conv_seq=resp.conv_seq,
             server_time_ms=resp.server_time_ms,
+            duplicate=resp.duplicate,
         )
 
     async def _attempt(

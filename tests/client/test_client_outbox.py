@@ -277,6 +277,7 @@ async def test_a_message_acked_before_the_crash_is_reported_acked_not_sent_twice
         assert a.stats.send_acks == 1 and a.stats.outbox_restored == 1
     assert len(outcomes) == 1 and outcomes[0].acked and outcomes[0].restored
     assert outcomes[0].result is not None and outcomes[0].result.msg_id == first.msg_id
+    assert outcomes[0].result.duplicate  # the server says it had it already
     timeline = await wait_timeline(stack, stack.mint(bob, "b1"), conv, 1)
     assert timeline == [("once", first.msg_id)]
 

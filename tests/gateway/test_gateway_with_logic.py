@@ -56,6 +56,7 @@ async def test_send_ack_means_stored_and_duplicates_get_the_same_ack(delivery_st
         acks = [await s.next_of("send_ack") for _ in range(3)]
         assert [a.client_id for a in acks] == [1, 2, 3]
         assert [a.client_msg_id for a in acks] == ["cm1", "cm2", "cm3"]
+        assert not any(a.duplicate for a in acks)
         assert acks[0].seq < acks[1].seq < acks[2].seq
         assert acks[0].conv_seq < acks[1].conv_seq < acks[2].conv_seq
         assert len({a.msg_id for a in acks}) == 3
@@ -79,6 +80,7 @@ async def test_send_ack_means_stored_and_duplicates_get_the_same_ack(delivery_st
         await s.write(send_frame(1, conv, body=b"m3", client_msg_id="cm3"))
         again = await s.next_of("send_ack")
         assert (again.client_id, again.msg_id, again.seq) == (1, acks[2].msg_id, acks[2].seq)
+        assert again.duplicate  # the server says it had this client_msg_id already
         assert len(await _sync_all(gw, token)) == 3
     finally:
         await s.close()
