@@ -26,6 +26,7 @@ from im.gateway.v1 import gateway_internal_pb2, gateway_internal_pb2_grpc, gatew
 from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from im.pusher.v1 import pusher_pb2, pusher_pb2_grpc
 from imcommon.metrics import Metrics
+from imcommon.status import status_from_number
 from imcommon.telemetry import insecure_channel, traceparent_of
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ def send_error_for(code: grpc.StatusCode) -> tuple[gateway_pb2.SendErrorCode.Val
     cannot store it twice."""
     return _SEND_ERRORS.get(code, (Code.SEND_ERROR_CODE_INTERNAL, True))
 
-
-#: Status code number -> grpc.StatusCode, for the per-item results of SendMessages.
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 #: Body bytes per SendMessages call, far under logic's 4 MiB receive limit; a
 #: batch is cut before it would exceed this (a send with a bigger body goes alone).
@@ -354,7 +352,7 @@ class LogicClient:
             if item.future.done():
                 continue
             if result.error_code:
-                status = _STATUS_BY_NUMBER.get(result.error_code, grpc.StatusCode.UNKNOWN)
+                status = status_from_number(result.error_code)
                 item.future.set_exception(_Failed(status, result.error_message))
             else:
                 item.future.set_result(result.response)

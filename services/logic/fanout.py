@@ -38,6 +38,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import Span
+
 from logic import repo
 from logic.config import RESPONSE_HEADROOM_BYTES
 from logic.errors import DependencyFailed, InvalidArgument, LogicError, SequenceRegression
@@ -125,22 +127,24 @@ class Fanout:
             limit = min(max_messages, self._max_messages)
         with self._db.errors(), self._tel.db("fanout", {"im.conversation_id": conv.value}) as span:
             result, written = await self._fanout(conv, limit)
-            rows = result.deliveries
-            span.set_attributes(
-                {
-                    "im.watermark": result.watermark,
-                    "im.has_more": result.has_more,
-                    "im.rows": len(rows),
-                    "im.rows_written": written,
-                    "im.msg_ids": ids(d.message.msg_id for d in rows),
-                    "im.user_ids": ids(d.user_id for d in rows),
-                }
-            )
+            span.set_attributes({"im.watermark": result.watermark, "im.has_more": result.has_more})
+            self._count_rows(span, result.deliveries, written)
+        return result
+
+    def _count_rows(self, span: Span, rows: list[Delivery], written: int) -> None:
+        """The rows a call returned, on its span and in the written/existing counter."""
+        span.set_attributes(
+            {
+                "im.rows": len(rows),
+                "im.rows_written": written,
+                "im.msg_ids": ids(d.message.msg_id for d in rows),
+                "im.user_ids": ids(d.user_id for d in rows),
+            }
+        )
         if written:
             self._tel.fanout_rows.labels("written").inc(written)
         if len(rows) > written:
             self._tel.fanout_rows.labels("existing").inc(len(rows) - written)
-        return result
 
     async def fanout_batch(
         self, conversation_ids: Sequence[str], max_messages: int = 0
@@ -192,21 +196,14 @@ class Fanout:
             attrs = {"im.conversation_ids": ids(c.value for c in valid)}
             with self._db.errors(), self._tel.db("fanout_batch", attrs) as span:
                 results, written = await self._fanout_batch(valid, limit, self._budget - overhead)
-                rows = [d for r in results.values() for d in r.deliveries]
                 span.set_attributes(
                     {
                         "im.conversations": len(valid),
                         "im.has_more": sum(r.has_more for r in results.values()),
-                        "im.rows": len(rows),
-                        "im.rows_written": written,
-                        "im.msg_ids": ids(d.message.msg_id for d in rows),
-                        "im.user_ids": ids(d.user_id for d in rows),
                     }
                 )
-            if written:
-                self._tel.fanout_rows.labels("written").inc(written)
-            if len(rows) > written:
-                self._tel.fanout_rows.labels("existing").inc(len(rows) - written)
+                rows = [d for r in results.values() for d in r.deliveries]
+                self._count_rows(span, rows, written)
         return [
             r if r.error is not None else BatchResult(r.conversation_id, results[r.conversation_id])
             for r in out

@@ -32,6 +32,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from im.common.v1 import common_pb2
 from im.logic.v1 import logic_pb2 as pb
+from imcommon.status import status_number
 from imcommon.telemetry import remote_parent
 from logic.errors import (
     DependencyFailed,
@@ -234,7 +235,7 @@ class LogicServicer:
             except Exception as exc:
                 code, message = _status_for(exc)
                 span.set_status(Status(StatusCode.ERROR, code.name))
-                return pb.SendMessagesResult(error_code=code.value[0], error_message=message)
+                return pb.SendMessagesResult(error_code=status_number(code), error_message=message)
 
     @_rpc
     async def SyncMessages(self, request: Any, context: Context) -> pb.SyncMessagesResponse:
@@ -274,7 +275,7 @@ class LogicServicer:
                 results.append(
                     pb.FanoutBatchResult(
                         conversation_id=item.conversation_id,
-                        error_code=code.value[0],
+                        error_code=status_number(code),
                         error_message=str(item.error),
                     )
                 )

@@ -56,6 +56,7 @@ from opentelemetry.util.types import AnyValue
 from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from imcommon.jetstream import ensure_stream, stream_config
 from imcommon.metrics import Metrics
+from imcommon.status import status_from_number
 from pusher.config import Settings
 from pusher.delivery import Deliverer
 
@@ -67,8 +68,6 @@ _POISON = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 _TOP_UP_S = 0.02
 #: Most triggers of one batch linked from its consume span / named in attributes.
 _MAX_LINKS = 64
-#: gRPC status codes by number (FanoutBatch results carry the number).
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Poison(Exception):
@@ -436,7 +435,7 @@ class TriggerConsumer:
                 if conv not in outcome:
                     continue
                 if r.error_code:
-                    code = _CODES.get(r.error_code, grpc.StatusCode.UNKNOWN)
+                    code = status_from_number(r.error_code)
                     poison = code in _POISON
                     outcome[conv] = "terminated" if poison else "nak"
                     log.log(
