@@ -57,6 +57,7 @@ from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from imcommon.jetstream import ensure_stream, stream_config
 from imcommon.metrics import Metrics
 from imcommon.status import status_from_number
+from imcommon.tracing import is_recording_provider
 from pusher.config import Settings
 from pusher.delivery import Deliverer
 
@@ -484,6 +485,14 @@ class TriggerConsumer:
         continues the trace of the first trigger's publisher (the W3C context logic
         put in the message headers) and links the other triggers' traces."""
         msgs = [m for ms in batch.values() for m in ms]
+        if not is_recording_provider(trace.get_tracer_provider()):
+            # Nothing is recorded (no exporter): only the trace context matters, for
+            # the ids in logs and the next hops; skip the links and attributes.
+            return self._tracer.start_as_current_span(
+                "pusher.consume",
+                context=propagate.extract(msgs[0].headers or {}),
+                kind=SpanKind.CONSUMER,
+            )
         contexts = [propagate.extract(m.headers or {}) for m in msgs[:_MAX_LINKS]]
         links = []
         for ctx in contexts[1:]:
