@@ -1044,14 +1044,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="im-e2e-"))
     workdir.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    env: dict[str, dict[str, str]] = defaultdict(dict)
-    for item in args.env:
-        kind, _, assignment = item.partition(":")
-        var, _, value = assignment.partition("=")
-        if not kind or not var:
-            raise SystemExit(f"--env {item!r}: expected KIND:VAR=VALUE")
-        env[kind][var] = value
-    stack = Stack(workdir, gateways=2, fsync=True, env=env)
+    stack = Stack(workdir, gateways=2, fsync=True, env=parse_env(args.env))
     metrics = MetricsScraper(enable_metrics(stack))
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -1073,7 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     log(f"starting the stack in {workdir}")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         stack.start()
     except BaseException:
@@ -1199,7 +1192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def parse_env(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """--env KIND:VAR=VALUE items -> {kind: {var: value}} for `Stack(env=...)`."""
+    env: dict[str, dict[str, str]] = defaultdict(dict)
+    for item in items:
+        kind, _, assignment = item.partition(":")
+        var, _, value = assignment.partition("=")
+        if not kind or not var:
+            raise SystemExit(f"--env {item!r}: expected KIND:VAR=VALUE")
+        env[kind][var] = value
+    return dict(env)
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks: the stack stops
 
 

@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,22 +66,20 @@ def settings_class(kind: str) -> type[BaseSettings]:
     return cls
 
 
-def parse_env(items: Sequence[str]) -> dict[str, dict[str, str]]:
-    """KIND:VAR=VALUE items -> {kind: {var: value}}; every VAR must be a setting
-    the service knows (a misspelt switch would silently compare a side with itself)."""
-    env: dict[str, dict[str, str]] = defaultdict(dict)
-    for item in items:
-        kind, _, assignment = item.partition(":")
-        var, _, value = assignment.partition("=")
-        if not kind or not var:
-            raise SystemExit(f"{item!r}: expected KIND:VAR=VALUE")
+def checked_env(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """`e2e.parse_env`, and every VAR must be a setting the service knows (a
+    misspelt switch would silently compare a side with itself)."""
+    env = e2e.parse_env(items)
+    for kind, settings in env.items():
         cls = settings_class(kind)
         prefix = str(cls.model_config.get("env_prefix", ""))
-        field = var.removeprefix(prefix).lower()
-        if not var.startswith(prefix) or field not in cls.model_fields:
-            raise SystemExit(f"{item!r}: {kind} has no setting {var}")
-        env[kind][var] = value
-    return dict(env)
+        for var in settings:
+            if (
+                not var.startswith(prefix)
+                or var.removeprefix(prefix).lower() not in cls.model_fields
+            ):
+                raise SystemExit(f"{kind}:{var}: {kind} has no setting {var}")
+    return env
 
 
 def run_side(
@@ -198,15 +195,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: stacks stop
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, e2e.exit_on_sigterm)
     t0 = time.monotonic()
-    sides = {"before": parse_env(args.before), "after": parse_env(args.after)}
+    sides = {"before": checked_env(args.before), "after": checked_env(args.after)}
     levels = [float(x) for x in args.levels.split(",") if x.strip()]
     report: dict[str, Any] = {
         "machine": e2e.machine_info(),
