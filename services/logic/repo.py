@@ -243,20 +243,6 @@ async def insert_messages_tx(
     return [stored[(m.conversation_id, m.conv_seq)] for m in msgs]
 
 
-async def find_send(conn: Conn, sender: str, client_msg_id: str) -> SendAck | None:
-    """The ACK of the stored send with this idempotency key, if any."""
-    cur = await conn.execute(
-        """
-        SELECT m.msg_id, m.sender_seq, m.conv_seq, m.server_time_ms
-        FROM send_dedup d JOIN messages m ON m.msg_id = d.msg_id
-        WHERE d.sender_id = %s AND d.client_msg_id = %s
-        """,
-        (sender, client_msg_id),
-    )
-    row = await cur.fetchone()
-    return SendAck(row[0], row[1], row[2], row[3], duplicate=True) if row else None
-
-
 # -- outbox --------------------------------------------------------------------------
 
 
