@@ -13,6 +13,8 @@ from imcommon.settings import ServerSettings
 #: The secret `make run` uses when IM_GATEWAY_TOKEN_SECRET is unset. Anyone can
 #: mint tokens with it: the gateway logs a warning whenever it is in use.
 DEV_TOKEN_SECRET = "dev-only-secret-change-me"
+#: Part of the liveness bound left for reading and pushing the missing entries.
+LIVENESS_SYNC_MARGIN_S = 2.0
 
 
 class Settings(ServerSettings):
@@ -175,6 +177,53 @@ class Settings(ServerSettings):
         "leave in a call of their own (calls then overlap). 0 = until that call returns "
         "(at most IM_GATEWAY_LOGIC_TIMEOUT_S). With no call in flight sends leave at once.",
     )
+    liveness_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="The delivery bound of a connected device (I9, docs/protocol.md "
+        "'Liveness'): every timeline entry reaches an open stream within this long after it "
+        "is in the timeline and the gateway can read the store, whatever failed on the push "
+        "path. Sets the heads check interval. 0 = off: no heads in Welcome/Pong, no Head "
+        "frames, no catch-up pushes (the behaviour before, for before/after benchmarks).",
+    )
+    heads_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="How often each open stream's timeline head is checked (one batched "
+        "Logic.GetHeads per tick for every stream due; each stream gets a random phase). "
+        "0 = 0.4 x IM_GATEWAY_LIVENESS_S.",
+    )
+    catchup_grace_s: float = Field(
+        1.0,
+        gt=0,
+        le=600,
+        description="A head above what a stream acknowledged is checked again after this "
+        "long; if the stream is still below it, the gateway pushes the missing entries "
+        "itself (read from logic) instead of waiting for the pusher.",
+    )
+    catchup_max_entries: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Most entries one catch-up pushes to one stream; the rest follow on the "
+        "stream's next check.",
+    )
+    heads_batch_max: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Most users per Logic.GetHeads call. Keep it at or below logic's "
+        "IM_LOGIC_HEADS_MAX_USERS.",
+    )
+    heads_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How long a new stream waits for its timeline head before the Welcome "
+        "goes out without it (head_seq 0; the first check then sets the stream's cursor).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -182,7 +231,21 @@ class Settings(ServerSettings):
             raise ValueError("IM_GATEWAY_ROUTE_REFRESH_S must be below IM_GATEWAY_ROUTE_TTL_S")
         if self.ack_queue_max < self.ack_batch_max:
             raise ValueError("IM_GATEWAY_ACK_QUEUE_MAX must be at least IM_GATEWAY_ACK_BATCH_MAX")
+        if self.liveness_s and self.head_check_interval_s + self.catchup_grace_s > (
+            self.liveness_s - LIVENESS_SYNC_MARGIN_S
+        ):
+            raise ValueError(
+                "IM_GATEWAY_HEADS_INTERVAL_S + IM_GATEWAY_CATCHUP_GRACE_S must leave "
+                f"{LIVENESS_SYNC_MARGIN_S:g} s of IM_GATEWAY_LIVENESS_S for the catch-up itself"
+            )
         return self
+
+    @property
+    def head_check_interval_s(self) -> float:
+        """Seconds between two head checks of one stream (0 when liveness is off)."""
+        if not self.liveness_s:
+            return 0.0
+        return self.heads_interval_s or self.liveness_s * 0.4
 
     @property
     def refresh_interval_s(self) -> float:

@@ -142,6 +142,7 @@ class Connection:
         "_backend",
         "_bucket",
         "_cancel_timer",
+        "_catching_up",
         "_clock",
         "_context",
         "_count_deliver_ack",
@@ -153,9 +154,13 @@ class Connection:
         "_finished",
         "_forwarder",
         "_handler",
+        "_head_floor",
+        "_on_ping",
         "_on_send_result",
         "_order",
         "_outbound",
+        "_pending_head",
+        "_pushed_seq",
         "_pushers",
         "_read_done",
         "_room",
@@ -181,6 +186,7 @@ class Connection:
         clock: Callable[[], float] = time.monotonic,
         on_send_result: Callable[[str], None] | None = None,
         on_deliver_ack: Callable[[], None] | None = None,
+        on_ping: Callable[[Connection, int], None] | None = None,
     ) -> None:
         self.identity = identity
         self.connection_id = uuid.uuid4().hex
@@ -195,7 +201,15 @@ class Connection:
         self._acks = acks
         self._on_send_result = on_send_result or _ignore_result
         self._count_deliver_ack = on_deliver_ack or _nothing
-        # Created on first use (None until then).
+        #: Answers a Ping with the timeline head (None: a Pong at once, head 0).
+        self._on_ping = on_ping
+        # Liveness (gateway.heads): the user's timeline head when the stream opened
+        # (-1: unknown yet), the head a check found unacknowledged (0: none), the
+        # highest seq queued as a Push, and whether a catch-up is running.
+        self._head_floor = -1
+        self._pending_head = 0
+        self._pushed_seq = 0
+        self._catching_up = False  # Created on first use (None until then).
         self._order: ClientIdOrder[gateway_pb2.SendAck] | None = None
         self._bucket: TokenBucket | None = None
         self._outbound: deque[OutboundItem] | None = None
@@ -273,6 +287,7 @@ class Connection:
                 max_body_bytes=self.settings.max_body_bytes,
                 send_window=self.settings.send_window,
                 server_time_ms=int(time.time() * 1000),
+                head_seq=max(self._head_floor, 0),
             )
         )
 
@@ -457,6 +472,71 @@ class Connection:
         if self.closing or self._queued() >= self.settings.outbound_queue:
             return False
         self._queue(gateway_pb2.ServerFrame(push=gateway_pb2.Push(seq=seq, message=message)))
+        if seq > self._pushed_seq:
+            self._pushed_seq = seq
+        return True
+
+    # -- liveness (driven by gateway.heads) -------------------------------------
+
+    def start_cursor(self, head: int) -> None:
+        """Sets the timeline head the stream opened with (before run(): it goes out
+        in the Welcome). Entries at or below it are the client's own sync on
+        connect; the gateway answers for every entry above it."""
+        self._head_floor = head
+
+    @property
+    def cursor_known(self) -> bool:
+        return self._head_floor >= 0
+
+    @property
+    def delivered(self) -> int:
+        """The stream's delivered cursor: the head it opened with, or the client's
+        cumulative DeliverAck, whichever is higher."""
+        return max(self._head_floor, self._ack_seq)
+
+    @property
+    def pushed_seq(self) -> int:
+        """The highest seq queued to this stream as a Push."""
+        return self._pushed_seq
+
+    @property
+    def pending_head(self) -> int:
+        """The head an earlier check found above `delivered` (0: none)."""
+        return self._pending_head
+
+    @pending_head.setter
+    def pending_head(self, head: int) -> None:
+        self._pending_head = head
+
+    @property
+    def catching_up(self) -> bool:
+        return self._catching_up
+
+    @catching_up.setter
+    def catching_up(self, value: bool) -> None:
+        self._catching_up = value
+
+    def write_head(self, seq: int) -> bool:
+        """Queues a Head frame (the client syncs if its local seq is below `seq`);
+        False if the stream is closing or its queue is full (a later check repeats it)."""
+        if self.closing or self._queued() >= self.settings.outbound_queue:
+            return False
+        self._queue(gateway_pb2.ServerFrame(head=gateway_pb2.Head(seq=seq)))
+        return True
+
+    def write_pong(self, nonce: int, head: int) -> None:
+        """Queues the answer to a Ping (head 0: unknown)."""
+        if not self.closing:
+            self._queue(gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=nonce, head_seq=head)))
+
+    async def push_entry(self, seq: int, message: common_pb2.Message) -> bool:
+        """Queues a Push that the gateway itself found missing (a catch-up), waiting
+        while the outbound queue is at its limit. False once the stream is closing."""
+        await self._reply(gateway_pb2.ServerFrame(push=gateway_pb2.Push(seq=seq, message=message)))
+        if self.closing:
+            return False
+        if seq > self._pushed_seq:
+            self._pushed_seq = seq
         return True
 
     async def _forward_acks(self) -> None:
@@ -503,9 +583,13 @@ class Connection:
                 elif kind == "deliver_ack":
                     self._on_deliver_ack(frame.deliver_ack.seq)
                 elif kind == "ping":
-                    await self._reply(
-                        gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=frame.ping.nonce))
-                    )
+                    if self._on_ping is not None:
+                        # The Pong follows once the head is read (never blocks reads).
+                        self._on_ping(self, frame.ping.nonce)
+                    else:
+                        await self._reply(
+                            gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=frame.ping.nonce))
+                        )
                 # An empty frame (or one a newer client sends) is ignored.
         except grpc.RpcError:
             pass  # the client went away; the handler is ending

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.config import Settings
+from gateway.heads import Liveness, LogicHeads
 from gateway.hub import Hub
 from gateway.routes import RouteTable
 from gateway.servicer import (
@@ -87,8 +88,14 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         linger_s=settings.send_batch_linger_ms / 1000,
     )
 
+    liveness = None
+    if settings.liveness_s:
+        liveness = Liveness(
+            settings, LogicHeads(logic.stub, settings.logic_timeout_s), runtime.metrics
+        )
+        runtime.spawn(liveness.run(), "liveness")
     add_authenticated_gateway(
-        GatewayServicer(settings, hub, logic, peers, runtime.metrics),
+        GatewayServicer(settings, hub, logic, peers, runtime.metrics, liveness),
         runtime.server,
         settings.token_secret,
     )

@@ -27,6 +27,7 @@ from opentelemetry import trace
 from gateway.auth import Identity, TokenError, bearer_token, verify_token
 from gateway.config import Settings
 from gateway.connection import Connection, ConnectionAborted, parse_client_frame
+from gateway.heads import Liveness
 from gateway.hub import Hub
 from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import (
@@ -199,9 +200,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         logic: LogicClient,
         peers: Peers,
         metrics: Metrics,
+        liveness: Liveness | None = None,
     ) -> None:
         self._settings = settings
         self._hub = hub
+        self._liveness = liveness
+        self._on_ping = liveness.ping if liveness is not None else None
         self._logic = logic
         self._peers = peers
         self._timeout = settings.logic_timeout_s
@@ -237,16 +241,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._peers,
             on_send_result=self._count_send,
             on_deliver_ack=self._count_delivery_ack,
+            on_ping=self._on_ping,
         )
+        liveness = self._liveness
         self._connections.inc()
         try:
             await self._hub.attach(conn)
+            if liveness is not None:
+                # After the route: whatever is committed above this head is this
+                # stream's to receive, by the pusher or by a catch-up (I9).
+                conn.start_cursor(await liveness.head_at_connect(identity.user_id))
+                liveness.add(conn)
             _log_stream("stream open", conn)
             await conn.run(context)
         except ConnectionAborted as exc:
             await context.abort(exc.code, exc.details)
         finally:
             self._connections.dec()
+            if liveness is not None:
+                liveness.remove(conn)
             # gRPC cancels this task when the client goes away, possibly while
             # the stream is already ending here: the route must still be removed
             # (else pushes go to a closed stream until the route's TTL).

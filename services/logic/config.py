@@ -123,6 +123,12 @@ class Settings(ServerSettings):
     sync_max_limit: int = Field(
         500, ge=1, le=10_000, description="Largest SyncMessages page; bigger limits are capped."
     )
+    heads_max_users: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Most users one GetHeads call may ask for (the gateways' liveness checks).",
+    )
     history_default_limit: int = Field(
         50, ge=1, le=10_000, description="History page size when the request says 0."
     )

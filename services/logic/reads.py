@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from logic import repo
 from logic.config import RESPONSE_HEADROOM_BYTES
 from logic.errors import InvalidArgument, NotFound, PermissionDenied
@@ -21,6 +23,7 @@ class Reader:
         history_default_limit: int,
         history_max_limit: int,
         max_response_bytes: int,
+        heads_max_users: int = 1000,
         telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
@@ -30,6 +33,7 @@ class Reader:
         self._history_default = history_default_limit
         self._history_max = history_max_limit
         self._budget = max_response_bytes - RESPONSE_HEADROOM_BYTES
+        self._heads_max = heads_max_users
 
     async def sync(self, user_id: str, after_seq: int, limit: int) -> Page:
         """The user's timeline after after_seq, in seq order.
@@ -57,6 +61,23 @@ class Reader:
             entries.append(TimelineEntry(seq, msg))
             size += cost
         return Page(entries, has_more=len(rows) > len(entries))
+
+    async def heads(self, user_ids: Sequence[str]) -> list[int]:
+        """The head (highest committed seq; 0 for none) of each user's timeline, in
+        request order. A head is a lower bound the moment it is read: every seq at
+        or below it is visible to a Sync started afterwards (I1)."""
+        if len(user_ids) > self._heads_max:
+            raise InvalidArgument(
+                f"GetHeads asks for {len(user_ids)} users; at most {self._heads_max} "
+                "(IM_LOGIC_HEADS_MAX_USERS) per call"
+            )
+        for user_id in user_ids:
+            check_user_id(user_id)
+        if not user_ids:
+            return []
+        with self._db.errors(), self._tel.db("heads", {"im.users": len(user_ids)}):
+            async with self._db.pool.connection() as conn:
+                return await repo.timeline_heads(conn, user_ids)
 
     async def history(
         self, user_id: str, conversation_id: str, before_conv_seq: int, limit: int

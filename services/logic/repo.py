@@ -624,6 +624,20 @@ async def timeline_page(
     return [(int(r[0]), _message(r, 1) if r[10] else None) for r in await cur.fetchall()]
 
 
+async def timeline_heads(conn: Conn, users: Sequence[str]) -> list[int]:
+    """The highest committed seq of each user's timeline (0: none), in `users`
+    order: one backward index probe of the timeline's primary key per user."""
+    cur = await conn.execute(
+        """
+        SELECT coalesce((SELECT max(t.seq) FROM timeline t WHERE t.user_id = u.id), 0)
+        FROM unnest(%s::text[]) WITH ORDINALITY AS u(id, n)
+        ORDER BY u.n
+        """,
+        (list(users),),
+    )
+    return [int(r[0]) for r in await cur.fetchall()]
+
+
 async def history_page(
     conn: Conn,
     conv: str,

@@ -147,6 +147,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         history_default_limit=settings.history_default_limit,
         history_max_limit=settings.history_max_limit,
         max_response_bytes=settings.max_response_bytes,
+        heads_max_users=settings.heads_max_users,
         telemetry=telemetry,
     )
     groups = Groups(

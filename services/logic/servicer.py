@@ -249,6 +249,10 @@ class LogicServicer:
         )
 
     @_rpc
+    async def GetHeads(self, request: Any, context: Context) -> pb.GetHeadsResponse:
+        return pb.GetHeadsResponse(heads=await self._reader.heads(list(request.user_ids)))
+
+    @_rpc
     async def Fanout(self, request: Any, context: Context) -> pb.FanoutResponse:
         result = await self._fanout.fanout(request.conversation_id, request.max_messages)
         cache: dict[int, common_pb2.Message] = {}
@@ -340,6 +344,7 @@ def add_to_server(servicer: LogicServicer, server: grpc.aio.Server) -> None:
         "SendMessage": (servicer.SendMessage, pb.SendMessageRequest, pb.SendMessageResponse),
         "SendMessages": (servicer.SendMessages, pb.SendMessagesRequest, pb.SendMessagesResponse),
         "SyncMessages": (servicer.SyncMessages, pb.SyncMessagesRequest, pb.SyncMessagesResponse),
+        "GetHeads": (servicer.GetHeads, pb.GetHeadsRequest, pb.GetHeadsResponse),
         "Fanout": (servicer.Fanout, pb.FanoutRequest, pb.FanoutResponse),
         "FanoutBatch": (servicer.FanoutBatch, pb.FanoutBatchRequest, pb.FanoutBatchResponse),
         "History": (servicer.History, pb.HistoryRequest, pb.HistoryResponse),
