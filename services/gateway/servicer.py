@@ -18,10 +18,12 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from gateway.auth import Identity, TokenError, bearer_token, verify_token
@@ -88,6 +90,25 @@ def _authenticate(secret: str, metadata: Any) -> tuple[Identity | None, str]:
         return None, str(exc)
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """What a unary method's lenient deserializer yields for bytes that are not its
+    request message: the call ends INVALID_ARGUMENT (after the token check), not
+    with gRPC's UNKNOWN and a logged traceback."""
+
+    error: str
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc) or "undecodable protobuf")
+
+    return deserialize
+
+
 def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.RpcMethodHandler:
     if handler.unary_unary is not None:
         inner_unary = handler.unary_unary
@@ -96,12 +117,18 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
             identity, problem = _authenticate(secret, context.invocation_metadata())
             if identity is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            if isinstance(request, _Undecodable):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request is not a valid {GATEWAY_SERVICE}/{method} request "
+                    f"({request.error}); strings must be UTF-8",
+                )
             _identity.set(identity)  # type: ignore[arg-type]
             return await inner_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.stream_stream is not None:
