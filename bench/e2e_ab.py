@@ -4,9 +4,10 @@ configurations of the same code, alternated on the same machine.
     .venv/bin/python bench/e2e_ab.py                     # ~6-10 minutes
     .venv/bin/python bench/e2e_ab.py --levels 150,300 --rounds 1 --no-search
 
-"before" turns the batching off with the settings that reproduce the old cost
-(one send per transaction, one conversation per Fanout call and no linger, one
-AckDelivery call per delivery ACK); "after" is the default configuration. Each
+"before" turns one change off with the settings that reproduce the old cost
+(`--preset`: `liveness`, the default, turns the gateway's head checks and
+catch-ups off; `batching` turns send/fan-out/ACK batching off); "after" is the
+default configuration. Each
 round starts a fresh stack per configuration (ABBA order over rounds, so a drift
 in the machine's load does not favour one side), offers the same fixed loads,
 and, unless --no-search, searches each side's highest sustained rate. Every level
@@ -39,14 +40,22 @@ from pydantic_settings import BaseSettings
 
 from imdev.stack import Stack
 
-#: The settings that turn this session's batching off (the old cost per message).
-BEFORE = (
-    "logic:IM_LOGIC_SEND_BATCH_MAX=1",
-    "pusher:IM_PUSHER_FANOUT_BATCH_CONVERSATIONS=1",
-    "pusher:IM_PUSHER_FANOUT_LINGER_MS=0",
-    "gateway:IM_GATEWAY_ACK_BATCH_MS=0",
-    "gateway:IM_GATEWAY_SEND_BATCH_MAX=1",
-)
+#: The "before" side of each switchable change: the settings that restore the old
+#: cost. `--preset` picks one (default: the newest); `--before` overrides it.
+PRESETS: dict[str, tuple[str, ...]] = {
+    # Send/fan-out/ACK batching off: one send per transaction, one conversation per
+    # Fanout call and no linger, one AckDelivery call per delivery ACK.
+    "batching": (
+        "logic:IM_LOGIC_SEND_BATCH_MAX=1",
+        "pusher:IM_PUSHER_FANOUT_BATCH_CONVERSATIONS=1",
+        "pusher:IM_PUSHER_FANOUT_LINGER_MS=0",
+        "gateway:IM_GATEWAY_ACK_BATCH_MS=0",
+        "gateway:IM_GATEWAY_SEND_BATCH_MAX=1",
+    ),
+    # Liveness off: no heads in Welcome/Pong, no head checks, no catch-up pushes.
+    "liveness": ("gateway:IM_GATEWAY_LIVENESS_S=0",),
+}
+DEFAULT_PRESET = "liveness"
 
 
 def settings_class(kind: str) -> type[BaseSettings]:
@@ -177,7 +186,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--levels", default="150,300,450", help="fixed offered loads, msg/s")
     p.add_argument("--rounds", type=int, default=2, help="rounds of (before, after) pairs")
     p.add_argument(
-        "--before", action="append", metavar="KIND:VAR=VALUE", help="default: batching off"
+        "--before",
+        action="append",
+        metavar="KIND:VAR=VALUE",
+        help="the before side's settings (default: the preset's)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help=f"which change to measure (default {DEFAULT_PRESET})",
     )
     p.add_argument("--after", action="append", default=[], metavar="KIND:VAR=VALUE")
     p.add_argument("--pairs", type=int, default=200)
@@ -191,7 +209,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--search-steps", type=int, default=3)
     p.add_argument("--out", type=Path, default=e2e.RESULTS / "e2e_ab.json")
     args = p.parse_args(argv)
-    args.before = args.before if args.before is not None else list(BEFORE)
+    args.before = args.before if args.before is not None else list(PRESETS[args.preset])
     return args
 
 
