@@ -92,8 +92,9 @@ bench-logic: deps ## Benchmark logic SendMessage and fan-out
 bench: deps ## End-to-end benchmark
 	$(PY) bench/e2e.py
 
-bench-ab: deps ## End-to-end before/after of the batching switches, in one run
-	$(PY) bench/e2e_ab.py
+AB_PRESET ?= liveness
+bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching)
+	$(PY) bench/e2e_ab.py --preset $(AB_PRESET)
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos

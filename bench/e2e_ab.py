@@ -207,9 +207,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=20.0)
     p.add_argument("--no-search", dest="search", action="store_false")
     p.add_argument("--search-steps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=e2e.RESULTS / "e2e_ab.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="default: bench/results/e2e_ab.json (batching), e2e_ab_<preset>.json",
+    )
     args = p.parse_args(argv)
     args.before = args.before if args.before is not None else list(PRESETS[args.preset])
+    if args.out is None:
+        name = "e2e_ab.json" if args.preset == "batching" else f"e2e_ab_{args.preset}.json"
+        args.out = e2e.RESULTS / name
     return args
 
 
