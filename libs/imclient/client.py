@@ -68,6 +68,16 @@ Receiving
 - After every (re)connect the client syncs its timeline from its cursor, page by
   page, before trusting pushes; pushes that arrive meanwhile are buffered and never
   used to skip entries the sync has not returned (gim issue 46).
+- A connected client also learns the timeline's head without waiting for a push
+  (Welcome.head_seq, Pong.head_seq, Head frames; 0 or absent on an old gateway:
+  ignored). A head above the client's seq starts the same sync as a gap, and the
+  highest entry is acknowledged after it; a head that comes during a sync is
+  checked when that sync ends. So the last message of a quiet conversation
+  arrives even if its push was lost. The first sync of a connection does not
+  end (`ready`) below the Welcome's head.
+- A sync that fails with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED:
+  logic down) is retried on the same stream with backoff for as long as it is
+  needed, without reconnecting; other failures end the connection (reconnect).
 - Delivery ACKs are cumulative and coalesced (`ack_delay_s`). They mean "this
   process has every entry up to seq", which only stops the pusher's retransmits;
   the sync cursor in the store is what decides what is fetched after a restart.
@@ -146,9 +156,12 @@ class DebugHooks:
     - `on_sync_response`: awaited with every Sync response before it is applied,
       so a test can hold a sync open while pushes arrive.
     - `on_push`: called with each push's seq as it arrives.
+    - `drop_pushes`: the first N Push frames are ignored, as if lost on the way
+      (only the server's heads and catch-up can then bring those entries).
     """
 
     drop_deliver_acks: int = 0
+    drop_pushes: int = 0
     on_sync_response: Callable[[gateway_pb2.SyncResponse], Awaitable[None]] | None = None
     on_push: Callable[[int], None] | None = None
 
@@ -169,6 +182,15 @@ class ClientStats:
     syncs: int = 0
     sync_pages: int = 0
     sync_entries: int = 0
+    sync_failures: int = 0  # Sync calls that failed and were retried on the stream
+    heads: int = 0  # Head frames received
+    pongs: int = 0
+    pings_sent: int = 0
+    head_seq: int = 0  # the highest timeline head the server announced (0: none)
+    syncs_by_head: int = 0  # syncs started because a head was above the local seq
+    head_misses: int = 0  # syncs that ended below a head known before they started
+    heads_unreached: int = 0  # heads given up after repeated misses (a server fault)
+    pushes_dropped: int = 0  # by DebugHooks.drop_pushes
     acks_sent: int = 0
     acks_dropped: int = 0
     duplicates_suppressed: int = 0
@@ -216,8 +238,12 @@ class Client(UnaryCalls):
         connect_timeout_s: how long `__aenter__`/`start()` wait for the first
             connection and sync before raising `ConnectTimeout` (None: forever).
         receive: False for a send-only client (a CLI `send`, a load generator):
-            no sync, and pushes are acknowledged and dropped, so this device
-            shows nothing (its timeline stays complete on the server).
+            no sync, and pushes and heads are acknowledged and dropped, so this
+            device shows nothing (its timeline stays complete on the server).
+        ping_interval_s: send a Ping this often on an idle or busy stream (None,
+            the default: never). Each Pong carries the timeline head, so this
+            bounds how long a lost push can go unnoticed even without the
+            gateway's Head frames; it costs the gateway a head read per Ping.
     """
 
     def __init__(
@@ -242,6 +268,7 @@ class Client(UnaryCalls):
         hooks: DebugHooks | None = None,
         rng: random.Random | None = None,
         receive: bool = True,
+        ping_interval_s: float | None = None,
     ) -> None:
         self.addresses = parse_addresses(addresses)
         self._token = token
@@ -263,6 +290,10 @@ class Client(UnaryCalls):
         self._page_size = sync_page_size
         self._ack_delay_s = ack_delay_s
         self._commit_interval_s = commit_interval_s
+        if ping_interval_s is not None and ping_interval_s <= 0:
+            raise ValueError("ping_interval_s must be positive (or None: no pings)")
+        self._ping_interval_s = ping_interval_s
+        self._ping_nonce = 0
         self._welcome_timeout_s = welcome_timeout_s
         self._rpc_timeout_s = rpc_timeout_s
         self._connect_timeout_s = connect_timeout_s
@@ -276,6 +307,7 @@ class Client(UnaryCalls):
         self.connection_id: str | None = None
         self.address: str | None = None  # the gateway of the current connection
         self.max_body_bytes = 0
+        self.welcome_head_seq = 0  # head_seq of the current connection's Welcome (0: unknown)
         self._account: str | None = None
         self._receiver: Receiver[Message] | None = None
 
@@ -529,6 +561,13 @@ class Client(UnaryCalls):
         return self._receiver.seq if self._receiver else self.committed_seq
 
     @property
+    def head_seq(self) -> int:
+        """The highest timeline head the server announced (Welcome, Pong, Head
+        frames), or 0 if none (an old gateway). The client syncs while its
+        `last_seq` is below it."""
+        return self._stats.head_seq
+
+    @property
     def stopped(self) -> ClientClosed | None:
         """Why the client stopped for good by itself (`Kicked`, `AuthError`), or None."""
         return self._terminal
@@ -558,6 +597,9 @@ class Client(UnaryCalls):
             s.buffered_pushes = r.buffered
             s.gaps = r.gaps
             s.last_seq = r.seq
+            s.syncs_by_head = r.head_syncs
+            s.head_misses = r.head_misses
+            s.heads_unreached = r.heads_unreached
         s.committed_seq = self.committed_seq
         return ClientStats(**{k: v for k, v in vars(s).items() if k != "extra"})
 
@@ -632,6 +674,7 @@ class Client(UnaryCalls):
             self._window.on_connected(first.welcome.next_client_id or 1, first.welcome.send_window)
             assert self._receiver is not None
             self._receiver.on_connected()
+            self._on_head(first.welcome.head_seq, welcome=True)
             self._stats.connects += 1
             if self._receive:
                 self._sync_wanted.set()
@@ -671,6 +714,27 @@ class Client(UnaryCalls):
             raise AuthError(f"the gateway says this token is {account}, it was {self._account}")
         self.connection_id = welcome.connection_id
         self.max_body_bytes = welcome.max_body_bytes
+        self.welcome_head_seq = welcome.head_seq
+
+    def _on_head(self, head: int, welcome: bool = False) -> None:
+        """The server's timeline head (0: unknown). Above `last_seq` a receiving
+        client syncs (now, or after the running sync); a send-only client
+        acknowledges it, as it does pushes, so the gateway stops announcing it
+        (the Welcome's head needs no ACK: the gateway counts it as delivered)."""
+        receiver = self._receiver
+        if head <= 0 or receiver is None:
+            return
+        self._stats.head_seq = max(self._stats.head_seq, head)
+        if not self._receive:
+            receiver.skip_to(head)
+            if welcome:
+                receiver.take_ack()
+            elif receiver.ack_due:
+                self._wake.set()
+            return
+        if receiver.on_head(head):
+            log.debug("timeline head %d above local %d: syncing", head, receiver.seq)
+            self._sync_wanted.set()
 
     async def _reader(self, call: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -735,6 +799,9 @@ class Client(UnaryCalls):
                 self._wake.set()
             elif kind == "push":
                 p = frame.push
+                if self._stats.pushes_dropped < self.hooks.drop_pushes:
+                    self._stats.pushes_dropped += 1
+                    continue
                 if self.hooks.on_push is not None:
                     self.hooks.on_push(p.seq)
                 if not self._receive:
@@ -755,7 +822,13 @@ class Client(UnaryCalls):
             elif kind == "go_away":
                 g = frame.go_away
                 raise _GoAway(max(0, g.reconnect_after_ms) / 1000.0, g.reason or "go away")
-            # pong and a repeated welcome carry nothing to act on
+            elif kind == "head":
+                self._stats.heads += 1
+                self._on_head(frame.head.seq)
+            elif kind == "pong":
+                self._stats.pongs += 1
+                self._on_head(frame.pong.head_seq)
+            # a repeated welcome, or a frame kind newer than this client: nothing to do
 
     async def _pump(self, call: Any) -> None:
         """The only writer of the stream: sends, retransmits and coalesced ACKs."""
@@ -763,9 +836,18 @@ class Client(UnaryCalls):
         receiver = self._receiver
         assert receiver is not None
         ack_at: float | None = None
+        interval = self._ping_interval_s
+        ping_at = loop.time() + interval if interval is not None else None
         while True:
             self._wake.clear()
             now = loop.time()
+            if ping_at is not None and interval is not None and now >= ping_at:
+                ping_at = now + interval
+                self._ping_nonce += 1
+                await call.write(
+                    gateway_pb2.ClientFrame(ping=gateway_pb2.Ping(nonce=self._ping_nonce))
+                )
+                self._stats.pings_sent += 1
             for frame in self._window.poll(now):
                 m = frame.message
                 await call.write(
@@ -796,7 +878,9 @@ class Client(UnaryCalls):
                             )
                             self._stats.acks_sent += 1
                     continue
-            deadlines = [d for d in (self._window.next_deadline(), ack_at) if d is not None]
+            deadlines = [
+                d for d in (self._window.next_deadline(), ack_at, ping_at) if d is not None
+            ]
             if self._wake.is_set():
                 continue
             timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
@@ -807,8 +891,12 @@ class Client(UnaryCalls):
                     await self._wake.wait()
 
     async def _syncer(self, stub: Any, token: str) -> None:
-        """Syncs whenever the receiver needs it; marks the client ready after the
-        first complete sync of the connection."""
+        """Syncs whenever the receiver needs it (connect, gap, a head above the
+        local seq); marks the client ready after the first complete sync of the
+        connection. A retryable failure (logic down) is retried here with
+        backoff, for as long as it takes: the stream is fine, so reconnecting
+        would not help. A sync that ends below a head it should have reached is
+        repeated after a backoff (the receiver bounds how often)."""
         receiver = self._receiver
         assert receiver is not None
         metadata = (("authorization", f"Bearer {token}"),)
@@ -817,6 +905,15 @@ class Client(UnaryCalls):
             await self._sync_wanted.wait()
             self._sync_wanted.clear()
             while receiver.need_sync:
+                if receiver.head_backoff:
+                    log.info(
+                        "sync ended at %d, below the timeline head %d: syncing again",
+                        receiver.seq,
+                        receiver.head,
+                    )
+                    await asyncio.sleep(self._reconnect.delay(receiver.head_backoff, self._rng))
+                    if not receiver.need_sync:
+                        continue
                 after = receiver.start_sync()
                 self._stats.syncs += 1
                 try:
@@ -845,9 +942,10 @@ class Client(UnaryCalls):
                     receiver.sync_failed()
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                         raise AuthError(f"token refused: {exc.details()}") from exc
-                    failures += 1
-                    if exc.code() not in _RETRYABLE_RPC or failures > 5:
+                    if exc.code() not in _RETRYABLE_RPC:
                         raise
+                    failures += 1
+                    self._stats.sync_failures += 1
                     log.info("sync failed (%s), retrying", exc.code().name)
                     await asyncio.sleep(self._reconnect.delay(failures, self._rng))
                     continue

@@ -19,6 +19,18 @@ acknowledge. Rules (docs/protocol.md, "Receiving"; design steps 7 and 8):
   server fault and is dropped (counted), never applied across the hole.
 - ACKs are cumulative: `take_ack()` returns the seq to acknowledge, at most once
   per change, so callers can coalesce.
+- The server may announce the timeline's head (`on_head`: Welcome, Pong, Head
+  frames; 0 = unknown). A head at or below `seq` changes nothing. A head above
+  it makes a sync due, the same sync as a gap's; if a sync is already due or
+  running the head is remembered, and a sync that ends below it is followed by
+  another one. A head therefore reveals the gap a lost last push leaves, which
+  no later push would. The head never moves `seq` by itself: only sync results
+  (and in-order pushes) do.
+- A sync that *started after* the head was known and still ends below it is a
+  miss (a lagging read, or a server fault). The next sync waits
+  `head_backoff` (consecutive misses) steps of the caller's backoff; after
+  `head_miss_limit` misses in a row the head is given up (counted) until it is
+  announced again, so a wrong head costs a few syncs, never a busy loop.
 """
 
 from __future__ import annotations
@@ -41,9 +53,11 @@ class Entry(Generic[T]):
 class Receiver(Generic[T]):
     """Sequencing of one device's timeline. Not thread-safe (one asyncio loop)."""
 
-    def __init__(self, last_seq: int = 0) -> None:
+    def __init__(self, last_seq: int = 0, head_miss_limit: int = 5) -> None:
         if last_seq < 0:
             raise ValueError("last_seq must be >= 0")
+        if head_miss_limit < 0:
+            raise ValueError("head_miss_limit must be >= 0")
         self.seq = last_seq
         self.need_sync = True  # nothing is trusted before the first sync
         self.syncing = False
@@ -52,12 +66,19 @@ class Receiver(Generic[T]):
         self._running_epoch = 0
         self._ack_due = False
         self.last_acked = 0
+        self.head = 0  # the highest head announced and not given up (0: none)
+        self._head_epoch = 0  # _sync_epoch when `head` was announced
+        self._head_miss_run = 0  # consecutive syncs that ended below a head known before them
+        self.head_miss_limit = head_miss_limit
         # Counters (observability and tests).
         self.pushes = 0
         self.duplicates = 0
         self.buffered = 0
         self.gaps = 0
         self.dropped_unconfirmed = 0
+        self.head_syncs = 0  # syncs made due by a head above seq
+        self.head_misses = 0  # syncs that ended below a head known before they started
+        self.heads_unreached = 0  # heads given up after head_miss_limit misses in a row
 
     @property
     def buffered_seqs(self) -> list[int]:
@@ -69,6 +90,39 @@ class Receiver(Generic[T]):
         self.need_sync = True
         self.syncing = False
         self.last_acked = 0  # the new connection's pusher state is unknown: ack again
+        self._head_miss_run = 0  # a known head is kept (it is still true), its misses are not
+
+    def on_head(self, head: int) -> bool:
+        """The server says the timeline holds an entry at `head` (0: unknown, an
+        old gateway or a store that did not answer). Returns True if this made a
+        sync due (the caller starts it); False if the head is at or below `seq`
+        (nothing to do) or a sync was already due or running (the head is
+        remembered and checked when that sync ends)."""
+        if head <= self.seq:
+            return False
+        if head > self.head:
+            self.head = head
+            self._head_epoch = self._sync_epoch
+        if self.need_sync or self.syncing:
+            return False
+        self.need_sync = True
+        self.head_syncs += 1
+        return True
+
+    @property
+    def head_backoff(self) -> int:
+        """How many syncs in a row ended below a head they should have reached
+        (0: sync at once). The caller waits its backoff for this many failures
+        before the next sync."""
+        return self._head_miss_run
+
+    def skip_to(self, seq: int) -> None:
+        """For a device that shows nothing (send-only): everything up to `seq`
+        counts as handled and is acknowledged. Never for a receiving device."""
+        if seq > self.seq:
+            self.seq = seq
+            self._ack_due = True
+        self.need_sync = False
 
     def on_push(self, entry: Entry[T]) -> list[Entry[T]]:
         """A pushed entry. Returns the entries to hand on now, in order."""
@@ -133,8 +187,28 @@ class Receiver(Generic[T]):
                 self.dropped_unconfirmed += 1
         if self._buffer:
             self.need_sync = True
+        self._check_head()
         self._ack_due = True
         return out
+
+    def _check_head(self) -> None:
+        """At the end of a sync: a known head above `seq` makes another sync due."""
+        if self.head <= self.seq:
+            self._head_miss_run = 0
+            return
+        if self._head_epoch < self._running_epoch:
+            # The sync started after the head was announced, so it should have
+            # reached it: a miss. Retry with backoff, then give up.
+            self.head_misses += 1
+            self._head_miss_run += 1
+            if self._head_miss_run > self.head_miss_limit:
+                self.heads_unreached += 1
+                self.head = 0
+                self._head_miss_run = 0
+                return
+        elif not self.need_sync:
+            self.head_syncs += 1  # announced during the sync: one more is due
+        self.need_sync = True
 
     def sync_failed(self) -> None:
         """The running sync was abandoned (error, disconnect): sync again later."""

@@ -14,6 +14,10 @@ the secret from `--secret`, IM_GATEWAY_TOKEN_SECRET, or the gateway's DEV defaul
 Streaming commands (chat, listen, send) keep the device's sync cursor in
 `$IMCTL_STATE_DIR/store.sqlite3` (default ~/.imctl), so a restarted `listen` or
 `chat` shows only what it has not shown before; `--memory` forgets on exit.
+`listen` and `chat` stay complete while connected through the SDK: a timeline
+head above the local seq (announced by the gateway) makes them sync, so a lost
+push shows up within the gateway's head interval. Their first stderr line
+gives the local seq and the head.
 """
 
 from __future__ import annotations
@@ -107,6 +111,13 @@ def conversation_json(c: Conversation) -> dict[str, object]:
         "member_ids": list(c.member_ids),
         "last_conv_seq": c.last_conv_seq,
     }
+
+
+def position(client: Client) -> str:
+    """Where the device stands: its local seq and the timeline head the gateway
+    announced (an old gateway announces none). The SDK syncs while seq < head."""
+    head = client.head_seq
+    return f"seq {client.last_seq}, head {head if head else 'unknown'}"
 
 
 def emit(out: TextIO, as_json: bool, obj: dict[str, object], line: str) -> None:
@@ -263,7 +274,10 @@ async def cmd_send(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_listen(args: argparse.Namespace, out: TextIO) -> int:
     async with Client(args.address, _token(args), store=_store(args)) as client:
         if not args.json:
-            print(f"listening as {client.user_id}/{client.device_id}", file=sys.stderr)
+            print(
+                f"listening as {client.user_id}/{client.device_id} ({position(client)})",
+                file=sys.stderr,
+            )
         count = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.timeout or None):
@@ -293,7 +307,8 @@ async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
         assert me is not None
         conv = _conversation(args, me)
         print(
-            f"chatting in {conv} as {me}/{device}; type a line to send it, Ctrl-D to quit",
+            f"chatting in {conv} as {me}/{device} ({position(client)}); "
+            "type a line to send it, Ctrl-D to quit",
             file=sys.stderr,
         )
 

@@ -154,6 +154,134 @@ def test_empty_page_with_has_more_ends_the_sync_instead_of_looping() -> None:
     assert not r.syncing
 
 
+# -- timeline heads (Welcome.head_seq, Pong.head_seq, Head frames) ----------------
+
+
+def test_a_head_above_local_makes_exactly_one_sync_due() -> None:
+    r = synced(entries=[1, 2])
+    assert r.on_head(5)  # a sync is now due
+    assert r.need_sync and r.head == 5 and r.head_syncs == 1
+    assert not r.on_head(5)  # a repeat of the same head: already due
+    assert r.start_sync() == 2
+    assert seqs(r.on_sync_page([e(3), e(4), e(5)], has_more=False)) == [3, 4, 5]
+    assert not r.need_sync  # the head is reached: no second sync
+    assert r.take_ack() == 5
+    assert not r.on_head(5)  # and the next repeat of it does nothing
+    assert r.head_syncs == 1
+
+
+def test_a_head_at_or_below_local_or_unknown_does_nothing() -> None:
+    r = synced(entries=[1, 2, 3])
+    assert not r.on_head(3)
+    assert not r.on_head(1)
+    assert not r.on_head(0)  # 0: an old gateway, or the store did not answer
+    assert not r.need_sync and r.head_syncs == 0
+    assert r.take_ack() is None  # nothing new to acknowledge
+
+
+def test_a_head_during_a_sync_is_remembered_and_honoured_after_it() -> None:
+    r = synced(entries=[1])
+    r.on_push(e(3))  # a gap: sync
+    assert r.start_sync() == 1
+    assert not r.on_head(6)  # a sync is running: remembered, not started
+    # The running sync read the timeline before 4..6 committed.
+    assert seqs(r.on_sync_page([e(2), e(3)], has_more=False)) == [2, 3]
+    assert r.need_sync and r.head_syncs == 1  # the head was not lost
+    assert r.head_backoff == 0  # the sync started before the head: no reason to wait
+    assert r.start_sync() == 3
+    assert seqs(r.on_sync_page([e(4), e(5), e(6)], has_more=False)) == [4, 5, 6]
+    assert not r.need_sync
+
+
+def test_a_head_during_a_sync_that_the_sync_reaches_needs_nothing_more() -> None:
+    r = synced(entries=[1])
+    r.on_head(3)
+    r.start_sync()
+    assert seqs(r.on_sync_page([e(2)], has_more=True)) == [2]
+    r.on_head(3)  # the timer repeats it while the sync runs
+    assert seqs(r.on_sync_page([e(3)], has_more=False)) == [3]
+    assert not r.need_sync and r.head_syncs == 1
+
+
+def test_pushes_during_a_head_sync_keep_the_rules_of_step_8() -> None:
+    """Local 2, head 4: while the head's sync runs, push 6 arrives. It is held,
+    never used to skip 5, which the sync did not return."""
+    r = synced(entries=[1, 2])
+    r.on_head(4)
+    r.start_sync()
+    assert r.on_push(e(6)) == []
+    assert seqs(r.on_sync_page([e(3), e(4)], has_more=False)) == [3, 4]
+    assert r.seq == 4 and r.need_sync  # 6 is above a hole: one more sync
+    r.start_sync()
+    assert seqs(r.on_sync_page([e(5)], has_more=False)) == [5, 6]
+
+
+def test_the_welcome_head_holds_the_first_sync_until_it_is_reached() -> None:
+    """Welcome says head 6; the first sync ends at 4 (a page that raced a commit,
+    or a lagging read): the sync is not over, it goes on (after a backoff,
+    since the sync started after the head was known)."""
+    r: Receiver[str] = Receiver(2)
+    r.on_connected()
+    assert not r.on_head(6)  # a sync is due anyway (the connect)
+    r.start_sync()
+    assert seqs(r.on_sync_page([e(3), e(4)], has_more=False)) == [3, 4]
+    assert r.need_sync and r.head_backoff == 1 and r.head_misses == 1
+    r.start_sync()
+    assert seqs(r.on_sync_page([e(5), e(6)], has_more=False)) == [5, 6]
+    assert not r.need_sync and r.head_backoff == 0
+
+
+def test_a_head_no_sync_reaches_is_given_up_after_the_limit() -> None:
+    """A head that syncs started after it never reach (a server fault): a
+    bounded number of syncs with backoff, never a busy loop; a later
+    announcement of it arms it again."""
+    r: Receiver[str] = Receiver(0, head_miss_limit=3)
+    r.on_connected()
+    r.on_head(9)
+    rounds = 0
+    while r.need_sync:
+        rounds += 1
+        assert rounds <= 10
+        r.start_sync()
+        r.on_sync_page([e(1)] if r.seq == 0 else [], has_more=False)
+    assert rounds == 4  # the first sync and 3 more
+    assert r.heads_unreached == 1 and r.head_misses == 4 and r.seq == 1
+    assert r.head_backoff == 0
+    assert r.on_head(9)  # the gateway's timer says it again: try again
+    assert r.need_sync
+
+
+def test_a_failed_head_sync_stays_due_and_keeps_the_head() -> None:
+    r = synced(entries=[1])
+    r.on_head(3)
+    r.start_sync()
+    r.sync_failed()  # logic down
+    assert r.need_sync and r.head == 3
+    r.start_sync()
+    assert seqs(r.on_sync_page([e(2), e(3)], has_more=False)) == [2, 3]
+    assert not r.need_sync
+
+
+def test_a_reconnect_keeps_a_head_not_yet_reached() -> None:
+    r = synced(entries=[1])
+    r.on_head(3)
+    r.on_connected()  # the stream broke before the sync ran
+    r.on_head(0)  # an old gateway this time
+    r.start_sync()
+    r.on_sync_page([e(2)], has_more=False)
+    assert r.need_sync  # 3 is still known to exist
+
+
+def test_skip_to_acknowledges_without_handing_anything() -> None:
+    """A send-only device: a head is acknowledged as if shown (it shows nothing)."""
+    r = synced(entries=[1])
+    r.skip_to(5)
+    assert r.seq == 5 and not r.need_sync
+    assert r.take_ack() == 5
+    r.skip_to(4)
+    assert r.seq == 5 and r.take_ack() is None
+
+
 # -- a randomized run: pushes lost, repeated, reordered, racing with syncs ----------
 
 
@@ -202,14 +330,23 @@ def test_randomized_every_entry_once_in_order(seed: int) -> None:
         elif action < 0.87:
             r.on_connected()  # a reconnect
             sync_snapshot = None
+        elif action < 0.9 and committed:
+            # The gateway announces the head (Welcome, Pong, Head frame).
+            r.on_head(timeline[committed - 1])
         if r.need_sync is False and not r.syncing and rng.random() < 0.02:
             r.need_sync = True  # an app-side resync now and then
-    # Drain: everything committed, no more pushes, sync to the end.
+    # Quiet: everything committed, no more pushes; the head alone must bring
+    # the device to the end of its timeline.
     committed = len(timeline)
+    if r.syncing:
+        r.sync_failed()  # the running sync's answer was lost
+    r.on_head(timeline[-1])
     for _ in range(10):
-        r.need_sync = True
+        if not r.need_sync:
+            break
         after = r.start_sync()
         rest = [x for x in timeline if x > after]
         delivered += seqs(r.on_sync_page([e(x) for x in rest], False))
     expected = [x for x in timeline if x > start]
     assert delivered == expected
+    assert r.head_misses == 0 and r.heads_unreached == 0  # syncs were never short
