@@ -322,16 +322,19 @@ class Liveness:
             if not conn.catching_up:
                 self._catchups.inc()
                 conn.catching_up = True
-                self._spawn(self._catch_up(conn, delivered))
+                self._spawn(self._catch_up(conn, delivered, head))
             return
         if head > max(delivered, conn.pushed_seq) and conn.write_head(head):
             self._head_frames.inc()
         conn.pending_head = head
         self._rechecks[conn] = self._clock() + self._settings.catchup_grace_s
 
-    async def _catch_up(self, conn: Connection, after: int) -> None:
+    async def _catch_up(self, conn: Connection, after: int, head: int) -> None:
         """Pushes the stream's timeline after `after` (at most catchup_max_entries),
-        in seq order. A failure leaves it to the stream's next check."""
+        in seq order, then a Head frame: a client that lost or ignored the pushes
+        (they were written before, and still not acknowledged) syncs on it; one
+        that applied them finds the head at its local seq. A failure leaves it to
+        the stream's next check."""
         user_id = conn.identity.user_id
         budget = self._settings.catchup_max_entries
         try:
@@ -347,7 +350,9 @@ class Liveness:
                         after = entry.seq
                         budget -= 1
                     if not has_more or not entries:
-                        return
+                        break
+            if conn.write_head(max(head, after)):
+                self._head_frames.inc()
         except grpc.aio.AioRpcError as exc:
             self._catchup_errors.inc()
             log.info(

@@ -190,15 +190,16 @@ async def test_welcome_carries_the_head_and_a_dropped_push_is_told_then_pushed(
         gateway.timelines.append(bob, "new-3")
         gateway.timelines.append(bob, "new-4")
         started = time.monotonic()
-        frames = await frames_until(s, lambda f: pushes(f) == [3, 4], timeout=3)
+        frames = await frames_until(s, lambda f: len(heads(f)) == 2, timeout=3)
         took = time.monotonic() - started
         # First the Head (a client that syncs would stop here), then, since this
         # client did not acknowledge it within the grace, the entries themselves,
-        # in seq order, each once; nothing at or below the Welcome head.
+        # in seq order, each once, and the Head again (for a client that lost
+        # them); nothing at or below the Welcome head.
         kinds = [f.WhichOneof("frame") for f in frames]
-        assert kinds == ["head", "push", "push"], kinds
-        assert heads(frames) == [4]
-        assert [f.push.message.body for f in frames[1:]] == [b"new-3", b"new-4"]
+        assert kinds == ["head", "push", "push", "head"], kinds
+        assert heads(frames) == [4, 4] and pushes(frames) == [3, 4]
+        assert [f.push.message.body for f in frames[1:3]] == [b"new-3", b"new-4"]
         assert took < 0.4 + 0.3 + 0.5 + 0.5  # interval + grace + two ticks, with slack
         await s.write(ack_frame(4))
         # Acknowledged: later checks stay silent.
@@ -250,19 +251,21 @@ async def test_pushed_and_acknowledged_entries_cost_no_frame(gateway: Gateway) -
         await s.close()
 
 
-async def test_a_pushed_but_unacknowledged_entry_is_pushed_again_without_a_head(
+async def test_a_pushed_but_unacknowledged_entry_is_pushed_again_then_a_head(
     gateway: Gateway,
 ) -> None:
     """A push the client never acknowledged (it got lost between gateway and app, or
-    the app dropped it) is repeated by the catch-up; no Head, since it was pushed."""
+    the app dropped it) is repeated by the catch-up, then a Head; no Head before,
+    since it was pushed."""
     (dan,) = unique_users(1)
     s = gateway.stream(dan)
     try:
         await s.welcome()
         seq = gateway.timelines.append(dan, "pushed once")
         assert await deliver(gateway.address, [(dan, "d1", seq, b"pushed once")])
-        frames = await frames_until(s, lambda f: pushes(f) == [seq, seq], timeout=4)
-        assert heads(frames) == []
+        frames = await frames_until(s, lambda f: heads(f) == [seq], timeout=4)
+        assert [f.WhichOneof("frame") for f in frames] == ["push", "push", "head"]
+        assert pushes(frames) == [seq, seq]
     finally:
         await s.close()
 
