@@ -71,8 +71,20 @@ class Settings(ServerSettings):
         le=1200,
         description="How often the routes of open streams are refreshed (0 = route_ttl_s / 3).",
     )
+    route_check_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="While streams are open, how often the gateway checks that Redis still "
+        "holds its routes (one EVALSHA of a sentinel key per gateway); a flush or restart "
+        "found this way re-registers every route at once, not at the next refresh.",
+    )
     redis_timeout_s: float = Field(
-        1.0, gt=0, le=30, description="Timeout of one Redis call (connect or command)."
+        1.0,
+        gt=0,
+        le=30,
+        description="Timeout of one Redis attempt (connect or command); connection errors "
+        "and timeouts are retried for up to 1 s more (imcommon.redisconn).",
     )
     max_body_bytes: int = Field(
         64 * 1024,

@@ -6,7 +6,6 @@ import logging
 import sys
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2_grpc
 
 from gateway.config import Settings
@@ -23,6 +22,7 @@ from gateway.servicer import (
 from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
+from imcommon.redisconn import redis_client
 from imcommon.server import Runtime, server_options
 from imcommon.server import main as serve_main
 from imcommon.telemetry import insecure_channel, instrument_server
@@ -53,11 +53,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             return f"{host}:{settings.internal_port}"
         return settings.advertise_address or f"{settings.host}:{runtime.port}"
 
-    redis = aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
+    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     runtime.stack.push_async_callback(redis.aclose)
     logic_channel = insecure_channel(settings.logic_address, runtime.metrics)
     runtime.stack.push_async_callback(logic_channel.close)
@@ -78,7 +74,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     )
 
     routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
-    hub = Hub(routes, peers, address, settings.refresh_interval_s)
+    hub = Hub(
+        routes, peers, address, settings.refresh_interval_s, check_interval_s=settings.route_check_s
+    )
     logic = LogicClient(
         logic_channel,
         settings.logic_timeout_s,

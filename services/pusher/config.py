@@ -65,7 +65,11 @@ class Settings(ServerSettings):
         "im:", max_length=100, description="Prefix of the gateway's route keys in Redis."
     )
     redis_timeout_s: float = Field(
-        1.0, gt=0, le=30, description="Timeout of one Redis call (connect or command)."
+        1.0,
+        gt=0,
+        le=30,
+        description="Timeout of one Redis attempt (connect or command); connection errors "
+        "and timeouts are retried for up to 1 s more (imcommon.redisconn).",
     )
     ack_wait_s: float = Field(
         10.0,

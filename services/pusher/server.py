@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import redis.asyncio as aioredis
-
 from im.logic.v1 import logic_pb2_grpc
 from im.pusher.v1 import pusher_pb2_grpc
 from imcommon.config import ConfigError
+from imcommon.redisconn import redis_client
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
 from imcommon.telemetry import insecure_channel
@@ -28,11 +27,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     def ack_to() -> str:
         return settings.advertise_address or f"{settings.host}:{runtime.port}"
 
-    redis = aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
+    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     runtime.stack.push_async_callback(redis.aclose)
     logic_channel = insecure_channel(settings.logic_address, runtime.metrics)
     runtime.stack.push_async_callback(logic_channel.close)

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.routes import RouteTable
+from gateway.routes import Refreshed, RouteTable
+from imcommon.redisconn import redis_client
 from imdev.servers import RedisServer
 from pusher.routes import RouteReader
 
@@ -63,15 +64,16 @@ async def test_replacing_returns_the_previous_connection(
     # Re-registering the same connection is not a replacement.
     assert await table.register("alice", "phone", "c2", "gw-b:1") is None
     # The replaced connection's refresh reports it lost the route, and writes nothing.
-    assert await table.refresh_many([("alice", "phone", "c1", "gw-a:1")]) == [False]
+    assert await table.refresh_many([("alice", "phone", "c1", "gw-a:1")]) == [Refreshed.TAKEN]
     assert [r.connection_id for r in await table.lookup("alice")] == ["c2"]
 
 
 async def test_refresh_recreates_a_flushed_route(redis: aioredis.Redis, key_prefix: str) -> None:
     table = RouteTable(redis, key_prefix, ttl_s=30)
     await table.register("alice", "phone", "c1", "gw-a:1")
+    assert await table.refresh_many([("alice", "phone", "c1", "gw-a:1")]) == [Refreshed.EXTENDED]
     await redis.delete(table.key("alice"))
-    assert await table.refresh_many([("alice", "phone", "c1", "gw-a:1")]) == [True]
+    assert await table.refresh_many([("alice", "phone", "c1", "gw-a:1")]) == [Refreshed.RECREATED]
     assert [r.connection_id for r in await table.lookup("alice")] == ["c1"]
 
 
@@ -92,7 +94,9 @@ async def test_expired_routes_are_invisible_and_pruned(
     assert await reader.devices(["alice"]) == {"alice": {"laptop": "gw-a:1"}}
     # An expired route of another connection does not block a refresh, and the
     # next write prunes dead fields.
-    assert await long.refresh_many([("alice", "old-phone", "c9", "gw-b:1")]) == [True]
+    assert await long.refresh_many([("alice", "old-phone", "c9", "gw-b:1")]) == [
+        Refreshed.RECREATED
+    ]
     await long.unregister("alice", "old-phone", "c9")
     assert await redis.hkeys(short.key("alice")) == [b"laptop"]
 
@@ -103,3 +107,24 @@ async def test_whole_user_expires(redis: aioredis.Redis, key_prefix: str) -> Non
     assert 0 < await redis.pttl(table.key("alice")) <= 200
     await until(lambda: _gone(redis, table.key("alice")))
     assert await RouteReader(redis, key_prefix).devices(["alice"]) == {}
+
+
+async def test_a_lookup_right_after_a_redis_restart_succeeds(
+    redis_factory: Callable[[], RedisServer], key_prefix: str
+) -> None:
+    """The pusher's pooled connection dies with the Redis it was connected to; its
+    first lookup after the restart must still answer (the retry policy reconnects),
+    not fail and leave the pushes of that batch to sync."""
+    server = redis_factory()
+    client = redis_client(server.url(), timeout_s=1.0)  # as pusher/server.py makes it
+    try:
+        reader = RouteReader(client, key_prefix)
+        assert await reader.devices(["alice"]) == {}  # the pool now holds a connection
+        await asyncio.to_thread(server.restart)
+        async with aioredis.from_url(server.url()) as gateway_side:
+            await RouteTable(gateway_side, key_prefix, ttl_s=30).register(
+                "alice", "phone", "c1", "gw-a:1"
+            )
+        assert await reader.devices(["alice"]) == {"alice": {"phone": "gw-a:1"}}
+    finally:
+        await client.aclose()
