@@ -74,9 +74,6 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     )
 
     routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
-    hub = Hub(
-        routes, peers, address, settings.refresh_interval_s, check_interval_s=settings.route_check_s
-    )
     logic = LogicClient(
         logic_channel,
         settings.logic_timeout_s,
@@ -85,13 +82,23 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         batch_max=settings.send_batch_max,
         linger_s=settings.send_batch_linger_ms / 1000,
     )
-
     liveness = None
     if settings.liveness_s:
         liveness = Liveness(
             settings, LogicHeads(logic.stub, settings.logic_timeout_s), runtime.metrics
         )
         runtime.spawn(liveness.run(), "liveness")
+    hub = Hub(
+        routes,
+        peers,
+        address,
+        settings.refresh_interval_s,
+        check_interval_s=settings.route_check_s,
+        # Streams whose route was missing (Redis flushed, restarted, down): what the
+        # pushers could not route meanwhile is pushed at the next tick, not the
+        # next check.
+        on_routes_restored=liveness.check_soon if liveness is not None else None,
+    )
     add_authenticated_gateway(
         GatewayServicer(settings, hub, logic, peers, runtime.metrics, liveness),
         runtime.server,

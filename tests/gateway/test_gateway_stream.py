@@ -387,8 +387,8 @@ async def test_redis_down_then_back_heals_routes(
     gateway_env: dict[str, str],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
-    """Streams work while Redis is down; once Redis is back (empty), the next
-    refresh re-registers every open stream's route."""
+    """Streams work while Redis is down; once Redis is back (empty), every open
+    stream's route is registered again (within about a second: hub.py)."""
     server = redis_factory()
     server.kill()
     env = {
