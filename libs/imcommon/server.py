@@ -2,8 +2,9 @@
 
 A service provides `build(settings, runtime)`, which opens its resources on
 `runtime.stack`, registers its servicers on `runtime.server`, names them with
-`runtime.expose()` and starts background work with `runtime.spawn()`. `serve()`
-does the rest: health (grpc.health.v1) and reflection, keepalive fit for
+`runtime.expose()` and starts background work with `runtime.spawn()`; one that
+must not touch shared state unless it can serve calls `runtime.bind()` first.
+`serve()` does the rest: health (grpc.health.v1) and reflection, keepalive fit for
 long-lived streams, and SIGTERM handling:
 
 1. health flips to NOT_SERVING for every service;
@@ -43,6 +44,12 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=ServerSettings)
 
 
+class StartupError(Exception):
+    """The service must not start (e.g. its address is taken). Raised by
+    `Runtime.bind()` or a build function; `main()` logs the message, without a
+    traceback, and exits with status 1."""
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     """Channel options for long-lived client streams: pings keep NATs and load
     balancers from dropping idle streams and detect dead peers."""
@@ -54,6 +61,8 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Off: a second process binding a port that a live one listens on must fail
+        # (seqsvc relies on it to prove a crashed predecessor gone).
         ("grpc.so_reuseport", 0),
     ]
     if settings.max_connection_age_s:
@@ -68,18 +77,40 @@ class Runtime:
     """What a service's build function wires itself into."""
 
     def __init__(
-        self, server: grpc.aio.Server, stack: contextlib.AsyncExitStack, metrics: Metrics
+        self,
+        server: grpc.aio.Server,
+        stack: contextlib.AsyncExitStack,
+        metrics: Metrics,
+        bind: Callable[[], int] | None = None,
     ) -> None:
         self.server = server
         self.stack = stack
         self.metrics = metrics
         self.service_names: list[str] = []
+        #: The bound port, once `bind()` has run (0 before).
         self.port = 0
+        self._bind = bind
+        self._bound = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.failed = asyncio.Event()
         self.stop_requested = asyncio.Event()
         self.ready_check: tuple[Callable[[], bool], float] | None = None
+
+    def bind(self) -> int:
+        """Opens the listening port now; `serve()` otherwise opens it after the
+        build function. A service that must not touch shared state unless it can
+        serve (seqsvc and its lease) calls this first, so a copy started by mistake
+        on a live instance's address fails here having changed nothing. Connections
+        that arrive before the server starts are queued by the kernel: their calls
+        wait, or reach their deadline, until it starts. Idempotent; returns the
+        port. Raises StartupError if the address is taken or cannot be used."""
+        if not self._bound:
+            if self._bind is None:
+                raise RuntimeError("this Runtime has no address to bind")
+            self.port = self._bind()
+            self._bound = True
+        return self.port
 
     def expose(self, full_service_name: str) -> None:
         """Lists a registered service in health and reflection."""
@@ -148,10 +179,21 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         stack.callback(provider.shutdown)
         metrics = Metrics(component)
         server = grpc.aio.server(options=server_options(settings))
+        address = f"{settings.host}:{settings.port}"
+
+        def bind() -> int:
+            try:
+                return server.add_insecure_port(address)
+            except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+                raise StartupError(
+                    f"cannot listen on {address}: the address is in use or not available "
+                    f"(is another {component} running there?)"
+                ) from exc
+
         # Servicers register through the instrumented server: every unary method
         # gets its span and RPC metrics once, at registration (health and
         # reflection below are registered on the plain server).
-        runtime = Runtime(instrument_server(server, metrics), stack, metrics)
+        runtime = Runtime(instrument_server(server, metrics), stack, metrics, bind)
         if settings.metrics_port:
             metrics.serve(settings.host, settings.metrics_port)
             stack.callback(metrics.close)
@@ -165,7 +207,7 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = [*runtime.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
-        runtime.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        runtime.bind()
         await server.start()
         for name in ["", *runtime.service_names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -276,8 +318,11 @@ def main(
     if commands and args.command in commands:
         return commands[args.command](settings)
     try:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+            return asyncio.run(serve(component, settings, build))
         return uvloop.run(serve(component, settings, build))
-    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        return asyncio.run(serve(component, settings, build))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1

@@ -100,10 +100,12 @@ class Managed:
         self.launch()
         self.wait_ready(timeout)
 
-    def launch(self) -> None:
+    def launch(self, check_port: bool = True) -> None:
         """Starts the process without waiting for it. Refuses a port that something
-        else already listens on, so a test never talks to a stranger's server."""
-        if port_in_use(self.port):
+        else already listens on, so a test never talks to a stranger's server
+        (`check_port=False`: start it anyway, for tests of what a server does when
+        its port is taken)."""
+        if check_port and port_in_use(self.port):
             raise RuntimeError(f"{self.name}: port {self.port} is already in use")
         self.prepare()
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child

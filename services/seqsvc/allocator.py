@@ -18,6 +18,10 @@ Guarantees (invariant I6):
 - Only the owner of the current fencing epoch raises a ceiling (`extend` is
   conditional on the epoch), and an instance serves only while its lease, renewed in
   the background, is valid; so two instances never serve one section at once.
+- A live lease is never taken from a process that may still be alive, not even by
+  one with the same instance id: that needs the lease's own boot nonce, or proof
+  that its holder is gone (see `Allocator.start`). A twin with the same id that is
+  seen renewing the lease makes `start` raise `DuplicateInstance`.
 
 The hot path (`next_nowait`, and `next`/`next_batch`/`reserve` while there is
 headroom) never awaits: the database is written by one background refill task, at
@@ -33,6 +37,7 @@ import contextlib
 import itertools
 import logging
 import random
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +62,25 @@ class Fenced(Exception):
     """Another instance took the sections over: this one must stop serving them."""
 
 
+class DuplicateInstance(Exception):
+    """Another live process uses this instance's id: this one must not start."""
+
+
+@dataclass(frozen=True)
+class Boot:
+    """One start of one process, as recorded with the lease it holds."""
+
+    #: Random per start: tells this start's lease from any other's, including an
+    #: earlier process with the same instance id.
+    nonce: str
+    #: The address this process listens on, named so that it is unique on a
+    #: machine while someone listens there ('<boot id>/<network namespace>/
+    #: <host>:<port>'); '' when unknown, which proves nothing. The process binds it
+    #: before it takes the lease and keeps it while it serves, so another process
+    #: that has bound the same listener knows the holder no longer serves.
+    listener: str = ""
+
+
 @dataclass(frozen=True)
 class Grant:
     """Ownership of every section, taken at start in one transaction."""
@@ -75,6 +99,12 @@ class Busy:
 
     owner: str
     lease_remaining_s: float
+    #: The holder's `Boot` ('' for a holder that recorded none).
+    nonce: str = ""
+    listener: str = ""
+    #: When the lease ends, on the store's clock: it grows only when the holder
+    #: renews, i.e. is alive.
+    lease_until: float = 0.0
 
 
 class SectionStore(Protocol):
@@ -83,11 +113,22 @@ class SectionStore(Protocol):
     raises; a raised error may still have committed (callers treat the result as
     unknown and never use a value they have not seen committed)."""
 
-    async def acquire(self, owner: str, sections: int, step: int, lease_s: float) -> Grant | Busy:
-        """Takes every section if its lease expired or is held by `owner`: bumps the
-        fencing epoch, raises every max_seq by `step`, sets the lease. If the stored
-        section count differs from `sections`, first resets every section to the
-        highest old max_seq (so re-hashing keys cannot lower anyone's ceiling)."""
+    async def acquire(
+        self,
+        owner: str,
+        sections: int,
+        step: int,
+        lease_s: float,
+        boot: Boot,
+        takeover_from: str = "",
+    ) -> Grant | Busy:
+        """Takes every section if the lease has expired (or was released), is held
+        by this same `boot`, or is held under `owner` by the boot whose nonce is
+        `takeover_from` (non-empty: the caller proved that process gone). Taking
+        them bumps the fencing epoch, raises every max_seq by `step` and records
+        `owner` and `boot` with the lease. If the stored section count differs from
+        `sections`, first resets every section to the highest old max_seq (so
+        re-hashing keys cannot lower anyone's ceiling). Otherwise returns Busy."""
         ...
 
     async def extend(self, epoch: int, amounts: Mapping[int, int]) -> dict[int, int]:
@@ -157,6 +198,7 @@ class Allocator:
         lease_s: float = 10.0,
         standby_poll_s: float = 1.0,
         instance_id: str = "seqsvc",
+        boot: Boot | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -177,6 +219,7 @@ class Allocator:
         self._lease_s = lease_s
         self._standby_poll = standby_poll_s
         self._instance_id = instance_id
+        self._boot = boot or Boot(secrets.token_hex(16))
         self._clock = clock
 
         self._state = _STARTING
@@ -215,14 +258,31 @@ class Allocator:
     async def start(self, stop: asyncio.Event | None = None) -> bool:
         """Takes ownership of every section, waiting (standby) while another live
         instance holds the lease and retrying while the store is unreachable.
-        Returns False if `stop` was set first."""
+        Returns False if `stop` was set first.
+
+        A lease held under this instance's own id by another start (a restart, or a
+        twin started by mistake) is taken over at once only if its holder is proved
+        gone: it recorded the same listener as this process, which this process has
+        bound, so the holder no longer listens there and, since an instance stops
+        serving before it closes its listener, no longer serves. Otherwise this
+        start waits for the lease to expire, like a standby; if it sees the holder
+        renew the lease meanwhile, the holder is alive and shares this id, and
+        DuplicateInstance is raised (the lease is left alone)."""
         backoff = self._retry_min
+        takeover_from = ""
+        twin: tuple[str, float] | None = None  # (nonce, lease_until) of a same-id holder
         while stop is None or not stop.is_set():
             t0 = self._clock()
+            tried_takeover, takeover_from = takeover_from, ""
             try:
                 async with asyncio.timeout(self._store_timeout * 2):
                     got = await self._store.acquire(
-                        self._instance_id, self._n, self._step, self._lease_s
+                        self._instance_id,
+                        self._n,
+                        self._step,
+                        self._lease_s,
+                        self._boot,
+                        tried_takeover,
                     )
             except Exception as exc:
                 log.warning(
@@ -235,14 +295,42 @@ class Allocator:
                 if isinstance(got, Grant):
                     self._install(got, t0)
                     return True
-                log.info(
-                    "standby: the sections are leased by another instance",
-                    extra={
-                        "owner": got.owner,
-                        "lease_remaining_s": round(got.lease_remaining_s, 3),
-                    },
-                )
                 wait = min(self._standby_poll, max(0.01, got.lease_remaining_s))
+                if got.owner != self._instance_id:
+                    log.info(
+                        "standby: the sections are leased by another instance",
+                        extra={
+                            "owner": got.owner,
+                            "lease_remaining_s": round(got.lease_remaining_s, 3),
+                        },
+                    )
+                elif got.listener and got.listener == self._boot.listener and not tried_takeover:
+                    log.info(
+                        "taking over from an earlier process with this instance id: "
+                        "it listened where this process listens now, so it is gone",
+                        extra={"owner": got.owner, "listener": got.listener},
+                    )
+                    takeover_from = got.nonce
+                    continue
+                elif twin is not None and twin[0] == got.nonce and got.lease_until > twin[1]:
+                    raise DuplicateInstance(
+                        f"instance id {self._instance_id!r} is in use by another live "
+                        "process: it renewed the lease on the sections while this one "
+                        "waited. Give every instance its own id (IM_SEQSVC_INSTANCE_ID; "
+                        "default hostname:port)"
+                    )
+                else:
+                    if twin is None or twin[0] != got.nonce:
+                        log.warning(
+                            "the sections are leased under this instance id by another "
+                            "process that cannot be proved gone: waiting for its lease to "
+                            "expire (and refusing to start if it renews it)",
+                            extra={
+                                "owner": got.owner,
+                                "lease_remaining_s": round(got.lease_remaining_s, 3),
+                            },
+                        )
+                    twin = (got.nonce, got.lease_until)
             if stop is None:
                 await asyncio.sleep(wait)
             else:

@@ -96,13 +96,16 @@ class Settings(ServerSettings):
         ge=1,
         le=600,
         description="Ownership lease on the sections. The owner renews it every lease_s/4 and "
-        "stops serving when it cannot; another instance takes over only after it expired.",
+        "stops serving when it cannot; another instance takes over only after it expired "
+        "(or was released), unless it proves the holder gone (see instance_id).",
     )
     instance_id: str = Field(
         "",
         max_length=200,
         description="Identity of this instance in the lease, unique among live instances "
-        "(default: hostname:port). A restart with the same id takes over at once.",
+        "(default: hostname:port). A restart with the same id takes over at once only if it "
+        "listens where the old holder did (which proves it gone); otherwise it waits for the "
+        "lease to expire, and exits if the holder renews it (a live twin).",
     )
     standby_poll_s: float = Field(
         1.0,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from imcommon.migrations import apply_migrations
-from seqsvc.allocator import Busy, Grant
+from seqsvc.allocator import Boot, Busy, Grant
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -61,7 +61,8 @@ class _Lane:
 
 
 class PgSectionStore:
-    """`SectionStore` on PostgreSQL (tables of migrations/0001_sections.sql)."""
+    """`SectionStore` on PostgreSQL (tables of migrations/0001_sections.sql, lease
+    columns of 0002_lease_boot.sql)."""
 
     def __init__(self, conninfo: str, timeout_s: float = 2.0) -> None:
         self._conninfo = conninfo
@@ -86,7 +87,15 @@ class PgSectionStore:
         await self._writes.close()
         await self._lease.close()
 
-    async def acquire(self, owner: str, sections: int, step: int, lease_s: float) -> Grant | Busy:
+    async def acquire(
+        self,
+        owner: str,
+        sections: int,
+        step: int,
+        lease_s: float,
+        boot: Boot,
+        takeover_from: str = "",
+    ) -> Grant | Busy:
         async with (
             await psycopg.AsyncConnection.connect(
                 self._conninfo, connect_timeout=max(1, round(self._timeout))
@@ -99,16 +108,18 @@ class PgSectionStore:
                 (sections,),
             )
             cur = await conn.execute(
-                "SELECT sections, epoch, owner, lease_until > now(), "
+                "SELECT sections, epoch, owner, nonce, listener, lease_until > now(), "
                 "  CASE WHEN lease_until > now() "
-                "    THEN extract(epoch FROM lease_until - now())::float8 ELSE 0 END "
+                "    THEN extract(epoch FROM lease_until - now())::float8 ELSE 0 END, "
+                "  extract(epoch FROM lease_until)::float8 "
                 "FROM seqsvc_owner FOR UPDATE"
             )
             row = await cur.fetchone()
             assert row is not None
-            stored, epoch, holder, live, remaining = row
-            if live and holder != owner:
-                return Busy(holder, float(remaining))
+            stored, epoch, holder, nonce, listener, live, remaining, until = row
+            proved_gone = bool(takeover_from) and holder == owner and nonce == takeover_from
+            if live and nonce != boot.nonce and not proved_gone:
+                return Busy(holder, float(remaining), nonce, listener, float(until))
             if stored != sections:
                 # Re-hashing moves keys between sections: start every new section
                 # above the highest old ceiling, which bounds every value given.
@@ -142,8 +153,8 @@ class PgSectionStore:
                 )
             await conn.execute(
                 "UPDATE seqsvc_owner SET sections = %s, epoch = %s, owner = %s, "
-                "lease_until = now() + make_interval(secs => %s)",
-                (sections, new_epoch, owner, lease_s),
+                "nonce = %s, listener = %s, lease_until = now() + make_interval(secs => %s)",
+                (sections, new_epoch, owner, boot.nonce, boot.listener, lease_s),
             )
         ceilings = [int(r[1]) for r in rows]
         return Grant(new_epoch, [c - step for c in ceilings], ceilings)

@@ -1,26 +1,30 @@
 """Wiring of seqsvc: settings -> store -> allocator -> gRPC servicer.
 
-`python -m seqsvc` applies the migrations, takes ownership of the sections (waiting
-as a standby while another live instance holds them), then serves.
-`python -m seqsvc migrate` only applies the migrations.
+`python -m seqsvc` binds its port (exiting if it cannot), applies the migrations,
+takes ownership of the sections (waiting as a standby while another live instance
+holds them; exiting if a live process holds them under this instance's id), then
+serves. `python -m seqsvc migrate` only applies the migrations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imcommon.server import Runtime
+from imcommon.server import Runtime, StartupError
 from imcommon.server import main as serve_main
-from seqsvc.allocator import Allocator
+from seqsvc.allocator import Allocator, Boot, DuplicateInstance
 from seqsvc.config import Settings
 from seqsvc.repo import PgSectionStore, migrate
 from seqsvc.servicer import SERVICE_NAME, SeqServicer, add_to_server
@@ -30,8 +34,8 @@ log = logging.getLogger(__name__)
 
 def instance_id(settings: Settings) -> str:
     """The lease identity: configured, or hostname:port (unique among live processes
-    on a host, and stable across a restart on the same port, so a restarted
-    instance takes over at once instead of waiting for its own lease to expire)."""
+    on a host, and stable across a restart on the same port). A restart takes over
+    its own lease at once when it can prove its predecessor gone (see `listener`)."""
     if settings.instance_id:
         return settings.instance_id
     host = socket.gethostname()
@@ -40,7 +44,29 @@ def instance_id(settings: Settings) -> str:
     return f"{host}:pid{os.getpid()}"
 
 
-def make_allocator(settings: Settings, store: PgSectionStore) -> Allocator:
+def listener(host: str, port: int) -> str:
+    """Names the address this process has bound, uniquely on this machine while it
+    is bound: '<boot id>/<network namespace>/<host>:<port>'. Equal names mean the
+    same socket address in the same network namespace since the same boot, which
+    only one process can listen on (SO_REUSEPORT is off). '' when that cannot be
+    established (not Linux, or `host` is a name, whose address could change): an
+    empty listener proves nothing."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        netns = os.readlink("/proc/self/ns/net")
+    except (ValueError, OSError):
+        return ""
+    return f"{boot_id}/{netns}/{host}:{port}" if boot_id and netns else ""
+
+
+def this_boot(settings: Settings, port: int) -> Boot:
+    return Boot(nonce=secrets.token_hex(16), listener=listener(settings.host, port))
+
+
+def make_allocator(
+    settings: Settings, store: PgSectionStore, boot: Boot | None = None
+) -> Allocator:
     return Allocator(
         store,
         sections=settings.sections,
@@ -58,6 +84,7 @@ def make_allocator(settings: Settings, store: PgSectionStore) -> Allocator:
         lease_s=settings.lease_s,
         standby_poll_s=settings.standby_poll_s,
         instance_id=instance_id(settings),
+        boot=boot,
     )
 
 
@@ -122,13 +149,24 @@ async def migrate_with_retry(settings: Settings, stop: asyncio.Event) -> bool:
 
 
 async def build(settings: Settings, runtime: Runtime) -> None:
+    # Listen first: a copy started by mistake on a live instance's address exits
+    # here, before it touches the lease; and holding the address is what lets a
+    # restart prove its predecessor gone (see `listener`).
+    port = runtime.bind()
     await migrate_with_retry(settings, runtime.stop_requested)
     store = await runtime.stack.enter_async_context(
         PgSectionStore(settings.database_url, settings.store_timeout_s)
     )
-    allocator = make_allocator(settings, store)
+    allocator = make_allocator(settings, store, this_boot(settings, port))
     runtime.stack.push_async_callback(allocator.close)
-    if await allocator.start(runtime.stop_requested):
+    # Stop serving (and release the lease) before the server closes its listener:
+    # once another process can bind this address, this one hands out nothing.
+    runtime.on_shutdown(allocator.close)
+    try:
+        started = await allocator.start(runtime.stop_requested)
+    except DuplicateInstance as exc:
+        raise StartupError(str(exc)) from None
+    if started:
         runtime.spawn(allocator.run(), "seqsvc-allocator")
     # Without a renewable lease every call is UNAVAILABLE: say so in health.
     runtime.readiness(lambda: allocator.serving, interval_s=max(0.1, settings.lease_s / 8))

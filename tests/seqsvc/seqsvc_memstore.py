@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
-from seqsvc.allocator import Busy, Grant
+from seqsvc.allocator import Boot, Busy, Grant
 
 
 class StoreDown(Exception):
@@ -22,12 +22,15 @@ class MemStore:
         self.sections = 0
         self.epoch = 0
         self.owner = ""
+        self.nonce = ""
+        self.listener = ""
         self.lease_until = float("-inf")
         #: Raise StoreDown from every call while True.
         self.down = False
         #: When set, extend() waits for this event before committing.
         self.gate: asyncio.Event | None = None
         self.extend_calls = 0
+        self.acquire_calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
         #: (section, new max_seq) in commit order.
@@ -37,11 +40,23 @@ class MemStore:
         if self.down:
             raise StoreDown("store is down")
 
-    async def acquire(self, owner: str, sections: int, step: int, lease_s: float) -> Grant | Busy:
+    async def acquire(
+        self,
+        owner: str,
+        sections: int,
+        step: int,
+        lease_s: float,
+        boot: Boot,
+        takeover_from: str = "",
+    ) -> Grant | Busy:
         self._check()
+        self.acquire_calls += 1
         now = self.clock()
-        if self.lease_until > now and self.owner != owner:
-            return Busy(self.owner, self.lease_until - now)
+        proved_gone = bool(takeover_from) and self.owner == owner and self.nonce == takeover_from
+        if self.lease_until > now and self.nonce != boot.nonce and not proved_gone:
+            return Busy(
+                self.owner, self.lease_until - now, self.nonce, self.listener, self.lease_until
+            )
         if self.sections != sections:
             top = max(self.max_seq.values(), default=0)
             self.max_seq = dict.fromkeys(range(sections), top)
@@ -52,6 +67,8 @@ class MemStore:
             self.max_seq[i] += step
             self.section_epoch[i] = self.epoch
         self.owner = owner
+        self.nonce = boot.nonce
+        self.listener = boot.listener
         self.lease_until = now + lease_s
         return Grant(self.epoch, floors, [self.max_seq[i] for i in range(sections)])
 

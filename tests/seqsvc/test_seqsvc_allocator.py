@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from seqsvc_memstore import MemStore
 
-from seqsvc.allocator import Allocator, Fenced, Unavailable
+from seqsvc.allocator import Allocator, Boot, DuplicateInstance, Fenced, Unavailable
 from seqsvc.keys import InvalidArgument
 
 Factory = Callable[..., Awaitable[Allocator]]
@@ -147,8 +147,9 @@ async def test_fenced_when_another_instance_takes_over(make: Factory) -> None:
     alloc = await make(store, run=False, sections=1, step=10)
     task = asyncio.create_task(alloc.run())
     before = [await alloc.next("k") for _ in range(3)]
-    # A second instance with the same id (a restart) takes over at once.
-    other = await make(store, sections=1, step=10)
+    # Its lease lapses unseen (say it stalled past it) and another instance takes over.
+    store.lease_until = float("-inf")
+    other = await make(store, sections=1, step=10, instance_id="b")
     for _ in range(20):
         try:
             alloc.next_nowait("k")
@@ -189,6 +190,70 @@ async def test_standby_waits_for_the_lease_then_continues_above(make: Factory) -
         await first.next("k")
     assert await second.next("k") > last
     await second.close()
+
+
+async def test_same_id_twin_that_renews_is_refused_and_the_holder_keeps_serving(
+    make: Factory,
+) -> None:
+    """A second start under a live holder's instance id never takes the lease: once
+    it sees the holder renew it, it raises DuplicateInstance, and the holder keeps
+    its epoch and serves on."""
+    store = MemStore()
+    holder = await make(store, sections=1, step=100, instance_id="x", lease_s=0.2)
+    last = await holder.next("k")
+    epoch = store.epoch
+    twin = Allocator(store, sections=1, step=100, instance_id="x", standby_poll_s=0.01)
+    with pytest.raises(DuplicateInstance, match="'x' is in use by another live process"):
+        await asyncio.wait_for(twin.start(), 5)
+    assert store.epoch == epoch and store.nonce != ""
+    assert holder.serving
+    assert await holder.next("k") == last + 1
+
+
+async def test_same_id_on_the_same_listener_takes_over_at_once(make: Factory) -> None:
+    """A restart that has bound the listener its predecessor recorded has proved it
+    gone: it takes over without waiting for the (long) lease."""
+    store = MemStore()
+    crashed = await make(
+        store, run=False, sections=1, step=100, instance_id="x", lease_s=60,
+        boot=Boot("n1", "boot/net:[1]/127.0.0.1:5000"),
+    )  # fmt: skip
+    last = await crashed.next("k")
+    restarted = await asyncio.wait_for(
+        make(
+            store, sections=1, step=100, instance_id="x", lease_s=60,
+            boot=Boot("n2", "boot/net:[1]/127.0.0.1:5000"),
+        ),
+        5,
+    )  # fmt: skip
+    assert store.nonce == "n2"
+    assert await restarted.next("k") > last
+
+
+async def test_same_id_elsewhere_waits_for_the_lease_to_expire(make: Factory) -> None:
+    """A restart that cannot prove its predecessor gone (another listener, or none
+    known) waits for the old lease to expire, as a standby does, then continues
+    above every value handed out before."""
+    clock = FakeClock()
+    store = MemStore(clock)
+    crashed = await make(
+        store, run=False, sections=1, step=100, instance_id="x", lease_s=10, clock=clock,
+        boot=Boot("n1", "boot/net:[1]/127.0.0.1:5000"),
+    )  # fmt: skip
+    last = await crashed.next("k")
+    restarted = Allocator(
+        store, sections=1, step=100, instance_id="x", standby_poll_s=0.01, clock=clock,
+        boot=Boot("n2", "boot/net:[1]/127.0.0.1:5001"),
+    )  # fmt: skip
+    starting = asyncio.create_task(restarted.start())
+    calls = store.acquire_calls
+    await wait_until(lambda: store.acquire_calls >= calls + 3)
+    assert not starting.done()  # still waiting: nothing proves "n1" gone
+    clock.now += 10
+    assert await asyncio.wait_for(starting, 5)
+    assert store.nonce == "n2"
+    assert await restarted.next("k") > last
+    await restarted.close()
 
 
 async def test_restart_and_resectioning_never_go_back(make: Factory) -> None:

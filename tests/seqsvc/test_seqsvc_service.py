@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -315,7 +316,7 @@ async def test_standby_takes_over_after_kill_and_at_once_after_sigterm(
         before = await seq.next_batch(["k"] * 10)
     await asyncio.sleep(0.5)  # give b every chance to (wrongly) start serving
     with pytest.raises(grpc.RpcError):
-        health_status(b.address)  # standby: not even listening yet
+        health_status(b.address)  # standby: its port is bound, but nothing answers yet
     killed_at = time.monotonic()
     a.kill()
     await asyncio.to_thread(b.wait_ready, 15)
@@ -363,13 +364,18 @@ def test_migrate_command_and_config_errors(pg_dsn: str) -> None:
 
 
 async def test_fenced_instance_stops_serving_and_exits(pg_dsn: str, spawn: Spawn) -> None:
-    """If a newer epoch takes the sections while the old owner still runs (here: a
-    second process wrongly sharing its instance id), the old one's conditional
-    writes fail, it stops serving and exits non-zero; values continue above."""
-    a = spawn("seqsvc", env(pg_dsn, instance_id="same", lease_s=1, step=20))
+    """If a newer epoch takes the sections while the old owner still runs (here: it
+    was stopped past its lease, as a long stall would, and a standby took over), the
+    old one's conditional writes fail, it stops serving and exits non-zero; values
+    continue above."""
+    a = spawn("seqsvc", env(pg_dsn, instance_id="a", lease_s=1, step=20))
     async with SeqClient(a.address, max_retries=0) as seq:
         before = await seq.next_batch(["k"] * 50)
-        b = spawn("seqsvc", env(pg_dsn, instance_id="same", lease_s=1, step=20))
+        a.signal(signal.SIGSTOP)
+        try:
+            b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=1, step=20))
+        finally:
+            a.signal(signal.SIGCONT)
         assert await asyncio.to_thread(a.wait, 10) == 1  # fenced -> exit status 1
         with pytest.raises(SeqError):
             await seq.next("k")
@@ -380,8 +386,8 @@ async def test_fenced_instance_stops_serving_and_exits(pg_dsn: str, spawn: Spawn
 async def test_starts_when_postgres_comes_up_later(
     postgres_factory: Callable[..., PostgresServer], spawn: Spawn
 ) -> None:
-    """Started while PostgreSQL is down, seqsvc keeps its port closed (it cannot own
-    any section yet), retries, and serves once PostgreSQL is up."""
+    """Started while PostgreSQL is down, seqsvc answers nothing on its port (it
+    cannot own any section yet), retries, and serves once PostgreSQL is up."""
     pg = postgres_factory()
     dsn = pg.create_database("late")
     await asyncio.to_thread(pg.stop)
