@@ -1,7 +1,9 @@
 """The chaos harness against the real stack.
 
-- The reduced run (what `make test` runs): every fault kind, many clients,
-  zero violations, a `RESULT` line and a JSON file.
+- The reduced run (what `make test` runs): every fault kind, many clients and
+  raw observers, zero violations, no late online delivery (I9: without the
+  gateway's liveness mechanism this fails, as it should), a `RESULT` line and a
+  JSON file.
 - One guarantee broken on purpose at a time (logic's TEST-ONLY switches, and a
   client that advances its cursor without syncing): the checker must report the
   matching violation. Each is a short targeted scenario on a small stack.
@@ -50,9 +52,19 @@ def test_the_reduced_run_keeps_the_promise(
         "duplicated",
         "reordered",
         "violations",
+        "online_late",
+        "max_online_delivery_s",
     }
     assert result["violations"] == result["lost"] == result["duplicated"] == 0
     assert result["reordered"] == 0
+    # I9: every device that stayed connected got everything within the bound.
+    online = data["online"]
+    assert result["online_late"] == 0, online["late"][:20]
+    assert result["max_online_delivery_s"] <= online["liveness_s"]
+    assert online["observer_pairs"] > 0 and online["pairs"] > online["observer_pairs"]
+    assert online["never"] == 0 and data["quiet"] is True
+    assert set(online["max_by_kind"]) <= {k.value for k in FaultKind} | {"none"}
+    assert all(o["connects"] >= 1 for o in data["observers"]) and len(data["observers"]) >= 3
     assert result["clients"] >= 8
     assert result["messages_acked"] >= 300
     assert data["result"] == result and data["ok"] is True
@@ -60,7 +72,17 @@ def test_the_reduced_run_keeps_the_promise(
     assert set(data["fault_counts"]) == {k.value for k in FaultKind}
     assert data["fault_errors"] == 0
     assert data["counts"]["delivered"] == data["counts"]["expected_deliveries"] > 0
-    for name in ("sent", "acked", "delivered", "lost", "duplicated", "reordered", "quiesce"):
+    for name in (
+        "sent",
+        "acked",
+        "delivered",
+        "lost",
+        "duplicated",
+        "reordered",
+        "quiesce",
+        "online_late",
+        "max online delivery per fault kind",
+    ):
         assert name in printed
 
 
