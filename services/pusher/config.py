@@ -23,7 +23,14 @@ def _float_list(value: Any) -> Any:
 
 
 class Settings(ServerSettings):
-    """Everything pusher reads from its environment."""
+    """Everything pusher reads from its environment.
+
+    The `test_fault_*` fields are TEST-ONLY switches that break the pusher at a
+    chosen point on purpose, so that the tests and the chaos harness can show the
+    rest of the system copes. They default to off and must stay off in any real
+    deployment; pusher logs a warning at start when one is on. All of them are read
+    in one place, `pusher.faults.Faults`.
+    """
 
     model_config = SettingsConfigDict(env_prefix="IM_PUSHER_", extra="ignore", frozen=True)
     #: URLs may carry credentials: --print-config masks them.
@@ -167,6 +174,15 @@ class Settings(ServerSettings):
         le=3600,
         description="How often the JetStream consumer lag gauges are sampled (one "
         "consumer info request); only while the metrics port is set.",
+    )
+
+    # -- TEST-ONLY fault switches (see the class docstring) ----------------------
+    test_fault_crash_before_deliver: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="TEST ONLY: exit at once (status 86, like kill -9) between the N-th "
+        "fan-out whose commit returned deliveries and its Deliver calls; 0 = off",
     )
 
     _lists = field_validator("redelivery_backoff_s", "retransmit_schedule_ms", mode="before")(

@@ -60,6 +60,7 @@ from imcommon.status import status_from_number
 from imcommon.tracing import is_recording_provider
 from pusher.config import Settings
 from pusher.delivery import Deliverer
+from pusher.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,12 @@ class TriggerConsumer:
         logic: logic_pb2_grpc.LogicStub,
         deliverer: Deliverer,
         metrics: Metrics,
+        faults: Faults | None = None,
     ) -> None:
         self._settings = settings
         self._logic = logic
         self._deliverer = deliverer
+        self._faults = faults or Faults()
         self._convs: dict[str, _Conversation] = {}
         #: conversations with pending triggers and no call running, in arrival
         #: order, with the loop time each became ready
@@ -466,6 +469,7 @@ class TriggerConsumer:
                     )
                 # Each user's entries in seq order, whichever conversation they are of.
                 deliveries.sort(key=lambda d: (d.user_id, d.seq))
+                self._faults.before_deliver()
             try:
                 await self._deliverer.push(deliveries)
             except Exception as exc:
@@ -555,6 +559,7 @@ class TriggerConsumer:
                             "deliveries": len(resp.deliveries),
                         },
                     )
+                self._faults.before_deliver()
             await self._deliverer.push(resp.deliveries)
             if not resp.has_more:
                 return

@@ -15,6 +15,7 @@ from imcommon.telemetry import insecure_channel
 from pusher.config import Settings
 from pusher.consumer import TriggerConsumer
 from pusher.delivery import Deliverer, GatewayClients
+from pusher.faults import Faults
 from pusher.routes import RouteReader
 from pusher.servicer import SERVICE, PusherServicer
 
@@ -42,7 +43,11 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         settings, RouteReader(redis, settings.redis_prefix), gateways, ack_to, runtime.metrics
     )
     consumer = TriggerConsumer(
-        settings, logic_pb2_grpc.LogicStub(logic_channel), deliverer, runtime.metrics
+        settings,
+        logic_pb2_grpc.LogicStub(logic_channel),
+        deliverer,
+        runtime.metrics,
+        Faults.from_settings(settings),
     )
     pusher_pb2_grpc.add_PusherServicer_to_server(
         PusherServicer(deliverer, settings.max_acks_per_call), runtime.server
