@@ -28,11 +28,12 @@ of entries from the acknowledged cursor) repeating the same ones. Every skip is
 recorded, and `online.measure` does not judge a missing pair whose seq the
 observer skipped before the pair was due.
 
-When the stream ends (its gateway was killed or restarted, a Kick), the window
-closes at that moment. By default the observer then connects again, to the
-next gateway, as a new window: nothing acked before that Welcome counts for it
-(it never syncs, so it would not get it anyway), so a reconnect cannot heal
-anything; it only keeps the judge on duty for the faults that follow.
+When the stream ends (its gateway was killed or restarted), the window closes
+at that moment. By default the observer then connects again, to the next
+gateway, as a new window: nothing acked before that Welcome counts for it (it
+never syncs, so it would not get it anyway), so a reconnect cannot heal
+anything; it only keeps the judge on duty for the faults that follow. After a
+Kick it stays offline, as the protocol says.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Observer:
         self._open: int | None = None  # index of the open window
         self._welcomed = asyncio.Event()
         self._closing = False
+        self.kicked = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -203,7 +205,7 @@ class Observer:
                 raise
             except Exception as exc:
                 self.stats.ends.append(f"{address}: {type(exc).__name__}: {exc}")
-            if self._closing or (welcomed and not self.reconnect):
+            if self._closing or self.kicked or (welcomed and not self.reconnect):
                 return
             # Back off only while no gateway answers; a stream that ended after
             # its Welcome reconnects at once (to the next gateway).
@@ -257,13 +259,17 @@ class Observer:
                 msg_id = frame.push.message.msg_id
                 if msg_id not in self.receipts:
                     self.receipts[msg_id] = Receipt(now, w)
+                before = state.duplicates
                 if state.on_push(frame.push.seq, now):
                     await self._ack(call, state.cursor, writing)
-                self.stats.duplicates = state.duplicates
+                self.stats.duplicates += state.duplicates - before
             elif kind == "head":
                 self.stats.heads += 1
-            elif kind in ("kick", "go_away"):
-                self.stats.ends.append(f"{kind}: {getattr(frame, kind).reason}")
+            elif kind == "kick":
+                self.kicked = True  # the protocol: do not reconnect after a Kick
+                self.stats.ends.append(f"kick: {frame.kick.reason}")
+            elif kind == "go_away":
+                self.stats.ends.append(f"go_away: {frame.go_away.reason}")
 
     async def _holes(
         self, call: grpc.aio.StreamStreamCall, state: ReceiveState, w: int, writing: asyncio.Lock

@@ -212,10 +212,11 @@ class RunResult:
         if o.late:
             out.append(f"  late online deliveries: {o.online_late} (first 20)")
             for p in o.late[:20]:
-                got = "never" if p.received_at is None else f"{p.delay_s:.2f} s"
+                got = "never delivered" if p.never else f"{p.delay_s:.2f} s"
                 out.append(
-                    f"    msg_id={p.msg_id} {p.user_id}/{p.device_id} {got} after "
-                    f"+{p.base - self.t0:.1f}s (faults: {', '.join(p.kinds) or 'none'})"
+                    f"    msg_id={p.msg_id} {p.user_id}/{p.device_id} {got}; acked "
+                    f"+{p.acked_at - self.t0:.1f}s, clock from +{p.base - self.t0:.1f}s "
+                    f"(faults near: {', '.join(p.kinds) or 'none'})"
                 )
         if self.anomalies:
             out.append(f"  anomalies    {len(self.anomalies)}")
@@ -292,11 +293,12 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
             config, stack, w.users, lambda since: settled_since(flog, since), echo
         )
         await w.start()
+        client_rounds = config.client_rounds if config.client_rounds is not None else config.rounds
         echo(
             f"chaos: {len(w.devices)} clients, {len(observers)} observers, "
             f"{len(w.members)} conversations; "
             f"faults: {config.rounds} round(s) of {len(config.server_kinds)} server kinds, "
-            f"{config.client_rounds or config.rounds} of {len(config.client_kinds)} client kinds"
+            f"{client_rounds} of {len(config.client_kinds)} client kinds"
         )
         seed = config.workload.seed
         server_plan = plan(
@@ -305,7 +307,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         client_plan = plan(
             seed + 1,
             config.client_kinds,
-            config.client_rounds if config.client_rounds is not None else config.rounds,
+            client_rounds,
             config.client_fault_pause_s,
         )
         stop = asyncio.Event()

@@ -192,7 +192,8 @@ class Device:
 class Workload:
     """The clients of one run. `setup()`, `start()`, then the fault scheduler may
     call `cut_stream` / `restart_client`; `stop_sending()`, `quiesce()`,
-    `close()`, and `history()` for the checker."""
+    `stop_watching()` and `tracks()` for online delivery, `close()`, and
+    `history()` for the checker."""
 
     def __init__(
         self,
