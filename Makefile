@@ -78,13 +78,13 @@ test: deps lint typecheck k8s-check alerts-check ## Everything CI runs: lint, ty
 test-fast: deps ## pytest only, skipping slow tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services)
+run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
-stop: ## Stop everything `make run` started
+stop: ## Stop everything `make run` started (whatever its state file says)
 	@if [ -x $(PY) ]; then $(PY) -m imdev stop; fi
 
-status: ## Show what `make run` started and whether it is healthy
+status: ## Show what `make run` started, its addresses and metrics ports, and whether it is healthy
 	@$(PY) -m imdev status
 
 bench-seq: deps ## Benchmark seqsvc against Redis INCR and a PostgreSQL counter
@@ -113,5 +113,6 @@ alerts-check: system-deps ## promtool: check the alerting rules and run their un
 images: ## Build container images (needs a container engine)
 	docker build -t im-backend:dev -f deploy/Dockerfile .
 
-clean: stop ## Remove generated code, caches and local state
+clean: ## Stop `make run`'s stack, remove its data, generated code, caches and local state
+	@if [ -x $(PY) ]; then $(PY) -m imdev clean; fi
 	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache
