@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab chaos k8s-check images clean lock
+        bench-seq bench-logic bench bench-ab bench-idle chaos k8s-check images clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -94,6 +94,9 @@ bench: deps ## End-to-end benchmark
 
 bench-ab: deps ## End-to-end before/after of the batching switches, in one run
 	$(PY) bench/e2e_ab.py
+
+bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one run
+	$(PY) bench/e2e_idle.py
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
