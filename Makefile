@@ -16,7 +16,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab chaos k8s-check alerts-check images clean lock
+        bench-seq bench-logic bench bench-ab bench-idle chaos k8s-check alerts-check images \
+        clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -99,6 +100,9 @@ bench: deps ## End-to-end benchmark
 AB_PRESET ?= liveness
 bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching)
 	$(PY) bench/e2e_ab.py --preset $(AB_PRESET)
+
+bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one run
+	$(PY) bench/e2e_idle.py
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
