@@ -345,7 +345,10 @@ class ServiceProcess(Managed):
         return env
 
     def wait_ready(self, timeout: float) -> None:
-        wait_serving(f"127.0.0.1:{self.port}", timeout, self.proc)
+        # A service whose port serves TLS is probed where a kubelet probes it: on
+        # its plaintext health port, when it has one.
+        health = self.extra_env.get(f"IM_{self.module.upper()}_HEALTH_PORT")
+        wait_serving(f"127.0.0.1:{health or self.port}", timeout, self.proc)
 
     @property
     def address(self) -> str:
