@@ -120,7 +120,8 @@ def cmd_run() -> int:
     print(f"logs: {workdir / 'logs'}")
     if secret == DEV_TOKEN_SECRET:
         print("token secret: the DEV default (never use it for real users)")
-    print("try:  .venv/bin/python -m imctl chat --user alice --to bob")
+    # The dev gateway is plaintext; imctl and the SDK use TLS unless told not to.
+    print("try:  .venv/bin/python -m imctl chat --plaintext --user alice --to bob")
     return 0
 
 
