@@ -17,10 +17,11 @@ warning per change, and are tried again when they change again.
 handshake, a client without a certificate signed by one of those CAs. The CA
 file is reloaded like the certificate.
 
-Client side, `channel_credentials(ClientTLS(...))` reads the CA bundle (and the
-client certificate for mutual TLS) when a channel is made: gRPC has no hook to
-swap a channel's credentials, so a channel keeps the client certificate it was
-made with (see docs/deploy.md, "TLS", on rotating client certificates).
+Client side, `ChannelTLS(ClientTLS(...))` gives each new channel credentials
+from the CA bundle (and the client certificate for mutual TLS) as the files are
+when the channel opens, re-read when they changed. gRPC has no hook to swap an
+open channel's credentials, so a channel keeps the client certificate it was
+opened with (docs/deploy.md, "TLS", on renewing client certificates).
 """
 
 from __future__ import annotations
