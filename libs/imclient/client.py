@@ -252,7 +252,8 @@ class Client(UnaryCalls):
             gateway's Head frames; it costs the gateway a head read per Ping.
         tls: what TLS trusts and checks (`TLSConfig`: a CA file instead of the
             system's trusted CAs, a server name to check, a client certificate);
-            default: TLS with the system's trusted CAs (`imclient.tls`).
+            default: TLS with the system's trusted CAs (`imclient.tls`). Its
+            files are read here: ValueError if one cannot be read.
         insecure: True to connect in plaintext (a development gateway). Never
             the default: plaintext only when asked for.
     """

@@ -150,6 +150,22 @@ async def test_a_message_crosses_a_stack_that_is_tls_everywhere(tls_stack: TLSSt
     assert [m.text for m in page.messages] == ["over TLS"]
 
 
+async def test_the_default_trusts_the_system_roots(
+    tls_stack: TLSStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `tls=`: the CAs of the operating system's bundle, the file OpenSSL and
+    Python's ssl read (SSL_CERT_FILE names it here: the test CA stands in for a
+    CA installed into the system)."""
+    token = tls_stack.stack.mint(uid("sys"), "s1")
+    # gRPC's own override of its roots would win (and is read once per process).
+    monkeypatch.delenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_stack.public_ca))
+    async with Client(tls_stack.address, token) as c:
+        assert c.user_id is not None
+    async with GatewayApi(tls_stack.address, token) as api:
+        assert await api.list_conversations() == []
+
+
 async def test_a_wrong_ca_is_refused_with_a_clear_error(tls_stack: TLSStack) -> None:
     token = tls_stack.stack.mint(uid("eve"), "e1")
     wrong = TLSConfig(ca_file=tls_stack.internal_ca)  # a real CA, not the gateway's

@@ -131,7 +131,9 @@ def test_files_that_do_not_load_keep_the_previous_certificate(
     assert cert.fingerprint == fingerprint(other.cert_pem)
 
 
-def test_files_that_do_not_load_at_start_are_refused_with_the_file_named(tmp_path: Path) -> None:
+async def test_files_that_do_not_load_at_start_are_refused_with_the_file_named(
+    tmp_path: Path,
+) -> None:
     ca = CertificateAuthority("test ca")
     issued = ca.issue([NAME])
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
