@@ -23,7 +23,7 @@ from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
 from imcommon.redisconn import redis_client
-from imcommon.server import Runtime, StartupError, add_port, server_options
+from imcommon.server import Runtime, add_port, bind_failure, server_options
 from imcommon.server import main as serve_main
 from imcommon.telemetry import instrument_server, internal_channel
 from imcommon.tls import ChannelTLS
@@ -143,16 +143,13 @@ async def _serve_internal(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.host}:{settings.internal_port}"
     try:
-        add_port(
-            server, f"{settings.host}:{settings.internal_port}", settings.internal_server_tls()
-        )
-    except StartupError as exc:
-        raise ConfigError(f"IM_GATEWAY_INTERNAL_TLS_*: {exc}") from None
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"IM_GATEWAY_INTERNAL_PORT: cannot listen on {settings.host}:{settings.internal_port} "
-            f"({exc})"
+        # A TLS file that does not load raises StartupError (exit 1, file named).
+        add_port(server, address, settings.internal_server_tls())
+    except RuntimeError:
+        raise bind_failure(
+            address, "IM_GATEWAY_INTERNAL_PORT; is another gateway running there?"
         ) from None
     await server.start()
     runtime.stack.push_async_callback(server.stop, settings.shutdown_grace_s)
