@@ -15,10 +15,15 @@ For each overlay (every directory of deploy/k8s with a kustomization.yaml, but
    - every setting a deployment needs (see `deploy_required`) is set, secret
      settings (`Settings.secret_fields`) only from Secrets, TEST-ONLY settings never;
    - the gRPC port is the PORT setting: container port `grpc`, the three native
-     gRPC health probes, Service targetPorts, and ADVERTISE_ADDRESS (the pod IP);
+     gRPC health probes (on HEALTH_PORT when set, as it must be when PORT serves
+     TLS: the kubelet's probes cannot), Service targetPorts, and ADVERTISE_ADDRESS
+     (the pod IP);
      every other port setting is the container port named after it (METRICS_PORT:
      `metrics`, the gateway's INTERNAL_PORT: `internal`, advertised at the pod IP
      too), and the gateway's internal RPCs never share the client port;
+   - every file a setting names (`*_FILE`: TLS certificates, keys, CAs) is in a
+     volume the container mounts (not by subPath, which never sees a renewed
+     Secret), and is a key of that Secret or ConfigMap;
    - the addresses services dial (`*_ADDRESS`, `*_URL`) name a Service of the
      overlay, when they name one, on a port that reaches the right pods, and a
      NetworkPolicy lets the caller in;
@@ -562,6 +567,7 @@ class OverlayCheck:
             if value.origin.startswith(("secret ", "configmap ")):
                 self.check_ref_key(where, container, var)
         self.check_values(where, cls, env)
+        self.check_files(where, workload, container, cls, env)
         port = self.effective(cls, env, "port")
         if not main:
             return
@@ -580,6 +586,67 @@ class OverlayCheck:
         if workload["metadata"]["name"] in self.services:
             self.fail(where, "a second container of this workload runs a service")
         self.services[workload["metadata"]["name"]] = (svc, env, port)
+
+    def check_files(
+        self,
+        where: str,
+        workload: dict[str, Any],
+        container: dict[str, Any],
+        cls: type[Any],
+        env: dict[str, EnvValue],
+    ) -> None:
+        """Every file a setting names (`*_FILE`: certificates, keys, CAs) is inside
+        a volume the container mounts, not through `subPath` (a subPath mount never
+        sees a renewed Secret); from a Secret or ConfigMap, the file is one of its
+        keys (or items). Secrets not rendered are recorded as external."""
+        mounts = container.get("volumeMounts", [])
+        volumes = {v["name"]: v for v in (pod_spec(workload) or {}).get("volumes", [])}
+        for fname in cls.model_fields:
+            if not fname.endswith("_file"):
+                continue
+            value = self.effective(cls, env, fname)
+            if not value:
+                continue
+            var = f"{env_prefix(cls)}{fname}".upper()
+            path = str(value)
+            mount = max(
+                (m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")),
+                key=lambda m: len(m["mountPath"]),
+                default=None,
+            )
+            if mount is None:
+                self.fail(where, f"{var}={path} is in no volume the container mounts")
+                continue
+            if mount.get("subPath"):
+                self.fail(
+                    where,
+                    f"{var}: {mount['mountPath']} is a subPath mount, which never sees an "
+                    "update: a renewed certificate would not reach the process",
+                )
+            volume = volumes.get(mount["name"], {})
+            rel = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+            source = volume.get("secret") or volume.get("configMap")
+            if source is None:
+                continue
+            items = source.get("items")
+            key = rel
+            if items is not None:
+                paths = {item["path"]: item["key"] for item in items}
+                if rel not in paths:
+                    self.fail(where, f"{var}={path}: the volume {mount['name']} has no item {rel}")
+                    continue
+                key = paths[rel]
+            if "secret" in volume:
+                name = source["secretName"]
+                secret = self.objs.get("Secret", name)
+                if secret is None:
+                    self.external.add((name, key))
+                elif key not in _secret_data(secret):
+                    self.fail(where, f"{var}={path}: Secret {name} has no key {key}")
+            else:
+                cm = self.objs.get("ConfigMap", source["name"])
+                if cm is not None and key not in (cm.get("data") or {}):
+                    self.fail(where, f"{var}={path}: ConfigMap {source['name']} has no key {key}")
 
     def check_ref_key(self, where: str, container: dict[str, Any], var: str) -> None:
         """A key read through secretKeyRef/configMapKeyRef is named as the setting."""
@@ -651,16 +718,30 @@ class OverlayCheck:
             self.fail(
                 where, f"container port 'grpc' is {ports.get('grpc')}, but {prefix}PORT is {port}"
             )
+        # The kubelet's gRPC probes speak plaintext only: a TLS port is probed on
+        # the plaintext HEALTH_PORT, which then must exist.
+        health = self.effective(cls, env, "health_port") if "health_port" in cls.model_fields else 0
+        tls = (
+            self.effective(cls, env, "tls_cert_file") if "tls_cert_file" in cls.model_fields else ""
+        )
+        if tls and not health:
+            self.fail(
+                where,
+                f"{prefix}PORT serves TLS ({prefix}TLS_CERT_FILE) and the kubelet's gRPC "
+                f"probes cannot: set {prefix}HEALTH_PORT and probe it",
+            )
+        probed, probed_var = (health, "HEALTH_PORT") if health else (port, "PORT")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = container.get(probe)
             if spec is None:
                 self.fail(where, f"no {probe}")
             elif "grpc" not in spec:
                 self.fail(where, f"{probe} is not a native gRPC probe (grpc.health.v1)")
-            elif spec["grpc"].get("port") != port:
+            elif spec["grpc"].get("port") != probed:
                 self.fail(
                     where,
-                    f"{probe} checks port {spec['grpc'].get('port')}, but {prefix}PORT is {port}",
+                    f"{probe} checks port {spec['grpc'].get('port')}, but "
+                    f"{prefix}{probed_var} is {probed}",
                 )
             elif spec["grpc"].get("service", "") != "":
                 # Only the overall status ("") is set by every service at start.

@@ -259,7 +259,9 @@ class Workload:
 
     async def _create_group(self, owner: str, name: str, others: Sequence[str]) -> str:
         deadline = time.monotonic() + 60
-        async with GatewayApi(self.gateways, self._token_source(owner, "setup")) as api:
+        async with GatewayApi(
+            self.gateways, self._token_source(owner, "setup"), insecure=True
+        ) as api:
             while True:
                 try:
                     conv = await api.create_group(name, list(others))
@@ -283,6 +285,7 @@ class Workload:
             reconnect=ReconnectPolicy(initial_s=0.05, max_s=2.0),
             connect_timeout_s=None,
             rng=random.Random(self.rng.random()),
+            insecure=True,
         )
 
     async def start(self, ready_timeout_s: float = 60.0, senders: bool = True) -> None:
@@ -625,7 +628,9 @@ class Workload:
         out = []
         for user in self.users:
             deadline = time.monotonic() + timeout_s
-            async with GatewayApi(self.gateways, self._token_source(user, "audit")) as api:
+            async with GatewayApi(
+                self.gateways, self._token_source(user, "audit"), insecure=True
+            ) as api:
                 while True:
                     try:
                         msgs = await api.sync_all(0)

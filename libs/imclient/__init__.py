@@ -4,8 +4,9 @@
 the store's outbox until answered, so they survive an app restart), in-order
 exactly-once delivery (`messages()` or an `on_message` callback), and the unary
 calls (`sync`, `history`, groups). `GatewayApi` is the unary calls alone, without
-a stream. The protocol state machines (`SendWindow`, `Receiver`) are pure and
-usable on their own. See `imclient.client` for the guarantees.
+a stream. Both speak TLS unless given `insecure=True` (`imclient.tls`). The
+protocol state machines (`SendWindow`, `Receiver`) are pure and usable on their
+own. See `imclient.client` for the guarantees.
 """
 
 from imclient.client import Client, ClientStats, DebugHooks, MessageHandler, SendResultHandler
@@ -23,6 +24,7 @@ from imclient.errors import (
     RpcError,
     SendErrorCode,
     SendFailed,
+    TLSError,
     Unauthenticated,
     Unavailable,
 )
@@ -30,6 +32,7 @@ from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
 from imclient.sender import SendWindow
 from imclient.store import DEFAULT_MAX_OUTBOX, MemoryStore, OutboxEntry, SQLiteStore, Store
+from imclient.tls import TLSConfig
 from imclient.types import (
     ContentType,
     Conversation,
@@ -81,6 +84,8 @@ __all__ = [
     "SendWindow",
     "Store",
     "SyncPage",
+    "TLSConfig",
+    "TLSError",
     "TokenSource",
     "Unauthenticated",
     "Unavailable",

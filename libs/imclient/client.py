@@ -1,7 +1,7 @@
 """The asyncio client: one device's connection to the IM gateway.
 
 ```python
-async with Client(["127.0.0.1:17000"], token, store=SQLiteStore("alice.db")) as client:
+async with Client(["chat.example.com:443"], token, store=SQLiteStore("alice.db")) as client:
     ack = await client.send("d:alice:bob", "hi")      # durable when it returns
     async for msg in client.messages():               # seq order, no duplicates
         print(msg.sender_id, msg.text)
@@ -92,6 +92,11 @@ Connection
 - `async with Client(...)` (or `start()`) returns once connected AND caught up
   by the first sync; a very long backlog may need a larger `connect_timeout_s`,
   or `start(wait_ready=False)`. Sends may be submitted before that.
+- TLS by default, checking the gateway's certificate against the system's
+  trusted CAs (or `tls=TLSConfig(ca_file=..., server_name=...)`); plaintext
+  only with `insecure=True`. A failed TLS handshake (an untrusted or misnamed
+  certificate, a port that does not speak TLS) stops the client for good with
+  `TLSError`, whose message says which: retrying cannot fix it.
 - Reconnects with exponential backoff and full jitter, rotating through the
   gateway addresses. `GoAway` reconnects (to the next address) after the delay it
   names. `Kick` (same device connected elsewhere) and a refused token stop the
@@ -130,6 +135,7 @@ from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
 from imclient.sender import Outgoing, SendWindow
 from imclient.store import MemoryStore, OutboxEntry, Store
+from imclient.tls import TLSConfig, Transport
 from imclient.types import ID_PATTERN, ContentType, Message, SendOutcome, SendResult
 from imclient.unary import (
     DEFAULT_CHANNEL_OPTIONS,
@@ -244,6 +250,12 @@ class Client(UnaryCalls):
             the default: never). Each Pong carries the timeline head, so this
             bounds how long a lost push can go unnoticed even without the
             gateway's Head frames; it costs the gateway a head read per Ping.
+        tls: what TLS trusts and checks (`TLSConfig`: a CA file instead of the
+            system's trusted CAs, a server name to check, a client certificate);
+            default: TLS with the system's trusted CAs (`imclient.tls`). Its
+            files are read here: ValueError if one cannot be read.
+        insecure: True to connect in plaintext (a development gateway). Never
+            the default: plaintext only when asked for.
     """
 
     def __init__(
@@ -269,7 +281,10 @@ class Client(UnaryCalls):
         rng: random.Random | None = None,
         receive: bool = True,
         ping_interval_s: float | None = None,
+        tls: TLSConfig | None = None,
+        insecure: bool = False,
     ) -> None:
+        self._transport = Transport(tls, insecure)
         self.addresses = parse_addresses(addresses)
         self._token = token
         self._store: Store = store if store is not None else MemoryStore()
@@ -610,10 +625,9 @@ class Client(UnaryCalls):
         if channel is not None and self._session_token is not None:
             return await invoke_on(channel, self._session_token, method, request, timeout)
         token = await resolve_token(self._token)
-        async with grpc.aio.insecure_channel(
-            self.address or self.addresses[0], options=self._channel_options
-        ) as ch:
-            return await invoke_on(ch, token, method, request, timeout)
+        address = self.address or self.addresses[0]
+        async with self._transport.channel(address, self._channel_options) as ch:
+            return await invoke_on(ch, token, method, request, timeout, self._transport, address)
 
     # -- the connection loop -------------------------------------------------------
 
@@ -651,7 +665,7 @@ class Client(UnaryCalls):
     async def _session(self, address: str) -> None:
         """One connection, from Connect to its end (always by an exception)."""
         token = await resolve_token(self._token)
-        channel = grpc.aio.insecure_channel(address, options=self._channel_options)
+        channel = self._transport.channel(address, self._channel_options)
         call: Any = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -663,6 +677,9 @@ class Client(UnaryCalls):
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     raise AuthError(f"token refused: {exc.details()}") from exc
+                tls = self._transport.error(exc, address)
+                if tls is not None:
+                    raise tls from exc
                 raise
             if first is grpc.aio.EOF:
                 raise _SessionLost("stream closed before Welcome")

@@ -109,6 +109,19 @@ class Unauthenticated(RpcError, AuthError):
     """A unary call's token was refused."""
 
 
+class TLSError(RpcError, ClientClosed):
+    """The TLS handshake with a gateway failed: its certificate is not trusted
+    (signed by a CA the client does not trust, expired, or not naming the host),
+    or the port does not speak TLS. The message says which. A configuration
+    problem, not a transient one: a `Client` stops for good (like `AuthError`),
+    a `GatewayApi` call raises it at once without trying other addresses."""
+
+    def __init__(self, reason: str, details: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, details)
+        self.args = (f"{reason} [{details}]" if details else reason,)
+        self.reason = reason
+
+
 _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,

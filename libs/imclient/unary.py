@@ -11,6 +11,7 @@ import grpc
 
 from im.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imclient.errors import AuthError, Unauthenticated, Unavailable, rpc_error
+from imclient.tls import TLSConfig, Transport
 from imclient.types import Conversation, HistoryPage, Message, SyncPage
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
@@ -132,22 +133,33 @@ class UnaryCalls:
 
 
 async def invoke_on(
-    channel: grpc.aio.Channel, token: str, method: str, request: Any, timeout: float | None
+    channel: grpc.aio.Channel,
+    token: str,
+    method: str,
+    request: Any,
+    timeout: float | None,
+    transport: Transport | None = None,
+    address: str = "",
 ) -> Any:
-    """Calls `Gateway.<method>` on `channel`, mapping failures to typed errors."""
+    """Calls `Gateway.<method>` on `channel`, mapping failures to typed errors
+    (a failed TLS handshake to TLSError, described by `transport`)."""
     stub = gateway_pb2_grpc.GatewayStub(channel)
     try:
         return await getattr(stub, method)(
             request, metadata=(("authorization", f"Bearer {token}"),), timeout=timeout
         )
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc) from exc
+        tls = transport.error(exc, address) if transport is not None else None
+        raise (tls or rpc_error(exc)) from exc
 
 
 class GatewayApi(UnaryCalls):
     """The unary calls without a stream: no Connect, so it never replaces a
     device's live connection. `async with GatewayApi(addresses, token) as api:`.
 
+    TLS with the system's trusted CAs unless `tls` (`TLSConfig`: a CA file, a
+    server name) says otherwise; plaintext only with `insecure=True`
+    (`imclient.tls`). A failed TLS handshake raises `TLSError` at once.
     On UNAVAILABLE it tries the next address once round the list.
     """
 
@@ -156,7 +168,11 @@ class GatewayApi(UnaryCalls):
         addresses: str | Sequence[str],
         token: TokenSource,
         channel_options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        *,
+        tls: TLSConfig | None = None,
+        insecure: bool = False,
     ) -> None:
+        self._transport = Transport(tls, insecure)
         self._addresses = parse_addresses(addresses)
         self._token = token
         self._options = list(channel_options)
@@ -181,10 +197,12 @@ class GatewayApi(UnaryCalls):
             address = self._addresses[self._index % len(self._addresses)]
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
+                channel = self._transport.channel(address, self._options)
                 self._channels[address] = channel
             try:
-                return await invoke_on(channel, token, method, request, timeout)
+                return await invoke_on(
+                    channel, token, method, request, timeout, self._transport, address
+                )
             except Unauthenticated:
                 raise
             except Unavailable as exc:

@@ -4,8 +4,10 @@ A service provides `build(settings, runtime)`, which opens its resources on
 `runtime.stack`, registers its servicers on `runtime.server`, names them with
 `runtime.expose()` and starts background work with `runtime.spawn()`; one that
 must not touch shared state unless it can serve calls `runtime.bind()` first.
-`serve()` does the rest: health (grpc.health.v1) and reflection, keepalive fit for
-long-lived streams, and SIGTERM handling:
+`serve()` does the rest: the port (TLS when the settings name a certificate, which
+is reloaded without a restart when its files change; `imcommon.tls`), health
+(grpc.health.v1, also on a plaintext `health_port` for probes when the port is
+TLS) and reflection, keepalive fit for long-lived streams, and SIGTERM handling:
 
 1. health flips to NOT_SERVING for every service;
 2. after `drain_delay_s`, the shutdown hooks run (e.g. GoAway to clients);
@@ -39,6 +41,7 @@ from imcommon.logging import setup_logging
 from imcommon.metrics import Metrics
 from imcommon.settings import ServerSettings
 from imcommon.telemetry import instrument_server
+from imcommon.tls import ServerTLS, TLSConfigError, server_credentials
 from imcommon.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ S = TypeVar("S", bound=ServerSettings)
 class StartupError(Exception):
     """The service must not start (e.g. its address is taken). Raised by
     `Runtime.bind()` or a build function; `main()` logs the message, without a
-    traceback, and exits with status 1."""
+    traceback, and exits with status 1 (so does a TLSConfigError: a certificate,
+    key or CA file that does not load)."""
 
 
 #: The channel option that keeps a port to one server. gRPC's default sets
@@ -216,7 +220,7 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
 
         def bind() -> int:
             try:
-                return server.add_insecure_port(address)
+                return add_port(server, address, settings.server_tls())
             except RuntimeError:  # grpc: "Failed to bind to address ..."
                 raise bind_failure(address, f"is another {component} running there?") from None
 
@@ -243,6 +247,9 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         names = [*runtime.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
         runtime.bind()
+        health_server = await _serve_health(settings, health_servicer)
+        if health_server is not None:
+            stack.push_async_callback(health_server.stop, None)
         await server.start()
         for name in ["", *runtime.service_names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -275,6 +282,48 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         watchdog.cancel()
     log.info("stopped", extra={"exit_code": exit_code})
     return exit_code
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: ServerTLS | None) -> int:
+    """Opens `address` on `server`: TLS from `tls`'s files (reloaded as they
+    change, `imcommon.tls`), or plaintext when `tls` is None. Returns the port.
+    Raises StartupError if the TLS files do not load, RuntimeError (from grpc) if
+    the address cannot be bound."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    try:
+        credentials, cert = server_credentials(tls)
+    except TLSConfigError as exc:
+        raise StartupError(f"TLS for {address}: {exc}") from None
+    port = server.add_secure_port(address, credentials)
+    log.info(
+        "TLS on the gRPC port",
+        extra={
+            "address": address,
+            "cert_file": tls.cert_file,
+            "sha256": cert.fingerprint,
+            "client_certificates": "required" if tls.client_ca_file else "not asked",
+        },
+    )
+    return port
+
+
+async def _serve_health(
+    settings: ServerSettings, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server | None:
+    """The plaintext health-only port (`health_port`), sharing the gRPC port's
+    health status, for probes that cannot speak TLS; None when not configured."""
+    if not settings.health_port:
+        return None
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        raise bind_failure(address, "the health port") from None
+    await server.start()
+    return server
 
 
 async def _follow_readiness(
@@ -358,6 +407,6 @@ def main(
         except ImportError:  # pragma: no cover - uvloop is a pinned dependency
             return asyncio.run(serve(component, settings, build))
         return uvloop.run(serve(component, settings, build))
-    except StartupError as exc:
+    except (StartupError, TLSConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 1

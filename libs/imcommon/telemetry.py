@@ -9,7 +9,7 @@ and a new handler and closure per served call:
   handler once, when a servicer registers it (generated `add_*_to_server` and
   hand-written `add_to_server` functions alike); the wrapper reads the trace
   context from the call's metadata;
-- client side, `insecure_channel()` returns a channel whose `unary_unary`
+- client side, `internal_channel()` returns a channel whose `unary_unary`
   multicallables are wrapped once per method; a call returns grpc's own call
   object, and its metrics (and span, when tracing records) are finished by a
   done callback.
@@ -58,6 +58,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import Counter, Histogram
 
 from imcommon.metrics import Metrics
+from imcommon.tls import ChannelTLS
 from imcommon.tracing import IdsOnlyTracerProvider, ids_only_span, is_recording_provider
 
 log = logging.getLogger(__name__)
@@ -532,15 +533,18 @@ class InstrumentedChannel(grpc.aio.Channel):
         return getattr(self.raw, name)
 
 
-def insecure_channel(
+def internal_channel(
     address: str,
     metrics: Metrics | None = None,
     options: list[tuple[str, Any]] | None = None,
+    tls: ChannelTLS | None = None,
 ) -> InstrumentedChannel:
     """A grpc.aio channel to another of our services, with trace propagation and
-    client metrics. Internal traffic is plaintext on the cluster network;
-    NetworkPolicies restrict who can reach whom. Calls are spread round-robin over
-    every address the name resolves to (a headless Service lists every pod)."""
+    client metrics. TLS when `tls` is given (from the settings' `client_tls()`:
+    the callee's certificate checked against its CA, a client certificate for
+    mutual TLS), else plaintext on the cluster network, where NetworkPolicies
+    restrict who can reach whom. Calls are spread round-robin over every address
+    the name resolves to (a headless Service lists every pod)."""
     opts = [
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.keepalive_time_ms", 30_000),
@@ -548,6 +552,20 @@ def insecure_channel(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        *(tls.options() if tls is not None else []),
         *(options or []),
     ]
-    return InstrumentedChannel(grpc.aio.insecure_channel(address, options=opts), metrics)
+    if tls is None:
+        return InstrumentedChannel(grpc.aio.insecure_channel(address, options=opts), metrics)
+    return InstrumentedChannel(
+        grpc.aio.secure_channel(address, tls.credentials(), options=opts), metrics
+    )
+
+
+def insecure_channel(
+    address: str,
+    metrics: Metrics | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> InstrumentedChannel:
+    """`internal_channel` in plaintext."""
+    return internal_channel(address, metrics, options)

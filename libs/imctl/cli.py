@@ -11,6 +11,12 @@ comma-separated; default 127.0.0.1:17000, the gateway of `make run`) and either
 `--token` (or IM_TOKEN) or `--user` (with `--device`), which mints a token with
 the secret from `--secret`, IM_GATEWAY_TOKEN_SECRET, or the gateway's DEV default.
 
+Connections use TLS, checking the gateway's certificate against the system's
+trusted CAs, unless `--plaintext` (or IMCTL_PLAINTEXT=1) asks for plaintext, as
+the gateway of `make run` needs. `--ca-file` (IMCTL_CA_FILE) trusts a private CA
+instead; `--server-name` (IMCTL_SERVER_NAME) checks that name in the certificate
+instead of the host dialled.
+
 Streaming commands (chat, listen, send) keep the device's sync cursor in
 `$IMCTL_STATE_DIR/store.sqlite3` (default ~/.imctl), so a restarted `listen` or
 `chat` shows only what it has not shown before; `--memory` forgets on exit.
@@ -43,6 +49,8 @@ from imclient import (
     Message,
     SQLiteStore,
     Store,
+    TLSConfig,
+    TLSError,
     direct_conversation_id,
 )
 
@@ -144,7 +152,29 @@ def _connection_options(default_device: str) -> argparse.ArgumentParser:
         "--secret", help="token secret (default: IM_GATEWAY_TOKEN_SECRET or the dev one)"
     )
     g.add_argument("--json", action="store_true", help="print JSON lines")
+    t = p.add_argument_group("TLS (on unless --plaintext)")
+    t.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=_env_flag("IMCTL_PLAINTEXT"),
+        help="connect without TLS, e.g. to `make run` (env IMCTL_PLAINTEXT=1)",
+    )
+    t.add_argument(
+        "--ca-file",
+        default=os.environ.get("IMCTL_CA_FILE") or None,
+        help="PEM CA(s) to trust instead of the system's (env IMCTL_CA_FILE)",
+    )
+    t.add_argument(
+        "--server-name",
+        default=os.environ.get("IMCTL_SERVER_NAME") or None,
+        help="name to check in the gateway's certificate instead of the host dialled "
+        "(env IMCTL_SERVER_NAME)",
+    )
     return p
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _store_options() -> argparse.ArgumentParser:
@@ -235,6 +265,15 @@ def _token(args: argparse.Namespace) -> str:
     raise UsageError("give --user USER (mints a dev token) or --token/IM_TOKEN")
 
 
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """The SDK's TLS arguments (`tls=` or `insecure=`) from the options."""
+    if args.plaintext:
+        if args.ca_file or args.server_name:
+            raise UsageError("--plaintext excludes --ca-file and --server-name")
+        return {"insecure": True}
+    return {"tls": TLSConfig(ca_file=args.ca_file, server_name=args.server_name)}
+
+
 def _store(args: argparse.Namespace) -> Store:
     if args.memory:
         return MemoryStore()
@@ -252,7 +291,7 @@ def _conversation(args: argparse.Namespace, me: str) -> str:
 
 async def cmd_send(args: argparse.Namespace, out: TextIO) -> int:
     text = sys.stdin.read().rstrip("\n") if args.text == ["-"] else " ".join(args.text)
-    async with Client(args.address, _token(args), receive=False) as client:
+    async with Client(args.address, _token(args), receive=False, **_security(args)) as client:
         assert client.user_id is not None
         conv = _conversation(args, client.user_id)
         ack = await client.send(conv, text)
@@ -272,7 +311,7 @@ async def cmd_send(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_listen(args: argparse.Namespace, out: TextIO) -> int:
-    async with Client(args.address, _token(args), store=_store(args)) as client:
+    async with Client(args.address, _token(args), store=_store(args), **_security(args)) as client:
         if not args.json:
             print(
                 f"listening as {client.user_id}/{client.device_id} ({position(client)})",
@@ -302,7 +341,7 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | Non
 
 
 async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
-    async with Client(args.address, _token(args), store=_store(args)) as client:
+    async with Client(args.address, _token(args), store=_store(args), **_security(args)) as client:
         me, device = client.user_id, client.device_id
         assert me is not None
         conv = _conversation(args, me)
@@ -350,7 +389,7 @@ async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
-    async with GatewayApi(args.address, _token(args)) as api:
+    async with GatewayApi(args.address, _token(args), **_security(args)) as api:
         if args.all:
             messages = await api.sync_all(args.after, args.limit or 500)
         else:
@@ -361,7 +400,7 @@ async def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
-    async with GatewayApi(args.address, _token(args)) as api:
+    async with GatewayApi(args.address, _token(args), **_security(args)) as api:
         page = await api.history(args.conversation, args.before, args.limit)
     for m in reversed(page.messages):  # oldest first, like a chat window
         emit(out, args.json, message_json(m), message_line(m))
@@ -372,7 +411,7 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_group(args: argparse.Namespace, out: TextIO) -> int:
-    async with GatewayApi(args.address, _token(args)) as api:
+    async with GatewayApi(args.address, _token(args), **_security(args)) as api:
         if args.group_command == "list":
             convs = await api.list_conversations()
         elif args.group_command == "create":
@@ -412,4 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ImClientError, UsageError, ValueError) as exc:
         print(f"imctl: {exc}", file=sys.stderr)
+        if isinstance(exc, TLSError):
+            print(
+                "imctl: --plaintext (IMCTL_PLAINTEXT=1) connects without TLS; --ca-file and "
+                "--server-name change what TLS trusts and checks",
+                file=sys.stderr,
+            )
         return 1

@@ -322,7 +322,8 @@ def cmd_run(paths: Paths, base_port: int) -> int:
         print("token secret: the DEV default (never use it for real users)")
     address = stack.gateway_addresses[0]
     env = "" if address == f"127.0.0.1:{DEFAULT_BASE_PORT}" else f"IM_ADDRESS={address} "
-    print(f"try:  {env}.venv/bin/python -m imctl chat --user alice --to bob")
+    # The dev gateway is plaintext; imctl and the SDK use TLS unless told not to.
+    print(f"try:  {env}.venv/bin/python -m imctl chat --plaintext --user alice --to bob")
     return 0
 
 

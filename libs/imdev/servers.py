@@ -623,12 +623,19 @@ class ServiceProcess(Managed):
                 self.extra_env[key] = f"{value.removesuffix(str(old))}{new}"
         return new
 
+    @property
+    def health_address(self) -> str:
+        """Where its health is read: a service whose port serves TLS is probed
+        where a kubelet probes it, on its plaintext health port, when it has one."""
+        health = self.extra_env.get(f"{self.prefix}HEALTH_PORT", "0")
+        return f"127.0.0.1:{health}" if health.isdigit() and int(health) else self.address
+
     def wait_healthy(self, deadline: float) -> None:
         last: Exception | None = None
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                if health_status(self.health_address) == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as exc:
                 last = exc

@@ -260,6 +260,8 @@ class Stack:
                 "IM_GATEWAY_REDIS_URL": self.redis.url(),
                 "IM_GATEWAY_REDIS_PREFIX": self.redis_prefix,
                 "IM_GATEWAY_TOKEN_SECRET": self.token_secret,
+                # A local stack on loopback: plaintext on purpose (no warning).
+                "IM_GATEWAY_ALLOW_PLAINTEXT": "true",
                 **self._metrics("gateway", i),
             },
         )

@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from imcommon.config import ConfigError, env_name
 from imcommon.settings import ServerSettings
+from imcommon.tls import ServerTLS
 
 #: The secret `make run` uses when IM_GATEWAY_TOKEN_SECRET is unset. Anyone can
 #: mint tokens with it: the gateway logs a warning whenever it is in use.
@@ -57,6 +58,34 @@ class Settings(ServerSettings):
         description="host:port pushers and gateways use to call GatewayInternal here; it is "
         "what the routes in Redis hold (default: the advertise address's host, else host, "
         "with internal_port; when internal_port is 0, the advertise address).",
+    )
+    allow_plaintext: bool = Field(
+        False,
+        description="The client port may serve plaintext (no TLS_CERT_FILE) without the "
+        "warning at start: for development, or behind a load balancer that terminates TLS "
+        "and speaks HTTP/2 (h2c) to the gateway. Clients then need TLS from that balancer.",
+    )
+    internal_tls_cert_file: str = Field(
+        "",
+        max_length=1000,
+        json_schema_extra={"deploy": "optional"},
+        description="PEM certificate chain the internal port (INTERNAL_PORT, GatewayInternal) "
+        "serves with TLS; empty = plaintext. Reloaded when it changes, like TLS_CERT_FILE. "
+        "Pushers and gateways check it against their TLS_CA_FILE (and TLS_SERVER_NAME).",
+    )
+    internal_tls_key_file: str = Field(
+        "",
+        max_length=1000,
+        json_schema_extra={"deploy": "optional"},
+        description="PEM private key of INTERNAL_TLS_CERT_FILE.",
+    )
+    internal_tls_client_ca_file: str = Field(
+        "",
+        max_length=1000,
+        json_schema_extra={"deploy": "optional"},
+        description="PEM CA certificates: when set, the internal port accepts only callers "
+        "presenting a certificate signed by one of them (mutual TLS with pushers and "
+        "gateways). Needs INTERNAL_TLS_CERT_FILE.",
     )
     route_ttl_s: float = Field(
         30.0,
@@ -251,6 +280,33 @@ class Settings(ServerSettings):
                 f"{LIVENESS_SYNC_MARGIN_S:g} s of IM_GATEWAY_LIVENESS_S for the catch-up itself"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_internal_tls(self) -> Settings:
+        if bool(self.internal_tls_cert_file) != bool(self.internal_tls_key_file):
+            raise ValueError(
+                "IM_GATEWAY_INTERNAL_TLS_CERT_FILE and IM_GATEWAY_INTERNAL_TLS_KEY_FILE go together"
+            )
+        if self.internal_tls_client_ca_file and not self.internal_tls_cert_file:
+            raise ValueError(
+                "IM_GATEWAY_INTERNAL_TLS_CLIENT_CA_FILE needs IM_GATEWAY_INTERNAL_TLS_CERT_FILE"
+            )
+        if self.internal_tls_cert_file and not self.internal_port:
+            raise ValueError(
+                "IM_GATEWAY_INTERNAL_TLS_CERT_FILE needs IM_GATEWAY_INTERNAL_PORT (with 0, "
+                "GatewayInternal is served on the client port, with TLS_CERT_FILE)"
+            )
+        return self
+
+    def internal_server_tls(self) -> ServerTLS | None:
+        """What the internal port serves: TLS from these files, or None (plaintext)."""
+        if not self.internal_tls_cert_file:
+            return None
+        return ServerTLS(
+            self.internal_tls_cert_file,
+            self.internal_tls_key_file,
+            self.internal_tls_client_ca_file,
+        )
 
     @property
     def head_check_interval_s(self) -> float:

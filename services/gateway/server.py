@@ -23,9 +23,10 @@ from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
 from imcommon.redisconn import redis_client
-from imcommon.server import Runtime, bind_failure, server_options
+from imcommon.server import Runtime, add_port, bind_failure, server_options
 from imcommon.server import main as serve_main
-from imcommon.telemetry import insecure_channel, instrument_server
+from imcommon.telemetry import instrument_server, internal_channel
+from imcommon.tls import ChannelTLS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     """Wires the gateway: Redis routes, the logic channel, the stream hub, both
     services, the route refresh loop, and GoAway on shutdown."""
     settings.require_addresses()
+    if settings.server_tls() is None and not settings.allow_plaintext:
+        log.warning(
+            "The client port serves PLAINTEXT: tokens and messages cross the network "
+            "unencrypted. Set IM_GATEWAY_TLS_CERT_FILE and IM_GATEWAY_TLS_KEY_FILE, or "
+            "IM_GATEWAY_ALLOW_PLAINTEXT=true if a load balancer in front terminates TLS."
+        )
     if settings.uses_dev_secret:
         log.warning(
             "IM_GATEWAY_TOKEN_SECRET is the DEV default: anyone can mint tokens. "
@@ -55,11 +62,13 @@ async def build(settings: Settings, runtime: Runtime) -> None:
 
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     runtime.stack.push_async_callback(redis.aclose)
-    logic_channel = insecure_channel(settings.logic_address, runtime.metrics)
+    client_tls = ChannelTLS.of(settings.client_tls())
+    logic_channel = internal_channel(settings.logic_address, runtime.metrics, tls=client_tls)
     runtime.stack.push_async_callback(logic_channel.close)
     peers = Peers(
         runtime.metrics,
         settings.internal_timeout_s,
+        tls=client_tls,
         ack_batch_s=settings.ack_batch_ms / 1000,
         ack_batch_max=settings.ack_batch_max,
         ack_queue_max=settings.ack_queue_max,
@@ -124,9 +133,10 @@ async def build(settings: Settings, runtime: Runtime) -> None:
 async def _serve_internal(
     settings: Settings, runtime: Runtime, servicer: GatewayInternalServicer
 ) -> None:
-    """GatewayInternal on its own port (plain insecure gRPC on the cluster network;
-    NetworkPolicies let only pushers and gateways reach it). It stops after the
-    client-facing server, so pushes keep flowing while clients get GoAway."""
+    """GatewayInternal on its own port (TLS from INTERNAL_TLS_* if set, mutual
+    with a client CA, else plaintext on the cluster network; NetworkPolicies let
+    only pushers and gateways reach it). It stops after the client-facing server,
+    so pushes keep flowing while clients get GoAway."""
     server = grpc.aio.server(options=server_options(settings))
     gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(
         servicer, instrument_server(server, runtime.metrics)
@@ -135,7 +145,8 @@ async def _serve_internal(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.host}:{settings.internal_port}"
     try:
-        server.add_insecure_port(address)
+        # A TLS file that does not load raises StartupError (exit 1, file named).
+        add_port(server, address, settings.internal_server_tls())
     except RuntimeError:
         raise bind_failure(
             address, "IM_GATEWAY_INTERNAL_PORT; is another gateway running there?"

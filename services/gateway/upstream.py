@@ -1,8 +1,9 @@
 """The gateway's calls to other processes: logic (sends), pushers (delivery ACKs)
 and other gateways (kicks).
 
-Internal calls are plain insecure gRPC on the cluster network; NetworkPolicies
-decide who may reach whom (see imcommon.telemetry.insecure_channel).
+Internal calls are plaintext gRPC on the cluster network, where NetworkPolicies
+decide who may reach whom, or TLS (mutual with a client certificate) when the
+gateway's TLS_CA_FILE is set (see imcommon.telemetry.internal_channel).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from im.pusher.v1 import pusher_pb2, pusher_pb2_grpc
 from imcommon.metrics import Metrics
 from imcommon.status import status_from_number
-from imcommon.telemetry import insecure_channel, traceparent_of
+from imcommon.telemetry import internal_channel, traceparent_of
+from imcommon.tls import ChannelTLS
 
 log = logging.getLogger(__name__)
 
@@ -680,10 +682,12 @@ class Peers:
         ack_batch_s: float = 0.0,
         ack_batch_max: int = 500,
         ack_queue_max: int = 10_000,
+        tls: ChannelTLS | None = None,
     ) -> None:
         self._metrics = metrics
         self._timeout_s = timeout_s
         self._max = max_channels
+        self._tls = tls
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Future[None]] = set()
         self.acks = AckForwarder(
@@ -693,7 +697,7 @@ class Peers:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = insecure_channel(address, self._metrics)
+            channel = internal_channel(address, self._metrics, tls=self._tls)
             self._channels[address] = channel
             while len(self._channels) > self._max:
                 _, old = self._channels.popitem(last=False)

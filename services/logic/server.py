@@ -16,7 +16,8 @@ import psycopg
 from imcommon.config import ConfigError
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
-from imcommon.telemetry import insecure_channel
+from imcommon.telemetry import internal_channel
+from imcommon.tls import ChannelTLS
 from logic import repo
 from logic.config import Settings
 from logic.events import TriggerPublisher
@@ -78,6 +79,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
 
     telemetry = Telemetry(runtime.metrics)
     db = await runtime.stack.enter_async_context(open_database(settings))
+    client_tls = ChannelTLS.of(settings.client_tls())
     seq_client = await runtime.stack.enter_async_context(
         SeqClient(
             settings.seqsvc_address,
@@ -93,8 +95,8 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             ],
             # Trace context and client metrics on every NextBatch: seqsvc's spans
             # join the send's (or the fan-out's) trace.
-            channel_factory=lambda address, options: insecure_channel(
-                address, runtime.metrics, options
+            channel_factory=lambda address, options: internal_channel(
+                address, runtime.metrics, options, tls=client_tls
             ),
         )
     )

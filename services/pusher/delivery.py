@@ -26,7 +26,8 @@ from im.common.v1 import common_pb2
 from im.gateway.v1 import gateway_internal_pb2, gateway_internal_pb2_grpc
 from im.logic.v1 import logic_pb2
 from imcommon.metrics import Metrics
-from imcommon.telemetry import insecure_channel
+from imcommon.telemetry import internal_channel
+from imcommon.tls import ChannelTLS
 from pusher.config import Settings
 from pusher.routes import RouteReader
 from pusher.timingwheel import Timer, TimingWheel
@@ -61,8 +62,15 @@ class Pushed:
 class GatewayClients:
     """Channels to gateways, one per address (LRU-bounded)."""
 
-    def __init__(self, metrics: Metrics, timeout_s: float, max_channels: int = 1024) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        timeout_s: float,
+        max_channels: int = 1024,
+        tls: ChannelTLS | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._tls = tls
         self._timeout_s = timeout_s
         self._max = max_channels
         self._stubs: OrderedDict[
@@ -73,7 +81,7 @@ class GatewayClients:
     def _stub(self, address: str) -> gateway_internal_pb2_grpc.GatewayInternalStub:
         entry = self._stubs.get(address)
         if entry is None:
-            channel = insecure_channel(address, self._metrics)
+            channel = internal_channel(address, self._metrics, tls=self._tls)
             entry = (channel, gateway_internal_pb2_grpc.GatewayInternalStub(channel))
             self._stubs[address] = entry
             while len(self._stubs) > self._max:

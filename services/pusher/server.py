@@ -10,7 +10,8 @@ from imcommon.config import ConfigError
 from imcommon.redisconn import redis_client
 from imcommon.server import Runtime
 from imcommon.server import main as serve_main
-from imcommon.telemetry import insecure_channel
+from imcommon.telemetry import internal_channel
+from imcommon.tls import ChannelTLS
 from pusher.config import Settings
 from pusher.consumer import TriggerConsumer
 from pusher.delivery import Deliverer, GatewayClients
@@ -29,9 +30,10 @@ async def build(settings: Settings, runtime: Runtime) -> None:
 
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     runtime.stack.push_async_callback(redis.aclose)
-    logic_channel = insecure_channel(settings.logic_address, runtime.metrics)
+    client_tls = ChannelTLS.of(settings.client_tls())
+    logic_channel = internal_channel(settings.logic_address, runtime.metrics, tls=client_tls)
     runtime.stack.push_async_callback(logic_channel.close)
-    gateways = GatewayClients(runtime.metrics, settings.deliver_timeout_s)
+    gateways = GatewayClients(runtime.metrics, settings.deliver_timeout_s, tls=client_tls)
     runtime.stack.push_async_callback(gateways.close)
 
     deliverer = Deliverer(

@@ -68,7 +68,7 @@ class SeqClient:
     one, so batches grow with load. Each caller gets its own value.
 
     `channel_factory(address, options)`, if given, makes the channel (e.g. one with
-    tracing interceptors: `imcommon.telemetry.insecure_channel`).
+    tracing and TLS: `imcommon.telemetry.internal_channel`).
 
     `deadline_s` bounds each attempt; UNAVAILABLE and DEADLINE_EXCEEDED are retried
     up to `max_retries` times with exponential backoff (`backoff_base_s` doubling up to

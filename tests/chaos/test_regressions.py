@@ -66,6 +66,7 @@ async def test_a_stale_route_of_a_killed_gateway_does_not_kick_the_devices_new_s
         [gw1, gw0],  # connects to gw1 first, moves to gw0 when gw1 dies
         stack.mint("alice", "phone"),
         reconnect=ReconnectPolicy(initial_s=0.05, max_s=0.2),
+        insecure=True,
     )
     kicked = asyncio.Event()
 

@@ -63,6 +63,7 @@ async def run(argv: list[str], write: Any) -> int:
         on_send_result=on_send_result,
         receive=False,
         connect_timeout_s=60,
+        insecure=True,
     )
     async with client:
         for start in range(0, count, chunk):

@@ -158,7 +158,9 @@ async def gateway() -> AsyncIterator[tuple[ScriptedGateway, str]]:
 
 def client(address: str, **kwargs: Any) -> Client:
     kwargs.setdefault("reconnect", FAST)
-    return Client(address, "token-of-bob", store=MemoryStore(), ack_delay_s=0.0, **kwargs)
+    return Client(
+        address, "token-of-bob", store=MemoryStore(), ack_delay_s=0.0, **kwargs, insecure=True
+    )
 
 
 def handed(inbox: Inbox) -> list[int]:
@@ -362,16 +364,18 @@ async def test_real_stack_a_device_that_loses_every_push_is_healed_by_the_head(
     alice, bob = uid("alice"), uid("bob")
     conv = direct_conversation_id(alice, bob)
     b_token = stack.mint(bob, "b1")
-    async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), receive=False) as a:
+    async with Client(
+        stack.gateway_addresses, stack.mint(alice, "a1"), receive=False, insecure=True
+    ) as a:
         await a.send(conv, "before")
-        async with GatewayApi(stack.gateway_addresses, b_token) as api:
+        async with GatewayApi(stack.gateway_addresses, b_token, insecure=True) as api:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
             while not await api.sync_all(0):
                 assert loop.time() < deadline, "fan-out to bob never happened"
                 await asyncio.sleep(0.05)
         hooks = DebugHooks(drop_pushes=1_000_000)
-        async with Client(stack.gateway_addresses, b_token, hooks=hooks) as b:
+        async with Client(stack.gateway_addresses, b_token, hooks=hooks, insecure=True) as b:
             if b.welcome_head_seq == 0:
                 pytest.skip("this gateway does not announce timeline heads")
             inbox = Inbox(b)

@@ -53,7 +53,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 async def timeline_texts(stack: Stack, token: str, conv: str) -> list[tuple[str, int]]:
-    async with GatewayApi(stack.gateway_addresses, token) as api:
+    async with GatewayApi(stack.gateway_addresses, token, insecure=True) as api:
         return [(m.text, m.msg_id) for m in await api.sync_all(0) if m.conversation_id == conv]
 
 
@@ -224,6 +224,7 @@ async def test_restored_messages_go_first_in_order_and_join_a_resubmit(
         stack.mint(alice, "a1"),
         store=SQLiteStore(path),
         on_send_result=outcomes.append,
+        insecure=True,
     )
     await client.start(wait_ready=False)
     try:
@@ -260,7 +261,7 @@ async def test_a_message_acked_before_the_crash_is_reported_acked_not_sent_twice
     account = f"{alice}/a1"
     path = tmp_path / "a.sqlite3"
     token = stack.mint(alice, "a1")
-    async with Client(stack.gateway_addresses, token, store=SQLiteStore(path)) as a:
+    async with Client(stack.gateway_addresses, token, store=SQLiteStore(path), insecure=True) as a:
         first = await a.send(conv, "once")
         await a.flush(10)
     store = SQLiteStore(path)
@@ -271,7 +272,11 @@ async def test_a_message_acked_before_the_crash_is_reported_acked_not_sent_twice
 
     outcomes: list[SendOutcome] = []
     async with Client(
-        stack.gateway_addresses, token, store=SQLiteStore(path), on_send_result=outcomes.append
+        stack.gateway_addresses,
+        token,
+        store=SQLiteStore(path),
+        on_send_result=outcomes.append,
+        insecure=True,
     ) as a:
         await a.flush(30)
         assert a.stats.send_acks == 1 and a.stats.outbox_restored == 1
@@ -308,7 +313,11 @@ async def test_a_permanent_failure_is_reported_removed_and_not_retried(
 
     outcomes: list[SendOutcome] = []
     async with Client(
-        stack.gateway_addresses, token, store=SQLiteStore(path), on_send_result=outcomes.append
+        stack.gateway_addresses,
+        token,
+        store=SQLiteStore(path),
+        on_send_result=outcomes.append,
+        insecure=True,
     ) as a:
         await a.flush(30)
     assert [(o.client_msg_id.split("-")[0], o.acked) for o in outcomes] == [
@@ -327,7 +336,11 @@ async def test_a_permanent_failure_is_reported_removed_and_not_retried(
 
     outcomes.clear()
     async with Client(
-        stack.gateway_addresses, token, store=SQLiteStore(path), on_send_result=outcomes.append
+        stack.gateway_addresses,
+        token,
+        store=SQLiteStore(path),
+        on_send_result=outcomes.append,
+        insecure=True,
     ) as a:
         await a.flush(10)
         assert a.stats.sends_written == 0 and a.pending_sends == 0
@@ -359,7 +372,9 @@ async def test_nothing_is_written_to_the_gateway_before_it_is_in_the_outbox(
     alice, bob = uid("alice"), uid("bob")
     conv = direct_conversation_id(alice, bob)
     store = HeldStore()
-    async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), store=store) as a:
+    async with Client(
+        stack.gateway_addresses, stack.mint(alice, "a1"), store=store, insecure=True
+    ) as a:
         future = a.submit(conv, "held")
         persisted = asyncio.ensure_future(a.persisted())
         try:
@@ -387,7 +402,9 @@ async def test_the_outbox_bound_refuses_a_submit_with_a_clear_error(tmp_path: Pa
     the restored messages count against the bound in the next process."""
     path = tmp_path / "a.sqlite3"
     dead = [f"127.0.0.1:{free_port()}"]  # nothing listens: never connects
-    client = Client(dead, "token", store=SQLiteStore(path, max_outbox=3), account="alice/a1")
+    client = Client(
+        dead, "token", store=SQLiteStore(path, max_outbox=3), account="alice/a1", insecure=True
+    )
     await client.start(wait_ready=False)
     try:
         futures = [client.submit("d:alice:bob", f"m{i}") for i in range(3)]
@@ -402,7 +419,9 @@ async def test_the_outbox_bound_refuses_a_submit_with_a_clear_error(tmp_path: Pa
     await store.open()
     assert [e.body for e in await store.outbox_load("alice/a1")] == [b"m0", b"m1", b"m2"]
     await store.close()
-    again = Client(dead, "token", store=SQLiteStore(path, max_outbox=3), account="alice/a1")
+    again = Client(
+        dead, "token", store=SQLiteStore(path, max_outbox=3), account="alice/a1", insecure=True
+    )
     await again.start(wait_ready=False)
     try:
         assert again.pending_sends == 3
@@ -420,7 +439,9 @@ async def test_memory_store_keeps_todays_behaviour(stack: Stack) -> None:
     conv = direct_conversation_id(alice, bob)
     store = MemoryStore()
     token = stack.mint(alice, "a1")
-    async with Client(stack.gateway_addresses, token, store=store, receive=False) as a:
+    async with Client(
+        stack.gateway_addresses, token, store=store, receive=False, insecure=True
+    ) as a:
         acked: list[SendResult] = []
         for i in range(50):
             a.submit(conv, f"m{i}").add_done_callback(lambda f: acked.append(f.result()))
@@ -428,7 +449,7 @@ async def test_memory_store_keeps_todays_behaviour(stack: Stack) -> None:
         await a.flush(30)
         assert len(acked) == 50 and result.conv_seq > max(r.conv_seq for r in acked)
         assert await store.outbox_load(f"{alice}/a1") == []
-    async with Client(stack.gateway_addresses, token) as fresh:
+    async with Client(stack.gateway_addresses, token, insecure=True) as fresh:
         assert fresh.pending_sends == 0
     texts = [t for t, _ in await wait_timeline(stack, stack.mint(bob, "b1"), conv, 51)]
     assert texts == [f"m{i}" for i in range(50)] + ["last"]
@@ -440,7 +461,7 @@ async def test_persisted_waits_for_the_account_and_fails_if_closed_first(tmp_pat
     the message is not in the store (no outbox could be named)."""
     dead = [f"127.0.0.1:{free_port()}"]
     store = SQLiteStore(tmp_path / "a.sqlite3")
-    client = Client(dead, "token", store=store)
+    client = Client(dead, "token", store=store, insecure=True)
     await client.start(wait_ready=False)
     future = client.submit("d:alice:bob", "m0")
     waiter = asyncio.ensure_future(client.persisted())

@@ -326,8 +326,8 @@ async def one_message(stack: Stack) -> None:
     tag = uuid.uuid4().hex[:8]
     alice, bob = f"alice-{tag}", f"bob-{tag}"
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
     ):
         sent = await a.send(direct_conversation_id(alice, bob), "metrics")
 

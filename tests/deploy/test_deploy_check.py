@@ -242,6 +242,47 @@ def test_metrics_port_mismatch_fails(k8s: Path) -> None:
     assert_fails(k8s, "container port 'metrics' is 9090", "IM_PUSHER_METRICS_PORT is 9100")
 
 
+# -- TLS ------------------------------------------------------------------------------
+
+
+def test_a_tls_port_without_a_plaintext_health_port_fails(k8s: Path) -> None:
+    set_literal(k8s / "base", "gateway-config", "IM_GATEWAY_HEALTH_PORT", None)
+    assert_fails(k8s, "serves TLS", "set IM_GATEWAY_HEALTH_PORT", overlay="prod")
+
+
+def test_a_certificate_outside_every_mount_fails(k8s: Path) -> None:
+    set_literal(k8s / "prod", "gateway-config", "IM_GATEWAY_TLS_CERT_FILE", "/etc/x/tls.crt")
+    assert_fails(k8s, "IM_GATEWAY_TLS_CERT_FILE=/etc/x/tls.crt is in no volume", overlay="prod")
+
+
+def test_a_certificate_mounted_by_subpath_fails(k8s: Path) -> None:
+    def sub_path(obj: dict[str, Any]) -> None:
+        container(obj, "gateway")["volumeMounts"][0]["subPath"] = "tls.crt"
+
+    edit(k8s / "prod" / "patches" / "gateway-tls.yaml", "Deployment", "gateway", sub_path)
+    assert_fails(k8s, "subPath mount, which never sees an update", overlay="prod")
+
+
+def test_a_certificate_that_is_no_item_of_its_secret_fails(k8s: Path) -> None:
+    def drop_key(obj: dict[str, Any]) -> None:
+        volume = obj["spec"]["template"]["spec"]["volumes"][0]
+        volume["secret"]["items"] = [i for i in volume["secret"]["items"] if i["key"] != "tls.key"]
+
+    edit(k8s / "prod" / "patches" / "gateway-tls.yaml", "Deployment", "gateway", drop_key)
+    assert_fails(k8s, "IM_GATEWAY_TLS_KEY_FILE", "has no item tls.key", overlay="prod")
+
+
+def test_prod_serves_tls_at_the_gateway_from_a_secret() -> None:
+    require_services(*check.SERVICES)
+    report = check.check_tree(overlays=["prod"])
+    assert {("gateway-tls", "tls.crt"), ("gateway-tls", "tls.key")} <= report.external_secrets[
+        "prod"
+    ]
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in check.render(DEPLOY / "k8s" / "prod")}
+    gateway = container(objs[("Deployment", "gateway")], "gateway")
+    assert gateway["readinessProbe"]["grpc"]["port"] == 50056  # the plaintext health port
+
+
 # -- invalid objects -----------------------------------------------------------------
 
 

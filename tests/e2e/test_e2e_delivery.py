@@ -49,8 +49,8 @@ async def test_a_to_b_1000_messages_online(stack: Stack) -> None:
     conv = direct_conversation_id(alice, bob)
     bodies = texts("online", 1000)
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
     ):
         inbox = Inbox(b, "bob/b1")
         await send_all(a, conv, bodies)
@@ -67,14 +67,18 @@ async def test_b_offline_while_a_sends_500_then_connects(stack: Stack, tmp_path:
     bodies = texts("offline", 500)
     b_token = stack.mint(bob, "b1")
     store_path = tmp_path / "bob.sqlite3"
-    async with Client(stack.gateway_addresses, b_token, store=SQLiteStore(store_path)) as b:
+    async with Client(
+        stack.gateway_addresses, b_token, store=SQLiteStore(store_path), insecure=True
+    ) as b:
         pass  # B has been online once: its cursor exists (0)
-    async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+    async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
         await send_all(a, conv, bodies)
 
     # B comes back: everything arrives by sync, once, in order. It stops after
     # 200 (a process restart), and the next process resumes after exactly those.
-    async with Client(stack.gateway_addresses, b_token, store=SQLiteStore(store_path)) as b:
+    async with Client(
+        stack.gateway_addresses, b_token, store=SQLiteStore(store_path), insecure=True
+    ) as b:
         first: list[str] = []
         async for m in b.messages():
             first.append(m.text)
@@ -82,7 +86,9 @@ async def test_b_offline_while_a_sends_500_then_connects(stack: Stack, tmp_path:
                 break
         assert b.stats.sync_entries >= 200
     assert first == bodies[:200]
-    async with Client(stack.gateway_addresses, b_token, store=SQLiteStore(store_path)) as b:
+    async with Client(
+        stack.gateway_addresses, b_token, store=SQLiteStore(store_path), insecure=True
+    ) as b:
         inbox = Inbox(b, "bob/b1 after restart")
         await inbox.wait_for(300, timeout=30, conversation_id=conv)
         assert_exactly_once_in_order(inbox, conv, bodies[200:])
@@ -100,13 +106,13 @@ async def test_every_device_of_both_users_gets_everything(stack: Stack) -> None:
     bodies = texts("multi", 200)
     addrs = stack.gateway_addresses
     async with (
-        Client(addrs, stack.mint(alice, "a1")) as a1,
-        Client(addrs, stack.mint(alice, "a2")) as a2,
-        Client(addrs, stack.mint(bob, "b1")) as b1,
+        Client(addrs, stack.mint(alice, "a1"), insecure=True) as a1,
+        Client(addrs, stack.mint(alice, "a2"), insecure=True) as a2,
+        Client(addrs, stack.mint(bob, "b1"), insecure=True) as b1,
     ):
         inboxes = [Inbox(a1, "alice/a1"), Inbox(a2, "alice/a2"), Inbox(b1, "bob/b1")]
         await send_all(a1, conv, bodies[:100])
-        async with Client(addrs, stack.mint(bob, "b2")) as b2:
+        async with Client(addrs, stack.mint(bob, "b2"), insecure=True) as b2:
             inboxes.append(Inbox(b2, "bob/b2"))
             await send_all(a1, conv, bodies[100:])
             for inbox in inboxes:
@@ -128,8 +134,14 @@ async def test_dropped_delivery_acks_are_retransmitted_and_shown_once(stack: Sta
     bodies = texts("noack", 40)
     hooks = DebugHooks(drop_deliver_acks=10)
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1"), hooks=hooks, ack_delay_s=0) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(
+            stack.gateway_addresses,
+            stack.mint(bob, "b1"),
+            hooks=hooks,
+            ack_delay_s=0,
+            insecure=True,
+        ) as b,
     ):
         inbox = Inbox(b, "bob/b1")
         for body in bodies[:10]:  # one at a time: one ACK each, all dropped
@@ -160,8 +172,8 @@ async def test_stream_cut_every_50_messages_while_sending(stack: Stack) -> None:
     proxy = await TcpProxy(stack.gateway_addresses[0]).start()
     try:
         async with (
-            Client(proxy.address, stack.mint(alice, "a1")) as a,
-            Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+            Client(proxy.address, stack.mint(alice, "a1"), insecure=True) as a,
+            Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
         ):
             inbox = Inbox(b, "bob/b1")
             acked = 0
@@ -197,13 +209,13 @@ async def test_push_during_sync_never_skips_gim_issue_46(stack: Stack) -> None:
     bodies = texts("gim46", 21)
     store = MemoryStore()
     b_token = stack.mint(bob, "b1")
-    async with Client(stack.gateway_addresses, b_token, store=store):
+    async with Client(stack.gateway_addresses, b_token, store=store, insecure=True):
         pass
-    async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+    async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
         await send_all(a, conv, bodies[:20])
         # Fan-out into B's timeline runs after the send ACK: wait until all 20
         # are there, so B's sync returns them all (read without a stream).
-        async with GatewayApi(stack.gateway_addresses, b_token) as api:
+        async with GatewayApi(stack.gateway_addresses, b_token, insecure=True) as api:
             timeline: list[object] = []
 
             async def fanned_out() -> bool:
@@ -229,7 +241,7 @@ async def test_push_during_sync_never_skips_gim_issue_46(stack: Stack) -> None:
                     await release.wait()
 
         hooks = DebugHooks(on_sync_response=hold_first_sync, on_push=pushed.append)
-        b = Client(stack.gateway_addresses, b_token, store=store, hooks=hooks)
+        b = Client(stack.gateway_addresses, b_token, store=store, hooks=hooks, insecure=True)
         await b.start(wait_ready=False)
         try:
             inbox = Inbox(b, "bob/b1")
@@ -270,8 +282,8 @@ async def test_refused_sends_fail_alone_and_the_rest_keep_their_order(stack: Sta
         else:
             plan.append((conv, f"ok-{i:03d}"))
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
     ):
         inbox = Inbox(b, "bob/b1")
         outcomes = await asyncio.gather(
@@ -298,10 +310,10 @@ async def test_a_second_connection_of_the_device_kicks_the_first(stack: Stack) -
     bob, alice = uid("bob"), uid("alice")
     conv = direct_conversation_id(alice, bob)
     token = stack.mint(bob, "b1")
-    first = Client(stack.gateway_addresses, token)
+    first = Client(stack.gateway_addresses, token, insecure=True)
     await first.start()
     try:
-        async with Client(stack.gateway_addresses, token) as second:
+        async with Client(stack.gateway_addresses, token, insecure=True) as second:
             await wait_until(lambda: first.stopped is not None, 15, "the first to be kicked")
             assert isinstance(first.stopped, Kicked)
             with pytest.raises(Kicked):
@@ -311,7 +323,7 @@ async def test_a_second_connection_of_the_device_kicks_the_first(stack: Stack) -
                 first.submit(conv, "from the kicked one")
             # The replacement works, and the kicked client did not come back.
             inbox = Inbox(second, "bob/b1 (second)")
-            async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+            async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
                 await a.send(conv, "after the kick")
             await inbox.wait_for(1, timeout=15, conversation_id=conv)
             assert second.stopped is None and first.stats.connects == 1
@@ -323,5 +335,5 @@ async def test_a_second_connection_of_the_device_kicks_the_first(stack: Stack) -
 async def test_a_refused_token_stops_the_client_with_auth_error(stack: Stack) -> None:
     forged = stack.mint(uid("eve"), "e1")[:-4] + "AAAA"
     with pytest.raises(AuthError):
-        async with Client(stack.gateway_addresses, forged, connect_timeout_s=15):
+        async with Client(stack.gateway_addresses, forged, connect_timeout_s=15, insecure=True):
             pass

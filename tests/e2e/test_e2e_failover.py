@@ -54,8 +54,8 @@ async def test_gateway_kill_9_and_sigterm_mid_traffic(
     conv = direct_conversation_id(alice, bob)
     bodies = [f"failover-{i:04d}" for i in range(600)]
     async with (
-        Client([g0, g1], stack.mint(alice, "a1")) as a,
-        Client([g0, g1], stack.mint(bob, "b1")) as b,
+        Client([g0, g1], stack.mint(alice, "a1"), insecure=True) as a,
+        Client([g0, g1], stack.mint(bob, "b1"), insecure=True) as b,
     ):
         assert (a.address, b.address) == (g0, g0)  # both start on the first gateway
         inbox = Inbox(b, "bob/b1")

@@ -25,6 +25,7 @@ def imctl(stack: Stack, tmp_path: Path):  # type: ignore[no-untyped-def]
         IM_ADDRESS=",".join(stack.gateway_addresses),
         IM_GATEWAY_TOKEN_SECRET=stack.token_secret,
         IMCTL_STATE_DIR=str(tmp_path / "imctl-state"),
+        IMCTL_PLAINTEXT="1",  # the test stack's gateways are plaintext
     )
 
     def start(*args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:

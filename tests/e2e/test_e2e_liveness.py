@@ -215,7 +215,7 @@ async def test_redis_flushall_while_b_is_connected(stack: Stack, users: tuple[st
     conv = direct_conversation_id(alice, bob)
     b = await connect_b(stack, bob)
     try:
-        async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+        async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
             redis = aioredis.from_url(stack.redis.url())
             await redis.flushall()
             await redis.aclose()
@@ -233,7 +233,7 @@ async def test_redis_restart_while_b_is_connected(
     conv = direct_conversation_id(alice, bob)
     b = await connect_b(s, bob)
     try:
-        async with Client(s.gateway_addresses, s.mint(alice, "a1")) as a:
+        async with Client(s.gateway_addresses, s.mint(alice, "a1"), insecure=True) as a:
             await asyncio.to_thread(s.redis.stop)
             await asyncio.to_thread(s.redis.start)
             sent = await send(a, conv, 5, "restarted")
@@ -284,7 +284,7 @@ async def test_redis_kill_9_under_load(private_stack: Stack, users: tuple[str, s
                 await asyncio.sleep(0.01)
 
     try:
-        async with Client(s.gateway_addresses, s.mint(alice, "a1")) as a:
+        async with Client(s.gateway_addresses, s.mint(alice, "a1"), insecure=True) as a:
             sender = asyncio.create_task(load(a))
             await acked(40)
             s.redis.kill()  # kill -9 while sends are in flight
@@ -314,7 +314,7 @@ async def test_pusher_kill_9_between_fanout_commit_and_deliver(
     await asyncio.to_thread(pusher.start)
     b = await connect_b(stack, bob)
     try:
-        async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+        async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
             sent = await send(a, conv, 1, "crash")
             assert await asyncio.to_thread(pusher.wait, SETUP_S) == CRASH_EXIT_CODE
             del pusher.extra_env[CRASH_SWITCH]
@@ -332,7 +332,7 @@ async def test_nats_down_longer_than_the_repair_delay(stack: Stack, users: tuple
     conv = direct_conversation_id(alice, bob)
     b = await connect_b(stack, bob)
     try:
-        async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+        async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
             await asyncio.to_thread(stack.nats.stop)
             sent = await send(a, conv, 3, "nats-down")
             # Longer than the repair delay: the repair loop has fanned them out itself.
@@ -353,7 +353,7 @@ async def test_pusher_down_longer_than_the_repair_delay(
     pusher = stack.pushers[0]
     b = await connect_b(stack, bob)
     try:
-        async with Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a:
+        async with Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a:
             await asyncio.to_thread(pusher.stop)  # SIGTERM
             sent = await send(a, conv, 3, "pusher-down")
             await wait_in_timeline(

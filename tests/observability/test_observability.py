@@ -124,8 +124,8 @@ async def test_one_trace_follows_a_message_through_every_process(observed: Obser
     alice, bob = uid("alice"), uid("bob")
     conv = direct_conversation_id(alice, bob)
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
     ):
         sent = await a.send(conv, "follow me")
         got = await receive(b, sent.msg_id)
@@ -192,8 +192,8 @@ async def test_metrics_move_for_one_message(observed: Observed) -> None:
     alice, bob = uid("alice"), uid("bob")
     conv = direct_conversation_id(alice, bob)
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1")) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
     ):
         # Warm: both streams are open and routed; the counters settle.
         first = await a.send(conv, "warm-up")
@@ -289,8 +289,8 @@ async def test_retransmit_span_links_to_the_first_push(observed: Observed) -> No
     conv = direct_conversation_id(alice, bob)
     hooks = DebugHooks(drop_deliver_acks=1)
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1")) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1"), hooks=hooks) as b,
+        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
+        Client(stack.gateway_addresses, stack.mint(bob, "b1"), hooks=hooks, insecure=True) as b,
     ):
         sent = await a.send(conv, "ack me late")
         await receive(b, sent.msg_id)
@@ -320,8 +320,8 @@ async def test_logs_are_json_tied_to_traces_and_hold_no_body_or_token(observed: 
     conv = direct_conversation_id(alice, bob)
     body = f"BODY-{uuid.uuid4().hex}"
     tokens = [stack.mint(alice, "a1"), stack.mint(bob, "b1")]
-    async with Client(stack.gateway_addresses, tokens[0]) as a:
-        async with Client(stack.gateway_addresses, tokens[1]) as b:
+    async with Client(stack.gateway_addresses, tokens[0], insecure=True) as a:
+        async with Client(stack.gateway_addresses, tokens[1], insecure=True) as b:
             sent = await a.send(conv, body)
             await receive(b, sent.msg_id)
         # And a send that fails validation (the body is in the refused frame too).
