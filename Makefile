@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab chaos k8s-check images clean lock
+        bench-seq bench-logic bench bench-ab chaos k8s-check images sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -102,8 +102,11 @@ chaos: deps ## Full chaos run
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi
 
+sdk: deps ## Build the client SDK's wheel and sdist into dist/ (apps: pip install ./sdk/python)
+	$(UV) build -q sdk/python -o dist
+
 images: ## Build container images (needs a container engine)
 	docker build -t im-backend:dev -f deploy/Dockerfile .
 
 clean: stop ## Remove generated code, caches and local state
-	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache

@@ -54,12 +54,17 @@ class UnaryCalls:
     async def sync(
         self, after_seq: int = 0, limit: int = 0, timeout: float | None = 10.0
     ) -> SyncPage:
-        """One page of the caller's timeline after `after_seq`, ascending. Does not
-        touch the client's own cursor (the client syncs by itself)."""
+        """One page of the caller's timeline after `after_seq`, ascending, with the
+        store epoch its seqs belong to. Does not touch the client's own cursor
+        (the client syncs by itself)."""
         resp = await self._invoke(
             "Sync", gateway_pb2.SyncRequest(after_seq=after_seq, limit=limit), timeout
         )
-        return SyncPage([Message.from_pb(e.message, e.seq) for e in resp.entries], resp.has_more)
+        return SyncPage(
+            [Message.from_pb(e.message, e.seq) for e in resp.entries],
+            resp.has_more,
+            resp.store_epoch,
+        )
 
     async def sync_all(self, after_seq: int = 0, page_size: int = 500) -> list[Message]:
         """Every timeline entry after `after_seq`, following `has_more`."""
@@ -132,16 +137,22 @@ class UnaryCalls:
 
 
 async def invoke_on(
-    channel: grpc.aio.Channel, token: str, method: str, request: Any, timeout: float | None
+    channel: grpc.aio.Channel,
+    token: str,
+    method: str,
+    request: Any,
+    timeout: float | None,
+    address: str | None = None,
 ) -> Any:
-    """Calls `Gateway.<method>` on `channel`, mapping failures to typed errors."""
+    """Calls `Gateway.<method>` on `channel` (connected to `address`), mapping
+    failures to typed errors."""
     stub = gateway_pb2_grpc.GatewayStub(channel)
     try:
         return await getattr(stub, method)(
             request, metadata=(("authorization", f"Bearer {token}"),), timeout=timeout
         )
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc) from exc
+        raise rpc_error(exc, address) from exc
 
 
 class GatewayApi(UnaryCalls):
@@ -184,7 +195,7 @@ class GatewayApi(UnaryCalls):
                 channel = grpc.aio.insecure_channel(address, options=self._options)
                 self._channels[address] = channel
             try:
-                return await invoke_on(channel, token, method, request, timeout)
+                return await invoke_on(channel, token, method, request, timeout, address)
             except Unauthenticated:
                 raise
             except Unavailable as exc:
