@@ -16,19 +16,24 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab chaos k8s-check images sdk clean lock
+        bench-seq bench-logic bench bench-ab bench-idle chaos k8s-check alerts-check images \
+        sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-system-deps: ## Install missing system packages (redis-server) with apt
+system-deps: ## Install missing system packages (redis-server, postgresql, promtool) with apt
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v pg_config >/dev/null || { \
 	  echo "installing postgresql"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+	@# promtool is in Debian's prometheus package; without recommends it brings no exporters.
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian's prometheus package)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 $(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,19 +73,19 @@ fmt: deps ## Format and autofix
 typecheck: deps ## mypy on the project's own code
 	$(VENV)/bin/mypy services libs
 
-test: deps lint typecheck k8s-check ## Everything CI runs: lint, types, manifests, all tests
+test: deps lint typecheck k8s-check alerts-check ## Everything CI runs: lint, types, manifests, alerts, all tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: deps ## pytest only, skipping slow tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services)
+run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
-stop: ## Stop everything `make run` started
+stop: ## Stop everything `make run` started (whatever its state file says)
 	@if [ -x $(PY) ]; then $(PY) -m imdev stop; fi
 
-status: ## Show what `make run` started and whether it is healthy
+status: ## Show what `make run` started, its addresses and metrics ports, and whether it is healthy
 	@$(PY) -m imdev status
 
 bench-seq: deps ## Benchmark seqsvc against Redis INCR and a PostgreSQL counter
@@ -96,11 +101,18 @@ AB_PRESET ?= liveness
 bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching)
 	$(PY) bench/e2e_ab.py --preset $(AB_PRESET)
 
+bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one run
+	$(PY) bench/e2e_idle.py
+
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
 
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi
+
+alerts-check: system-deps ## promtool: check the alerting rules and run their unit tests
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/rules_test.yml
 
 sdk: deps ## Build the client SDK's wheel and sdist into dist/ (apps: pip install ./sdk/python)
 	$(UV) build -q sdk/python -o dist
@@ -108,5 +120,6 @@ sdk: deps ## Build the client SDK's wheel and sdist into dist/ (apps: pip instal
 images: ## Build container images (needs a container engine)
 	docker build -t im-backend:dev -f deploy/Dockerfile .
 
-clean: stop ## Remove generated code, caches and local state
+clean: ## Stop `make run`'s stack, remove its data, generated code, caches and local state
+	@if [ -x $(PY) ]; then $(PY) -m imdev clean; fi
 	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache

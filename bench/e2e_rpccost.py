@@ -74,14 +74,17 @@ def _server(conn: Connection, setup: str, libs: str | None) -> None:
             return pusher_pb2.AckDeliveryResponse()
 
     async def run() -> None:
-        plain = grpc.aio.server()
+        # Without SO_REUSEPORT (imcommon.server.EXCLUSIVE_PORT, spelled out so that
+        # --baseline-libs from before it still work).
+        exclusive = [("grpc.so_reuseport", 0)]
+        plain = grpc.aio.server(options=exclusive)
         pusher_pb2_grpc.add_PusherServicer_to_server(Servicer(), plain)
         if hasattr(telemetry, "instrument_server"):
-            ours = grpc.aio.server()
+            ours = grpc.aio.server(options=exclusive)
             target: Any = telemetry.instrument_server(ours, Metrics("s"))
         else:  # an imcommon from before instrument_server: the interceptor
             interceptor = telemetry.ServerTelemetryInterceptor(Metrics("s"))
-            ours = target = grpc.aio.server(interceptors=[interceptor])
+            ours = target = grpc.aio.server(interceptors=[interceptor], options=exclusive)
         pusher_pb2_grpc.add_PusherServicer_to_server(Servicer(), target)
         ports = (plain.add_insecure_port("127.0.0.1:0"), ours.add_insecure_port("127.0.0.1:0"))
         await plain.start()

@@ -1,9 +1,10 @@
 """Real PostgreSQL, Redis and NATS JetStream for tests, on free loopback ports in
 temp dirs, and helpers to run our services as processes.
 
-Shared servers are session-scoped; isolation is per test (a fresh database, a key
-prefix, a stream name). Tests that kill or restart a server take a private one
-from the `*_factory` fixtures.
+Servers are built with port 0: a free port, replaced by another if some other
+program binds it first. Shared servers are session-scoped; isolation is per test
+(a fresh database, a key prefix, a stream name). Tests that kill or restart a
+server take a private one from the `*_factory` fixtures.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from imdev.servers import (
     PostgresServer,
     RedisServer,
     ServiceProcess,
-    free_port,
 )
 from imdev.stack import Stack
 
@@ -47,7 +47,7 @@ def _unique(prefix: str) -> str:
 
 @pytest.fixture(scope="session")
 def postgres(workdir: Path) -> Iterator[PostgresServer]:
-    server = PostgresServer(free_port(), workdir / "pg-shared", fsync=False)
+    server = PostgresServer(0, workdir / "pg-shared", fsync=False)
     server.start()
     yield server
     server.stop()
@@ -65,7 +65,7 @@ def pg_dsn(postgres: PostgresServer) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_server(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), workdir / "redis-shared")
+    server = RedisServer(0, workdir / "redis-shared")
     server.start()
     yield server
     server.stop()
@@ -73,7 +73,7 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def nats_server(workdir: Path) -> Iterator[NatsServer]:
-    server = NatsServer(free_port(), workdir / "nats-shared")
+    server = NatsServer(0, workdir / "nats-shared")
     server.start()
     yield server
     server.stop()
@@ -107,37 +107,35 @@ def _private_servers(make_one: Callable[..., M]) -> Iterator[Callable[..., M]]:
 def postgres_factory(workdir: Path) -> Iterator[Callable[..., PostgresServer]]:
     """Private PostgreSQL clusters, for tests that stop or kill the database."""
     yield from _private_servers(
-        lambda **kw: PostgresServer(free_port(), workdir / _unique("pg"), fsync=False, **kw)
+        lambda **kw: PostgresServer(0, workdir / _unique("pg"), fsync=False, **kw)
     )
 
 
 @pytest.fixture
 def nats_factory(workdir: Path) -> Iterator[Callable[..., NatsServer]]:
     """Private nats-servers, for tests that restart NATS or wipe its store."""
-    yield from _private_servers(lambda: NatsServer(free_port(), workdir / _unique("nats")))
+    yield from _private_servers(lambda: NatsServer(0, workdir / _unique("nats")))
 
 
 @pytest.fixture
 def redis_factory(workdir: Path) -> Iterator[Callable[..., RedisServer]]:
     """Private redis-servers, for tests that restart or flush Redis."""
-    yield from _private_servers(lambda: RedisServer(free_port(), workdir / _unique("redis")))
+    yield from _private_servers(lambda: RedisServer(0, workdir / _unique("redis")))
 
 
 @pytest.fixture
 def spawn(workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
     """Starts one of our services as a process and waits until it is SERVING:
-    `spawn("seqsvc", {"IM_SEQSVC_DATABASE_URL": dsn})`. The port is chosen here and
-    passed as IM_<SERVICE>_PORT unless the env sets it. Every process is killed at
-    teardown; its log stays in the test work dir."""
+    `spawn("seqsvc", {"IM_SEQSVC_DATABASE_URL": dsn})`. Unless the env or `port`
+    sets IM_<SERVICE>_PORT, a free port is chosen (and, if another program takes it
+    first, another one: see imdev.servers). Every process is killed at teardown; its
+    log stays in the test work dir."""
     started: list[ServiceProcess] = []
 
     def make(
         module: str, env: Mapping[str, str], port: int | None = None, wait: bool = True
     ) -> ServiceProcess:
-        port_var = f"IM_{module.upper()}_PORT"
-        env = dict(env)
-        port = int(env.get(port_var) or port or free_port())
-        env[port_var] = str(port)
+        port = int(env.get(f"IM_{module.upper()}_PORT") or port or 0)
         proc = ServiceProcess(module, port, env, workdir / f"{_unique(module)}.log")
         if wait:
             proc.start()

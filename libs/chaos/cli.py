@@ -1,5 +1,6 @@
 """Command line of `python -m chaos`: sizes, seed, output; prints the table and
-ends with `RESULT {json}`; exit status 1 on any violation."""
+ends with `RESULT {json}`; exit status 1 on any violation, on a device that did
+not catch up by itself, and on any late online delivery."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from chaos.faults import SERVER_KINDS
 from chaos.run import RunConfig, results_dir, run, setup_logging, write_json
 from chaos.workload import WorkloadConfig
 
@@ -18,7 +20,7 @@ FULL = {
     "think": 0.5,
     "fault_interval": 1.0,
     "duration": 3 * 3600.0,
-    "quiesce": 180.0,
+    "observers": 6,
 }
 REDUCED = {
     "clients": 8,
@@ -28,7 +30,7 @@ REDUCED = {
     "think": 0.3,
     "fault_interval": 0.5,
     "duration": 240.0,
-    "quiesce": 90.0,
+    "observers": 3,
 }
 
 
@@ -37,13 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m chaos",
         description="Run SDK clients against the whole stack while killing, restarting and "
         "wiping its parts, then check that no acked message was lost, duplicated or "
-        "reordered on any device.",
+        "reordered on any device, and that every device that stayed connected got every "
+        "message within the liveness bound without reconnecting.",
     )
     p.add_argument("--reduced", action="store_true", help="the small run of `make test`")
     p.add_argument("--clients", type=int, help="SDK clients (devices); a fifth are second devices")
     p.add_argument("--messages", type=int, help="keep sending until this many sends are acked")
     p.add_argument("--rounds", type=int, help="rounds of server faults (each kind once per round)")
     p.add_argument("--client-rounds", type=int, help="rounds of client faults (cut, restart)")
+    p.add_argument(
+        "--kinds",
+        help="comma-separated server fault kinds to run (default: all of "
+        + ", ".join(k.value for k in SERVER_KINDS)
+        + ")",
+    )
     p.add_argument(
         "--fault-interval", type=float, help="mean seconds between faults (the fault rate)"
     )
@@ -61,7 +70,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--think", type=float, help="mean think time between a client's sends (s)")
     p.add_argument("--duration", type=float, help="longest fault phase (s)")
-    p.add_argument("--quiesce", type=float, help="deadline for syncing after the faults (s)")
+    p.add_argument(
+        "--quiesce",
+        type=float,
+        help="after the faults, how long connected devices get to have everything by "
+        "themselves (s; default 3 x --liveness)",
+    )
+    p.add_argument(
+        "--liveness",
+        type=float,
+        default=10.0,
+        help="online delivery bound LIVENESS_S (s): slower deliveries to a connected "
+        "device count as online_late",
+    )
+    p.add_argument("--observers", type=int, help="raw observer devices (judges of I9)")
+    p.add_argument(
+        "--observers-stay-down",
+        action="store_true",
+        help="an observer whose stream ended does not connect again",
+    )
     p.add_argument(
         "--env",
         action="append",
@@ -84,6 +111,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.clients < 4:
         p.error("--clients must be at least 4")
+    if args.liveness <= 0:
+        p.error("--liveness must be positive")
+    if args.quiesce is None:
+        args.quiesce = 3 * args.liveness
+    if args.kinds is None:
+        args.kinds = SERVER_KINDS
+    else:
+        known = {k.value: k for k in SERVER_KINDS}
+        names = [n.strip() for n in args.kinds.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            p.error(f"--kinds: not a server fault kind: {', '.join(unknown)}")
+        args.kinds = tuple(known[n] for n in names)
     env: dict[str, dict[str, str]] = {}
     for item in args.env:
         service, sep, setting = item.partition(":")
@@ -110,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         workload=wl,
         rounds=args.rounds,
+        server_kinds=args.kinds,
         client_rounds=args.client_rounds,
         fault_pause_s=args.fault_interval,
         server_tracks=args.tracks,
@@ -118,6 +159,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         client_fault_pause_s=args.fault_interval,
         max_duration_s=args.duration,
         quiesce_deadline_s=args.quiesce,
+        liveness_s=args.liveness,
+        observers=args.observers,
+        observer_reconnect=not args.observers_stay_down,
         gateways=args.gateways,
         logics=args.logics,
         pushers=args.pushers,

@@ -10,6 +10,8 @@ Server faults block (they signal processes and wait for them to serve again), so
 they run in a worker thread and never stall the clients' event loop. A fault
 returns once the broken part is serving again: the next fault hits a system that
 had a chance to recover, which is harsher on recovery paths than one long outage.
+A fault's span (its start to its return) is what `online.measure` takes out of
+online delivery times: the bound runs from when the broken part is back.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
+import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -44,7 +48,13 @@ class FaultKind(enum.StrEnum):
     NATS_WIPE = "nats_wipe"  # stop nats-server, delete its JetStream store, start it
     REDIS_RESTART = "redis_restart"  # no persistence configured: comes back empty
     REDIS_FLUSH = "redis_flush"  # FLUSHALL
+    REDIS_KILL = "redis_kill"  # kill -9, start after the downtime (comes back empty)
     POSTGRES_RESTART = "postgres_restart"  # fast shutdown (SIGINT), start
+    # A pusher restarted with its TEST-ONLY crash switch: it exits between a
+    # fan-out commit and its Deliver calls; then started again without it.
+    PUSHER_CRASH_BEFORE_DELIVER = "pusher_crash_before_deliver"
+    NATS_DOWN_LONG = "nats_down_long"  # stopped for longer than logic's repair delay
+    ROUTE_REMOVED = "route_removed"  # a connected device's route field deleted from Redis
     CLIENT_CUT = "client_cut"  # cut one client's stream mid-traffic
     CLIENT_RESTART = "client_restart"  # close one client "process", reopen on its store
 
@@ -54,6 +64,32 @@ SERVER_KINDS: tuple[FaultKind, ...] = tuple(
 )
 CLIENT_KINDS: tuple[FaultKind, ...] = (FaultKind.CLIENT_CUT, FaultKind.CLIENT_RESTART)
 ROLLING_TARGETS = ("gateway", "logic", "pusher")
+
+#: pusher's TEST-ONLY switch (services/pusher/faults.py): with N, the process
+#: exits with CRASH_EXIT_STATUS between the N-th fan-out commit that returned
+#: deliveries and its Deliver calls.
+CRASH_BEFORE_DELIVER_ENV = "IM_PUSHER_TEST_FAULT_CRASH_BEFORE_DELIVER"
+CRASH_EXIT_STATUS = 86
+#: The crash comes after 1 to this many fan-outs with deliveries.
+CRASH_MAX_FANOUTS = 20
+#: Margin of `nats_down_long` beyond logic's repair delay and one repair round.
+NATS_DOWN_LONG_MARGIN_S = 2.0
+
+
+def nats_down_long_s(logic_env: Mapping[str, str]) -> float:
+    """How long `nats_down_long` keeps NATS down: logic's repair delay
+    (`IM_LOGIC_REPAIR_AFTER_S`, as the stack sets it, else logic's default)
+    plus one repair round and a margin, so the repair loop has found the
+    conversations stuck and fanned them out itself while NATS was down."""
+    from logic.config import Settings as LogicSettings
+
+    fields = LogicSettings.model_fields
+
+    def setting(name: str) -> float:
+        value = logic_env.get(f"IM_LOGIC_{name.upper()}")
+        return float(value) if value else float(fields[name].default)
+
+    return setting("repair_after_s") + 2 * setting("repair_interval_s") + NATS_DOWN_LONG_MARGIN_S
 
 
 class ClientFaults(Protocol):
@@ -86,9 +122,12 @@ class FaultEvent:
     duration_s: float = 0.0
     error: str = ""
     note: str = ""  # e.g. the victim failed to start and had to be started again
+    ended: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        del out["ended"]
+        return out
 
     def __str__(self) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.wall))
@@ -150,21 +189,57 @@ class FaultLog:
     def end(self, ev: FaultEvent, error: str = "") -> None:
         ev.duration_s = time.monotonic() - self.started - ev.at
         ev.error = error
+        ev.ended = True
         log.info("fault", extra={"fault": ev.to_json()})
         if self.echo:
             self.echo(f"fault {ev}")
 
 
+#: (connected observers, connected SDK devices), each as (user, device) pairs.
+ConnectedDevices = Callable[[], tuple[Sequence[tuple[str, str]], Sequence[tuple[str, str]]]]
+
+
+def settled_since(log_: FaultLog, since: float) -> float:
+    """When the server faults that touched [since, now] were all over (monotonic
+    time): `since` if none did, inf while one is in progress. Client faults do
+    not count (they touch one device's connection, not the server)."""
+    server = {k.value for k in SERVER_KINDS}
+    settled = since
+    for ev in reversed(log_.events):
+        if ev.kind not in server:
+            continue
+        if not ev.ended:
+            return math.inf
+        settled = max(settled, log_.started + ev.at + ev.duration_s)
+    return settled
+
+
 class ServerFaults:
-    """The server-side faults, acting on a `Stack`. Every method blocks until the
-    victim serves again (or raises); run them in a thread."""
+    """The server-side faults, acting on a `Stack`. `prepare()` names the victim
+    (in the caller's thread: it may look at the clients); the action it returns
+    blocks until the victim serves again (or raises): run it in a thread.
+
+    `connected` lists the devices a `route_removed` may pick (observers on even
+    choices, SDK devices on odd ones, so a long run hits both);
+    `nats_down_long_s` is how long `nats_down_long` keeps NATS down;
+    `crash_wait_s` how long a pusher with its crash switch gets to crash."""
 
     def __init__(
-        self, stack: Stack, restart_timeout_s: float = 90.0, start_attempts: int = 8
+        self,
+        stack: Stack,
+        restart_timeout_s: float = 90.0,
+        start_attempts: int = 8,
+        *,
+        connected: ConnectedDevices | None = None,
+        nats_down_long_s: float = 8.0,
+        crash_wait_s: float = 15.0,
     ) -> None:
         self.stack = stack
         self.timeout = restart_timeout_s
         self.start_attempts = start_attempts
+        self.connected = connected
+        self.nats_down_long_s = nats_down_long_s
+        self.crash_wait_s = crash_wait_s
         self.notes = threading.local()
         self._guard = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
@@ -177,28 +252,8 @@ class ServerFaults:
             "seqsvc": [self.stack.seqsvc],
         }[kind]
 
-    def target(self, f: PlannedFault) -> str:
-        """Which process the fault will hit, for the log."""
-        k = f.kind
-        if k in (FaultKind.GATEWAY_KILL, FaultKind.LOGIC_KILL, FaultKind.PUSHER_KILL):
-            svc = k.value.removesuffix("_kill")
-            procs = self._procs(svc)
-            return f"{svc}[{f.choice % len(procs)}]:{procs[f.choice % len(procs)].port}"
-        if k in (FaultKind.SEQSVC_KILL, FaultKind.SEQSVC_RESTART):
-            return f"seqsvc:{self.stack.seqsvc.port}"
-        if k is FaultKind.ROLLING_RESTART:
-            return f"all {ROLLING_TARGETS[f.choice % len(ROLLING_TARGETS)]}"
-        if k in (FaultKind.NATS_RESTART, FaultKind.NATS_WIPE):
-            return f"nats:{self.stack.nats.port}" + (
-                " (kill -9)" if f.hard and k is FaultKind.NATS_RESTART else ""
-            )
-        if k in (FaultKind.REDIS_RESTART, FaultKind.REDIS_FLUSH):
-            return f"redis:{self.stack.redis.port}"
-        if k is FaultKind.POSTGRES_RESTART:
-            return f"postgres:{self.stack.postgres.port}"
-        raise ValueError(f"not a server fault: {k}")
-
-    def apply(self, f: PlannedFault) -> None:
+    def prepare(self, f: PlannedFault) -> tuple[str, Callable[[], None]]:
+        """(the victim for the log, the blocking action)."""
         k = f.kind
         if k in (
             FaultKind.GATEWAY_KILL,
@@ -206,29 +261,60 @@ class ServerFaults:
             FaultKind.PUSHER_KILL,
             FaultKind.SEQSVC_KILL,
         ):
-            procs = self._procs(k.value.removesuffix("_kill"))
-            self.kill_restart(procs[f.choice % len(procs)], f.downtime_s)
-        elif k is FaultKind.SEQSVC_RESTART:
-            self.term_restart(self.stack.seqsvc, f.downtime_s)
-        elif k is FaultKind.ROLLING_RESTART:
-            for proc in self._procs(ROLLING_TARGETS[f.choice % len(ROLLING_TARGETS)]):
-                self.term_restart(proc, 0.0)
-        elif k is FaultKind.NATS_RESTART:
+            svc = k.value.removesuffix("_kill")
+            procs = self._procs(svc)
+            i = f.choice % len(procs)
+            return f"{svc}[{i}]:{procs[i].port}", lambda: self.kill_restart(procs[i], f.downtime_s)
+        if k is FaultKind.SEQSVC_RESTART:
+            seqsvc = self.stack.seqsvc
+            return f"seqsvc:{seqsvc.port}", lambda: self.term_restart(seqsvc, f.downtime_s)
+        if k is FaultKind.ROLLING_RESTART:
+            kind = ROLLING_TARGETS[f.choice % len(ROLLING_TARGETS)]
+
+            def rolling() -> None:
+                for proc in self._procs(kind):
+                    self.term_restart(proc, 0.0)
+
+            return f"all {kind}", rolling
+        nats, redis_ = self.stack.nats, self.stack.redis
+        if k is FaultKind.NATS_RESTART:
             if f.hard:
-                self.kill_restart(self.stack.nats, f.downtime_s)
-            else:
-                self.term_restart(self.stack.nats, f.downtime_s)
-        elif k is FaultKind.NATS_WIPE:
-            self.nats_wipe(f.downtime_s)
-        elif k is FaultKind.REDIS_RESTART:
-            self.term_restart(self.stack.redis, f.downtime_s)
-        elif k is FaultKind.REDIS_FLUSH:
-            self.redis_flush()
-        elif k is FaultKind.POSTGRES_RESTART:
+                return f"nats:{nats.port} (kill -9)", lambda: self.kill_restart(nats, f.downtime_s)
+            return f"nats:{nats.port}", lambda: self.term_restart(nats, f.downtime_s)
+        if k is FaultKind.NATS_WIPE:
+            return f"nats:{nats.port}", lambda: self.nats_wipe(f.downtime_s)
+        if k is FaultKind.NATS_DOWN_LONG:
+            down = self.nats_down_long_s + f.downtime_s
+            return f"nats:{nats.port} (down {down:.1f}s)", lambda: self.term_restart(nats, down)
+        if k is FaultKind.REDIS_RESTART:
+            return f"redis:{redis_.port}", lambda: self.term_restart(redis_, f.downtime_s)
+        if k is FaultKind.REDIS_KILL:
+            return f"redis:{redis_.port} (kill -9)", lambda: self.kill_restart(redis_, f.downtime_s)
+        if k is FaultKind.REDIS_FLUSH:
+            return f"redis:{redis_.port}", self.redis_flush
+        if k is FaultKind.POSTGRES_RESTART:
             # PostgresServer.stop() is a fast shutdown (SIGINT).
-            self.term_restart(self.stack.postgres, f.downtime_s)
-        else:
-            raise ValueError(f"not a server fault: {k}")
+            pg = self.stack.postgres
+            return f"postgres:{pg.port}", lambda: self.term_restart(pg, f.downtime_s)
+        if k is FaultKind.PUSHER_CRASH_BEFORE_DELIVER:
+            procs = self._procs("pusher")
+            i = f.choice % len(procs)
+            n = 1 + (f.choice >> 8) % CRASH_MAX_FANOUTS
+            return (
+                f"pusher[{i}]:{procs[i].port} (crash after {n} fan-outs)",
+                lambda: self.crash_before_deliver(procs[i], n),
+            )
+        if k is FaultKind.ROUTE_REMOVED:
+            user, device = self._route_victim(f.choice)
+            return f"{user}/{device}", lambda: self.remove_route(user, device)
+        raise ValueError(f"not a server fault: {k}")
+
+    def _route_victim(self, choice: int) -> tuple[str, str]:
+        observers, devices = self.connected() if self.connected else ((), ())
+        pool = (observers if choice % 2 == 0 else devices) or observers or devices
+        if not pool:
+            raise RuntimeError("no connected device to remove the route of")
+        return sorted(pool)[(choice >> 1) % len(pool)]
 
     # -- the primitives ------------------------------------------------------
 
@@ -246,9 +332,7 @@ class ServerFaults:
                 proc.start(self.timeout)
                 return
             except RuntimeError as exc:  # exited before it was ready
-                note = f"{proc.name}:{proc.port} start attempt {attempt} failed: {exc}"
-                self.notes.items = [*getattr(self.notes, "items", []), note]
-                log.warning("fault victim failed to start", extra={"note": note})
+                self._note(f"{proc.name}:{proc.port} start attempt {attempt} failed: {exc}")
                 if attempt == self.start_attempts:
                     raise
                 time.sleep(min(0.5 * attempt, 3.0))  # supervisor backoff before the next start
@@ -286,6 +370,50 @@ class ServerFaults:
         ):
             r.flushall()
 
+    def remove_route(self, user: str, device: str) -> None:
+        """Deletes the device's field of its user's route hash (layout:
+        services/gateway/routes.py) and nothing else: the stream stays open."""
+        key = f"{self.stack.redis_prefix}route:{user}"
+        with (
+            self._lock(self.stack.redis),
+            redis.Redis.from_url(self.stack.redis.url(), socket_timeout=10) as r,
+        ):
+            if not r.hdel(key, device):
+                self._note(f"{user}/{device} had no route to remove")
+
+    def crash_before_deliver(self, proc: ServiceProcess, n: int) -> None:
+        """Restarts `proc` (a pusher) with its crash switch at `n`, waits until it
+        has crashed (or `crash_wait_s`, then stops it anyway), and starts it again
+        without the switch."""
+        with self._lock(proc):
+            proc.stop(timeout=self.timeout)
+            proc.extra_env[CRASH_BEFORE_DELIVER_ENV] = str(n)
+            try:
+                proc.launch()
+                try:
+                    proc.wait_ready(self.timeout)
+                except RuntimeError:
+                    pass  # it crashed before it reported SERVING: that is the fault too
+                assert proc.proc is not None
+                try:
+                    status = proc.proc.wait(self.crash_wait_s)
+                except subprocess.TimeoutExpired:
+                    proc.stop(timeout=self.timeout)
+                    self._note(f"{proc.name}:{proc.port} did not crash in {self.crash_wait_s:g}s")
+                else:
+                    if status != CRASH_EXIT_STATUS:
+                        hint = (
+                            f" (unknown setting {CRASH_BEFORE_DELIVER_ENV}?)" if status == 2 else ""
+                        )
+                        self._note(f"{proc.name}:{proc.port} exited with {status}, not 86{hint}")
+            finally:
+                proc.extra_env.pop(CRASH_BEFORE_DELIVER_ENV, None)
+            self._start(proc)
+
+    def _note(self, note: str) -> None:
+        self.notes.items = [*getattr(self.notes, "items", []), note]
+        log.warning("fault note", extra={"note": note})
+
 
 def _pause(seconds: float) -> None:
     # A fault's downtime: the victim is deliberately down, nothing waits on it.
@@ -311,13 +439,21 @@ async def run_server_faults(
     for f in schedule:
         if stop.is_set():
             return
-        ev = log_.begin(f.kind, faults.target(f))
+        try:
+            target, action = faults.prepare(f)
+        except Exception as exc:
+            ev = log_.begin(f.kind, "")
+            log_.end(ev, f"{type(exc).__name__}: {exc}")
+            if await _sleep_or_stop(f.pause_s, stop):
+                return
+            continue
+        ev = log_.begin(f.kind, target)
 
-        def act(f: PlannedFault = f) -> tuple[list[str], str]:
+        def act(action: Callable[[], None] = action) -> tuple[list[str], str]:
             """Runs in a worker thread; the notes are that thread's."""
             error = ""
             try:
-                faults.apply(f)
+                action()
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
             return faults.take_notes(), error

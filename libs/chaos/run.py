@@ -1,6 +1,7 @@
-"""One chaos run: start the stack, run the workload under the fault schedule,
-stop the faults, let every client reconnect and sync until nothing is missing,
-check, report.
+"""One chaos run: start the stack, run the workload (and the raw observers)
+under the fault schedule, stop the faults, wait without touching any device
+until every connected one has everything, check, measure online delivery,
+report.
 
 `run(config)` is the whole of it (used by `python -m chaos` and the tests);
 `RunResult.result_line()` is the `RESULT {json}` line.
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chaos import checker
+from chaos import checker, online
 from chaos.faults import (
     CLIENT_KINDS,
     SERVER_KINDS,
@@ -28,10 +29,13 @@ from chaos.faults import (
     FaultLog,
     ServerFaults,
     counts,
+    nats_down_long_s,
     plan,
     run_client_faults,
     run_server_faults,
+    settled_since,
 )
+from chaos.observer import Observer
 from chaos.workload import Workload, WorkloadConfig
 from imdev.servers import ROOT
 from imdev.stack import Stack
@@ -59,7 +63,19 @@ class RunConfig:
     max_duration_s: float = 3600.0
     min_duration_s: float = 0.0
     ack_timeout_s: float = 60.0  # after the faults, for outstanding sends
-    quiesce_deadline_s: float = 120.0
+    # After the outstanding sends: how long every connected device gets to have
+    # everything, by itself (nothing is reconnected or cut to heal it).
+    quiesce_deadline_s: float = 30.0
+    # The online delivery bound (I9): a pair slower than this, or never
+    # delivered, is `online_late`. Also how long a raw observer waits before it
+    # takes a seq gap as a hole.
+    liveness_s: float = 10.0
+    observers: int = 3  # raw observer devices (second devices of workload users)
+    observer_reconnect: bool = True  # a new window after its stream ends
+    # IM_LOGIC_REPAIR_AFTER_S of the stack (None: logic's default), shortened so
+    # that `nats_down_long` (which outlasts it) keeps a run short.
+    logic_repair_after_s: float | None = 2.0
+    crash_wait_s: float = 15.0  # longest a pusher with its crash switch gets to crash
     gateways: int = 2
     logics: int = 2
     pushers: int = 2
@@ -84,6 +100,9 @@ class RunResult:
     anomalies: list[str]
     workdir: str
     log_errors: dict[str, int]
+    online: online.OnlineReport = field(default_factory=lambda: online.OnlineReport(10.0))
+    observers: list[dict[str, object]] = field(default_factory=list)
+    t0: float = 0.0  # monotonic time the workload's clock starts at (for the JSON)
     history: checker.History | None = None  # what the checker read (not in the JSON)
 
     @property
@@ -92,7 +111,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and self.quiet
+        return self.report.ok and self.quiet and self.online.online_late == 0
 
     def result(self) -> dict[str, object]:
         r = self.report
@@ -104,6 +123,8 @@ class RunResult:
             "duplicated": r.duplicated,
             "reordered": r.reordered,
             "violations": len(r.violations),
+            "online_late": self.online.online_late,
+            "max_online_delivery_s": round(self.online.max_delay_s, 2),
         }
 
     def result_line(self) -> str:
@@ -134,6 +155,8 @@ class RunResult:
             },
             "quiet": self.quiet,
             "quiesce_s": round(self.quiesce_s, 2),
+            "online": self.online.to_json(self.t0),
+            "observers": self.observers,
             "fault_phase_s": round(self.phase_s, 1),
             "total_s": round(self.total_s, 1),
             "fault_counts": self.fault_counts,
@@ -151,6 +174,7 @@ class RunResult:
     def table(self) -> str:
         r = self.report
         w = self.workload
+        o = self.online
         rows = [
             ("clients", f"{self.config.workload.clients} ({self.config.workload.users} users)"),
             ("sent", f"{r.sent} (storm repeats {w['storms']}, resends {w['resends']})"),
@@ -161,13 +185,39 @@ class RunResult:
             ("reordered", str(r.reordered)),
             ("violations", f"{len(r.violations)} {r.by_kind() or ''}".rstrip()),
             ("quiesce", f"{self.quiesce_s:.1f} s" + ("" if self.quiet else " (DEADLINE PASSED)")),
+            (
+                "online",
+                f"{o.pairs} (message, connected device) pairs, {o.observer_pairs} on "
+                f"{len(self.observers)} observers; not judged {o.skipped}",
+            ),
+            (
+                "online_late",
+                f"{o.online_late} over {o.liveness_s:g} s (never delivered {o.never}); "
+                f"max {o.max_delay_s:.2f} s",
+            ),
             ("fault phase", f"{self.phase_s:.0f} s (run {self.total_s:.0f} s)"),
         ]
         out = ["", "chaos run"]
         out += [f"  {k:<12} {v}" for k, v in rows]
         out.append(f"  faults       {sum(self.fault_counts.values())} ({self.fault_errors} failed)")
         for kind, n in self.fault_counts.items():
-            out.append(f"    {kind:<18} {n:>5}")
+            out.append(f"    {kind:<28} {n:>5}")
+        out.append("  max online delivery per fault kind (s; pairs; late)")
+        for kind, worst in sorted(o.max_by_kind.items()):
+            late = o.late_by_kind.get(kind, 0)
+            out.append(
+                f"    {kind:<28} {worst:>7.2f} {o.pairs_by_kind.get(kind, 0):>7} {late:>5}"
+                + (" LATE" if late else "")
+            )
+        if o.late:
+            out.append(f"  late online deliveries: {o.online_late} (first 20)")
+            for p in o.late[:20]:
+                got = "never delivered" if p.never else f"{p.delay_s:.2f} s"
+                out.append(
+                    f"    msg_id={p.msg_id} {p.user_id}/{p.device_id} {got}; acked "
+                    f"+{p.acked_at - self.t0:.1f}s, clock from +{p.base - self.t0:.1f}s "
+                    f"(faults near: {', '.join(p.kinds) or 'none'})"
+                )
         if self.anomalies:
             out.append(f"  anomalies    {len(self.anomalies)}")
             out += [f"    {a}" for a in self.anomalies[:20]]
@@ -205,20 +255,25 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
     """Runs the whole experiment; never raises for a violation (see RunResult.ok)."""
     t_start = time.monotonic()
     timelines: list[checker.DeviceHistory] = []
+    tracks: list[online.DeviceTrack] = []
+    spans: list[online.FaultSpan] = []
+    observers: list[Observer] = []
     workdir = _workdir(config)
     anomalies: list[str] = []
+    quiet, quiesce_s, t_end = False, 0.0, time.monotonic()
 
     def note(line: str) -> None:
         if line.startswith("ANOMALY"):
             anomalies.append(line.removeprefix("ANOMALY ").strip())
         echo(line)
 
+    env = stack_env(config)
     stack = Stack(
         workdir / "stack",
         gateways=config.gateways,
         logics=config.logics,
         pushers=config.pushers,
-        env=config.env,
+        env=env,
     )
     echo(f"chaos: starting the stack in {workdir}")
     await asyncio.to_thread(stack.start, 120.0)
@@ -229,13 +284,21 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         workdir,
         echo=note,
     )
+    flog = FaultLog(echo=echo)
     try:
         await w.setup()
+        # Observers first: every message the workload sends is acked after
+        # their Welcome, so all of them are theirs to judge.
+        observers = await start_observers(
+            config, stack, w.users, lambda since: settled_since(flog, since), echo
+        )
         await w.start()
+        client_rounds = config.client_rounds if config.client_rounds is not None else config.rounds
         echo(
-            f"chaos: {len(w.devices)} clients, {len(w.members)} conversations; "
+            f"chaos: {len(w.devices)} clients, {len(observers)} observers, "
+            f"{len(w.members)} conversations; "
             f"faults: {config.rounds} round(s) of {len(config.server_kinds)} server kinds, "
-            f"{config.client_rounds or config.rounds} of {len(config.client_kinds)} client kinds"
+            f"{client_rounds} of {len(config.client_kinds)} client kinds"
         )
         seed = config.workload.seed
         server_plan = plan(
@@ -244,20 +307,32 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         client_plan = plan(
             seed + 1,
             config.client_kinds,
-            config.client_rounds if config.client_rounds is not None else config.rounds,
+            client_rounds,
             config.client_fault_pause_s,
         )
-        flog = FaultLog(echo=echo)
         stop = asyncio.Event()
-        server_faults = ServerFaults(stack)
+
+        def connected() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+            return (
+                [(o.user_id, o.device_id) for o in observers if o.connected],
+                [(d.user, d.device_id) for d in w.devices if d.connection_key() is not None],
+            )
+
+        server_faults = ServerFaults(
+            stack,
+            connected=connected,
+            nats_down_long_s=nats_down_long_s(env.get("logic", {})),
+            crash_wait_s=config.crash_wait_s,
+        )
         n_tracks = max(1, config.server_tracks)
-        tracks = [
+        flog.started = time.monotonic()
+        tracks_ = [
             asyncio.create_task(
                 run_server_faults(server_faults, server_plan[i::n_tracks], flog, stop)
             )
             for i in range(n_tracks)
         ]
-        tracks.append(
+        tracks_.append(
             asyncio.create_task(
                 run_client_faults(w, client_plan, flog, stop, seed + 2, config.max_offline_s)
             )
@@ -267,7 +342,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         while True:
             now = time.monotonic()
             elapsed = now - t_phase
-            done = all(t.done() for t in tracks)
+            done = all(t.done() for t in tracks_)
             if elapsed >= config.max_duration_s:
                 echo("chaos: max duration reached")
                 break
@@ -282,26 +357,47 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
                 )
             await asyncio.sleep(0.2)  # polling progress, not synchronising
         stop.set()
-        await asyncio.gather(*tracks)
+        await asyncio.gather(*tracks_)
         phase_s = time.monotonic() - t_phase
-        for t in tracks:
+        for t in tracks_:
             if t.exception() is not None:
                 anomalies.append(f"fault track crashed: {t.exception()!r}")
 
-        # Whatever a failed fault left down comes back now.
+        # Whatever a failed fault left down comes back now: a fault of its own
+        # for online delivery (the bound runs from when it is back).
         for proc in [*stack.infra, *stack.services]:
             if not proc.running():
                 anomalies.append(f"{proc.name}:{proc.port} was down after the faults")
                 echo(f"ANOMALY {proc.name}:{proc.port} down after the faults; starting it")
+                began = time.monotonic()
                 await asyncio.to_thread(proc.start, 120.0)
+                spans.append(online.FaultSpan("down_after_faults", began, time.monotonic()))
 
         echo(f"chaos: faults over after {phase_s:.0f}s; waiting for outstanding sends")
         await w.stop_sending(config.ack_timeout_s)
-        echo("chaos: every client reconnects and syncs")
-        quiet, quiesce_s = await w.quiesce(config.quiesce_deadline_s)
+        echo("chaos: waiting for every connected device to have everything (no reconnects)")
+
+        def observers_missing() -> int:
+            acked = acked_messages(w)
+            return sum(
+                o.missing(
+                    (m.msg_id, m.acked_at)
+                    for m in acked
+                    if o.user_id in w.members.get(m.conversation_id, ())
+                )
+                for o in observers
+            )
+
+        quiet, quiesce_s = await w.quiesce(config.quiesce_deadline_s, observers_missing)
+        t_end = time.monotonic()
         echo(f"chaos: {'quiet' if quiet else 'NOT quiet'} after {quiesce_s:.1f}s")
+        # What was connected at the end, as it was (before anything closes).
+        await w.stop_watching()
+        tracks = w.tracks() + [o.track() for o in observers]
         timelines = await w.audit_timelines()
     finally:
+        for o in observers:
+            await o.close()
         await w.close()
         await asyncio.to_thread(stack.stop)
 
@@ -310,6 +406,21 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
     report = checker.check(history)
     if not quiet:
         anomalies.append(f"not quiet after {config.quiesce_deadline_s}s")
+    server = {k.value for k in SERVER_KINDS}
+    spans += [
+        online.FaultSpan(e.kind, flog.started + e.at, flog.started + e.at + e.duration_s)
+        for e in flog.events
+        if e.kind in server
+    ]
+    online_report = online.measure(
+        acked_messages(w),
+        w.members,
+        tracks,
+        spans,
+        t_end,
+        config.liveness_s,
+        {(t.user_id, e.msg_id): e.seq for t in timelines for e in t.entries},
+    )
     result = RunResult(
         config=config,
         report=report,
@@ -324,6 +435,9 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         anomalies=anomalies,
         workdir=str(workdir),
         log_errors=_log_errors(workdir / "stack" / "logs"),
+        online=online_report,
+        observers=[{"device": o.name, **asdict(o.stats)} for o in observers],
+        t0=w.t0,
         history=history,
     )
     # Keep the logs of anything that deserves a look, not only of violations.
@@ -332,6 +446,63 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         shutil.rmtree(workdir, ignore_errors=True)
         result.workdir = ""
     return result
+
+
+def stack_env(config: RunConfig) -> dict[str, dict[str, str]]:
+    """The stack's settings: `config.env`, plus logic's shortened repair delay
+    unless `config.env` sets it."""
+    env = {kind: dict(settings) for kind, settings in config.env.items()}
+    if config.logic_repair_after_s is not None:
+        env.setdefault("logic", {}).setdefault(
+            "IM_LOGIC_REPAIR_AFTER_S", f"{config.logic_repair_after_s:g}"
+        )
+    return env
+
+
+async def start_observers(
+    config: RunConfig,
+    stack: Stack,
+    users: list[str],
+    settled: Callable[[float], float],
+    echo: Callable[[str], None],
+) -> list[Observer]:
+    """`config.observers` raw observers, on users spread over the workload's,
+    each homed on a gateway in turn; returns once every one got its Welcome."""
+    n = min(config.observers, len(users))
+    chosen = [users[i * len(users) // n] for i in range(n)] if n else []
+    observers = [
+        Observer(
+            user,
+            stack.gateway_addresses,
+            lambda user=user: stack.mint(user, "obs", TOKEN_TTL_S),  # type: ignore[misc]
+            home=i,
+            hole_after_s=config.liveness_s,
+            settled=settled,
+            reconnect=config.observer_reconnect,
+            echo=echo,
+        )
+        for i, user in enumerate(chosen)
+    ]
+    try:
+        await asyncio.gather(*(o.start() for o in observers))
+    except BaseException:
+        for o in observers:
+            await o.close()
+        raise
+    return observers
+
+
+def acked_messages(w: Workload) -> list[online.AckedMessage]:
+    """Every acked message once, with its first SendAck's time (monotonic)."""
+    first: dict[int, online.AckedMessage] = {}
+    for s in w.sends:
+        if s.ack is None or s.acked_at is None:
+            continue
+        at = w.t0 + s.acked_at
+        prev = first.get(s.ack.msg_id)
+        if prev is None or at < prev.acked_at:
+            first[s.ack.msg_id] = online.AckedMessage(s.ack.msg_id, s.conversation, at)
+    return list(first.values())
 
 
 def write_json(result: RunResult, path: Path) -> None:

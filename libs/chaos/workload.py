@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos import checker
+from chaos import checker, online
 from chaos.netproxy import TcpProxy
 from imclient import (
     Client,
@@ -134,7 +134,6 @@ class WorkloadStats:
     cuts: int = 0
     restarts: int = 0
     kicked: int = 0
-    resyncs: int = 0  # reconnects forced while quiescing
     failures: Counter[str] = field(default_factory=Counter)
     # From the SDK's own counters, summed over every client session:
     duplicates_suppressed: int = 0  # a msg_id the server delivered again (hidden by the SDK)
@@ -165,6 +164,25 @@ class Device:
         self.unacked: list[_Send] = []  # closed before their ACK: resend on restart
         self.lock = asyncio.Lock()  # one restart at a time
         self.conversations: list[str] = []
+        # Connections as the harness saw them (polled), and the first arrival of
+        # each msg_id with the connection it came in: for `online.measure`.
+        self.windows: list[online.Window] = []
+        self.receipts: dict[int, online.Receipt] = {}
+        self.connection: tuple[int, int] | None = None  # (session, connects) when connected
+        self.seen_at = 0.0  # last poll that found `connection` open
+
+    def connection_key(self) -> tuple[int, int] | None:
+        """Names the current connection: the SDK client instance and its count
+        of connections; None while not connected."""
+        client = self.client
+        if client is None or not client.connected:
+            return None
+        return (self.sessions, client.stats.connects)
+
+    def track(self) -> online.DeviceTrack:
+        return online.DeviceTrack(
+            self.user, self.device_id, windows=list(self.windows), receipts=dict(self.receipts)
+        )
 
     @property
     def name(self) -> str:
@@ -174,7 +192,8 @@ class Device:
 class Workload:
     """The clients of one run. `setup()`, `start()`, then the fault scheduler may
     call `cut_stream` / `restart_client`; `stop_sending()`, `quiesce()`,
-    `close()`, and `history()` for the checker."""
+    `stop_watching()` and `tracks()` for online delivery, `close()`, and
+    `history()` for the checker."""
 
     def __init__(
         self,
@@ -199,6 +218,7 @@ class Workload:
         self.sending = False
         self.t0 = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
+        self._monitor: asyncio.Task[None] | None = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -274,6 +294,8 @@ class Workload:
         await asyncio.gather(
             *(dev.client.wait_ready(ready_timeout_s) for dev in self.devices if dev.client)
         )
+        self.poll_connections()
+        self._monitor = asyncio.create_task(self._watch_connections(), name="connections")
         if not senders:
             return
         self.sending = True
@@ -294,9 +316,53 @@ class Workload:
             self.stats.resends += 1
             self._submit(dev, old.conversation, old.client_msg_id, old.body)
 
+    # -- connection windows (for online delivery) ------------------------------------
+
+    POLL_S = 0.05
+
+    def poll_connections(self) -> None:
+        """One look at every device's connection. A window opens at the first
+        poll that sees a connection and closes at the last poll that saw it
+        open, so it never claims more connected time than there was."""
+        now = time.monotonic()
+        for dev in self.devices:
+            key = dev.connection_key()
+            if key != dev.connection:
+                if dev.connection is not None:
+                    dev.windows[-1] = online.Window(dev.windows[-1].start, dev.seen_at)
+                if key is not None:
+                    dev.windows.append(online.Window(now))
+                dev.connection = key
+            dev.seen_at = now
+
+    async def _watch_connections(self) -> None:
+        while True:
+            self.poll_connections()
+            await asyncio.sleep(self.POLL_S)  # sampling the clients' state, not synchronising
+
+    async def stop_watching(self) -> None:
+        """Stops the connection monitor after one last look (before `tracks()`)."""
+        task, self._monitor = self._monitor, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.poll_connections()
+
+    def tracks(self) -> list[online.DeviceTrack]:
+        return [dev.track() for dev in self.devices]
+
+    def _receipt(self, dev: Device, msg_id: int) -> None:
+        if msg_id in dev.receipts:
+            return
+        now = time.monotonic()
+        key = dev.connection_key()
+        window = len(dev.windows) - 1 if key is not None and key == dev.connection else None
+        dev.receipts[msg_id] = online.Receipt(now, window)
+
     async def _read_loop(self, dev: Device, client: Client) -> None:
         try:
             async for m in client.messages():
+                self._receipt(dev, m.msg_id)
                 dev.history.entries.append(
                     checker.Delivered(
                         m.msg_id,
@@ -502,57 +568,28 @@ class Workload:
                         missing += 1
         return missing
 
-    async def reconnect_all(self) -> None:
-        """Cuts every device's connection: each reconnects and syncs from its
-        cursor, which heals anything a lost push left behind."""
-        for dev in self.devices:
-            for p in dev.proxies:
-                p.cut()
-
-    async def quiesce(self, deadline_s: float, resync_every_s: float = 10.0) -> tuple[bool, float]:
-        """After the faults: every device reconnects and syncs; then waits until
-        nothing is missing (true) or `deadline_s` passes (false). Devices still
-        missing something after `resync_every_s` are made to sync again.
-        Returns (quiet, seconds)."""
+    async def quiesce(
+        self, deadline_s: float, also_missing: Callable[[], int] = lambda: 0
+    ) -> tuple[bool, float]:
+        """After the faults, strictly: touches no device (no reconnect, no cut,
+        no sync request) and waits until every device has every known message of
+        its conversations and `also_missing()` (the observers) is 0 (true), or
+        until `deadline_s` passes (false). Returns (quiet, seconds)."""
         start = time.monotonic()
-        await self.reconnect_all()
-        last_resync = start
         while True:
             now = time.monotonic()
             pending = any(d.waiters or d.unacked for d in self.devices)
-            missing = self.expected_missing()
+            missing = self.expected_missing() + also_missing()
             if not missing and not pending:
                 return True, now - start
             if now - start > deadline_s:
                 self.echo(f"quiesce: deadline passed with {missing} missing deliveries")
                 return False, now - start
-            if now - last_resync > resync_every_s:
-                last_resync = now
-                lagging = self._lagging()
-                self.echo(
-                    f"quiesce: {missing} deliveries missing; resyncing {len(lagging)} devices"
-                )
-                for dev in lagging:
-                    self.stats.resyncs += 1
-                    for p in dev.proxies:
-                        p.cut()
             await asyncio.sleep(0.25)  # polling the histories, not synchronising
-
-    def _lagging(self) -> list[Device]:
-        known: dict[int, str] = {}
-        for s in self.sends:
-            if s.ack is not None:
-                known[s.ack.msg_id] = s.conversation
-        out = []
-        for dev in self.devices:
-            for msg_id, conv in known.items():
-                if dev.user in self.members.get(conv, ()) and msg_id not in dev.handed:
-                    out.append(dev)
-                    break
-        return out
 
     async def close(self) -> None:
         self.sending = False
+        await self.stop_watching()
         for dev in self.devices:
             async with dev.lock:
                 if dev.sender is not None:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -50,6 +52,37 @@ class StartupError(Exception):
     traceback, and exits with status 1."""
 
 
+#: The channel option that keeps a port to one server. gRPC's default sets
+#: SO_REUSEPORT, so a second server (ours or a stranger's) binding a port that a live
+#: one listens on would silently share it, each getting some of the connections;
+#: with it, the second bind fails. Every grpc.aio server we create passes it.
+EXCLUSIVE_PORT: tuple[str, int] = ("grpc.so_reuseport", 0)
+
+
+class PortInUseError(StartupError):
+    """The address is taken (EADDRINUSE): another process listens there."""
+
+
+def bind_failure(address: str, what: str) -> StartupError:
+    """The StartupError for a failed bind of `address`, with the operating system's
+    reason (gRPC only says it failed): a PortInUseError when the address is taken.
+    Probes the address with a plain socket, so call it only after a bind failed."""
+    host, _, port = address.rpartition(":")
+    reason = "gRPC could not bind it"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+        for family, kind, proto, _canon, sockaddr in infos:
+            with socket.socket(family, kind, proto) as probe:
+                # What servers set too: a port left in TIME_WAIT is not "taken".
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+    except (OSError, ValueError) as exc:
+        reason = str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return PortInUseError(f"cannot listen on {address}: {reason} ({what})")
+    return StartupError(f"cannot listen on {address}: {reason}")
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     """Channel options for long-lived client streams: pings keep NATs and load
     balancers from dropping idle streams and detect dead peers."""
@@ -61,9 +94,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Off: a second process binding a port that a live one listens on must fail
+        # A second process binding a port that a live one listens on must fail
         # (seqsvc relies on it to prove a crashed predecessor gone).
-        ("grpc.so_reuseport", 0),
+        EXCLUSIVE_PORT,
     ]
     if settings.max_connection_age_s:
         options += [
@@ -184,18 +217,20 @@ async def serve(component: str, settings: S, build: BuildFn[S]) -> int:
         def bind() -> int:
             try:
                 return server.add_insecure_port(address)
-            except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
-                raise StartupError(
-                    f"cannot listen on {address}: the address is in use or not available "
-                    f"(is another {component} running there?)"
-                ) from exc
+            except RuntimeError:  # grpc: "Failed to bind to address ..."
+                raise bind_failure(address, f"is another {component} running there?") from None
 
         # Servicers register through the instrumented server: every unary method
         # gets its span and RPC metrics once, at registration (health and
         # reflection below are registered on the plain server).
         runtime = Runtime(instrument_server(server, metrics), stack, metrics, bind)
         if settings.metrics_port:
-            metrics.serve(settings.host, settings.metrics_port)
+            try:
+                metrics.serve(settings.host, settings.metrics_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve /metrics on {settings.host}:{settings.metrics_port}: {exc}"
+                ) from None
             stack.callback(metrics.close)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop_requested.set)

@@ -3,18 +3,26 @@
 Each server runs on 127.0.0.1 on a port it is given, with its data in a directory
 it is given, and can be stopped gently (SIGTERM), killed (SIGKILL) and restarted
 on the same port and data. Nothing here is a mock.
+
+Ports: a server built with port 0 gets a free port chosen here, and if another
+program takes that port before the server binds it (the choose-then-bind race of
+any free-port helper), the first start moves it to a new port and tries again. A
+port given explicitly never moves: a taken one fails with PortTaken. Readiness
+means the very process we started listens on the port (checked in /proc where
+there is one), so a test never talks to a stranger that holds its port.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -22,20 +30,47 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: How many times a server's first start may move to a new port (see PortTaken).
+PORT_ATTEMPTS = 4
+
+#: What PostgreSQL, Redis, NATS, gRPC and our own StartupError say when a bind
+#: fails because the address is taken.
+_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+
+
+class PortTaken(RuntimeError):
+    """A server could not listen because another process holds `port`."""
+
+    def __init__(self, name: str, port: int, detail: str = "") -> None:
+        super().__init__(
+            f"{name}: port {port} is already in use by another program"
+            + (f" ({detail})" if detail else "")
+        )
+        self.name = name
+        self.port = port
+
 
 def free_port() -> int:
-    """A port nobody listens on now (the kernel's choice, never a default port)."""
+    """A port nobody listens on now (the kernel's choice, never a default port).
+
+    Racy by nature: someone else may bind it before the caller does. Give servers
+    port 0 instead where you can; they retry on a new port when they lose."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+    """Whether a server could not bind 127.0.0.1:`port` now: something listens on
+    it or holds it bound. Probes like a server does (SO_REUSEADDR, so a port left in
+    TIME_WAIT by a previous run counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
             return True
-    except OSError:
-        return False
+    return False
 
 
 def wait_port(
@@ -51,6 +86,65 @@ def wait_port(
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP `port` (any address, IPv4 or IPv6), from
+    /proc/net; None where there is no /proc."""
+    found: set[str] = set()
+    seen_any = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        seen_any = True
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 the inode.
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                found.add(fields[9])
+    return found if seen_any else None
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid` itself holds a socket listening on TCP `port`. None
+    when this cannot be told (no /proc, or no permission to read its fds)."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field
+    22): with the pid, it names one process even after the pid is reused. None if
+    there is no such process (or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces.
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _which(name: str, extra: Sequence[Path] = ()) -> str:
@@ -75,16 +169,32 @@ def pg_bindir() -> Path:
 
 
 class Managed:
-    """A child process with stop/kill/restart. Subclasses define `argv()`."""
+    """A child process with stop/kill/restart. Subclasses define `argv()` and
+    may refine `wait_healthy()`.
+
+    `port` 0 means "any free port": one is chosen now (so `port` is known at once)
+    and, if another program takes it first, the first `start()` moves to a new
+    one (`movable_ports`). After a successful start the ports stay put: restarts
+    keep the address that peers know. `pidfile`, when set, records the pid and its
+    start time ("pid start_time name port") from launch until the process is
+    reaped, so a later command can find and stop it even if it was not started by
+    this object."""
 
     name = "server"
     user: str | None = None
 
     def __init__(self, port: int, datadir: Path, log_path: Path | None = None) -> None:
+        #: Ports this object may move while it has not started yet.
+        self.movable_ports: set[int] = set()
+        if port == 0:
+            port = free_port()
+            self.movable_ports.add(port)
         self.port = port
         self.datadir = datadir
         self.log_path = log_path or datadir.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfile: Path | None = None
+        self._log_offset = 0
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -95,21 +205,54 @@ class Managed:
     def prepare(self) -> None:
         self.datadir.mkdir(parents=True, exist_ok=True)
 
+    def listen_ports(self) -> list[int]:
+        """Every port this process listens on (all checked before launch)."""
+        return [self.port]
+
     def start(self, timeout: float = 30.0) -> None:
-        """Starts the process and waits until it is ready."""
-        self.launch()
-        self.wait_ready(timeout)
+        """Starts the process and waits until it is ready. Raises PortTaken if a
+        port is taken and may not move (or kept being taken), RuntimeError if the
+        process exits first, TimeoutError if it is not ready in time; in every case
+        the process is no longer running."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self.launch()
+                self.wait_ready(timeout)
+            except PortTaken as exc:
+                self.kill()
+                if exc.port not in self.movable_ports or attempt == PORT_ATTEMPTS:
+                    raise
+                self.move_port(exc.port)
+                continue
+            except BaseException:
+                self.kill()
+                raise
+            self.movable_ports.clear()
+            return
+
+    def move_port(self, old: int) -> int:
+        """Replaces the movable port `old` with a new free one; returns it."""
+        new = free_port()
+        self.movable_ports.discard(old)
+        self.movable_ports.add(new)
+        if self.port == old:
+            self.port = new
+        return new
 
     def launch(self, check_port: bool = True) -> None:
         """Starts the process without waiting for it. Refuses a port that something
-        else already listens on, so a test never talks to a stranger's server
+        else already holds (PortTaken), so a test never talks to a stranger's server
         (`check_port=False`: start it anyway, for tests of what a server does when
         its port is taken)."""
-        if check_port and port_in_use(self.port):
-            raise RuntimeError(f"{self.name}: port {self.port} is already in use")
+        if check_port:
+            for port in self.listen_ports():
+                if port_in_use(port):
+                    raise PortTaken(self.name, port)
         self.prepare()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
+            self._log_offset = logf.seek(0, os.SEEK_END)
             self.proc = subprocess.Popen(
                 self.argv(),
                 stdout=logf,
@@ -121,9 +264,76 @@ class Managed:
             )
         finally:
             logf.close()
+        self._write_pidfile()
+
+    def _write_pidfile(self) -> None:
+        if self.pidfile is None or self.proc is None:
+            return
+        started = process_start_time(self.proc.pid)
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.pidfile.with_suffix(".tmp")
+        tmp.write_text(f"{self.proc.pid} {started or 0} {self.name} {self.port}\n")
+        os.replace(tmp, self.pidfile)
+
+    def _reaped(self) -> None:
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
+
+    def new_log(self) -> str:
+        """What the process has logged since its last launch."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def exit_error(self) -> RuntimeError:
+        """Why the process exited during start-up: PortTaken when its log says a
+        bind failed on a taken address, otherwise its status and last log lines."""
+        code = self.proc.returncode if self.proc is not None else None
+        log = self.new_log()
+        for line in log.splitlines():
+            if _IN_USE.search(line):
+                ports = self.listen_ports()
+                port = next((p for p in ports if re.search(rf":{p}\b", line)), ports[0])
+                return PortTaken(self.name, port, line.strip()[:300])
+        tail = "\n".join(log.strip().splitlines()[-5:])
+        return RuntimeError(
+            f"{self.name} exited with {code} during start-up (log: {self.log_path})"
+            + (f":\n{tail}" if tail else "")
+        )
 
     def wait_ready(self, timeout: float) -> None:
-        wait_port(self.port, timeout, self.proc)
+        """Waits until the process we launched listens on its port, then until it
+        is healthy. Raises exit_error() if it exits first, TimeoutError past
+        `timeout`."""
+        deadline = time.monotonic() + timeout
+        self.wait_listening(deadline)
+        self.wait_healthy(deadline)
+
+    def wait_listening(self, deadline: float) -> None:
+        assert self.proc is not None, "launch() first"
+        while True:
+            if self.proc.poll() is not None:
+                self._reaped()
+                raise self.exit_error()
+            owned = listens(self.proc.pid, self.port)
+            if owned is None:  # cannot tell: settle for "someone listens"
+                owned = _accepts(self.port)
+            if owned:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.name} not listening on 127.0.0.1:{self.port}")
+            time.sleep(0.05)
+
+    def wait_healthy(self, deadline: float) -> None:
+        """Readiness beyond listening; nothing more by default."""
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            self._reaped()
+            raise self.exit_error()
 
     @property
     def pid(self) -> int | None:
@@ -138,26 +348,34 @@ class Managed:
 
     def wait(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        self._reaped()
+        return code
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    def _terminate(self, sig: int, timeout: float) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reaped()
         return self.proc.returncode
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+        return self._terminate(signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         """kill -9: no chance to clean up."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc is not None:
+            self._reaped()
 
     def restart(self, timeout: float = 30.0, hard: bool = False) -> None:
         if hard:
@@ -165,6 +383,47 @@ class Managed:
         else:
             self.stop()
         self.start(timeout)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_all(servers: Iterable[Managed], timeout: float = 30.0) -> None:
+    """Launches `servers` together, then waits for each; one that lost a movable
+    port is started again on a new one (`Managed.start`). If any cannot start,
+    every one of them is killed and the error raised."""
+    servers = list(servers)
+    try:
+        launched: list[Managed] = []
+        for server in servers:
+            try:
+                server.launch()
+                launched.append(server)
+            except PortTaken as exc:
+                if exc.port not in server.movable_ports:
+                    raise
+                server.move_port(exc.port)
+        for server in servers:
+            if server in launched:
+                try:
+                    server.wait_ready(timeout)
+                    server.movable_ports.clear()
+                    continue
+                except PortTaken as exc:
+                    server.kill()
+                    if exc.port not in server.movable_ports:
+                        raise
+                    server.move_port(exc.port)
+            server.start(timeout)
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
 
 
 class PostgresServer(Managed):
@@ -242,11 +501,9 @@ class PostgresServer(Managed):
             argv += ["-c", f"{k}={v}"]
         return argv
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_healthy(self, deadline: float) -> None:
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited: see {self.log_path}")
+            self._check_alive()
             r = subprocess.run(
                 [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                 capture_output=True,
@@ -254,18 +511,11 @@ class PostgresServer(Managed):
             if r.returncode == 0:
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"postgres not ready after {timeout}s: see {self.log_path}")
+        raise TimeoutError(f"postgres not ready in time: see {self.log_path}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
         # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return self._terminate(signal.SIGINT, timeout)
 
     def create_database(self, name: str) -> str:
         import psycopg
@@ -320,7 +570,11 @@ class NatsServer(Managed):
 
 
 class ServiceProcess(Managed):
-    """One of our services, `python -m <module>`, configured by env vars."""
+    """One of our services, `python -m <module>`, configured by env vars.
+
+    Its gRPC port is `IM_<MODULE>_PORT` in `env` (set from `port` when absent; port
+    0 picks a free, movable one). Moving a port rewrites every `IM_<MODULE>_*PORT`
+    and `IM_<MODULE>_*ADVERTISE_ADDRESS` that held it."""
 
     def __init__(
         self,
@@ -329,10 +583,16 @@ class ServiceProcess(Managed):
         env: Mapping[str, str],
         log_path: Path,
     ) -> None:
-        super().__init__(port, log_path.parent, log_path)
+        prefix = f"IM_{module.upper()}_"
+        given = int(env.get(prefix + "PORT") or 0)
+        super().__init__(port or given, log_path.parent, log_path)
         self.name = module
         self.module = module
+        self.prefix = prefix
         self.extra_env = dict(env)
+        self.extra_env.setdefault(prefix + "PORT", str(self.port))
+        if not given and self.extra_env[prefix + "PORT"] == "0":
+            self.extra_env[prefix + "PORT"] = str(self.port)
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", self.module]
@@ -344,8 +604,36 @@ class ServiceProcess(Managed):
         env.update(self.extra_env)
         return env
 
-    def wait_ready(self, timeout: float) -> None:
-        wait_serving(f"127.0.0.1:{self.port}", timeout, self.proc)
+    def listen_ports(self) -> list[int]:
+        ports = [self.port]
+        for key, value in self.extra_env.items():
+            own = key.startswith(self.prefix) and key.endswith("_PORT")
+            if own and value.isdigit() and int(value) and int(value) not in ports:
+                ports.append(int(value))
+        return ports
+
+    def move_port(self, old: int) -> int:
+        new = super().move_port(old)
+        for key, value in list(self.extra_env.items()):
+            if not key.startswith(self.prefix):
+                continue
+            if key.endswith("_PORT") and value == str(old):
+                self.extra_env[key] = str(new)
+            elif key.endswith("ADVERTISE_ADDRESS") and value.endswith(f":{old}"):
+                self.extra_env[key] = f"{value.removesuffix(str(old))}{new}"
+        return new
+
+    def wait_healthy(self, deadline: float) -> None:
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} at {self.address} not SERVING in time ({last})")
 
     @property
     def address(self) -> str:

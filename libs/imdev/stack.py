@@ -10,8 +10,9 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -23,15 +24,26 @@ from imdev.servers import (
     RedisServer,
     ServiceProcess,
     free_port,
+    process_start_time,
+    start_all,
 )
 
 DEV_TOKEN_SECRET = "dev-only-secret-change-me"
 
+#: `make run`'s default base port (IM_DEV_BASE_PORT); see StackPorts.local.
+DEFAULT_BASE_PORT = 17000
+#: Ports StackPorts.local uses, as offsets from the base port.
+LAYOUT_SPAN = 500
+_MAX_PER_KIND = 10
+
 
 @dataclass
 class StackPorts:
-    """Ports of one stack. `free()` picks unused ones (tests); `local()` the fixed
-    ones of `make run`, all away from the servers' default ports."""
+    """Ports of one stack. `free()` picks unused ones that may move if another
+    program takes them first (tests); `local()` the fixed ones of `make run`.
+
+    `metrics` holds the Prometheus ports by service kind ("seqsvc", "logic",
+    "pusher", "gateway": one per process; a kind left out has no metrics port)."""
 
     postgres: int
     redis: int
@@ -41,6 +53,8 @@ class StackPorts:
     pusher: list[int]
     gateway: list[int]
     gateway_internal: list[int]
+    metrics: dict[str, list[int]] = field(default_factory=dict)
+    movable: bool = False
 
     @classmethod
     def free(cls, gateways: int, logics: int, pushers: int) -> StackPorts:
@@ -53,27 +67,60 @@ class StackPorts:
             pusher=[free_port() for _ in range(pushers)],
             gateway=[free_port() for _ in range(gateways)],
             gateway_internal=[free_port() for _ in range(gateways)],
+            movable=True,
         )
 
     @classmethod
-    def local(cls, gateways: int, logics: int, pushers: int) -> StackPorts:
+    def local(
+        cls, gateways: int, logics: int, pushers: int, base: int = DEFAULT_BASE_PORT
+    ) -> StackPorts:
+        """`make run`'s ports, all derived from `base` (IM_DEV_BASE_PORT) and inside
+        base .. base+499, away from the servers' default ports for the default base:
+        gateways base+0.., logics +10.., seqsvc +20, pushers +30.., the gateways'
+        internal ports +100.., metrics +200 + the same offsets (gateway +200..,
+        logic +210.., seqsvc +220, pusher +230..), Redis +379, NATS +422,
+        PostgreSQL +432."""
+        if max(gateways, logics, pushers) > _MAX_PER_KIND:
+            raise ValueError(f"at most {_MAX_PER_KIND} processes of a kind")
+        if not 1024 <= base <= 65535 - LAYOUT_SPAN:
+            raise ValueError(f"base port {base} is outside 1024..{65535 - LAYOUT_SPAN}")
         return cls(
-            postgres=17432,
-            redis=17379,
-            nats=17422,
-            seqsvc=17020,
-            logic=[17010 + i for i in range(logics)],
-            pusher=[17030 + i for i in range(pushers)],
-            gateway=[17000 + i for i in range(gateways)],
-            gateway_internal=[17100 + i for i in range(gateways)],
+            postgres=base + 432,
+            redis=base + 379,
+            nats=base + 422,
+            seqsvc=base + 20,
+            logic=[base + 10 + i for i in range(logics)],
+            pusher=[base + 30 + i for i in range(pushers)],
+            gateway=[base + i for i in range(gateways)],
+            gateway_internal=[base + 100 + i for i in range(gateways)],
+            metrics={
+                "gateway": [base + 200 + i for i in range(gateways)],
+                "logic": [base + 210 + i for i in range(logics)],
+                "seqsvc": [base + 220],
+                "pusher": [base + 230 + i for i in range(pushers)],
+            },
         )
+
+    def all(self) -> list[tuple[str, int]]:
+        """(what, port) for every port of the stack."""
+        ports = [("postgres", self.postgres), ("redis", self.redis), ("nats", self.nats)]
+        ports.append(("seqsvc", self.seqsvc))
+        ports += [(f"logic-{i}", p) for i, p in enumerate(self.logic)]
+        ports += [(f"pusher-{i}", p) for i, p in enumerate(self.pusher)]
+        ports += [(f"gateway-{i}", p) for i, p in enumerate(self.gateway)]
+        ports += [(f"gateway-{i} internal", p) for i, p in enumerate(self.gateway_internal)]
+        for kind, kind_ports in self.metrics.items():
+            ports += [(f"{kind}-{i} metrics", p) for i, p in enumerate(kind_ports)]
+        return ports
 
 
 class Stack:
     """Starts and stops the whole system under `workdir`.
 
     `gateways`, `logics`, `pushers` are process counts; `env` adds or overrides
-    settings per service kind: {"logic": {"IM_LOGIC_X": "1"}}.
+    settings per service kind: {"logic": {"IM_LOGIC_X": "1"}}. With `pid_dir`, every
+    process records its pid there while it runs (Managed.pidfile), named like its
+    log (postgres.pid, logic-0.pid).
     """
 
     def __init__(
@@ -90,6 +137,7 @@ class Stack:
         stream: str = "IM_MESSAGES",
         subject_prefix: str = "im.msg",
         redis_prefix: str = "im:",
+        pid_dir: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.env = env or {}
@@ -107,19 +155,37 @@ class Stack:
         )
         self.redis = RedisServer(p.redis, self.workdir / "redis", logs / "redis.log")
         self.nats = NatsServer(p.nats, self.workdir / "nats", logs / "nats.log")
-        self.seqsvc = ServiceProcess("seqsvc", p.seqsvc, self._seqsvc_env(), logs / "seqsvc.log")
+        # How each service's wiring is computed, to redo it if a port moves.
+        self._wiring: dict[int, Callable[[], dict[str, str]]] = {}
+        self.seqsvc = self._service("seqsvc", self._seqsvc_env, logs / "seqsvc.log")
         self.logics = [
-            ServiceProcess("logic", port, self._logic_env(port), logs / f"logic-{i}.log")
-            for i, port in enumerate(p.logic)
+            self._service("logic", partial(self._logic_env, i), logs / f"logic-{i}.log")
+            for i in range(len(p.logic))
         ]
         self.pushers = [
-            ServiceProcess("pusher", port, self._pusher_env(i, port), logs / f"pusher-{i}.log")
-            for i, port in enumerate(p.pusher)
+            self._service("pusher", partial(self._pusher_env, i), logs / f"pusher-{i}.log")
+            for i in range(len(p.pusher))
         ]
         self.gateways = [
-            ServiceProcess("gateway", port, self._gateway_env(i, port), logs / f"gateway-{i}.log")
-            for i, port in enumerate(p.gateway)
+            self._service("gateway", partial(self._gateway_env, i), logs / f"gateway-{i}.log")
+            for i in range(len(p.gateway))
         ]
+        for proc in [*self.infra, *self.services]:
+            if p.movable:  # only the ports chosen here, not those in `env`
+                proc.movable_ports = {proc.port}
+            if pid_dir is not None:
+                proc.pidfile = pid_dir / f"{proc.log_path.stem}.pid"
+        if p.movable:
+            for i, gateway in enumerate(self.gateways):
+                gateway.movable_ports.add(p.gateway_internal[i])
+
+    def _service(
+        self, module: str, wiring: Callable[[], dict[str, str]], log: Path
+    ) -> ServiceProcess:
+        env = wiring()
+        proc = ServiceProcess(module, int(env[f"IM_{module.upper()}_PORT"]), env, log)
+        self._wiring[id(proc)] = wiring
+        return proc
 
     # -- wiring -------------------------------------------------------------
 
@@ -131,29 +197,36 @@ class Stack:
         env.update(self.env.get(kind, {}))
         return env
 
+    def _metrics(self, kind: str, i: int) -> dict[str, str]:
+        ports = self.ports.metrics.get(kind)
+        return {f"IM_{kind.upper()}_METRICS_PORT": str(ports[i])} if ports else {}
+
     def _seqsvc_env(self) -> dict[str, str]:
         return self._with(
             "seqsvc",
             {
                 "IM_SEQSVC_PORT": str(self.ports.seqsvc),
                 "IM_SEQSVC_DATABASE_URL": self.database_url,
+                **self._metrics("seqsvc", 0),
             },
         )
 
-    def _logic_env(self, port: int) -> dict[str, str]:
+    def _logic_env(self, i: int) -> dict[str, str]:
         return self._with(
             "logic",
             {
-                "IM_LOGIC_PORT": str(port),
+                "IM_LOGIC_PORT": str(self.ports.logic[i]),
                 "IM_LOGIC_DATABASE_URL": self.database_url,
                 "IM_LOGIC_SEQSVC_ADDRESS": f"127.0.0.1:{self.ports.seqsvc}",
                 "IM_LOGIC_NATS_URL": self.nats.url(),
                 "IM_LOGIC_NATS_STREAM": self.stream,
                 "IM_LOGIC_NATS_SUBJECT_PREFIX": self.subject_prefix,
+                **self._metrics("logic", i),
             },
         )
 
-    def _pusher_env(self, i: int, port: int) -> dict[str, str]:
+    def _pusher_env(self, i: int) -> dict[str, str]:
+        port = self.ports.pusher[i]
         logic = self.ports.logic[i % len(self.ports.logic)]
         return self._with(
             "pusher",
@@ -166,10 +239,12 @@ class Stack:
                 "IM_PUSHER_NATS_SUBJECT_PREFIX": self.subject_prefix,
                 "IM_PUSHER_REDIS_URL": self.redis.url(),
                 "IM_PUSHER_REDIS_PREFIX": self.redis_prefix,
+                **self._metrics("pusher", i),
             },
         )
 
-    def _gateway_env(self, i: int, port: int) -> dict[str, str]:
+    def _gateway_env(self, i: int) -> dict[str, str]:
+        port = self.ports.gateway[i]
         logic = self.ports.logic[i % len(self.ports.logic)]
         internal = self.ports.gateway_internal[i]
         return self._with(
@@ -185,6 +260,7 @@ class Stack:
                 "IM_GATEWAY_REDIS_URL": self.redis.url(),
                 "IM_GATEWAY_REDIS_PREFIX": self.redis_prefix,
                 "IM_GATEWAY_TOKEN_SECRET": self.token_secret,
+                **self._metrics("gateway", i),
             },
         )
 
@@ -204,19 +280,55 @@ class Stack:
 
     def start(self, timeout: float = 60.0) -> None:
         """Starts everything in dependency order and waits until every service is
-        SERVING. Idempotent for the database (created if missing)."""
-        for server in self.infra:
-            server.start(timeout)
-        self._ensure_database()
-        self.seqsvc.start(timeout)
-        for proc in self.logics:
-            proc.launch()
-        for proc in self.logics:
-            proc.wait_ready(timeout)
-        for proc in [*self.pushers, *self.gateways]:
-            proc.launch()
-        for proc in [*self.pushers, *self.gateways]:
-            proc.wait_ready(timeout)
+        SERVING. Idempotent for the database (created if missing).
+
+        All or nothing: if anything fails to start (or the caller is interrupted),
+        everything this call started is stopped before the error is raised. With
+        ports from `StackPorts.free()`, a port that another program took first is
+        replaced by a new one and the services that use it are wired to it."""
+        try:
+            start_all(self.infra, timeout)
+            self._follow_moves()
+            self._ensure_database()
+            for group in (
+                [self.seqsvc],
+                self.logics,
+                [*self.pushers, *self.gateways],
+            ):
+                start_all(group, timeout)
+                self._follow_moves()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _follow_moves(self) -> None:
+        """Records ports that moved during start-up in `ports` and rewires the
+        services not launched yet to them."""
+        p = self.ports
+        before = p.all()
+        p.postgres, p.redis, p.nats = self.postgres.port, self.redis.port, self.nats.port
+        p.seqsvc = self.seqsvc.port
+        p.logic = [proc.port for proc in self.logics]
+        p.pusher = [proc.port for proc in self.pushers]
+        p.gateway = [proc.port for proc in self.gateways]
+        p.gateway_internal = [int(g.extra_env["IM_GATEWAY_INTERNAL_PORT"]) for g in self.gateways]
+        for kind, procs in self._by_kind().items():
+            if kind in p.metrics:
+                var = f"IM_{kind.upper()}_METRICS_PORT"
+                p.metrics[kind] = [int(proc.extra_env[var]) for proc in procs]
+        if p.all() == before:
+            return
+        for proc in self.services:
+            if proc.proc is None:  # not launched: its own ports have not moved
+                proc.extra_env.update(self._wiring[id(proc)]())
+
+    def _by_kind(self) -> dict[str, list[ServiceProcess]]:
+        return {
+            "seqsvc": [self.seqsvc],
+            "logic": self.logics,
+            "pusher": self.pushers,
+            "gateway": self.gateways,
+        }
 
     def _ensure_database(self) -> None:
         with psycopg.connect(self.postgres.conninfo(), autocommit=True) as conn:
@@ -245,11 +357,27 @@ class Stack:
     # -- state for `make run` / `make stop` ----------------------------------
 
     def state(self) -> dict[str, object]:
-        procs = {}
+        """What runs, for `make run`'s state file: each process with its pid, the
+        pid's start time (Linux clock ticks; with the pid it names one process),
+        ports and log, in start order."""
+        procs: list[dict[str, object]] = []
         for proc in [*self.infra, *self.services]:
-            key = f"{proc.name}:{proc.port}"
-            procs[key] = {"pid": proc.pid, "port": proc.port, "log": str(proc.log_path)}
+            entry: dict[str, object] = {
+                "name": proc.name,
+                "key": proc.log_path.stem,
+                "pid": proc.pid,
+                "start_time": process_start_time(proc.pid) if proc.pid else None,
+                "port": proc.port,
+                "log": str(proc.log_path),
+            }
+            if isinstance(proc, ServiceProcess):
+                for extra in ("INTERNAL_PORT", "METRICS_PORT"):
+                    value = int(proc.extra_env.get(proc.prefix + extra) or 0)
+                    if value:
+                        entry[extra.lower()] = value
+            procs.append(entry)
         return {
+            "version": 2,
             "processes": procs,
             "gateways": self.gateway_addresses,
             "database_url": self.database_url,
@@ -271,5 +399,9 @@ def postgres_can_reach(path: Path) -> bool:
     return result.returncode == 0
 
 
-def write_state(path: Path, stack: Stack) -> None:
-    path.write_text(json.dumps(stack.state(), indent=2))
+def write_state(path: Path, state: Mapping[str, object]) -> None:
+    """Writes `state` as JSON atomically: a reader sees the old file or the new
+    one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)

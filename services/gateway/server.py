@@ -23,7 +23,7 @@ from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
 from imcommon.redisconn import redis_client
-from imcommon.server import Runtime, server_options
+from imcommon.server import Runtime, bind_failure, server_options
 from imcommon.server import main as serve_main
 from imcommon.telemetry import insecure_channel, instrument_server
 
@@ -146,12 +146,12 @@ async def _serve_internal(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.host}:{settings.internal_port}"
     try:
-        server.add_insecure_port(f"{settings.host}:{settings.internal_port}")
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"IM_GATEWAY_INTERNAL_PORT: cannot listen on {settings.host}:{settings.internal_port} "
-            f"({exc})"
+        server.add_insecure_port(address)
+    except RuntimeError:
+        raise bind_failure(
+            address, "IM_GATEWAY_INTERNAL_PORT; is another gateway running there?"
         ) from None
     await server.start()
     runtime.stack.push_async_callback(server.stop, settings.shutdown_grace_s)

@@ -1,7 +1,9 @@
 """The chaos harness against the real stack.
 
-- The reduced run (what `make test` runs): every fault kind, many clients,
-  zero violations, a `RESULT` line and a JSON file.
+- The reduced run (what `make test` runs): every fault kind, many clients and
+  raw observers, zero violations, no late online delivery (I9: without the
+  gateway's liveness mechanism this fails, as it should), a `RESULT` line and a
+  JSON file.
 - One guarantee broken on purpose at a time (logic's TEST-ONLY switches, and a
   client that advances its cursor without syncing): the checker must report the
   matching violation. Each is a short targeted scenario on a small stack.
@@ -24,7 +26,7 @@ from chaos import checker
 from chaos.cli import main
 from chaos.faults import FaultKind, ServerFaults
 from chaos.run import RunConfig, run
-from chaos.workload import Workload, WorkloadConfig
+from chaos.workload import TIMELINE_DEVICE, Workload, WorkloadConfig
 from imclient import Entry, GatewayApi, Message, Receiver, direct_conversation_id
 from imdev.stack import Stack
 
@@ -50,9 +52,19 @@ def test_the_reduced_run_keeps_the_promise(
         "duplicated",
         "reordered",
         "violations",
+        "online_late",
+        "max_online_delivery_s",
     }
     assert result["violations"] == result["lost"] == result["duplicated"] == 0
     assert result["reordered"] == 0
+    # I9: every device that stayed connected got everything within the bound.
+    online = data["online"]
+    assert result["online_late"] == 0, online["late"][:20]
+    assert result["max_online_delivery_s"] <= online["liveness_s"]
+    assert online["observer_pairs"] > 0 and online["pairs"] > online["observer_pairs"]
+    assert online["never"] == 0 and data["quiet"] is True
+    assert set(online["max_by_kind"]) <= {k.value for k in FaultKind} | {"none"}
+    assert all(o["connects"] >= 1 for o in data["observers"]) and len(data["observers"]) >= 3
     assert result["clients"] >= 8
     assert result["messages_acked"] >= 300
     assert data["result"] == result and data["ok"] is True
@@ -60,7 +72,17 @@ def test_the_reduced_run_keeps_the_promise(
     assert set(data["fault_counts"]) == {k.value for k in FaultKind}
     assert data["fault_errors"] == 0
     assert data["counts"]["delivered"] == data["counts"]["expected_deliveries"] > 0
-    for name in ("sent", "acked", "delivered", "lost", "duplicated", "reordered", "quiesce"):
+    for name in (
+        "sent",
+        "acked",
+        "delivered",
+        "lost",
+        "duplicated",
+        "reordered",
+        "quiesce",
+        "online_late",
+        "max online delivery per fault kind",
+    ):
         assert name in printed
 
 
@@ -128,14 +150,20 @@ async def test_without_outbox_and_repair_acked_messages_are_reported_lost() -> N
     result = await run(config, echo=print)
     try:
         assert kinds(result.report) == {checker.Kind.LOST.value}
-        # Only recipients miss them: the sender's own timeline row is written
-        # by the send itself.
+        # In the server's timelines only recipients miss them: the sender's own
+        # timeline row is written by the send itself. On the devices likewise:
+        # nothing is ever pushed, but the gateways' liveness checks bring the
+        # senders' devices their own rows; nobody brings the recipients anything.
         lost = [v for v in result.report.violations if v.kind is checker.Kind.LOST]
         assert result.history is not None
         sender_of = {s.ack.msg_id: s.sender_id for s in result.history.sends if s.ack}
-        assert all(v.user_id != sender_of[v.msg_id] for v in lost)
+        in_store = [v for v in lost if v.device_id == TIMELINE_DEVICE]
+        assert in_store and all(v.user_id != sender_of[v.msg_id] for v in in_store)
+        on_devices = [v for v in lost if v.device_id != TIMELINE_DEVICE]
+        assert on_devices and all(v.user_id != sender_of[v.msg_id] for v in on_devices)
         assert result.result()["lost"] == len(lost) > 0
         assert not result.quiet and not result.ok
+        assert result.online.online_late > 0  # and no connected device got them
     finally:
         shutil.rmtree(result.workdir, ignore_errors=True)
 
@@ -195,15 +223,24 @@ async def test_without_repair_a_wiped_jetstream_store_is_reported_lost(
     report = checker.check(w.history(timelines))
     assert not quiet
     assert kinds(report) == {checker.Kind.LOST.value}, checker.summarize(report)
-    lost = {(v.user_id, v.msg_id) for v in report.violations}
-    # Each of the four on u01's device and in u01's server timeline.
-    assert lost == {("u01", s.ack.msg_id) for s in sent if s.ack is not None}
+    lost = {(v.user_id, v.device_id, v.msg_id) for v in report.violations}
+    msg_ids = [s.ack.msg_id for s in sent if s.ack is not None]
+    # Each of the four is missing from u01's server timeline (never fanned out),
+    # so from u01's device. u00's device has them: the sender's own timeline
+    # row is written by the send, and its gateway's liveness checks push it.
+    assert lost == {
+        (user, device, m)
+        for user, device in (("u01", TIMELINE_DEVICE), ("u01", "d1"))
+        for m in msg_ids
+    }
     assert report.lost == 8
 
 
 class NoSyncReceiver(Receiver[Message]):
-    """A client bug on purpose: it never syncs and takes any push as the next
-    entry, advancing its cursor across the gap (gim issue 46's class of bug)."""
+    """A client bug on purpose: it never syncs (not on connect, not on a gap, not on
+    a timeline head) and takes any push as the next entry, advancing its cursor
+    across the gap (gim issue 46's class of bug). What it missed while offline is
+    at or below its Welcome head: its own sync's job, so no catch-up brings it."""
 
     def __init__(self, last_seq: int = 0) -> None:
         super().__init__(last_seq)
@@ -212,6 +249,9 @@ class NoSyncReceiver(Receiver[Message]):
     def on_connected(self) -> None:
         super().on_connected()
         self.need_sync = False
+
+    def on_head(self, head: int) -> bool:
+        return False  # and ignores the timeline heads that would tell it
 
     def on_push(self, entry: Entry[Message]) -> list[Entry[Message]]:
         self.pushes += 1

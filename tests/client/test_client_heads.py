@@ -26,6 +26,7 @@ from imclient import (
     ReconnectPolicy,
     direct_conversation_id,
 )
+from imcommon.server import EXCLUSIVE_PORT
 from imdev.stack import Stack
 
 FAST = ReconnectPolicy(initial_s=0.01, multiplier=2.0, max_s=0.05)
@@ -147,7 +148,7 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
 @pytest.fixture
 async def gateway() -> AsyncIterator[tuple[ScriptedGateway, str]]:
     servicer = ScriptedGateway()
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

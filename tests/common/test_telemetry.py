@@ -32,6 +32,7 @@ from im.seqsvc.v1 import seqsvc_pb2, seqsvc_pb2_grpc
 from imcommon import telemetry, tracing
 from imcommon.logging import JsonFormatter
 from imcommon.metrics import Metrics
+from imcommon.server import EXCLUSIVE_PORT
 from imcommon.telemetry import (
     InstrumentedChannel,
     ServerTelemetryInterceptor,
@@ -97,10 +98,12 @@ async def serving(servicer: Any, metrics: Metrics, how: str = "instrumented") ->
     hand-written add_to_server like logic's and seqsvc's ("handwritten"), or with
     the ServerTelemetryInterceptor ("interceptor")."""
     if how == "interceptor":
-        raw = grpc.aio.server(interceptors=[ServerTelemetryInterceptor(metrics)])
+        raw = grpc.aio.server(
+            interceptors=[ServerTelemetryInterceptor(metrics)], options=[EXCLUSIVE_PORT]
+        )
         server: grpc.aio.Server = raw
     else:
-        raw = grpc.aio.server()
+        raw = grpc.aio.server(options=[EXCLUSIVE_PORT])
         server = instrument_server(raw, metrics)
     if how == "handwritten":
         handlers = {
@@ -532,10 +535,12 @@ async def test_streaming_handlers_and_health_watch_pass_through(how: str) -> Non
     server, and streaming calls through an instrumented channel are grpc's."""
     metrics = Metrics("test")
     if how == "interceptor":
-        raw = grpc.aio.server(interceptors=[ServerTelemetryInterceptor(metrics)])
+        raw = grpc.aio.server(
+            interceptors=[ServerTelemetryInterceptor(metrics)], options=[EXCLUSIVE_PORT]
+        )
         server: grpc.aio.Server = raw
     else:
-        raw = grpc.aio.server()
+        raw = grpc.aio.server(options=[EXCLUSIVE_PORT])
         server = instrument_server(raw, metrics)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

@@ -22,6 +22,7 @@ from gwkit import RawStream, ack_frame, deliver, metric, token_for, wait_for
 from gateway.upstream import Peers
 from im.pusher.v1 import pusher_pb2
 from imcommon.metrics import Metrics
+from imcommon.server import EXCLUSIVE_PORT
 from imdev.servers import ServiceProcess, free_port
 
 Ack = tuple[str, str, int]
@@ -40,7 +41,7 @@ class FakePusher:
         self.started = 0
         self.hold = hold
         self._batches = batches
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=[EXCLUSIVE_PORT])
 
     async def AckDelivery(
         self, request: pusher_pb2.AckDeliveryRequest, context: grpc.aio.ServicerContext

@@ -29,7 +29,7 @@ from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc, gateway_pb2
 from im.pusher.v1 import pusher_pb2
 from imcommon.metrics import Metrics
-from imcommon.server import server_options
+from imcommon.server import EXCLUSIVE_PORT, server_options
 from imdev.servers import RedisServer, free_port
 
 
@@ -39,7 +39,7 @@ class RecordingPusher:
     def __init__(self) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.acks: list[tuple[str, str, int]] = []
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=[EXCLUSIVE_PORT])
 
     async def ack_one(
         self, request: pusher_pb2.AckDeliveryRequest, context: grpc.aio.ServicerContext

@@ -36,6 +36,7 @@ from gwkit import unique_users as users_
 
 from im.gateway.v1 import gateway_pb2
 from im.logic.v1 import logic_pb2
+from imcommon.server import EXCLUSIVE_PORT
 from imdev.servers import NatsServer, ServiceProcess, free_port
 
 pytestmark = pytest.mark.skipif(not LOGIC_READY, reason=NEEDS_LOGIC)
@@ -252,7 +253,7 @@ class _OldLogic:
         self.release = asyncio.Event()
         self.blocked = asyncio.Event()
         self.calls: list[str] = []
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=[EXCLUSIVE_PORT])
         handler = grpc.unary_unary_rpc_method_handler(
             self._send,
             request_deserializer=logic_pb2.SendMessageRequest.FromString,

@@ -15,6 +15,7 @@ import pytest
 from logic_support import LogicClient, query, table_counts
 
 from imcommon.config import load_settings
+from imcommon.server import EXCLUSIVE_PORT
 from imdev.servers import NatsServer, ServiceProcess
 from logic import repo
 from logic.config import Settings
@@ -103,7 +104,7 @@ async def app(
             max_response_bytes=1 << 20,
         )
         groups = Groups(db, max_group_size=10, max_name_chars=10, faults=Faults())
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[EXCLUSIVE_PORT])
         add_to_server(LogicServicer(make_sender(Faults()), fanout, reader, groups), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -18,7 +18,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from imdev.servers import free_port
+from imcommon.server import EXCLUSIVE_PORT
 
 KINDS = {
     trace_pb2.Span.SPAN_KIND_INTERNAL: "INTERNAL",
@@ -97,10 +97,11 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return self.spans(lambda s: s.trace_id == trace_id)
 
     def start(self) -> Collector:
-        self.port = free_port()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), options=[EXCLUSIVE_PORT]
+        )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
-        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
         return self
 

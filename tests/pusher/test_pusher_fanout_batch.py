@@ -43,6 +43,7 @@ from gwkit import (
 
 from im.logic.v1 import logic_pb2
 from imcommon.jetstream import stream_config, subject_for
+from imcommon.server import EXCLUSIVE_PORT
 from imdev.servers import free_port
 
 FANOUT = "/im.logic.v1.Logic/Fanout"
@@ -257,7 +258,7 @@ async def test_a_logic_without_fanout_batch_gets_fanout_calls(batching_stack: An
     async def fanout(request: bytes, context: Any) -> bytes:
         return await forward(request, timeout=10)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

@@ -22,6 +22,7 @@ from im.common.v1 import common_pb2
 from im.gateway.v1 import gateway_internal_pb2, gateway_internal_pb2_grpc
 from im.logic.v1 import logic_pb2, logic_pb2_grpc
 from imcommon.jetstream import stream_config, subject_for
+from imcommon.server import EXCLUSIVE_PORT
 from imdev.servers import NatsServer, RedisServer, ServiceProcess
 from pusher.faults import CRASH_EXIT_CODE
 
@@ -92,10 +93,10 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     logic, gateway = ScriptedLogic(), RecordingGateway()
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     logic_pb2_grpc.add_LogicServicer_to_server(logic, server)
     logic_port = server.add_insecure_port("127.0.0.1:0")
-    gw_server = grpc.aio.server()
+    gw_server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     gateway_internal_pb2_grpc.add_GatewayInternalServicer_to_server(gateway, gw_server)
     gw_port = gw_server.add_insecure_port("127.0.0.1:0")
     await server.start()
