@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
         bench-seq bench-logic bench bench-ab bench-idle chaos k8s-check alerts-check images \
-        clean lock
+        sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -114,9 +114,12 @@ alerts-check: system-deps ## promtool: check the alerting rules and run their un
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules_test.yml
 
+sdk: deps ## Build the client SDK's wheel and sdist into dist/ (apps: pip install ./sdk/python)
+	$(UV) build -q sdk/python -o dist
+
 images: ## Build container images (needs a container engine)
 	docker build -t im-backend:dev -f deploy/Dockerfile .
 
 clean: ## Stop `make run`'s stack, remove its data, generated code, caches and local state
 	@if [ -x $(PY) ]; then $(PY) -m imdev clean; fi
-	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache

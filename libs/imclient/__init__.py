@@ -7,6 +7,10 @@ calls (`sync`, `history`, groups). `GatewayApi` is the unary calls alone, withou
 a stream. Both speak TLS unless given `insecure=True` (`imclient.tls`). The
 protocol state machines (`SendWindow`, `Receiver`) are pure and usable on their
 own. See `imclient.client` for the guarantees.
+
+`imclient.tokens` is for the server side of an app: its backend mints each
+device's token there (`mint_token`), with the secret it shares with the gateways.
+Install: `pip install ./sdk/python` (also installs the `imctl` command).
 """
 
 from imclient.client import Client, ClientStats, DebugHooks, MessageHandler, SendResultHandler

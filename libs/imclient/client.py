@@ -87,6 +87,17 @@ Receiving
   the client, and will get the rest by sync on its next start.
 - The client opens its store on start and closes it on close; a store object may
   be handed to a later client (that is a "restart").
+- The cursor belongs to one *store epoch*: the id of the server's message
+  database (Welcome.store_epoch, SyncResponse.store_epoch). Seqs and msg_ids of
+  one database mean nothing in another (a wiped and re-created one, a restore
+  into a fresh cluster). When the server names another epoch than the one the
+  store recorded with the cursor, the client logs a warning, counts it
+  (`stats.epoch_resets`), forgets the cursor and the seen msg_ids (store and
+  memory), drops what it held of the old store and had not handed yet, and
+  syncs from seq 0, so the new timeline shows in full instead of nothing. The
+  outbox is kept: unsent messages go to the new store. A cursor with no epoch
+  recorded (a new account, a store from an older SDK) is taken as the server's;
+  a server that names none ("", an older one) is not checked.
 
 Connection
 - `async with Client(...)` (or `start()`) returns once connected AND caught up
@@ -97,6 +108,10 @@ Connection
   only with `insecure=True`. A failed TLS handshake (an untrusted or misnamed
   certificate, a port that does not speak TLS) stops the client for good with
   `TLSError`, whose message says which: retrying cannot fix it.
+- `wait_connected(timeout)` waits for the first Welcome only: a tool that must
+  fail fast on a wrong address uses it (`ConnectTimeout` names why the last
+  attempt failed, e.g. "UNAVAILABLE: connection refused at 127.0.0.1:17000";
+  `last_error` holds it meanwhile), then `wait_ready()` for the sync.
 - Reconnects with exponential backoff and full jitter, rotating through the
   gateway addresses. `GoAway` reconnects (to the next address) after the delay it
   names. `Kick` (same device connected elsewhere) and a refused token stop the
@@ -130,6 +145,7 @@ from imclient.errors import (
     ProtocolError,
     SendErrorCode,
     SendFailed,
+    rpc_error,
 )
 from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
@@ -204,6 +220,7 @@ class ClientStats:
     last_seq: int = 0
     committed_seq: int = 0
     outbox_restored: int = 0  # messages loaded from the outbox on start (sent first)
+    epoch_resets: int = 0  # cursors forgotten: the server named another store epoch
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -323,6 +340,12 @@ class Client(UnaryCalls):
         self.address: str | None = None  # the gateway of the current connection
         self.max_body_bytes = 0
         self.welcome_head_seq = 0  # head_seq of the current connection's Welcome (0: unknown)
+        #: Why the last connection attempt failed ("CODE: reason"; None once connected).
+        self.last_error: str | None = None
+        self._store_epoch = ""  # the store epoch of the cursor ("" = none recorded)
+        # Bumped when the cursor is reset for another epoch: messages of an older
+        # generation still on their way to the app are dropped, never committed.
+        self._generation = 0
         self._account: str | None = None
         self._receiver: Receiver[Message] | None = None
 
@@ -344,6 +367,7 @@ class Client(UnaryCalls):
         self._wake = asyncio.Event()  # the pump has something to do
         self._sync_wanted = asyncio.Event()
         self._ready = asyncio.Event()  # connected and first sync done
+        self._welcomed_once = asyncio.Event()  # some connection got its Welcome
         self._inbox: deque[Message] = deque()
         self._inbox_event = asyncio.Event()
         self._app_queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -414,7 +438,32 @@ class Client(UnaryCalls):
         if self._terminal is not None:
             raise self._terminal
         if waiter not in done:
-            raise ConnectTimeout(f"not connected to any of {self.addresses} after {timeout}s")
+            raise ConnectTimeout(
+                f"not connected to any of {self.addresses} after {timeout}s", self.last_error
+            )
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Waits until a gateway has welcomed the client (not for the sync, see
+        `wait_ready`). Raises the terminal error if the client stopped (a refused
+        token), `ConnectTimeout` with the last attempt's failure after `timeout`
+        seconds."""
+        if self._terminal is not None:
+            raise self._terminal
+        assert self._run_task is not None, "start() first"
+        waiter = asyncio.create_task(self._welcomed_once.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, self._run_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if self._terminal is not None:
+            raise self._terminal
+        if waiter not in done:
+            within = f"within {timeout:g} s" if timeout is not None else "before the client closed"
+            raise ConnectTimeout(
+                f"no gateway answered {within} ({', '.join(self.addresses)})", self.last_error
+            )
 
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Stops the client. With `drain_timeout_s`, first waits that long for the
@@ -583,6 +632,11 @@ class Client(UnaryCalls):
         return self._stats.head_seq
 
     @property
+    def store_epoch(self) -> str:
+        """The server's store epoch the cursor belongs to ("" until known)."""
+        return self._store_epoch
+
+    @property
     def stopped(self) -> ClientClosed | None:
         """Why the client stopped for good by itself (`Kicked`, `AuthError`), or None."""
         return self._terminal
@@ -648,7 +702,10 @@ class Client(UnaryCalls):
                 except (ClientClosed, asyncio.CancelledError):
                     raise
                 except Exception as exc:
-                    log.info("connection to %s lost: %s", address, _describe(exc))
+                    reason = _describe(exc, address)
+                    if not self._welcomed:
+                        self.last_error = reason
+                    log.info("connection to %s lost: %s", address, reason)
                 if self._closing:
                     return
                 if delay is None:
@@ -687,6 +744,8 @@ class Client(UnaryCalls):
                 raise ProtocolError(f"first frame was {first.WhichOneof('frame')}, not welcome")
             await self._on_welcome(first.welcome)
             self._welcomed = True
+            self.last_error = None
+            self._welcomed_once.set()
             self._channel, self._session_token, self.address = channel, token, address
             self._window.on_connected(first.welcome.next_client_id or 1, first.welcome.send_window)
             assert self._receiver is not None
@@ -732,6 +791,47 @@ class Client(UnaryCalls):
         self.connection_id = welcome.connection_id
         self.max_body_bytes = welcome.max_body_bytes
         self.welcome_head_seq = welcome.head_seq
+        await self._check_store_epoch(welcome.store_epoch)
+
+    async def _check_store_epoch(self, epoch: str) -> bool:
+        """Compares the server's store epoch with the cursor's (module docs).
+        Returns True if the cursor was of another epoch and has been reset: the
+        caller syncs from 0 (a sync page in hand is of the old cursor: dropped)."""
+        account = self._account
+        if not epoch or epoch == self._store_epoch or account is None:
+            return False
+        old = self._store_epoch
+        if not old:
+            # Nothing recorded: a new account, or a store from an SDK before
+            # epochs. Its cursor is taken as this epoch's.
+            await self._store.set_epoch(account, epoch, reset=False)
+            self._store_epoch = epoch
+            return False
+        receiver = self._receiver
+        assert receiver is not None
+        log.warning(
+            "the server's message store is another one (store epoch %s; the cursor, "
+            "seq %d, was taken in %s): forgetting the cursor and the seen message ids "
+            "of %s and syncing from the start",
+            epoch,
+            receiver.seq,
+            old,
+            account,
+        )
+        self._stats.epoch_resets += 1
+        self._generation += 1
+        receiver.restart()
+        self._inbox.clear()
+        self._recent.clear()
+        self._handed = None
+        self._stats.head_seq = 0  # heads of the old store
+        async with self._commit_lock:
+            self._commit_batch = []
+            self._commit_seq = self.committed_seq = 0
+            # Recorded last: if this fails, the next Welcome or page resets again.
+            await self._store.set_epoch(account, epoch, reset=True)
+        self._store_epoch = epoch
+        return True
 
     def _on_head(self, head: int, welcome: bool = False) -> None:
         """The server's timeline head (0: unknown). Above `last_seq` a receiving
@@ -942,6 +1042,8 @@ class Client(UnaryCalls):
                         )
                         if self.hooks.on_sync_response is not None:
                             await self.hooks.on_sync_response(resp)
+                        if await self._check_store_epoch(resp.store_epoch):
+                            break  # the receiver restarted: the next sync is from 0
                         self._stats.sync_pages += 1
                         self._stats.sync_entries += len(resp.entries)
                         entries = [
@@ -995,9 +1097,12 @@ class Client(UnaryCalls):
             batch = list(self._inbox)
             self._inbox.clear()
             assert self._account is not None
+            generation = self._generation
             unknown = [m.msg_id for m in batch if m.msg_id not in self._recent]
             seen = await self._store.filter_seen(self._account, unknown) if unknown else set()
             for m in batch:
+                if generation != self._generation:
+                    break  # the cursor was reset for another store: these are the old one's
                 duplicate = m.msg_id in self._recent or m.msg_id in seen
                 if duplicate:
                     self._stats.duplicates_suppressed += 1
@@ -1007,9 +1112,10 @@ class Client(UnaryCalls):
                 if self._on_message is not None:
                     if not duplicate:
                         await self._call_handler(m)
-                    self._mark_handled(m, record=not duplicate)
+                    if generation == self._generation:
+                        self._mark_handled(m, record=not duplicate)
                 else:
-                    self._app_queue.put_nowait((m, duplicate))
+                    self._app_queue.put_nowait((m, duplicate, generation))
 
     async def _call_handler(self, m: Message) -> None:
         assert self._on_message is not None
@@ -1070,11 +1176,13 @@ class Client(UnaryCalls):
         """Loads the account's cursor and outbox. The restored messages enter the
         send window first, in their order; what was submitted meanwhile follows."""
         last = await self._store.load_last_seq(account)
+        epoch = await self._store.load_epoch(account)
         entries = await self._store.outbox_load(account)
         # Nothing awaited from here on: submit() sees the account and the
         # restored messages at once.
         loop = asyncio.get_running_loop()
         self._account = account
+        self._store_epoch = epoch
         self.user_id, self.device_id = account.split("/", 1)
         self._receiver = Receiver(last)
         self.committed_seq = self._commit_seq = last
@@ -1241,7 +1349,9 @@ class _Messages:
                 if c._terminal is not None:
                     raise c._terminal
                 raise StopAsyncIteration
-            message, duplicate = item
+            message, duplicate, generation = item
+            if generation != c._generation:
+                continue  # of a store the cursor was reset away from
             if duplicate:
                 c._mark_handled(message, record=False)
                 continue
@@ -1269,9 +1379,11 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
             log.debug("task %s ended with %r", task.get_name(), task.exception())
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, address: str | None = None) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
+        return str(rpc_error(exc, address))
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {address} in time" if address else "no answer in time"
     return f"{type(exc).__name__}: {exc}"
 
 

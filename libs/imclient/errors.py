@@ -72,7 +72,13 @@ class AuthError(ClientClosed):
 
 
 class ConnectTimeout(ImClientError, TimeoutError):
-    """No gateway completed a connection (Welcome and the first sync) in time."""
+    """No gateway completed a connection (Welcome, or Welcome and the first sync)
+    in time. `last_error` says why the last attempt failed (e.g. "UNAVAILABLE:
+    connection refused at 127.0.0.1:17000"), None if no attempt had ended."""
+
+    def __init__(self, message: str, last_error: str | None = None) -> None:
+        super().__init__(f"{message}: {last_error}" if last_error else message)
+        self.last_error = last_error
 
 
 class ProtocolError(ImClientError):
@@ -132,7 +138,22 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
 }
 
 
-def rpc_error(exc: grpc.aio.AioRpcError) -> RpcError:
-    """Maps a gRPC failure to the SDK's typed error (one place for the mapping)."""
+def unreachable_reason(details: str, address: str) -> str | None:
+    """A short reason, naming the address, for gRPC's details of a server that
+    could not be reached (refused, unresolvable); None for anything else."""
+    low = details.lower()
+    if "connection refused" in low:
+        return f"connection refused at {address}"
+    if "errors resolving" in low or "dns resolution failed" in low:
+        return f"cannot resolve the host of {address}"
+    return None
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, address: str | None = None) -> RpcError:
+    """Maps a gRPC failure to the SDK's typed error (one place for the mapping).
+    With `address`, an unreachable server is named in the details."""
     code = exc.code()
-    return _BY_CODE.get(code, RpcError)(code, exc.details() or "")
+    details = exc.details() or ""
+    if address is not None and code == grpc.StatusCode.UNAVAILABLE:
+        details = unreachable_reason(details, address) or details
+    return _BY_CODE.get(code, RpcError)(code, details)

@@ -31,6 +31,9 @@ acknowledge. Rules (docs/protocol.md, "Receiving"; design steps 7 and 8):
   `head_backoff` (consecutive misses) steps of the caller's backoff; after
   `head_miss_limit` misses in a row the head is given up (counted) until it is
   announced again, so a wrong head costs a few syncs, never a busy loop.
+- `restart()`: the timeline now lives in another store (the server named another
+  store epoch): every position known was of the old one, so back to seq 0 and a
+  sync from the start; the caller forgets the msg_ids it has seen too.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Receiver(Generic[T]):
         self.head_syncs = 0  # syncs made due by a head above seq
         self.head_misses = 0  # syncs that ended below a head known before they started
         self.heads_unreached = 0  # heads given up after head_miss_limit misses in a row
+        self.restarts = 0  # restart(): the store epoch changed
 
     @property
     def buffered_seqs(self) -> list[int]:
@@ -91,6 +95,21 @@ class Receiver(Generic[T]):
         self.syncing = False
         self.last_acked = 0  # the new connection's pusher state is unknown: ack again
         self._head_miss_run = 0  # a known head is kept (it is still true), its misses are not
+
+    def restart(self) -> None:
+        """The timeline now lives in another store (another store epoch): every
+        position known so far was of the old one. Back to seq 0 with nothing
+        buffered, no head and no ACK owed; a sync from the start is due. A
+        running sync is abandoned (its pages continue the old position)."""
+        self.seq = 0
+        self._buffer.clear()
+        self.head = 0
+        self._head_miss_run = 0
+        self._ack_due = False
+        self.last_acked = 0
+        self.syncing = False
+        self.need_sync = True
+        self.restarts += 1
 
     def on_head(self, head: int) -> bool:
         """The server says the timeline holds an entry at `head` (0: unknown, an

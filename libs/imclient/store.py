@@ -1,6 +1,7 @@
 """Durable client state, per account (`<user>/<device>`): the sync cursor
-(`last_seq`), the ids of messages already handed to the application, and the
-outbox (messages submitted but not yet acknowledged or refused for good).
+(`last_seq`) and the store epoch it belongs to, the ids of messages already
+handed to the application, and the outbox (messages submitted but not yet
+acknowledged or refused for good).
 
 `Store` is the protocol; `SQLiteStore` (the default, stdlib sqlite3 on one worker
 thread) and `MemoryStore` (tests; state lives as long as the object) implement it.
@@ -62,6 +63,20 @@ class Store(Protocol):
         cursor to `last_seq` (never lowers it). Durable when it returns."""
         ...
 
+    async def load_epoch(self, account: str) -> str:
+        """The server's store epoch the account's cursor and seen ids belong to
+        ("" if none was recorded: a new account, or a store from an SDK before
+        epochs)."""
+        ...
+
+    async def set_epoch(self, account: str, epoch: str, reset: bool) -> None:
+        """Records that the account's cursor belongs to store epoch `epoch`. With
+        `reset`, atomically also forgets the cursor (back to 0) and every seen
+        msg_id: they were positions in another database. The outbox is kept
+        (unsent messages go to whatever store the server has now). Durable when
+        it returns."""
+        ...
+
     #: Most messages an account's outbox may hold (the client enforces it).
     max_outbox: int
 
@@ -98,6 +113,7 @@ class MemoryStore:
         self.keep_msg_ids = keep_msg_ids
         self.max_outbox = max_outbox
         self._last_seq: dict[str, int] = {}
+        self._epoch: dict[str, str] = {}
         self._seen: dict[str, dict[int, int]] = {}
         self._outbox: dict[str, dict[str, OutboxEntry]] = {}
         self.commits = 0
@@ -127,6 +143,15 @@ class MemoryStore:
         self._last_seq[account] = max(self._last_seq.get(account, 0), last_seq)
         self.commits += 1
 
+    async def load_epoch(self, account: str) -> str:
+        return self._epoch.get(account, "")
+
+    async def set_epoch(self, account: str, epoch: str, reset: bool) -> None:
+        if reset:
+            self._last_seq.pop(account, None)
+            self._seen.pop(account, None)
+        self._epoch[account] = epoch
+
     async def outbox_add(self, account: str, entries: Sequence[OutboxEntry]) -> None:
         box = self._outbox.setdefault(account, {})
         for e in entries:
@@ -146,6 +171,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursor (
     account TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursor_epoch (
+    account TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seen (
     account TEXT NOT NULL,
@@ -174,7 +203,8 @@ class SQLiteStore:
     Every write is one transaction, durable (fsynced to the WAL) when its method
     returns; a process killed at any point leaves the state of the last
     completed write. The tables are created with CREATE ... IF NOT EXISTS on
-    open, so a file made by an older SDK gains the outbox table in place.
+    open, so a file made by an older SDK gains the outbox and epoch tables in
+    place.
 
     Remembers the newest `keep_msg_ids` message ids per account; older ones are
     pruned (a duplicate older than that many messages is not expected: the
@@ -260,6 +290,29 @@ class SQLiteStore:
                 self._commits += 1
                 if self._commits % 100 == 0:
                     self._prune(conn, account)
+
+        await self._with_conn(run)
+
+    async def load_epoch(self, account: str) -> str:
+        def run(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT epoch FROM cursor_epoch WHERE account = ?", (account,)
+            ).fetchone()
+            return str(row[0]) if row else ""
+
+        return await self._with_conn(run)
+
+    async def set_epoch(self, account: str, epoch: str, reset: bool) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction
+                if reset:
+                    conn.execute("DELETE FROM seen WHERE account = ?", (account,))
+                    conn.execute("DELETE FROM cursor WHERE account = ?", (account,))
+                conn.execute(
+                    "INSERT INTO cursor_epoch (account, epoch) VALUES (?, ?) "
+                    "ON CONFLICT (account) DO UPDATE SET epoch = excluded.epoch",
+                    (account, epoch),
+                )
 
         await self._with_conn(run)
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from im.common.v1 import common_pb2
 from imclient.errors import SendFailed
-
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+from imclient.tokens import ID_PATTERN
 
 
 class ContentType(enum.IntEnum):
@@ -143,10 +141,13 @@ class Conversation:
 
 @dataclass(frozen=True, slots=True)
 class SyncPage:
-    """Timeline entries with seq > the requested `after_seq`, ascending."""
+    """Timeline entries with seq > the requested `after_seq`, ascending.
+    `store_epoch` names the database their seqs belong to ("" from an older
+    server): seqs of different epochs cannot be compared."""
 
     messages: list[Message]
     has_more: bool
+    store_epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)

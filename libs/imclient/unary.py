@@ -55,12 +55,17 @@ class UnaryCalls:
     async def sync(
         self, after_seq: int = 0, limit: int = 0, timeout: float | None = 10.0
     ) -> SyncPage:
-        """One page of the caller's timeline after `after_seq`, ascending. Does not
-        touch the client's own cursor (the client syncs by itself)."""
+        """One page of the caller's timeline after `after_seq`, ascending, with the
+        store epoch its seqs belong to. Does not touch the client's own cursor
+        (the client syncs by itself)."""
         resp = await self._invoke(
             "Sync", gateway_pb2.SyncRequest(after_seq=after_seq, limit=limit), timeout
         )
-        return SyncPage([Message.from_pb(e.message, e.seq) for e in resp.entries], resp.has_more)
+        return SyncPage(
+            [Message.from_pb(e.message, e.seq) for e in resp.entries],
+            resp.has_more,
+            resp.store_epoch,
+        )
 
     async def sync_all(self, after_seq: int = 0, page_size: int = 500) -> list[Message]:
         """Every timeline entry after `after_seq`, following `has_more`."""
@@ -141,8 +146,9 @@ async def invoke_on(
     transport: Transport | None = None,
     address: str = "",
 ) -> Any:
-    """Calls `Gateway.<method>` on `channel`, mapping failures to typed errors
-    (a failed TLS handshake to TLSError, described by `transport`)."""
+    """Calls `Gateway.<method>` on `channel` (connected to `address`), mapping
+    failures to typed errors (a failed TLS handshake to TLSError, described by
+    `transport`)."""
     stub = gateway_pb2_grpc.GatewayStub(channel)
     try:
         return await getattr(stub, method)(
@@ -150,7 +156,7 @@ async def invoke_on(
         )
     except grpc.aio.AioRpcError as exc:
         tls = transport.error(exc, address) if transport is not None else None
-        raise (tls or rpc_error(exc)) from exc
+        raise (tls or rpc_error(exc, address or None)) from exc
 
 
 class GatewayApi(UnaryCalls):

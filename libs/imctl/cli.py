@@ -1,10 +1,13 @@
 """`imctl`: a command-line client for the IM backend, built on `imclient`.
 
-    python -m imctl token alice                      # print a dev token
-    python -m imctl chat --user alice --to bob       # interactive two-way chat
-    python -m imctl send --user alice --to bob hi    # one message, waits for its ACK
-    python -m imctl listen --user bob                # print incoming messages
-    python -m imctl sync|history|group ...
+    imctl token alice                      # print a dev token
+    imctl chat --user alice --to bob       # interactive two-way chat
+    imctl send --user alice --to bob hi    # one message, waits for its ACK
+    imctl listen --user bob                # print incoming messages
+    imctl sync|history|group ...
+
+(`imctl` is installed by `pip install ./sdk/python`; in the repository's .venv
+it is `python -m imctl`.)
 
 Every command takes the connection options: `--address` (or IM_ADDRESS; several
 comma-separated; default 127.0.0.1:17000, the gateway of `make run`) and either
@@ -17,9 +20,23 @@ the gateway of `make run` needs. `--ca-file` (IMCTL_CA_FILE) trusts a private CA
 instead; `--server-name` (IMCTL_SERVER_NAME) checks that name in the certificate
 instead of the host dialled.
 
-Streaming commands (chat, listen, send) keep the device's sync cursor in
-`$IMCTL_STATE_DIR/store.sqlite3` (default ~/.imctl), so a restarted `listen` or
-`chat` shows only what it has not shown before; `--memory` forgets on exit.
+Device ids: a gateway keeps one stream per user and device, and a second
+connection of the same device replaces (kicks) the first. So each command kind
+has its own default device (`cli-listen`, `cli-send`, `cli-chat-<conversation>`,
+and `cli` for the unary commands, which open no stream): `listen`, `chat` and an
+SDK app of the same user run side by side. The ids are fixed, not random, so
+the server's device rows and the local cursors stay one per kind (and per
+conversation for chat), however often imctl runs, and a restarted command finds
+its cursor again. Two `listen`s of one user need `--device`.
+
+Streaming commands (chat, listen, send) fail within `--connect-timeout` seconds
+(default 5) when no gateway answers, with the reason of the last attempt
+("UNAVAILABLE: connection refused at 127.0.0.1:17000"). They keep the device's
+sync cursor in `$IMCTL_STATE_DIR/store.sqlite3` (default ~/.imctl), so a
+restarted `listen` or `chat` shows only what it has not shown before; `--memory`
+forgets on exit. The cursor is kept with the server's store epoch: after the
+server's database was replaced (`make clean`), the SDK warns and shows the new
+timeline from the start.
 `listen` and `chat` stay complete while connected through the SDK: a timeline
 head above the local seq (announced by the gateway) makes them sync, so a lost
 push shows up within the gateway's head interval. Their first stderr line
@@ -31,17 +48,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from imclient import (
     Client,
+    ConnectTimeout,
     Conversation,
     GatewayApi,
     ImClientError,
@@ -53,6 +72,7 @@ from imclient import (
     TLSError,
     direct_conversation_id,
 )
+from imclient.tokens import DEV_TOKEN_SECRET, ID_PATTERN, mint_token
 
 DEFAULT_ADDRESS = "127.0.0.1:17000"
 
@@ -60,32 +80,20 @@ DEFAULT_ADDRESS = "127.0.0.1:17000"
 # -- tokens ------------------------------------------------------------------------
 
 
-def _gateway_auth() -> Any:
-    """`gateway.auth` (the one place tokens are made), from services/ if needed."""
-    try:
-        import gateway.auth as auth
-    except ImportError:
-        services = Path(__file__).resolve().parents[2] / "services"
-        if not (services / "gateway" / "auth.py").exists():
-            raise
-        sys.path.append(str(services))
-        import gateway.auth as auth
-    return auth
-
-
-def dev_secret() -> str:
-    """The secret a gateway uses when IM_GATEWAY_TOKEN_SECRET is unset (DEV only)."""
-    _gateway_auth()  # makes services/ importable if it was not
-    from gateway.config import DEV_TOKEN_SECRET
-
-    return str(DEV_TOKEN_SECRET)
-
-
 def mint(user: str, device: str, secret: str | None, ttl_s: int) -> str:
-    auth = _gateway_auth()
-    secret = secret or os.environ.get("IM_GATEWAY_TOKEN_SECRET") or dev_secret()
-    token: str = auth.mint_token(secret, user, device, ttl_s)
-    return token
+    """A token signed with `secret`, else IM_GATEWAY_TOKEN_SECRET, else the
+    gateway's DEV secret (imclient.tokens: the format the gateway verifies)."""
+    secret = secret or os.environ.get("IM_GATEWAY_TOKEN_SECRET") or DEV_TOKEN_SECRET
+    return mint_token(secret, user, device, ttl_s)
+
+
+def chat_device(conversation_id: str) -> str:
+    """The default device of `chat` in a conversation: readable when it fits an
+    id (`d:alice:bob` -> `cli-chat-d.alice.bob`), else a short digest of it."""
+    device = "cli-chat-" + conversation_id.replace(":", ".")
+    if ID_PATTERN.fullmatch(device):
+        return device
+    return "cli-chat-" + hashlib.sha256(conversation_id.encode()).hexdigest()[:16]
 
 
 # -- formatting --------------------------------------------------------------------
@@ -137,6 +145,7 @@ def emit(out: TextIO, as_json: bool, obj: dict[str, object], line: str) -> None:
 
 
 def _connection_options(default_device: str) -> argparse.ArgumentParser:
+    """The connection options; `default_device` describes --device's default."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
     g.add_argument(
@@ -147,7 +156,9 @@ def _connection_options(default_device: str) -> argparse.ArgumentParser:
     )
     g.add_argument("--token", default=os.environ.get("IM_TOKEN"), help="token (env IM_TOKEN)")
     g.add_argument("--user", "-u", help="mint a token for this user (dev secret by default)")
-    g.add_argument("--device", "-d", default=default_device, help="device id (default %(default)s)")
+    g.add_argument(
+        "--device", "-d", help=f"device id of the minted token (default {default_device})"
+    )
     g.add_argument(
         "--secret", help="token secret (default: IM_GATEWAY_TOKEN_SECRET or the dev one)"
     )
@@ -175,6 +186,18 @@ def _connection_options(default_device: str) -> argparse.ArgumentParser:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _stream_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="fail if no gateway answers within S seconds (default %(default)s)",
+    )
+    return p
 
 
 def _store_options() -> argparse.ArgumentParser:
@@ -206,16 +229,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default one day)")
 
-    stream = [_connection_options("cli"), _store_options()]
-    p = sub.add_parser("send", parents=[_connection_options("cli-send")], help="send one message")
+    p = sub.add_parser(
+        "send",
+        parents=[_connection_options("cli-send"), _stream_options()],
+        help="send one message",
+    )
+    p.set_defaults(default_device="cli-send")
     _target(p)
     p.add_argument("text", nargs="+", help="the message ('-' reads it from stdin)")
 
-    p = sub.add_parser("listen", parents=stream, help="print incoming messages")
+    p = sub.add_parser(
+        "listen",
+        parents=[_connection_options("cli-listen"), _stream_options(), _store_options()],
+        help="print incoming messages",
+    )
+    p.set_defaults(default_device="cli-listen")
     p.add_argument("--count", "-n", type=int, default=0, help="exit after N messages")
     p.add_argument("--timeout", type=float, default=0, help="exit after S seconds")
 
-    p = sub.add_parser("chat", parents=stream, help="interactive chat: lines typed are sent")
+    p = sub.add_parser(
+        "chat",
+        parents=[
+            _connection_options("cli-chat-<conversation>"),
+            _stream_options(),
+            _store_options(),
+        ],
+        help="interactive chat: lines typed are sent",
+    )
     _target(p)
     p.add_argument(
         "--linger",
@@ -257,9 +297,18 @@ class UsageError(Exception):
     pass
 
 
+def device_of(args: argparse.Namespace) -> str:
+    """The device id a minted token names: --device, else the command's default."""
+    if args.device:
+        return str(args.device)
+    if args.command == "chat":
+        return chat_device(_conversation(args, args.user))
+    return str(getattr(args, "default_device", "cli"))  # unary commands: no stream
+
+
 def _token(args: argparse.Namespace) -> str:
     if args.user:
-        return mint(args.user, args.device, args.secret, 24 * 3600)
+        return mint(args.user, device_of(args), args.secret, 24 * 3600)
     if args.token:
         return str(args.token)
     raise UsageError("give --user USER (mints a dev token) or --token/IM_TOKEN")
@@ -289,9 +338,33 @@ def _conversation(args: argparse.Namespace, me: str) -> str:
     return direct_conversation_id(me, args.to)
 
 
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace, **kwargs: Any) -> AsyncIterator[Client]:
+    """A connected, synced client that fails fast: `ConnectTimeout` (naming the
+    last attempt's failure) when no gateway welcomes it within
+    --connect-timeout; no limit on the first sync after that (a long timeline
+    may take a while)."""
+    client = Client(args.address, _token(args), connect_timeout_s=None, **_security(args), **kwargs)
+    try:
+        await client.start(wait_ready=False)
+        await client.wait_connected(args.connect_timeout)
+        try:
+            await client.wait_ready(args.connect_timeout)
+        except ConnectTimeout:
+            print(
+                f"imctl: connected to {client.address}; the first sync is still running "
+                f"({position(client)}; a long timeline, or the server's store unavailable)",
+                file=sys.stderr,
+            )
+            await client.wait_ready()
+        yield client
+    finally:
+        await client.close()
+
+
 async def cmd_send(args: argparse.Namespace, out: TextIO) -> int:
     text = sys.stdin.read().rstrip("\n") if args.text == ["-"] else " ".join(args.text)
-    async with Client(args.address, _token(args), receive=False, **_security(args)) as client:
+    async with _connected(args, receive=False) as client:
         assert client.user_id is not None
         conv = _conversation(args, client.user_id)
         ack = await client.send(conv, text)
@@ -311,7 +384,7 @@ async def cmd_send(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_listen(args: argparse.Namespace, out: TextIO) -> int:
-    async with Client(args.address, _token(args), store=_store(args), **_security(args)) as client:
+    async with _connected(args, store=_store(args)) as client:
         if not args.json:
             print(
                 f"listening as {client.user_id}/{client.device_id} ({position(client)})",
@@ -341,7 +414,7 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | Non
 
 
 async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
-    async with Client(args.address, _token(args), store=_store(args), **_security(args)) as client:
+    async with _connected(args, store=_store(args)) as client:
         me, device = client.user_id, client.device_id
         assert me is not None
         conv = _conversation(args, me)

@@ -7,13 +7,12 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+# The dev secret is defined with the token format (re-exported here).
+from imclient.tokens import DEV_TOKEN_SECRET as DEV_TOKEN_SECRET
 from imcommon.config import ConfigError, env_name
 from imcommon.settings import ServerSettings
 from imcommon.tls import ServerTLS
 
-#: The secret `make run` uses when IM_GATEWAY_TOKEN_SECRET is unset. Anyone can
-#: mint tokens with it: the gateway logs a warning whenever it is in use.
-DEV_TOKEN_SECRET = "dev-only-secret-change-me"
 #: Part of the liveness bound left for reading and pushing the missing entries.
 LIVENESS_SYNC_MARGIN_S = 2.0
 

@@ -174,6 +174,7 @@ class Connection:
         "identity",
         "sender_runs",
         "settings",
+        "store_epoch",
         "writer_runs",
     )
 
@@ -192,6 +193,8 @@ class Connection:
         self.connection_id = uuid.uuid4().hex
         self.settings = settings
         self.closing = False
+        #: The store epoch for the Welcome (set before run(); "" = unknown).
+        self.store_epoch = ""
         #: How often each on-demand task was started (tests and debugging).
         self.writer_runs = 0
         self.sender_runs = 0
@@ -288,6 +291,7 @@ class Connection:
                 send_window=self.settings.send_window,
                 server_time_ms=int(time.time() * 1000),
                 head_seq=max(self._head_floor, 0),
+                store_epoch=self.store_epoch,
             )
         )
 

@@ -78,11 +78,19 @@ class HeadSource(Protocol):
 
 
 class LogicHeads:
-    """HeadSource over logic's GetHeads and SyncMessages."""
+    """HeadSource over logic's GetHeads and SyncMessages. `on_store_epoch` is
+    called with the store epoch of every GetHeads answer (before the heads are
+    returned, so a Welcome written after a head lookup has the epoch too)."""
 
-    def __init__(self, stub: logic_pb2_grpc.LogicStub, timeout_s: float) -> None:
+    def __init__(
+        self,
+        stub: logic_pb2_grpc.LogicStub,
+        timeout_s: float,
+        on_store_epoch: Callable[[str], None] | None = None,
+    ) -> None:
         self._stub = stub
         self._timeout_s = timeout_s
+        self._on_store_epoch = on_store_epoch
 
     async def heads(self, user_ids: Sequence[str]) -> list[int]:
         resp = await self._stub.GetHeads(
@@ -90,6 +98,8 @@ class LogicHeads:
         )
         if len(resp.heads) != len(user_ids):
             raise RuntimeError(f"GetHeads answered {len(resp.heads)} heads for {len(user_ids)}")
+        if resp.store_epoch and self._on_store_epoch is not None:
+            self._on_store_epoch(resp.store_epoch)
         return list(resp.heads)
 
     async def entries(

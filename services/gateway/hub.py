@@ -297,6 +297,14 @@ class Hub:
             except TimeoutError:
                 pass
 
+    def go_away_all(self, reason: str, reconnect_after_ms: int) -> int:
+        """GoAway to every open stream (its client reconnects, to any gateway);
+        new streams are still accepted. Returns how many were told."""
+        conns = list(self._conns.values())
+        for conn in conns:
+            conn.go_away(reason, reconnect_after_ms)
+        return len(conns)
+
     async def shutdown(self, reconnect_after_ms: int, wait_s: float) -> None:
         """GoAway to every stream, then waits (up to `wait_s`) until they ended.
         New streams are refused from now on."""

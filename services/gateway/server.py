@@ -94,7 +94,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     liveness = None
     if settings.liveness_s:
         liveness = Liveness(
-            settings, LogicHeads(logic.stub, settings.logic_timeout_s), runtime.metrics
+            settings,
+            LogicHeads(logic.stub, settings.logic_timeout_s, logic.note_store_epoch),
+            runtime.metrics,
         )
         runtime.spawn(liveness.run(), "liveness")
     hub = Hub(
@@ -123,6 +125,17 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         )
         runtime.expose(INTERNAL_SERVICE)
     runtime.spawn(hub.refresh_loop(), "route-refresh")
+
+    def store_replaced(old: str, new: str) -> None:
+        # Positions of the old store mean nothing in the new one: a client that
+        # kept its stream would drop the new, lower seqs as duplicates. Reconnected,
+        # it gets a Welcome with the new epoch and resyncs from the start.
+        streams = hub.go_away_all(
+            "the message store was replaced; reconnect", settings.goaway_reconnect_ms
+        )
+        log.warning("GoAway to every stream: new store epoch", extra={"streams": streams})
+
+    logic.on_store_epoch_change = store_replaced
 
     async def go_away() -> None:
         await hub.shutdown(settings.goaway_reconnect_ms, settings.close_grace_s + 0.5)

@@ -279,6 +279,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 # stream's to receive, by the pusher or by a catch-up (I9).
                 conn.start_cursor(await liveness.head_at_connect(identity.user_id))
                 liveness.add(conn)
+            # After the head lookup, which refreshes it: the epoch that head is of.
+            conn.store_epoch = self._logic.store_epoch
             _log_stream("stream open", conn)
             await conn.run(context)
         except ConnectionAborted as exc:
@@ -312,7 +314,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 timeout=self._timeout,
             ),
         )
-        return gateway_pb2.SyncResponse(entries=resp.entries, has_more=resp.has_more)
+        self._logic.note_store_epoch(resp.store_epoch)
+        return gateway_pb2.SyncResponse(
+            entries=resp.entries, has_more=resp.has_more, store_epoch=resp.store_epoch
+        )
 
     async def History(
         self, request: gateway_pb2.HistoryRequest, context: grpc.aio.ServicerContext

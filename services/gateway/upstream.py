@@ -132,6 +132,11 @@ class LogicClient:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stub = logic_pb2_grpc.LogicStub(channel)
+        #: The store epoch logic last reported (GetHeads, SyncMessages); "" until
+        #: one answered. Every logic serves one database, so one value.
+        self.store_epoch = ""
+        #: Called with (old, new) when logic reports another epoch than before.
+        self.on_store_epoch_change: Callable[[str, str], None] | None = None
         self._tracer = trace.get_tracer("im.gateway")
         self.timeout_s = timeout_s
         self.retry_s = retry_s
@@ -159,6 +164,18 @@ class LogicClient:
             "logic), invalid_argument (refused as a whole)",
             ["reason"],
         )
+
+    def note_store_epoch(self, epoch: str) -> None:
+        """Records the store epoch of a logic answer ("" is ignored: an older logic)."""
+        if epoch and epoch != self.store_epoch:
+            old, self.store_epoch = self.store_epoch, epoch
+            if old:
+                log.warning(
+                    "logic reports another store epoch: the message database was replaced",
+                    extra={"old": old, "new": epoch},
+                )
+                if self.on_store_epoch_change is not None:
+                    self.on_store_epoch_change(old, epoch)
 
     async def send(self, identity: Identity, send: gateway_pb2.Send) -> gateway_pb2.SendAck:
         """Stores the message as `identity` (never a user named by the client).

@@ -25,7 +25,12 @@ class Reader:
         max_response_bytes: int,
         heads_max_users: int = 1000,
         telemetry: Telemetry | None = None,
+        store_epoch: str = "",
     ) -> None:
+        #: The database's store epoch (repo.store_epoch), read once at start: it
+        #: names the database, which does not change under a running logic. Goes
+        #: out with every page and head ("" = not known: clients then skip the check).
+        self.store_epoch = store_epoch
         self._db = db
         self._tel = telemetry or Telemetry()
         self._sync_default = sync_default_limit

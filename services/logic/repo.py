@@ -624,6 +624,26 @@ async def timeline_page(
     return [(int(r[0]), _message(r, 1) if r[10] else None) for r in await cur.fetchall()]
 
 
+async def store_epoch(conn: Conn) -> str:
+    """The database's store epoch (migration 0002: one row, made with the schema)."""
+    cur = await conn.execute("SELECT epoch FROM store_epoch")
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("store_epoch has no row: the logic migrations did not run")
+    return str(row[0])
+
+
+async def new_store_epoch(conn: Conn) -> str:
+    """Replaces the database's store epoch with a new random one; returns it."""
+    cur = await conn.execute(
+        "UPDATE store_epoch SET epoch = gen_random_uuid()::text, created_at = now() RETURNING epoch"
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("store_epoch has no row: the logic migrations did not run")
+    return str(row[0])
+
+
 async def timeline_heads(conn: Conn, users: Sequence[str]) -> list[int]:
     """The highest committed seq of each user's timeline (0: none), in `users`
     order: one backward index probe of the timeline's primary key per user.

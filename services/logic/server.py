@@ -2,7 +2,8 @@
 objects -> gRPC servicer and background loops (outbox cleaner and relay, repair).
 
 `python -m logic` applies the migrations (component "logic"), then serves.
-`python -m logic migrate` only applies them.
+`python -m logic migrate` only applies them; `python -m logic new-store-epoch`
+gives the database a new store epoch (docs/protocol.md, "Receiving", step 6).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     telemetry = Telemetry(runtime.metrics)
     db = await runtime.stack.enter_async_context(open_database(settings))
     client_tls = ChannelTLS.of(settings.client_tls())
+    async with db.pool.connection() as conn:
+        store_epoch = await repo.store_epoch(conn)
+    log.info("message store opened", extra={"store_epoch": store_epoch})
     seq_client = await runtime.stack.enter_async_context(
         SeqClient(
             settings.seqsvc_address,
@@ -151,6 +155,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         max_response_bytes=settings.max_response_bytes,
         heads_max_users=settings.heads_max_users,
         telemetry=telemetry,
+        store_epoch=store_epoch,
     )
     groups = Groups(
         db,
@@ -214,10 +219,36 @@ def _migrate_command(settings: Settings) -> int:
     return 0
 
 
+def _new_store_epoch_command(settings: Settings) -> int:
+    """Gives the database a new store epoch: every device then forgets its cursor
+    and resyncs from seq 0 (showing its timeline again). For a restore from a
+    backup older than what devices have seen, whose cursors may stand above the
+    restored timelines. Restart logic afterwards: it reads the epoch at start."""
+    if not settings.database_url.strip():
+        sys.stderr.write("logic: required setting not set: IM_LOGIC_DATABASE_URL\n")
+        return 2
+
+    async def run() -> tuple[str, str]:
+        await repo.migrate(settings.database_url)
+        async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+            old = await repo.store_epoch(conn)
+            new = await repo.new_store_epoch(conn)
+            await conn.commit()
+        return old, new
+
+    old, new = asyncio.run(run())
+    print(f"store epoch: {old} -> {new}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return serve_main(
-            "logic", Settings, build, argv=argv, commands={"migrate": _migrate_command}
+            "logic",
+            Settings,
+            build,
+            argv=argv,
+            commands={"migrate": _migrate_command, "new-store-epoch": _new_store_epoch_command},
         )
     except ConfigError as exc:
         sys.stderr.write(f"logic: {exc}\n")

@@ -246,11 +246,15 @@ class LogicServicer:
                 for e in page.entries
             ],
             has_more=page.has_more,
+            store_epoch=self._reader.store_epoch,
         )
 
     @_rpc
     async def GetHeads(self, request: Any, context: Context) -> pb.GetHeadsResponse:
-        return pb.GetHeadsResponse(heads=await self._reader.heads(list(request.user_ids)))
+        return pb.GetHeadsResponse(
+            heads=await self._reader.heads(list(request.user_ids)),
+            store_epoch=self._reader.store_epoch,
+        )
 
     @_rpc
     async def Fanout(self, request: Any, context: Context) -> pb.FanoutResponse:

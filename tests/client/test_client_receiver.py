@@ -282,6 +282,30 @@ def test_skip_to_acknowledges_without_handing_anything() -> None:
     assert r.seq == 5 and r.take_ack() is None
 
 
+def test_restart_forgets_every_position_of_the_old_store() -> None:
+    """Another store epoch: the old seqs mean nothing; everything starts at 0."""
+    r = synced(entries=[1, 2, 3])
+    r.on_head(9)
+    r.on_push(e(5))  # buffered behind a gap
+    r.restart()
+    assert (r.seq, r.head, r.buffered_seqs, r.need_sync, r.syncing) == (0, 0, [], True, False)
+    assert r.take_ack() is None and r.restarts == 1
+    # The new store's timeline starts low: nothing is taken for a duplicate.
+    assert r.on_push(e(1)) == []  # held until the sync, as after any connect
+    assert r.start_sync() == 0
+    assert seqs(r.on_sync_page([e(1), e(2)], has_more=False)) == [1, 2]
+    assert r.duplicates == 0 and r.take_ack() == 2
+
+
+def test_restart_abandons_a_running_sync() -> None:
+    r = synced(entries=[1])
+    r.on_connected()
+    r.start_sync()
+    r.restart()
+    assert not r.syncing and r.need_sync
+    assert r.start_sync() == 0
+
+
 # -- a randomized run: pushes lost, repeated, reordered, racing with syncs ----------
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imclient.store import MemoryStore, SQLiteStore, Store
+from imclient.store import MemoryStore, OutboxEntry, SQLiteStore, Store
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -56,6 +56,46 @@ async def test_cursor_never_moves_back(make_store: Callable[..., Store]) -> None
     await s.commit("a/d", 4, [(5, 4)])
     assert await s.load_last_seq("a/d") == 10
     assert await s.filter_seen("a/d", [5]) == {5}
+
+
+async def test_epoch_is_recorded_and_a_reset_forgets_cursor_and_ids_only(
+    make_store: Callable[..., Store],
+) -> None:
+    s = make_store()
+    await s.open()
+    assert await s.load_epoch("a/d") == ""  # nothing recorded yet
+    await s.commit("a/d", 7, [(101, 6), (102, 7)])
+    await s.commit("a/other", 3, [(101, 3)])
+    await s.outbox_add("a/d", [OutboxEntry("cm-1", "d:a:b", 1, b"unsent", 0)])
+    await s.set_epoch("a/d", "e1", reset=False)  # adopt: the cursor is kept
+    assert (await s.load_epoch("a/d"), await s.load_last_seq("a/d")) == ("e1", 7)
+    assert await s.filter_seen("a/d", [101, 102]) == {101, 102}
+
+    await s.set_epoch("a/d", "e2", reset=True)
+    assert await s.load_epoch("a/d") == "e2"
+    assert await s.load_last_seq("a/d") == 0  # back to the start ...
+    assert await s.filter_seen("a/d", [101, 102]) == set()  # ... and no id is "seen"
+    assert [e.client_msg_id for e in await s.outbox_load("a/d")] == ["cm-1"]  # kept
+    # Other accounts are untouched.
+    assert await s.load_last_seq("a/other") == 3
+    assert await s.filter_seen("a/other", [101]) == {101}
+    assert await s.load_epoch("a/other") == ""
+    await s.commit("a/d", 2, [(5, 2)])  # the new store's positions count from 0 again
+    assert await s.load_last_seq("a/d") == 2
+
+
+async def test_sqlite_store_keeps_the_epoch_across_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    first = SQLiteStore(path)
+    await first.open()
+    await first.set_epoch("bob/phone", "epoch-1", reset=False)
+    await first.close()
+    second = SQLiteStore(path)
+    await second.open()
+    try:
+        assert await second.load_epoch("bob/phone") == "epoch-1"
+    finally:
+        await second.close()
 
 
 async def test_many_ids_are_looked_up_in_chunks(make_store: Callable[..., Store]) -> None:

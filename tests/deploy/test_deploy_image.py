@@ -18,8 +18,9 @@ from packaging.utils import canonicalize_name
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 RUNTIME_IN = DEPLOY / "requirements-runtime.in"
-#: Project code the image ships (libs/imdev, the local dev stack, stays out).
-RUNTIME_CODE = [ROOT / "services", ROOT / "libs" / "imcommon"]
+#: Project code the image ships and the services import (libs/imdev, the local dev
+#: stack, stays out; the gateway verifies tokens with the SDK's imclient.tokens).
+RUNTIME_CODE = [ROOT / "services", ROOT / "libs" / "imcommon", ROOT / "libs" / "imclient"]
 
 
 def _instructions() -> list[list[str]]:

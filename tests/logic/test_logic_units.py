@@ -3,8 +3,11 @@ Fanout page planner (no database: `_plan` decides, the repo writes)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +15,7 @@ import psycopg
 import pytest
 
 from imcommon.config import ConfigError, load_settings
+from imdev.servers import ROOT, PostgresServer
 from logic import repo
 from logic.config import Settings
 from logic.errors import InvalidArgument
@@ -168,6 +172,40 @@ def test_migrate_command(pg_dsn: str) -> None:
     assert again.returncode == 0 and "up to date" in again.stdout
     missing = subprocess.run(run, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert missing.returncode == 2 and "IM_LOGIC_DATABASE_URL" in missing.stderr
+
+
+async def test_every_database_has_its_own_store_epoch(
+    pg_dsn: str, postgres: PostgresServer
+) -> None:
+    """Made once by the migration, kept by later migrations; another database gets
+    another one; `new-store-epoch` replaces it."""
+    other = f"t_epoch_{uuid.uuid4().hex[:12]}"
+    first, second = pg_dsn, postgres.create_database(other)
+    try:
+        for dsn in (first, second, first):
+            await repo.migrate(dsn)
+        one = await _epoch(first)
+        assert len(one) >= 16 and await _epoch(first) == one != await _epoch(second)
+    finally:
+        with psycopg.connect(postgres.conninfo(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
+    env = {
+        "IM_LOGIC_DATABASE_URL": first,
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("services", "libs", "gen")),
+    }
+    run = [sys.executable, "-m", "logic", "new-store-epoch"]
+    done = await asyncio.to_thread(
+        subprocess.run, run, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    new = await _epoch(first)
+    assert new != one and done.stdout.strip() == f"store epoch: {one} -> {new}"
+
+
+async def _epoch(dsn: str) -> str:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        return await repo.store_epoch(conn)
 
 
 async def test_fanout_progress_settles_the_pending_mark(pg_dsn: str) -> None:
