@@ -161,7 +161,8 @@ def test_pip_install_in_a_clean_venv_then_the_quick_start(stack: Stack, outside:
     assert "bob received from alice: hello bob" in out
 
     # The `imctl` command the package installs.
-    imctl_env = {**stack_env, "IMCTL_STATE_DIR": str(outside / "imctl")}
+    # The local stack is plaintext (imctl speaks TLS unless told otherwise).
+    imctl_env = {**stack_env, "IMCTL_STATE_DIR": str(outside / "imctl"), "IMCTL_PLAINTEXT": "1"}
     assert "sent to d:alice:bob" in run(
         [bindir / "imctl", "send", "--user", "alice", "--to", "bob", "via imctl"],
         cwd=work,
