@@ -41,12 +41,14 @@ async def send_and_wait(stack: Stack, sender: str, to: str, texts: list[str]) ->
     """Sends `texts` from `sender` to `to`, waits until they are all in `to`'s
     timeline, and returns that timeline."""
     conv = direct_conversation_id(sender, to)
-    async with Client(stack.gateway_addresses, stack.mint(sender, "s1"), receive=False) as c:
+    async with Client(
+        stack.gateway_addresses, stack.mint(sender, "s1"), receive=False, insecure=True
+    ) as c:
         for text in texts:
             await c.send(conv, text)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DELIVERY_S
-    async with GatewayApi(stack.gateway_addresses, stack.mint(to, "reader")) as api:
+    async with GatewayApi(stack.gateway_addresses, stack.mint(to, "reader"), insecure=True) as api:
         while True:
             timeline = await api.sync_all(0)
             if set(texts) <= {m.text for m in timeline}:
@@ -63,9 +65,9 @@ async def test_the_server_names_its_store_epoch(stack: Stack) -> None:
     assert len(epoch) >= 16  # a random id made by logic's migration
     async with RawDevice(stack.gateway_addresses[0], stack.mint(bob, "raw")) as raw:
         assert raw.welcome is not None and raw.welcome.store_epoch == epoch
-    async with Client(stack.gateway_addresses, stack.mint(bob, "phone")) as client:
+    async with Client(stack.gateway_addresses, stack.mint(bob, "phone"), insecure=True) as client:
         assert client.store_epoch == epoch
-    async with GatewayApi(stack.gateway_addresses, stack.mint(bob, "x")) as api:
+    async with GatewayApi(stack.gateway_addresses, stack.mint(bob, "x"), insecure=True) as api:
         page = await api.sync(0)
     assert page.store_epoch == epoch and [m.text for m in page.messages] == ["one"]
 
@@ -89,7 +91,9 @@ async def test_a_cursor_of_another_store_resyncs_from_the_start(
 
     caplog.set_level(logging.WARNING, logger="imclient")
     store = SQLiteStore(path)
-    async with Client(stack.gateway_addresses, stack.mint(bob, "phone"), store=store) as client:
+    async with Client(
+        stack.gateway_addresses, stack.mint(bob, "phone"), store=store, insecure=True
+    ) as client:
         inbox = Inbox(client, "bob")
         await inbox.wait_for(len(texts), DELIVERY_S)
         assert inbox.texts() == texts
@@ -125,7 +129,9 @@ async def test_a_cursor_with_no_epoch_recorded_is_kept(stack: Stack, tmp_path: P
     await legacy.close()
 
     store = SQLiteStore(path)
-    async with Client(stack.gateway_addresses, stack.mint(bob, "phone"), store=store) as client:
+    async with Client(
+        stack.gateway_addresses, stack.mint(bob, "phone"), store=store, insecure=True
+    ) as client:
         inbox = Inbox(client, "bob")
         assert client.stats.epoch_resets == 0
         assert client.last_seq == timeline[-1].seq
@@ -154,7 +160,9 @@ async def test_a_database_replaced_under_a_connected_client(
     alice, bob = uid("alice"), uid("bob")
     conv = direct_conversation_id(alice, bob)
     store = SQLiteStore(tmp_path / "bob.sqlite3")
-    async with Client(stack.gateway_addresses, stack.mint(bob, "phone"), store=store) as client:
+    async with Client(
+        stack.gateway_addresses, stack.mint(bob, "phone"), store=store, insecure=True
+    ) as client:
         inbox = Inbox(client, "bob")
         await send_and_wait(stack, alice, bob, ["old 1", "old 2", "old 3"])
         await inbox.wait_for(3, DELIVERY_S)
