@@ -425,19 +425,7 @@ class Client(UnaryCalls):
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Waits until connected and caught up by sync. Raises the terminal error
         if the client stopped, `ConnectTimeout` after `timeout` seconds."""
-        if self._terminal is not None:
-            raise self._terminal
-        assert self._run_task is not None, "start() first"
-        waiter = asyncio.create_task(self._ready.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {waiter, self._run_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            waiter.cancel()
-        if self._terminal is not None:
-            raise self._terminal
-        if waiter not in done:
+        if not await self._wait_for(self._ready, timeout):
             raise ConnectTimeout(
                 f"not connected to any of {self.addresses} after {timeout}s", self.last_error
             )
@@ -447,10 +435,19 @@ class Client(UnaryCalls):
         `wait_ready`). Raises the terminal error if the client stopped (a refused
         token), `ConnectTimeout` with the last attempt's failure after `timeout`
         seconds."""
+        if not await self._wait_for(self._welcomed_once, timeout):
+            within = f"within {timeout:g} s" if timeout is not None else "before the client closed"
+            raise ConnectTimeout(
+                f"no gateway answered {within} ({', '.join(self.addresses)})", self.last_error
+            )
+
+    async def _wait_for(self, event: asyncio.Event, timeout: float | None) -> bool:
+        """Waits for `event` while the client runs; False after `timeout` (or if the
+        client ended without it). Raises the terminal error if the client stopped."""
         if self._terminal is not None:
             raise self._terminal
         assert self._run_task is not None, "start() first"
-        waiter = asyncio.create_task(self._welcomed_once.wait())
+        waiter = asyncio.create_task(event.wait())
         try:
             done, _ = await asyncio.wait(
                 {waiter, self._run_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -459,11 +456,7 @@ class Client(UnaryCalls):
             waiter.cancel()
         if self._terminal is not None:
             raise self._terminal
-        if waiter not in done:
-            within = f"within {timeout:g} s" if timeout is not None else "before the client closed"
-            raise ConnectTimeout(
-                f"no gateway answered {within} ({', '.join(self.addresses)})", self.last_error
-            )
+        return waiter in done
 
     async def close(self, drain_timeout_s: float | None = None) -> None:
         """Stops the client. With `drain_timeout_s`, first waits that long for the
