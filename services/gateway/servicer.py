@@ -312,7 +312,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 timeout=self._timeout,
             ),
         )
-        return gateway_pb2.SyncResponse(entries=resp.entries, has_more=resp.has_more)
+        return gateway_pb2.SyncResponse(
+            entries=resp.entries,
+            has_more=resp.has_more,
+            pruned_through_seq=resp.pruned_through_seq,
+        )
 
     async def History(
         self, request: gateway_pb2.HistoryRequest, context: grpc.aio.ServicerContext

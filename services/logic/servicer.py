@@ -246,6 +246,7 @@ class LogicServicer:
                 for e in page.entries
             ],
             has_more=page.has_more,
+            pruned_through_seq=page.pruned_through_seq,
         )
 
     @_rpc
