@@ -234,7 +234,7 @@ async def raise_floor(conninfo: str, at_least: int, sections: int) -> tuple[int,
             (sections,),
         )
         cur = await conn.execute(
-            "SELECT sections, epoch, owner, lease_until > now(), lease_until "
+            "SELECT sections, epoch, owner, lease_until > now(), lease_until::text "
             "FROM seqsvc_owner FOR UPDATE"
         )
         row = await cur.fetchone()
