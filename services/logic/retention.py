@@ -31,7 +31,9 @@ a fan-out or a sync waits for:
 Several logic processes may run a pruner: each batch locks the one progress row
 (`retention_state`) with SKIP LOCKED, so at most one batch runs at a time and a
 pruner that finds it locked skips that round. Passes start at most every
-`pass_interval_s`; while there is work, batches follow each other `pause_s` apart.
+`pass_interval_s`; while there is work, a pause after each round keeps the time
+spent pruning at most `busy_share` of the wall time (bench/prune.py measures what
+that costs the sends).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -96,6 +99,7 @@ class Pruner:
         interval_s: float = 60.0,
         pass_interval_s: float = 3600.0,
         pause_s: float = 0.02,
+        busy_share: float = 1.0,
         telemetry: Telemetry | None = None,
     ) -> None:
         self._db = db
@@ -106,14 +110,17 @@ class Pruner:
         self._interval = interval_s
         self._pass_interval = pass_interval_s
         self._pause = pause_s
+        self._idle_per_busy = 1 / busy_share - 1
 
     async def run(self) -> None:
-        """Background loop: rounds `pause_s` apart while there is work, else every
-        `interval_s`. A failed round is logged and retried; only cancellation ends
-        it."""
+        """Background loop: while there is work, rounds with a pause after each
+        that keeps the time spent in rounds at most `busy_share` of the wall time
+        (and at least `pause_s`); else a round every `interval_s`. A failed round
+        is logged and retried; only cancellation ends it."""
         if not self._policy.enabled:
             return
         while True:
+            started = time.monotonic()
             try:
                 done = await self.prune_once()
             except asyncio.CancelledError:
@@ -121,7 +128,9 @@ class Pruner:
             except Exception as exc:
                 log.warning("pruning round failed", extra={"error": repr(exc)})
                 done = Round()
-            await asyncio.sleep(self._pause if done.more else self._interval)
+            busy = time.monotonic() - started
+            pause = max(self._pause, busy * self._idle_per_busy)
+            await asyncio.sleep(pause if done.more else self._interval)
 
     async def prune_once(self, may_start: set[str] | None = None) -> Round:
         """One batch of each kind of row the policy prunes (each its own

@@ -203,6 +203,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             interval_s=settings.retention_interval_s,
             pass_interval_s=settings.retention_pass_interval_s,
             pause_s=settings.retention_batch_pause_ms / 1000,
+            busy_share=settings.retention_busy_share,
             telemetry=telemetry,
         )
         loops.append(runtime.spawn(pruner.run(), "logic-retention"))
