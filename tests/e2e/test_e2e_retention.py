@@ -54,17 +54,16 @@ async def test_a_cursor_below_pruned_rows_syncs_on_from_what_is_left(stack: Stac
     conv = direct_conversation_id(ann, ben)
     async with Client(stack.gateway_addresses, stack.mint(ann, "a1")) as sender:
         old = [await sender.send(conv, f"old-{i}") for i in range(5)]
-        # Ben's device saw none of these. Now they are 40 days old, and pruned.
+        # Ben's device saw none of these. Now they are 40 days old (and so is
+        # everything stored before them: message times rise with msg_id), and pruned.
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             conn.execute(
-                "UPDATE messages SET server_time_ms = server_time_ms - %s "
-                "WHERE conversation_id = %s",
-                (40 * DAY_MS, conv),
+                "UPDATE messages SET server_time_ms = server_time_ms - %s WHERE msg_id <= %s",
+                (40 * DAY_MS, old[-1].msg_id),
             )
         pool = AsyncConnectionPool(stack.database_url, min_size=1, max_size=2, open=False)
         await pool.open()
         policy = RetentionPolicy(timeline_s=7 * DAY_S, margin_s=60)
-        # Other tests' rows in this shared stack are recent: only these expire.
         deleted = await Pruner(Database(pool), policy, pass_interval_s=0).prune_until_idle()
         await pool.close()
         assert deleted["timeline"] >= 2 * len(old)
