@@ -126,7 +126,6 @@ import contextlib
 import inspect
 import logging
 import random
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +146,7 @@ from imclient.errors import (
     SendFailed,
     rpc_error,
 )
+from imclient.ids import new_client_msg_id
 from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
 from imclient.sender import Outgoing, SendWindow
@@ -550,7 +550,7 @@ class Client(UnaryCalls):
         if self._closing or not self._started:
             raise ClientClosed("client is not running")
         data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-        cmid = client_msg_id or str(uuid.uuid4())
+        cmid = client_msg_id or new_client_msg_id()
         loop = asyncio.get_running_loop()
         if cmid in self._futures:
             existing = self._window.get(cmid)

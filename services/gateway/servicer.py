@@ -316,7 +316,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         self._logic.note_store_epoch(resp.store_epoch)
         return gateway_pb2.SyncResponse(
-            entries=resp.entries, has_more=resp.has_more, store_epoch=resp.store_epoch
+            entries=resp.entries,
+            has_more=resp.has_more,
+            store_epoch=resp.store_epoch,
+            pruned_through_seq=resp.pruned_through_seq,
         )
 
     async def History(

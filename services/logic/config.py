@@ -227,6 +227,92 @@ class Settings(ServerSettings):
         "with one cheap query; only while the metrics port is set.",
     )
 
+    # -- data lifecycle (retention.py; docs/operations.md "Data lifecycle") ------
+    retention_timeline_days: float = Field(
+        0.0,
+        ge=0,
+        le=36_500,
+        description="Timeline rows of messages older than this are deleted (0: kept "
+        "forever, the default: deleting users' history is a product decision). A cursor "
+        "below the deleted rows syncs on from what is left, and Sync says so "
+        "(pruned_through_seq). A message this old is no longer fanned out into timelines.",
+    )
+    retention_messages_days: float = Field(
+        0.0,
+        ge=0,
+        le=36_500,
+        description="Messages older than this are deleted (0: kept forever, the default), "
+        "except each conversation's newest and any not yet fanned out. Needs "
+        "IM_LOGIC_RETENTION_TIMELINE_DAYS set and not above it: a message goes only once "
+        "no timeline row can name it.",
+    )
+    retention_dedup_days: float = Field(
+        30.0,
+        ge=0,
+        le=36_500,
+        description="The dedup window: dedup keys (sender, client_msg_id) whose id is a "
+        "UUIDv7 made longer ago than this are deleted, and a send whose UUIDv7 id is that "
+        "old and not known is refused (FAILED_PRECONDITION), never stored as a possible "
+        "second copy. Other ids carry no age: their keys are kept forever. 0: keep every "
+        "key, refuse nothing. Must exceed the longest time a client keeps resending one "
+        "message (docs/operations.md, 'The dedup window').",
+    )
+    retention_outbox_s: float = Field(
+        600.0,
+        ge=0,
+        le=86_400 * 365,
+        description="Outbox rows older than this whose conversation is already fanned out "
+        "past them (their trigger can change nothing) are deleted. Published rows are "
+        "deleted right after publishing anyway; rows not fanned out are never deleted "
+        "(the relay publishes them). 0: never.",
+    )
+    retention_margin_s: float = Field(
+        3600.0,
+        ge=0,
+        le=86_400,
+        description="Safety margin added to the timeline and dedup retention by the pruner: "
+        "covers clock differences between logic hosts and PostgreSQL and the longest "
+        "transaction (a fan-out or a send that checked a message's or an id's age).",
+    )
+    retention_interval_s: float = Field(
+        60.0, gt=0, le=86_400, description="How often an idle pruner looks for work."
+    )
+    retention_pass_interval_s: float = Field(
+        3600.0,
+        ge=0,
+        le=86_400 * 30,
+        description="A pass over every user (timeline), sender (dedup keys) or message "
+        "starts at most this often: data is deleted at most this long after it expired.",
+    )
+    retention_batch_rows: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="Most rows one pruning transaction deletes (small batches: short "
+        "transactions, no long locks).",
+    )
+    retention_batch_users: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="Most users (or senders) one timeline (or dedup) pruning transaction visits.",
+    )
+    retention_batch_pause_ms: float = Field(
+        20.0,
+        ge=0,
+        le=60_000,
+        description="Shortest pause between two pruning rounds while there is work.",
+    )
+    retention_busy_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Most share of the time the pruner spends in its transactions while "
+        "it has a backlog: after a round that took t seconds it pauses t * (1/share - 1) "
+        "(at least the batch pause). 1: rounds back to back. Bounds what a large backlog "
+        "(retention switched on for old data) costs the sends (docs/lifecycle.md).",
+    )
+
     # -- TEST-ONLY fault switches (see the class docstring) ----------------------
     test_fault_crash_after_commit: bool = Field(
         False,
@@ -309,6 +395,15 @@ class Settings(ServerSettings):
             raise ValueError(
                 "IM_LOGIC_MAX_RESPONSE_BYTES must exceed IM_LOGIC_MAX_BODY_BYTES by at least "
                 f"{room}"
+            )
+        if self.retention_messages_days and not (
+            0 < self.retention_timeline_days <= self.retention_messages_days
+        ):
+            # Timeline rows name messages: a message may go only after every row
+            # that could name it (see retention.py).
+            raise ValueError(
+                "IM_LOGIC_RETENTION_MESSAGES_DAYS needs IM_LOGIC_RETENTION_TIMELINE_DAYS set "
+                "(> 0) and not above it"
             )
         if self.max_response_bytes > self.max_message_bytes:
             raise ValueError("IM_LOGIC_MAX_RESPONSE_BYTES must be <= IM_LOGIC_MAX_MESSAGE_BYTES")

@@ -35,6 +35,7 @@ invalid id is that conversation's own error and never touches the others.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,7 +99,12 @@ class Fanout:
         faults: Faults,
         telemetry: Telemetry | None = None,
         max_batch_conversations: int = 256,
+        timeline_retention_s: float = 0.0,
     ) -> None:
+        #: Timeline retention (retention.py); 0 = forever. A message older than this
+        #: is not written into timelines any more: the pruner may already have
+        #: passed its recipients, and a row written now could outlive its message.
+        self._retention_ms = timeline_retention_s * 1000
         self._db = db
         self._seq = seq
         self._tel = telemetry or Telemetry()
@@ -260,7 +266,9 @@ class Fanout:
                     size=size,
                 )
                 size = page.size
-                if not page.pairs:  # the call's budget is spent: untouched, ask again
+                if not page.pairs and (page.watermark, page.cursor) == (watermark, cursor):
+                    # The call's budget is spent: untouched, ask again. (A page of
+                    # expired messages has no pairs either, but it moves on.)
                     results[conv.value] = FanoutResult([], watermark, has_more=True)
                     continue
                 has_more = page.stopped or len(found[i]) > window or i == cut
@@ -390,9 +398,18 @@ class Fanout:
         is always taken, so every call makes progress."""
         budget = self._budget if budget is None else budget
         pairs: list[tuple[str, StoredMessage]] = []
+        expired_before = time.time() * 1000 - self._retention_ms if self._retention_ms else 0
         for i, (msg, fits) in enumerate(candidates):
             if not fits:  # its body was not even read: the page ends before it
                 return _Page(pairs, watermark, cursor, stopped=True, size=size)
+            if msg.server_time_ms < expired_before:
+                # Beyond the timeline retention: it would be deleted at once anyway.
+                log.warning(
+                    "fan-out skips a message older than the timeline retention",
+                    extra={"msg_id": msg.msg_id, "conversation_id": msg.conversation_id},
+                )
+                watermark, cursor = msg.conv_seq, ""
+                continue
             users = recipients(msg)
             if i == 0 and cursor:
                 users = [u for u in users if u > cursor]

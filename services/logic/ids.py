@@ -114,6 +114,29 @@ def lock_key(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), signed=True)
 
 
+#: A client_msg_id that is a UUIDv7 (RFC 9562) in canonical lowercase form. Its
+#: first 48 bits are the Unix time in milliseconds at which the client made it, and
+#: such strings sort by that time. The dedup window (retention.py) applies to these
+#: ids only: the age of any other id cannot be told, so its dedup key is kept.
+UUID7_PATTERN = "[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+_UUID7 = re.compile(UUID7_PATTERN)
+
+
+def uuid7_time_ms(client_msg_id: str) -> int | None:
+    """The time (ms since the Unix epoch, the client's clock) a canonical
+    lowercase UUIDv7 carries; None for any other id."""
+    if not _UUID7.fullmatch(client_msg_id):
+        return None
+    return int(client_msg_id[:8] + client_msg_id[9:13], 16)
+
+
+def uuid7_prefix(time_ms: int) -> str:
+    """'xxxxxxxx-xxxx': the first 13 characters of the UUIDv7s made at `time_ms`.
+    Canonical UUIDv7 strings made before that time sort below it."""
+    digits = f"{max(time_ms, 0):012x}"[-12:]
+    return f"{digits[:8]}-{digits[8:]}"
+
+
 def _show(value: str) -> str:
     if len(value) > 80:
         return repr(value[:80] + "...")

@@ -49,6 +49,9 @@ class TimelineEntry:
 class Page:
     entries: list[TimelineEntry]
     has_more: bool
+    #: > after_seq when retention deleted entries after the cursor: entries with a
+    #: seq at or below it may be missing (0: nothing after the cursor was deleted).
+    pruned_through_seq: int = 0
 
 
 @dataclass(frozen=True)

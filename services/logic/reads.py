@@ -47,7 +47,9 @@ class Reader:
         so once a seq is visible every smaller seq that will ever exist is visible;
         a client that advances its cursor to the last entry never skips a row.
         has_more: more rows exist after the page (it was cut by the limit, which
-        is capped, or by the response size)."""
+        is capped, or by the response size). pruned_through_seq: set (above
+        after_seq) when retention deleted rows after the cursor; the page simply
+        holds what is left, so a client that follows it jumps over the gap."""
         check_user_id(user_id)
         if after_seq < 0:
             raise InvalidArgument(f"after_seq must be >= 0 (0: from the start), got {after_seq}")
@@ -55,7 +57,9 @@ class Reader:
         attrs = {"im.user_id": user_id, "im.after_seq": after_seq}
         with self._db.errors(), self._tel.db("sync", attrs) as span:
             async with self._db.pool.connection() as conn:
-                rows = await repo.timeline_page(conn, user_id, after_seq, limit + 1, self._budget)
+                floor, rows = await repo.timeline_page(
+                    conn, user_id, after_seq, limit + 1, self._budget
+                )
             span.set_attribute("im.rows", len(rows))
         entries: list[TimelineEntry] = []
         size = 0
@@ -65,7 +69,8 @@ class Reader:
                 break
             entries.append(TimelineEntry(seq, msg))
             size += cost
-        return Page(entries, has_more=len(rows) > len(entries))
+        pruned = floor if floor > after_seq else 0
+        return Page(entries, has_more=len(rows) > len(entries), pruned_through_seq=pruned)
 
     async def heads(self, user_ids: Sequence[str]) -> list[int]:
         """The head (highest committed seq; 0 for none) of each user's timeline, in

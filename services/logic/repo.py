@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from imcommon.migrations import apply_migrations
+from logic.ids import UUID7_PATTERN
 from logic.model import Conversation, SendAck, StoredMessage
 
 Conn = psycopg.AsyncConnection[Any]
@@ -110,11 +111,13 @@ async def lock_send_tx(conn: Conn, locks: Sequence[tuple[int, int]]) -> None:
 async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendState]:
     """Everything the sends of a batch decide on, in one statement, one state per
     key in the order given. Run it after the conversation and sender locks: then
-    the last seqs it reads cannot change before commit."""
+    the last seqs it reads cannot change before commit. A sender's last seq counts
+    the rows retention deleted (timeline_floor), so I1 holds after a prune too."""
     cur = await conn.execute(
         """
         SELECT
-            (SELECT max(seq) FROM timeline WHERE user_id = t.sender),
+            greatest((SELECT max(seq) FROM timeline WHERE user_id = t.sender),
+                     (SELECT floor_seq FROM timeline_floor WHERE user_id = t.sender)),
             (SELECT max(conv_seq) FROM messages WHERE conversation_id = t.conv),
             (SELECT kind FROM conversations WHERE conversation_id = t.conv),
             EXISTS (SELECT 1 FROM members WHERE conversation_id = t.conv
@@ -135,7 +138,10 @@ async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendS
     for row in await cur.fetchall():
         stored = None
         if row[4] is not None:
-            stored = SendAck(row[4], row[5], row[6], row[7], duplicate=True)
+            # Retention may have deleted the message and kept its dedup key (an id
+            # whose age cannot be told): still a duplicate, acknowledged by msg_id
+            # alone (seq, conv_seq and time 0: no longer known).
+            stored = SendAck(row[4], row[5] or 0, row[6] or 0, row[7] or 0, duplicate=True)
         out.append(SendState(row[0] or 0, row[1] or 0, row[2], bool(row[3]), stored))
     if len(out) != len(keys):
         raise RuntimeError(f"send state read returned {len(out)} rows for {len(keys)} sends")
@@ -316,10 +322,12 @@ async def members_between(conn: Conn, conv: str, lo: int, hi: int) -> list[tuple
 
 
 async def last_seqs_tx(conn: Conn, users: Sequence[str]) -> dict[str, int]:
-    """Each user's last committed timeline seq (0: none). Under the users' locks."""
+    """Each user's last committed timeline seq (0: none), counting rows retention
+    deleted (timeline_floor). Under the users' locks."""
     cur = await conn.execute(
         """
-        SELECT u, (SELECT max(seq) FROM timeline t WHERE t.user_id = u)
+        SELECT u, greatest((SELECT max(seq) FROM timeline t WHERE t.user_id = u),
+                           (SELECT floor_seq FROM timeline_floor f WHERE f.user_id = u))
         FROM unnest(%s::text[]) AS u
         """,
         (list(users),),
@@ -603,25 +611,32 @@ async def backlog_stats(conn: Conn, cap: int) -> BacklogStats:
 
 async def timeline_page(
     conn: Conn, user: str, after_seq: int, limit: int, body_budget: int
-) -> list[tuple[int, StoredMessage | None]]:
-    """Up to `limit` timeline rows after after_seq, in seq order; a row whose body
+) -> tuple[int, list[tuple[int, StoredMessage | None]]]:
+    """The user's retention floor (the highest seq retention deleted, 0: none) and
+    up to `limit` timeline rows after after_seq, in seq order; a row whose body
     would take the running total past body_budget comes back as None (the page ends
-    before it)."""
+    before it). One statement: the floor comes in a row of its own even when the
+    page is empty."""
     cur = await conn.execute(
         f"""
-        SELECT m.seq, {_PAGED_COLUMNS} FROM (
+        SELECT f.floor, p.seq, {_PAGED_COLUMNS.replace("m.", "p.")} FROM (
+            SELECT coalesce((SELECT floor_seq FROM timeline_floor WHERE user_id = %(u)s), 0)
+        ) AS f (floor)
+        LEFT JOIN LATERAL (
             SELECT t.seq, m.*, sum(octet_length(m.body)) OVER (
                        ORDER BY t.seq ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
-                   ) - octet_length(m.body) < %s AS fits
+                   ) - octet_length(m.body) < %(budget)s AS fits
             FROM timeline t JOIN messages m ON m.msg_id = t.msg_id
-            WHERE t.user_id = %s AND t.seq > %s
-            ORDER BY t.seq LIMIT %s
-        ) AS m
-        ORDER BY m.seq
+            WHERE t.user_id = %(u)s AND t.seq > %(after)s
+            ORDER BY t.seq LIMIT %(limit)s
+        ) AS p ON true
+        ORDER BY p.seq
         """,
-        (body_budget, user, after_seq, limit),
+        {"budget": body_budget, "u": user, "after": after_seq, "limit": limit},
     )
-    return [(int(r[0]), _message(r, 1) if r[10] else None) for r in await cur.fetchall()]
+    rows = await cur.fetchall()
+    floor = int(rows[0][0]) if rows else 0
+    return floor, [(int(r[1]), _message(r, 2) if r[11] else None) for r in rows if r[1] is not None]
 
 
 async def store_epoch(conn: Conn) -> str:
@@ -867,3 +882,305 @@ async def successor_tx(conn: Conn, conv: str, leaving: Sequence[str]) -> str | N
     )
     row = await cur.fetchone()
     return str(row[0]) if row else None
+
+
+# -- retention (logic/retention.py) ---------------------------------------------------
+
+UUID7_SQL_PATTERN = f"^{UUID7_PATTERN}$"
+
+
+@dataclass(frozen=True)
+class RetentionState:
+    """The pruner's progress row (migration 0003), locked by the caller's batch."""
+
+    now_ms: int  # the database clock, read with the lock
+    tl_cutoff: int
+    tl_after: str | None
+    tl_done: int
+    tl_due: bool  # the last timeline pass ended at least the pass interval ago
+    msg_bound: int
+    msg_after: int | None
+    msg_due: bool
+    dedup_after: str | None
+    dedup_due: bool
+
+
+async def lock_retention_state_tx(conn: Conn, pass_interval_s: float) -> RetentionState | None:
+    """Locks the progress row for this transaction; None if another pruner holds
+    it (SKIP LOCKED: a pruner never waits for another)."""
+    cur = await conn.execute(
+        """
+        SELECT (extract(epoch FROM now()) * 1000)::bigint,
+               tl_cutoff, tl_after, tl_done, tl_last_pass <= now() - make_interval(secs => %(i)s),
+               msg_bound, msg_after, msg_last_pass <= now() - make_interval(secs => %(i)s),
+               dedup_after, dedup_last_pass <= now() - make_interval(secs => %(i)s)
+        FROM retention_state FOR UPDATE SKIP LOCKED
+        """,
+        {"i": pass_interval_s},
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return RetentionState(
+        int(row[0]),
+        int(row[1]),
+        row[2],
+        int(row[3]),
+        bool(row[4]),
+        int(row[5]),
+        None if row[6] is None else int(row[6]),
+        bool(row[7]),
+        row[8],
+        bool(row[9]),
+    )
+
+
+_RETENTION_COLUMNS = frozenset(
+    {"tl_cutoff", "tl_after", "tl_done", "msg_bound", "msg_after", "dedup_after"}
+)
+
+
+async def save_retention_state_tx(
+    conn: Conn, *, finished: tuple[str, ...] = (), **values: Any
+) -> None:
+    """Updates the progress row (under the lock of `lock_retention_state_tx`);
+    `finished` names the kinds ("tl", "msg", "dedup") whose pass ended now."""
+    assert set(values) <= _RETENTION_COLUMNS, values
+    sets = [f"{k} = %({k})s" for k in values]
+    sets += [f"{kind}_last_pass = now()" for kind in finished]
+    sets.append("updated_at = now()")
+    await conn.execute(f"UPDATE retention_state SET {', '.join(sets)}", values)
+
+
+async def first_msg_from(conn: Conn, msg_id: int) -> tuple[int, int] | None:
+    """(msg_id, server_time_ms) of the first message with msg_id >= `msg_id`."""
+    cur = await conn.execute(
+        "SELECT msg_id, server_time_ms FROM messages WHERE msg_id >= %s ORDER BY msg_id LIMIT 1",
+        (msg_id,),
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+async def last_msg_id(conn: Conn) -> int:
+    cur = await conn.execute("SELECT coalesce(max(msg_id), 0) FROM messages")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def msg_id_at(conn: Conn, time_ms: int) -> int:
+    """The first msg_id stored at or after `time_ms` (server_time_ms), or one past
+    the last msg_id if every message is older: every message below the returned id
+    is older than `time_ms`. A binary search over the primary key (msg_ids and
+    server times are assigned by the same INSERT, so they rise together): about
+    log2(messages) single-row index reads, whatever the table's size."""
+    first = await first_msg_from(conn, 0)
+    if first is None or first[1] >= time_ms:
+        return first[0] if first else 0
+    last = await last_msg_id(conn)
+    probe = await first_msg_from(conn, last)
+    assert probe is not None
+    if probe[1] < time_ms:
+        return last + 1
+    # first[0] is old, `last` is not: the smallest x in (first, last] whose first
+    # message at or after it is not old.
+    lo, hi = first[0] + 1, last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = await first_msg_from(conn, mid)
+        assert found is not None
+        if found[1] >= time_ms:
+            hi = mid
+        else:
+            lo = found[0] + 1
+    found = await first_msg_from(conn, lo)
+    assert found is not None
+    return found[0]
+
+
+async def next_timeline_users_tx(conn: Conn, after: str, limit: int) -> list[str]:
+    """Up to `limit` distinct user ids with timeline rows, after `after`, in order:
+    a loose index scan of the timeline's primary key (one probe per user)."""
+    cur = await conn.execute(
+        """
+        WITH RECURSIVE u (user_id, n) AS (
+            (SELECT user_id, 1 FROM timeline WHERE user_id > %(after)s ORDER BY user_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.user_id FROM timeline t WHERE t.user_id > u.user_id
+                    ORDER BY t.user_id LIMIT 1), u.n + 1
+            FROM u WHERE u.user_id IS NOT NULL AND u.n < %(limit)s
+        )
+        SELECT user_id FROM u WHERE user_id IS NOT NULL
+        """,
+        {"after": after, "limit": limit},
+    )
+    return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def prune_timeline_tx(conn: Conn, users: Sequence[str], cutoff: int, limit: int) -> int:
+    """Deletes up to `limit` timeline rows of `users` whose msg_id is below `cutoff`
+    (index range scans of (user_id, msg_id)), and raises each user's floor to the
+    highest seq deleted, in the same statement. Returns the rows deleted."""
+    cur = await conn.execute(
+        """
+        WITH del AS (
+            DELETE FROM timeline WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM timeline
+                WHERE user_id = ANY(%(users)s::text[]) AND msg_id < %(cutoff)s
+                LIMIT %(limit)s))
+            RETURNING user_id, seq
+        ), fl AS (
+            INSERT INTO timeline_floor (user_id, floor_seq)
+            SELECT user_id, max(seq) FROM del GROUP BY user_id
+            ON CONFLICT (user_id) DO UPDATE
+                SET floor_seq = greatest(timeline_floor.floor_seq, excluded.floor_seq)
+        )
+        SELECT count(*) FROM del
+        """,
+        {"users": list(users), "cutoff": cutoff, "limit": limit},
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def prune_messages_tx(
+    conn: Conn, after: int, bound: int, limit: int
+) -> tuple[int, int | None]:
+    """Looks at up to `limit` messages with after < msg_id < bound, in msg_id order,
+    and deletes those that are fanned out (conv_seq <= their conversation's
+    watermark) and not their conversation's newest (its conv_seq stays the floor of
+    I5's check and of membership boundaries). Returns (deleted, the last msg_id
+    looked at; None when there was none: the range is done)."""
+    cur = await conn.execute(
+        """
+        WITH cand AS (
+            SELECT msg_id, conversation_id, conv_seq FROM messages
+            WHERE msg_id > %(after)s AND msg_id < %(bound)s
+            ORDER BY msg_id LIMIT %(limit)s
+        ), del AS (
+            DELETE FROM messages m USING cand c
+            WHERE m.msg_id = c.msg_id
+              AND c.conv_seq <= coalesce((SELECT watermark FROM fanout_state f
+                                          WHERE f.conversation_id = c.conversation_id), 0)
+              AND EXISTS (SELECT 1 FROM messages n WHERE n.conversation_id = c.conversation_id
+                          AND n.conv_seq > c.conv_seq)
+            RETURNING m.msg_id
+        )
+        SELECT (SELECT count(*) FROM del), (SELECT max(msg_id) FROM cand)
+        """,
+        {"after": after, "bound": bound, "limit": limit},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), None if row[1] is None else int(row[1])
+
+
+async def next_dedup_senders_tx(conn: Conn, after: str, limit: int) -> list[str]:
+    """Up to `limit` distinct senders with dedup keys after `after`, in order (a
+    loose index scan of send_dedup's primary key)."""
+    cur = await conn.execute(
+        """
+        WITH RECURSIVE u (sender_id, n) AS (
+            (SELECT sender_id, 1 FROM send_dedup WHERE sender_id > %(after)s
+             ORDER BY sender_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT d.sender_id FROM send_dedup d WHERE d.sender_id > u.sender_id
+                    ORDER BY d.sender_id LIMIT 1), u.n + 1
+            FROM u WHERE u.sender_id IS NOT NULL AND u.n < %(limit)s
+        )
+        SELECT sender_id FROM u WHERE sender_id IS NOT NULL
+        """,
+        {"after": after, "limit": limit},
+    )
+    return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def prune_dedup_tx(conn: Conn, senders: Sequence[str], below: str, limit: int) -> int:
+    """Deletes up to `limit` dedup keys of `senders` that are UUIDv7 made before the
+    time whose 13-character prefix is `below` ('xxxxxxxx-xxxx'): canonical UUIDv7
+    strings sort by their time, so these are an index range of each sender. Other
+    ids (whose age cannot be told) are never deleted. Returns the keys deleted."""
+    cur = await conn.execute(
+        """
+        WITH del AS (
+            DELETE FROM send_dedup WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM send_dedup
+                WHERE sender_id = ANY(%(senders)s::text[]) AND client_msg_id < %(below)s
+                  AND client_msg_id ~ %(pattern)s
+                LIMIT %(limit)s))
+            RETURNING 1
+        )
+        SELECT count(*) FROM del
+        """,
+        {"senders": list(senders), "below": below, "pattern": UUID7_SQL_PATTERN, "limit": limit},
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def prune_outbox_tx(conn: Conn, older_than_s: float, limit: int) -> int:
+    """Deletes up to `limit` outbox rows older than `older_than_s` whose
+    conversation is fanned out up to their conv_seq already (publishing them could
+    change nothing). Rows a relay is publishing are skipped (SKIP LOCKED); rows not
+    fanned out stay for the relay. Returns the rows deleted."""
+    cur = await conn.execute(
+        """
+        WITH victims AS (
+            SELECT o.msg_id FROM outbox o
+            JOIN fanout_state f ON f.conversation_id = o.conversation_id
+            WHERE o.created_at < now() - make_interval(secs => %(age)s)
+              AND o.conv_seq <= f.watermark
+            ORDER BY o.created_at LIMIT %(limit)s
+            FOR UPDATE OF o SKIP LOCKED
+        ), del AS (
+            DELETE FROM outbox o USING victims v WHERE o.msg_id = v.msg_id RETURNING 1
+        )
+        SELECT count(*) FROM del
+        """,
+        {"age": older_than_s, "limit": limit},
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+# -- restore fence (python -m logic restore-fence) ------------------------------------
+
+
+async def highest_stored_seq(conn: Conn) -> int:
+    """The highest value of seqsvc's that logic stored anywhere: timeline seqs
+    (also the ones retention deleted, in timeline_floor), the senders' seqs and
+    conv_seqs of messages, and the fan-out watermarks. seqsvc must hand out only
+    values above it (I1/I5). Reads every row of the seq columns' indexes once;
+    run it once, after a restore, before seqsvc starts."""
+    cur = await conn.execute(
+        """
+        SELECT greatest(
+            (SELECT max(seq) FROM timeline),
+            (SELECT max(floor_seq) FROM timeline_floor),
+            (SELECT max(conv_seq) FROM messages),
+            (SELECT max(sender_seq) FROM messages),
+            (SELECT max(watermark) FROM fanout_state),
+            (SELECT max(upto_conv_seq) FROM fanout_pending),
+            (SELECT max(joined_after) FROM members),
+            (SELECT max(left_after) FROM members),
+            0)
+        """
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def advance_msg_ids(conn: Conn, margin: int) -> int:
+    """Moves the msg_id sequence `margin` past the highest msg_id it or the table
+    ever reached; returns the last value set (the next msg_id is one above)."""
+    cur = await conn.execute(
+        """
+        SELECT setval(s, greatest(coalesce(pg_sequence_last_value(s::regclass), 0),
+                                  (SELECT coalesce(max(msg_id), 0) FROM messages)) + %s)
+        FROM pg_get_serial_sequence('messages', 'msg_id') AS s
+        """,
+        (margin,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])

@@ -12,7 +12,8 @@ fills). One batch is one transaction:
    conversation's last conv_seq, the sender's last seq);
 3. per send, in queue order, as if the sends ran one after another: a stored or
    earlier-in-the-batch (sender, client_msg_id) is a duplicate (the first send's
-   ACK); an unknown group or a non-member is refused, for that caller only;
+   ACK); an unknown UUIDv7 id older than the dedup window (retention.py), an
+   unknown group or a non-member is refused, for that caller only;
 4. one seqsvc call for the keys of the remaining sends in queue order (conv_seq
    increasing in queue order within each conversation, seq per sender), each value
    checked to be above the last committed one for its key (I1/I5);
@@ -28,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -41,6 +44,7 @@ from im.logic.v1 import logic_pb2
 from logic import repo
 from logic.errors import (
     DependencyFailed,
+    FailedPrecondition,
     InvalidArgument,
     LogicError,
     NotFound,
@@ -60,6 +64,7 @@ from logic.ids import (
     lock_key,
     parse_conversation_id,
     user_seq_key,
+    uuid7_time_ms,
 )
 from logic.model import SendAck
 from logic.outbox import OutboxCleaner
@@ -136,8 +141,11 @@ class Sender:
         batch_max: int = 64,
         linger_s: float = 0.0,
         committers: int = 1,
+        dedup_window_s: float = 0.0,
     ) -> None:
         self._db = db
+        #: The dedup window (retention.py): 0 = dedup keys are kept forever.
+        self._dedup_window_ms = dedup_window_s * 1000
         self._seq = seq
         self._tel = telemetry or Telemetry()
         self._publisher = publisher
@@ -194,8 +202,10 @@ class Sender:
         outbox relay publishes it later (I4).
 
         Raises InvalidArgument, NotFound (unknown group), PermissionDenied (not a
-        member), SequenceRegression (seqsvc went back; nothing written) and
-        Unavailable (PostgreSQL or seqsvc down; nothing written, retry).
+        member), FailedPrecondition (an unknown UUIDv7 client_msg_id older than the
+        dedup window: it may be a resend whose key was pruned; nothing written),
+        SequenceRegression (seqsvc went back; nothing written) and Unavailable
+        (PostgreSQL or seqsvc down; nothing written, retry).
         """
         conv = self.validate(req)
         loop = asyncio.get_running_loop()
@@ -398,6 +408,10 @@ class Sender:
                     continue
                 if key in in_batch:
                     continue
+                expired = self._beyond_dedup_window(req.client_msg_id)
+                if expired is not None:
+                    item.outcome = expired
+                    continue
             if not conv.is_direct:
                 if state.kind is None:
                     item.outcome = NotFound(
@@ -413,6 +427,25 @@ class Sender:
             in_batch.add(key)
             new.append(item)
         return new
+
+    def _beyond_dedup_window(self, client_msg_id: str) -> FailedPrecondition | None:
+        """The refusal of an unknown id made before the dedup window began (a
+        UUIDv7 carries its time). Its key, had it been stored, may have been
+        pruned: storing it now could be a second copy, so it is refused, loudly.
+        Ids of other forms carry no time; their keys are never pruned."""
+        if not self._dedup_window_ms:
+            return None
+        made_ms = uuid7_time_ms(client_msg_id)
+        if made_ms is None or made_ms >= time.time() * 1000 - self._dedup_window_ms:
+            return None
+        made = datetime.fromtimestamp(made_ms / 1000, UTC).isoformat(timespec="seconds")
+        days = self._dedup_window_ms / 86_400_000
+        return FailedPrecondition(
+            f"client_msg_id {client_msg_id} was made at {made}, before the dedup window "
+            f"of {days:g} days (IM_LOGIC_RETENTION_DEDUP_DAYS): it may have been stored "
+            "already and its dedup key deleted, so it is not stored (no second copy). "
+            "If it is a new message, send it with a new client_msg_id"
+        )
 
     def _number(
         self,

@@ -1,15 +1,21 @@
 """Wiring of logic: settings -> migrations -> database, seqsvc, NATS -> domain
-objects -> gRPC servicer and background loops (outbox cleaner and relay, repair).
+objects -> gRPC servicer and background loops (outbox cleaner and relay, repair,
+retention).
 
 `python -m logic` applies the migrations (component "logic"), then serves.
 `python -m logic migrate` only applies them; `python -m logic new-store-epoch`
-gives the database a new store epoch (docs/protocol.md, "Receiving", step 6).
+gives the database a new store epoch (docs/protocol.md, "Receiving", step 6);
+`python -m logic restore-fence` is the step between a restore and the first start
+(docs/lifecycle.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 
 import psycopg
@@ -28,12 +34,14 @@ from logic.groups import Groups
 from logic.outbox import OutboxCleaner, OutboxRelay
 from logic.reads import Reader
 from logic.repair import Repairer
+from logic.retention import Pruner, RetentionPolicy, policy_from_days
 from logic.send import Sender
 from logic.seq import SeqClientSource
 from logic.servicer import SERVICE_NAME, LogicServicer, add_to_server
 from logic.store import open_database
 from logic.telemetry import BacklogSampler, Telemetry
 from seqsvc.client import SeqClient
+from seqsvc.repo import LeaseHeld, raise_floor
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             telemetry=telemetry,
         )
     )
+    retention = retention_policy(settings)
     cleaner = OutboxCleaner(
         db, batch=settings.outbox_delete_batch, delay_s=settings.outbox_delete_delay_ms / 1000
     )
@@ -130,6 +139,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         batch_max=settings.send_batch_max,
         linger_s=settings.send_linger_ms / 1000,
         committers=settings.send_committers,
+        dedup_window_s=retention.dedup_s,
     )
     # Unwinds before the pool and the NATS connection close: sends still queued
     # fail UNAVAILABLE, batches being published finish.
@@ -145,6 +155,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         faults=faults,
         telemetry=telemetry,
         max_batch_conversations=settings.fanout_batch_max_conversations,
+        timeline_retention_s=retention.timeline_s,
     )
     reader = Reader(
         db,
@@ -190,6 +201,19 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     ]
     if not faults.skip_repair:
         loops.append(runtime.spawn(repairer.run(), "logic-repair"))
+    if retention.enabled:
+        pruner = Pruner(
+            db,
+            retention,
+            batch_rows=settings.retention_batch_rows,
+            batch_users=settings.retention_batch_users,
+            interval_s=settings.retention_interval_s,
+            pass_interval_s=settings.retention_pass_interval_s,
+            pause_s=settings.retention_batch_pause_ms / 1000,
+            busy_share=settings.retention_busy_share,
+            telemetry=telemetry,
+        )
+        loops.append(runtime.spawn(pruner.run(), "logic-retention"))
     if settings.metrics_port:
         sampler = BacklogSampler(db, telemetry, interval_s=settings.metrics_sample_s)
         loops.append(runtime.spawn(sampler.run(), "logic-backlog-sampler"))
@@ -208,6 +232,16 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         runtime.server,
     )
     runtime.expose(SERVICE_NAME)
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    return policy_from_days(
+        timeline_days=settings.retention_timeline_days,
+        messages_days=settings.retention_messages_days,
+        dedup_days=settings.retention_dedup_days,
+        outbox_s=settings.retention_outbox_s,
+        margin_s=settings.retention_margin_s,
+    )
 
 
 def _migrate_command(settings: Settings) -> int:
@@ -241,7 +275,93 @@ def _new_store_epoch_command(settings: Settings) -> int:
     return 0
 
 
+#: Default jump of restore-fence above everything stored (see restore_fence).
+RESTORE_MARGIN = 1_000_000_000
+
+
+async def restore_fence(
+    database_url: str, seqsvc_database_url: str, margin: int, *, dry_run: bool = False
+) -> dict[str, int]:
+    """After a restore, before seqsvc and logic serve: every value seqsvc hands
+    out next, and every new msg_id, lands above everything stored and `margin`
+    beyond, so that
+
+    - I1/I5 hold: seqsvc's own store may come from an older backup than logic's
+      (its max_seq below the stored seqs), or from one made with the messages, in
+      which case values it handed out after the backup may still sit in clients'
+      cursors; the margin must exceed what seqsvc handed out after the backup;
+    - no msg_id is reused: devices drop a msg_id they have seen as a duplicate,
+      and messages stored after the backup (lost by the restore) had msg_ids
+      above the restored sequence.
+
+    Applies logic's migrations (a restored store may predate some), reads logic's
+    store, raises seqsvc's floor (`seqsvc.repo.raise_floor`: refused while a
+    seqsvc instance is live), then moves the msg_id sequence. Returns what it
+    found and set. Run it once per restore (a second run only jumps further)."""
+    await repo.migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        highest = await repo.highest_stored_seq(conn)
+        out = {"highest_stored_seq": highest, "seqsvc_floor": highest + margin}
+        if dry_run:
+            return {**out, "highest_msg_id": await repo.last_msg_id(conn)}
+        # The same floor for every section, so the section count does not matter
+        # (this one is only used to create the rows of an empty seqsvc store).
+        before, epoch = await raise_floor(seqsvc_database_url, highest + margin, sections=1024)
+        msg_id = await repo.advance_msg_ids(conn, margin)
+    return {
+        **out,
+        "seqsvc_max_seq_before": before,
+        "seqsvc_epoch": epoch,
+        "next_msg_id": msg_id + 1,
+    }
+
+
+def restore_fence_command(argv: list[str]) -> int:
+    """`python -m logic restore-fence`: see `restore_fence`. Exit status 0 done,
+    1 refused (a seqsvc instance is live), 2 bad arguments or settings."""
+    parser = argparse.ArgumentParser(
+        prog="python -m logic restore-fence",
+        description="After restoring logic's (and seqsvc's) database, before starting "
+        "seqsvc and logic: raise seqsvc's floor and the msg_id sequence above "
+        "everything stored, plus a margin. Reads IM_LOGIC_DATABASE_URL.",
+    )
+    parser.add_argument(
+        "--seqsvc-database-url",
+        default=os.environ.get("IM_SEQSVC_DATABASE_URL", ""),
+        help="seqsvc's database (default: $IM_SEQSVC_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=int,
+        default=RESTORE_MARGIN,
+        help=f"how far above the highest stored value (default {RESTORE_MARGIN:,}): more "
+        "than seqsvc handed out, and msg_ids logic assigned, after the backup was taken",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="only print what it would set")
+    args = parser.parse_args(argv)
+    if not 0 <= args.margin < 2**60:
+        parser.error("--margin must be between 0 and 2**60")
+    if not args.seqsvc_database_url.strip() and not args.dry_run:
+        parser.error("--seqsvc-database-url (or IM_SEQSVC_DATABASE_URL) is required")
+    url = os.environ.get("IM_LOGIC_DATABASE_URL", "")
+    if not url.strip():
+        sys.stderr.write("logic: required setting not set: IM_LOGIC_DATABASE_URL\n")
+        return 2
+    try:
+        done = asyncio.run(
+            restore_fence(url, args.seqsvc_database_url, args.margin, dry_run=args.dry_run)
+        )
+    except LeaseHeld as exc:
+        sys.stderr.write(f"logic restore-fence: refused: {exc}\n")
+        return 1
+    print("restore-fence: " + json.dumps(done))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["restore-fence"]:
+        return restore_fence_command(args[1:])
     try:
         return serve_main(
             "logic",

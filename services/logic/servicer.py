@@ -247,6 +247,7 @@ class LogicServicer:
             ],
             has_more=page.has_more,
             store_epoch=self._reader.store_epoch,
+            pruned_through_seq=page.pruned_through_seq,
         )
 
     @_rpc

@@ -104,6 +104,17 @@ class Telemetry:
         self.send_queued = m.gauge(
             "logic_send_queued", "Sends waiting for the committer to take them into a batch"
         )
+        self.pruned_rows = m.counter(
+            "logic_pruned_rows",
+            "Rows the retention pruner deleted, by table (timeline, messages, send_dedup, outbox)",
+            ["table"],
+        )
+        self.prune_passes = m.counter(
+            "logic_prune_passes",
+            "Retention passes completed (timeline: every user visited; messages: every "
+            "expired msg_id looked at; send_dedup: every sender visited)",
+            ["kind"],
+        )
         self.sample_failures = m.counter(
             "logic_backlog_sample_failures", "Backlog samples that failed (database unreachable)"
         )

@@ -202,3 +202,65 @@ class PgSectionStore:
             return {int(s): int(m) for s, m in await cur.fetchall()}
 
         return await self._writes.run(q)
+
+
+class LeaseHeld(Exception):
+    """A live seqsvc instance holds the lease: raising the floor under it would not
+    reach the values it keeps in memory. Stop every instance first."""
+
+
+async def raise_floor(conninfo: str, at_least: int, sections: int) -> tuple[int, int]:
+    """Raises every section's max_seq to at least `at_least`, so that the next
+    start hands out, for every key, only values above it (a start begins each key
+    at its section's max_seq). For restores: the service's own store may be older
+    than the values its callers stored (see docs/operations.md, "Backup and
+    restore"). One transaction, after the migrations:
+
+    - refuses (LeaseHeld) while a live instance holds the lease;
+    - bumps the fencing epoch, so an instance whose lease ran out but which is
+      still running can never renew it or raise a ceiling again: it is fenced and
+      exits, and its successor starts above the floor;
+    - creates the `sections` rows if the store is empty (a fresh database), and
+      raises every row, whatever the section count, to `at_least`: the same floor
+      for every key, so it holds for any key and any later section count.
+
+    Returns (the highest max_seq before, the epoch now). Idempotent: a second call
+    with the same value changes nothing but the epoch."""
+    await migrate(conninfo)
+    async with await psycopg.AsyncConnection.connect(conninfo) as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO seqsvc_owner (singleton, sections) VALUES (true, %s) "
+            "ON CONFLICT DO NOTHING",
+            (sections,),
+        )
+        cur = await conn.execute(
+            "SELECT sections, epoch, owner, lease_until > now(), lease_until::text "
+            "FROM seqsvc_owner FOR UPDATE"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        stored_sections, epoch, owner, live, until = row
+        if live:
+            raise LeaseHeld(
+                f"seqsvc instance {owner!r} holds the lease until {until}: stop every "
+                "seqsvc instance, then raise the floor (the lease is released on SIGTERM)"
+            )
+        cur = await conn.execute("SELECT coalesce(max(max_seq), 0) FROM seqsvc_sections")
+        before_row = await cur.fetchone()
+        before = int(before_row[0]) if before_row else 0
+        new_epoch = int(epoch) + 1
+        await conn.execute(
+            "INSERT INTO seqsvc_sections (section, max_seq, epoch) "
+            "SELECT g, %s, %s FROM generate_series(0, %s - 1) AS g ON CONFLICT DO NOTHING",
+            (at_least, new_epoch, stored_sections),
+        )
+        await conn.execute(
+            "UPDATE seqsvc_sections SET max_seq = greatest(max_seq, %s), epoch = %s",
+            (at_least, new_epoch),
+        )
+        await conn.execute(
+            "UPDATE seqsvc_owner SET epoch = %s, owner = '', nonce = '', listener = '', "
+            "lease_until = '-infinity'",
+            (new_epoch,),
+        )
+    return before, new_epoch

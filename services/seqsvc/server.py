@@ -3,11 +3,13 @@
 `python -m seqsvc` binds its port (exiting if it cannot), applies the migrations,
 takes ownership of the sections (waiting as a standby while another live instance
 holds them; exiting if a live process holds them under this instance's id), then
-serves. `python -m seqsvc migrate` only applies the migrations.
+serves. `python -m seqsvc migrate` only applies the migrations;
+`python -m seqsvc raise-floor --at-least N` raises every key's floor (restores).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ipaddress
@@ -15,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +25,12 @@ import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imcommon.config import ConfigError, load_settings
 from imcommon.server import Runtime, StartupError
 from imcommon.server import main as serve_main
 from seqsvc.allocator import Allocator, Boot, DuplicateInstance
 from seqsvc.config import Settings
-from seqsvc.repo import PgSectionStore, migrate
+from seqsvc.repo import LeaseHeld, PgSectionStore, migrate, raise_floor
 from seqsvc.servicer import SERVICE_NAME, SeqServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -181,5 +185,40 @@ def _migrate_command(settings: Settings) -> int:
     return 0
 
 
+def raise_floor_command(argv: list[str]) -> int:
+    """`python -m seqsvc raise-floor --at-least N`: every key's next value above N
+    (see `repo.raise_floor`). Exit status 0 done, 1 refused (an instance is live),
+    2 bad arguments or settings."""
+    parser = argparse.ArgumentParser(
+        prog="python -m seqsvc raise-floor",
+        description="Raise every section's max_seq to at least N, with every seqsvc "
+        "instance stopped: after a restore, before seqsvc serves again.",
+    )
+    parser.add_argument("--at-least", type=int, required=True, metavar="N")
+    args = parser.parse_args(argv)
+    if not 0 <= args.at_least < 2**62:
+        parser.error("--at-least must be between 0 and 2**62")
+    try:
+        settings = load_settings(Settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"seqsvc: {exc}\n")
+        return 2
+    try:
+        before, epoch = asyncio.run(
+            raise_floor(settings.database_url, args.at_least, settings.sections)
+        )
+    except LeaseHeld as exc:
+        sys.stderr.write(f"seqsvc raise-floor: refused: {exc}\n")
+        return 1
+    print(
+        f"seqsvc floor: every section's max_seq is now >= {args.at_least} "
+        f"(highest before: {before}; fencing epoch {epoch})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["raise-floor"]:
+        return raise_floor_command(args[1:])
     return serve_main("seqsvc", Settings, build, argv=argv, commands={"migrate": _migrate_command})

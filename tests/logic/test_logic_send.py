@@ -211,7 +211,7 @@ async def test_statements_per_send_are_pinned(
     assert count("BEGIN") == n + 1
     assert count("COMMIT") == n + 1
     assert count("SELECT pg_advisory_xact_lock") == n + 1
-    assert count("SELECT (SELECT max(seq) FROM timeline") == n + 1
+    assert count("SELECT greatest((SELECT max(seq) FROM timeline") == n + 1
     assert count("WITH input AS ( SELECT * FROM unnest") == n
     assert count("DELETE FROM outbox") == 1
     assert sum(send_calls.values()) == 5 * n + 4 + 1, send_calls
@@ -220,7 +220,7 @@ async def test_statements_per_send_are_pinned(
     send_calls = batch_calls
     assert count("BEGIN") == count("COMMIT") == 2, batch_calls
     assert count("SELECT pg_advisory_xact_lock") == 2
-    assert count("SELECT (SELECT max(seq) FROM timeline") == 2
+    assert count("SELECT greatest((SELECT max(seq) FROM timeline") == 2
     assert count("WITH input AS ( SELECT * FROM unnest") == 2
     deletes = count("DELETE FROM outbox")
     assert deletes in (1, 2)  # one unless the cleaner's 2 s window split them
