@@ -181,7 +181,8 @@ async def test_backup_under_load_restore_into_a_fresh_cluster_clients_go_on(
         gw = first.gateway_addresses
         ann, ben, cyd = uid("ann"), uid("ben"), uid("cyd")
         clients = {
-            u: Client(gw, first.mint(u, "d1"), connect_timeout_s=60) for u in (ann, ben, cyd)
+            u: Client(gw, first.mint(u, "d1"), connect_timeout_s=60, insecure=True)
+            for u in (ann, ben, cyd)
         }
         for c in clients.values():
             await c.start()

@@ -30,7 +30,7 @@ async def test_sdk_ids_carry_their_time_and_a_resend_beyond_the_window_fails_lou
 ) -> None:
     ann, ben = uid("ann"), uid("ben")
     conv = direct_conversation_id(ann, ben)
-    async with Client(stack.gateway_addresses, stack.mint(ann)) as client:
+    async with Client(stack.gateway_addresses, stack.mint(ann), insecure=True) as client:
         first = await client.send(conv, "now")
         made = uuid7_time_ms(first.client_msg_id)
         assert made is not None and abs(made - time.time() * 1000) < 60_000
@@ -52,7 +52,7 @@ async def test_sdk_ids_carry_their_time_and_a_resend_beyond_the_window_fails_lou
 async def test_a_cursor_below_pruned_rows_syncs_on_from_what_is_left(stack: Stack) -> None:
     ann, ben = uid("ann"), uid("ben")
     conv = direct_conversation_id(ann, ben)
-    async with Client(stack.gateway_addresses, stack.mint(ann, "a1")) as sender:
+    async with Client(stack.gateway_addresses, stack.mint(ann, "a1"), insecure=True) as sender:
         old = [await sender.send(conv, f"old-{i}") for i in range(5)]
         # Ben's device saw none of these. Now they are 40 days old (and so is
         # everything stored before them: message times rise with msg_id), and pruned.
@@ -75,7 +75,7 @@ async def test_a_cursor_below_pruned_rows_syncs_on_from_what_is_left(stack: Stac
         assert list(page.entries) == [] and page.pruned_through_seq > 0
 
         fresh = await sender.send(conv, "fresh")
-        async with Client(stack.gateway_addresses, stack.mint(ben, "b1")) as reader:
+        async with Client(stack.gateway_addresses, stack.mint(ben, "b1"), insecure=True) as reader:
             inbox = Inbox(reader, "ben/b1")
             await inbox.wait_for(1, 30)
             assert [m.msg_id for m in inbox.messages] == [fresh.msg_id]
