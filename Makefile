@@ -16,8 +16,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab bench-idle chaos k8s-check alerts-check images \
-        sdk clean lock
+        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos k8s-check alerts-check \
+        images sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -96,6 +96,9 @@ bench-logic: deps ## Benchmark logic SendMessage and fan-out
 
 bench: deps ## End-to-end benchmark
 	$(PY) bench/e2e.py
+
+bench-prune: deps ## Retention pruning of 2 x 1M rows under 300 sends/s (bench/prune.py)
+	$(PY) bench/prune.py
 
 AB_PRESET ?= liveness
 bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching)

@@ -18,8 +18,12 @@ phases; logic is restarted with other settings between them:
 1. off: no pruning, `--off-s` seconds;
 2. on: retention 75 days (cohort A expires), until the pruner has deleted all of
    cohort A (or `--max-on-s`);
-3. off again;
-4. on: retention 25 days (cohort B expires), until it is deleted.
+3. vacuum: an explicit VACUUM of the pruned tables, under the same load (the dead
+   rows are the rest of a prune's cost; autovacuum would do it anyway, in the
+   middle of the next phase);
+4. off again;
+5. on: retention 25 days (cohort B expires), until it is deleted;
+6. vacuum.
 
 For each phase: the send latency (p50/p99/p999/max), the sends that failed, and
 `foreign_cores` (CPU used meanwhile by processes outside the benchmark: the
@@ -374,6 +378,32 @@ async def phase_on(
     }
 
 
+async def phase_vacuum(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """VACUUM of the pruned tables under the same load, right after an 'on'
+    phase: the dead rows a prune leaves are the other half of its cost (an
+    explicit VACUUM takes over from autovacuum, so the next 'off' phase starts
+    clean and this cost is measured apart)."""
+    load = Load(stack.logics[0].address, args.rate)
+    stop = asyncio.Event()
+    foreign = Foreign(stack)
+    runner = asyncio.create_task(load.run(stop))
+    t0 = time.monotonic()
+    async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
+        await conn.execute("VACUUM (ANALYZE) timeline, messages, send_dedup, timeline_floor")
+    took = time.monotonic() - t0
+    stop.set()
+    await runner
+    await load.close()
+    return {
+        "pruning": False,
+        "vacuum": True,
+        "seconds": round(took, 1),
+        "errors": load.errors,
+        **latency(load.samples),
+        "foreign_cores": foreign.cores(),
+    }
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stack = Stack(
         workdir,
@@ -408,6 +438,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 n = counts[cohort]
                 expect = {"timeline": 2 * n, "messages": n - convs, "send_dedup": n}
                 phases.append(await phase_on(stack, args, port, days, expect))
+                log(json.dumps(phases[-1]))
+                log(f"phase {len(phases) + 1}: vacuum")
+                phases.append(await phase_vacuum(stack, args))
             log(json.dumps(phases[-1]))
         return {
             "config": {
@@ -456,6 +489,7 @@ def main() -> int:
                 k: p.get(k)
                 for k in (
                     "pruning",
+                    "vacuum",
                     "p50_ms",
                     "p99_ms",
                     "errors",

@@ -301,16 +301,16 @@ class Settings(ServerSettings):
         20.0,
         ge=0,
         le=60_000,
-        description="Shortest pause between two pruning rounds while there is work.",
+        description="Shortest pause between two pruning transactions while there is work.",
     )
     retention_busy_share: float = Field(
         0.25,
         gt=0,
         le=1,
         description="Most share of the time the pruner spends in its transactions while "
-        "it has a backlog: after a round that took t seconds it pauses t * (1/share - 1) "
-        "(at least the batch pause). 1: rounds back to back. Bounds what a large backlog "
-        "(retention switched on for old data) costs the sends (docs/lifecycle.md).",
+        "it has a backlog: after a transaction that took t seconds it pauses "
+        "t * (1/share - 1) (at least the batch pause). 1: back to back. Bounds what a large "
+        "backlog (retention switched on for old data) costs the sends (docs/lifecycle.md).",
     )
 
     # -- TEST-ONLY fault switches (see the class docstring) ----------------------

@@ -31,9 +31,9 @@ a fan-out or a sync waits for:
 Several logic processes may run a pruner: each batch locks the one progress row
 (`retention_state`) with SKIP LOCKED, so at most one batch runs at a time and a
 pruner that finds it locked skips that round. Passes start at most every
-`pass_interval_s`; while there is work, a pause after each round keeps the time
-spent pruning at most `busy_share` of the wall time (bench/prune.py measures what
-that costs the sends).
+`pass_interval_s`; while there is work, a pause after each batch keeps the time
+spent pruning at most `busy_share` of the wall time, in short bursts
+(bench/prune.py measures what that costs the sends).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from logic import repo
@@ -113,35 +113,37 @@ class Pruner:
         self._idle_per_busy = 1 / busy_share - 1
 
     async def run(self) -> None:
-        """Background loop: while there is work, rounds with a pause after each
-        that keeps the time spent in rounds at most `busy_share` of the wall time
-        (and at least `pause_s`); else a round every `interval_s`. A failed round
-        is logged and retried; only cancellation ends it."""
+        """Background loop: while there is work, one batch at a time, each
+        followed by a pause that keeps the time spent in batches at most
+        `busy_share` of the wall time (and at least `pause_s`): short bursts,
+        spread out, rather than one long one; when idle, a round every
+        `interval_s`. A failed batch is logged and retried after the interval;
+        only cancellation ends the loop."""
         if not self._policy.enabled:
             return
         while True:
-            started = time.monotonic()
-            try:
-                done = await self.prune_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("pruning round failed", extra={"error": repr(exc)})
-                done = Round()
-            busy = time.monotonic() - started
-            pause = max(self._pause, busy * self._idle_per_busy)
-            await asyncio.sleep(pause if done.more else self._interval)
+            more = False
+            for table, step in self._steps():
+                started = time.monotonic()
+                try:
+                    _, busy, _ = await self._run_step(table, step, True)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("pruning batch failed", extra={"table": table, "error": repr(exc)})
+                    busy = False
+                more = more or busy
+                if busy:
+                    took = time.monotonic() - started
+                    await asyncio.sleep(max(self._pause, took * self._idle_per_busy))
+            if not more:
+                await asyncio.sleep(self._interval)
 
-    async def prune_once(self, may_start: set[str] | None = None) -> Round:
-        """One batch of each kind of row the policy prunes (each its own
-        transaction), in the order timeline, messages, send_dedup, outbox.
-        `may_start` names the kinds that may start a new pass (None: all; a pass
-        also waits for its interval); a started pass always goes on. Returns what
-        was deleted; `more`: some kind has work left right now. `started` (out)
-        gets the kinds that started a pass."""
-        out = Round()
+    def _steps(self) -> list[tuple[str, Callable[[bool], Awaitable[tuple[int, bool, bool]]]]]:
+        """The kinds the policy prunes, in order: timeline before messages (a
+        message pass waits for the end of a timeline pass)."""
         p = self._policy
-        steps = []
+        steps: list[tuple[str, Callable[[bool], Awaitable[tuple[int, bool, bool]]]]] = []
         if p.timeline_s:
             steps.append(("timeline", self._timeline_batch))
         if p.messages_s:
@@ -150,13 +152,31 @@ class Pruner:
             steps.append(("send_dedup", self._dedup_batch))
         if p.outbox_s:
             steps.append(("outbox", self._outbox_batch))
-        for table, step in steps:
-            may = may_start is None or table in may_start
-            with self._db.errors(), self._tel.db(f"prune_{table}") as span:
-                deleted, more, started = await step(may)
-                span.set_attributes({"im.rows": deleted, "im.more": more})
-            if deleted:
-                self._tel.pruned_rows.labels(table).inc(deleted)
+        return steps
+
+    async def _run_step(
+        self, table: str, step: Callable[[bool], Awaitable[tuple[int, bool, bool]]], may: bool
+    ) -> tuple[int, bool, bool]:
+        """One batch of one kind, in its span, counted."""
+        with self._db.errors(), self._tel.db(f"prune_{table}") as span:
+            deleted, more, started = await step(may)
+            span.set_attributes({"im.rows": deleted, "im.more": more})
+        if deleted:
+            self._tel.pruned_rows.labels(table).inc(deleted)
+        return deleted, more, started
+
+    async def prune_once(self, may_start: set[str] | None = None) -> Round:
+        """One batch of each kind of row the policy prunes (each its own
+        transaction), in the order timeline, messages, send_dedup, outbox.
+        `may_start` names the kinds that may start a new pass (None: all; a pass
+        also waits for its interval); a started pass always goes on. Returns what
+        was deleted; `more`: some kind has work left right now; `started`: the
+        kinds that started a pass."""
+        out = Round()
+        for table, step in self._steps():
+            deleted, more, started = await self._run_step(
+                table, step, may_start is None or table in may_start
+            )
             if started:
                 out.started.add(table)
             out.deleted[table] = deleted
