@@ -10,7 +10,7 @@ import time
 import grpc
 import psycopg
 import pytest
-from e2e_support import Inbox, uid
+from e2e_support import Inbox, uid, wait_until
 from psycopg_pool import AsyncConnectionPool
 
 from im.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -54,6 +54,13 @@ async def test_a_cursor_below_pruned_rows_syncs_on_from_what_is_left(stack: Stac
     conv = direct_conversation_id(ann, ben)
     async with Client(stack.gateway_addresses, stack.mint(ann, "a1"), insecure=True) as sender:
         old = [await sender.send(conv, f"old-{i}") for i in range(5)]
+
+        def fanned_out() -> bool:
+            with psycopg.connect(stack.database_url) as conn:
+                row = conn.execute("SELECT count(*) FROM timeline WHERE user_id = %s", (ben,))
+                return row.fetchone() == (len(old),)
+
+        await wait_until(fanned_out, 30, "the old messages in ben's timeline")
         # Ben's device saw none of these. Now they are 40 days old (and so is
         # everything stored before them: message times rise with msg_id), and pruned.
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
