@@ -54,6 +54,15 @@ log = logging.getLogger(__name__)
 
 Code = gateway_pb2.SendErrorCode
 
+#: Kinds of Send that carry a body (the others are events with an empty one).
+BODY_KINDS = frozenset(
+    {
+        common_pb2.MESSAGE_KIND_UNSPECIFIED,
+        common_pb2.MESSAGE_KIND_MESSAGE,
+        common_pb2.MESSAGE_KIND_EDIT,
+    }
+)
+
 MAX_CLIENT_MSG_ID_CHARS = 128
 MAX_CONVERSATION_ID_CHARS = 200
 
@@ -641,8 +650,13 @@ class Connection:
         limit = self.settings.max_body_bytes
         if len(send.body) > limit:
             return f"body is {len(send.body)} bytes; the limit is {limit} (Welcome.max_body_bytes)"
-        if not send.body:
-            return "body is empty"
+        if send.kind not in common_pb2.MessageKind.values():
+            return f"kind {send.kind} is not an im.common.v1.MessageKind value"
+        if send.kind in BODY_KINDS:
+            if not send.body:
+                return "body is empty"
+        elif send.body:
+            return f"a {common_pb2.MessageKind.Name(send.kind)} has no body; send it empty"
         if not send.client_msg_id:
             return "client_msg_id is empty (use a UUID, the same across retransmits)"
         if len(send.client_msg_id) > MAX_CLIENT_MSG_ID_CHARS:

@@ -400,10 +400,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         resp = await _forward(
             context,
             self._logic.stub.ListConversations(
-                logic_pb2.ListConversationsRequest(user_id=me.user_id), timeout=self._timeout
+                logic_pb2.ListConversationsRequest(
+                    user_id=me.user_id,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                ),
+                timeout=self._timeout,
             ),
         )
-        return gateway_pb2.ListConversationsResponse(conversations=resp.conversations)
+        return gateway_pb2.ListConversationsResponse(
+            conversations=resp.conversations, next_page_token=resp.next_page_token
+        )
+
+    async def GetReceipts(
+        self, request: gateway_pb2.GetReceiptsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetReceiptsResponse:
+        me = current_identity()
+        resp = await _forward(
+            context,
+            self._logic.stub.GetReceipts(
+                logic_pb2.GetReceiptsRequest(
+                    user_id=me.user_id,
+                    conversation_id=request.conversation_id,
+                    conv_seq=request.conv_seq,
+                    list_readers=request.list_readers,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return gateway_pb2.GetReceiptsResponse(
+            member_count=resp.member_count,
+            read_count=resp.read_count,
+            reader_ids=resp.reader_ids,
+            next_page_token=resp.next_page_token,
+            delivered=resp.delivered,
+        )
 
 
 # -- the internal service ------------------------------------------------------

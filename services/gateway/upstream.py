@@ -190,6 +190,8 @@ class LogicClient:
             conversation_id=send.conversation_id,
             content_type=send.content_type,
             body=send.body,
+            kind=send.kind,
+            target_conv_seq=send.target_conv_seq,
         )
         give_up_at = time.monotonic() + self.retry_s
         delay = 0.05
