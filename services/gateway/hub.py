@@ -124,7 +124,8 @@ class Hub:
         retries (imcommon.redisconn, about 1 s)."""
         old = self._conns.get(conn.key)
         self._conns[conn.key] = conn
-        self._by_user.setdefault(conn.identity.user_id, {})[conn.identity.device_id] = conn
+        user, device = conn.key
+        self._by_user.setdefault(user, {})[device] = conn
         if old is not None:
             log.info("kicking replaced connection", extra=old.log_extra())
             old.kick(REPLACED)

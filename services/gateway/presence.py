@@ -341,7 +341,7 @@ class PresenceService:
         limit = self._settings.presence_max_subscriptions
         if len(st.subs.keys() | set(users)) > limit:
             raise Refused(INVALID_ARGUMENT, f"more than {limit} subscriptions per connection")
-        await self._check_visible(conn.identity.user_id, users)
+        await self._check_visible(conn.key[0], users)
         states = await self._read(users)
         if st.closed:
             return
