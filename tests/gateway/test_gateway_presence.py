@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from gwkit import SECRET, RawStream, token_for, wait_for
 from redis.exceptions import ConnectionError as RedisConnectionError
+from test_gateway_typing import FakeStream
 
 from gateway.config import Settings
 from gateway.connection import Connection
@@ -28,7 +29,6 @@ from im.gateway.v1 import gateway_internal_pb2, gateway_internal_pb2_grpc, gatew
 from imcommon.metrics import Metrics
 from imcommon.server import server_options
 from imdev.servers import RedisServer, free_port
-from test_gateway_typing import FakeStream
 
 Code = gateway_pb2.FrameErrorCode
 
@@ -246,7 +246,7 @@ async def test_subscribing_to_a_stranger_refuses_the_whole_frame() -> None:
 
 
 async def test_subscriptions_are_bounded_and_frames_rate_limited() -> None:
-    svc, store, visibility = service(
+    svc, _, visibility = service(
         presence_max_subscriptions=2, presence_subscribe_rate_per_s=0.01, presence_subscribe_burst=1
     )
     visibility.shared_with["alice"] = {"bob", "carol", "dave"}
