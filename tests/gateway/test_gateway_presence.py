@@ -69,12 +69,18 @@ async def test_a_dead_gateways_route_reads_offline_after_its_ttl_last_seen_its_l
     redis: aioredis.Redis, key_prefix: str
 ) -> None:
     """Nobody removes the route (its gateway was killed): it is offline once the
-    route's TTL passed, and last seen is the route's last write."""
+    route's TTL passed, and last seen is the route's last write. Another device's
+    route, written later with a long TTL and removed, keeps the user's route hash
+    alive: only the dead route's own expiry can tell."""
     prefix = f"{key_prefix}:"
     routes = RouteTable(redis, prefix, ttl_s=0.5)
     store = PresenceStore(redis, prefix)
     await routes.register("bob", "phone", "c1", "gw:dead")
+    long_lived = RouteTable(redis, prefix, ttl_s=30)
+    await long_lived.register("bob", "laptop", "c2", "gw:live")
+    await long_lived.unregister("bob", "laptop", "c2")
     written = int(time.time() * 1000)
+    assert await redis.pttl(routes.key("bob")) > 10_000
     assert (await store.read(["bob"]))["bob"].online
     state = await wait_for(
         lambda: _offline(store, "bob"), timeout=3, interval=0.05, what="bob offline"
