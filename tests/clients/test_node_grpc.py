@@ -8,31 +8,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import uuid
-from pathlib import Path
-
-import pytest
 
 from imdev.stack import Stack
+from node_support import ROOT, needs_node, npm_ci
 
-ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "node-grpc"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None,
-    reason="node and npm are not installed (make system-deps installs Debian's nodejs and npm)",
-)
-
-
-def _npm_ci(directory: Path) -> None:
-    """Installs the locked dependencies when they are missing (a fresh clone)."""
-    if (directory / "node_modules").is_dir():
-        return
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund"], cwd=directory, check=True, timeout=600
-    )
+pytestmark = needs_node
 
 
 def _count(output: str, what: str) -> int:
@@ -42,7 +26,7 @@ def _count(output: str, what: str) -> int:
 
 
 def test_node_grpc_client_against_the_stack(stack: Stack) -> None:
-    _npm_ci(CLIENT)
+    npm_ci(CLIENT)
     tag = uuid.uuid4().hex[:8]
     user_a, user_b = f"node_a_{tag}", f"node_b_{tag}"
     env = {
@@ -56,7 +40,7 @@ def test_node_grpc_client_against_the_stack(stack: Stack) -> None:
         "IM_TOKEN_B": stack.mint(user_b, "node-b"),
     }
     result = subprocess.run(
-        ["node", "--test", "--test-reporter=tap", "test/"],
+        ["node", "--test", "--test-reporter=tap", "test/stack.test.js"],
         cwd=CLIENT,
         env=env,
         capture_output=True,
