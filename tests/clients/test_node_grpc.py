@@ -11,8 +11,9 @@ import re
 import subprocess
 import uuid
 
-from imdev.stack import Stack
 from node_support import ROOT, needs_node, npm_ci
+
+from imdev.stack import Stack
 
 CLIENT = ROOT / "clients" / "node-grpc"
 

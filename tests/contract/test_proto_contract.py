@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from node_support import ROOT, needs_node, npm_ci
 
 pytestmark = needs_node
@@ -20,7 +19,6 @@ pytestmark = needs_node
 BUF_DIR = ROOT / "tools" / "buf"
 SCRIPT = Path("tools") / "buf" / "proto-check.sh"
 GATEWAY_PROTO = Path("protos") / "im" / "gateway" / "v1" / "gateway.proto"
-SEND_CLIENT_ID = "message Send {"
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +156,7 @@ def test_proto_check_compares_with_the_last_release_tag(buf: str, repo: Path) ->
     assert "against the last release tag v1.1.0" in out and '"client_id"' in out, out
 
 
-def test_proto_check_on_main_before_a_release_uses_the_first_protos(
-    buf: str, repo: Path
-) -> None:
+def test_proto_check_on_main_before_a_release_uses_the_first_protos(buf: str, repo: Path) -> None:
     """On main itself the merge base is HEAD (nothing to compare): the baseline is
     then the first commit with protos/, so main can never break what it published."""
     _add_send_field(repo)
