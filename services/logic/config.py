@@ -117,6 +117,36 @@ class Settings(ServerSettings):
         "exceed this (has_more tells the caller to continue). Must stay below the callers' "
         "gRPC receive limit (4 MiB by default).",
     )
+    # -- conversation state (state.py, conversations.py) -------------------------
+    edit_window_s: float = Field(
+        86_400.0,
+        ge=0,
+        le=365 * 86_400,
+        description="How long after a message its sender may edit it (seconds).",
+    )
+    recall_window_s: float = Field(
+        86_400.0,
+        ge=0,
+        le=365 * 86_400,
+        description="How long after a message its sender (or a group's owner) may recall it "
+        "(seconds).",
+    )
+    unread_count_cap: int = Field(
+        9999,
+        ge=1,
+        le=1_000_000,
+        description="ListConversations counts unread messages up to this many per "
+        "conversation (Conversation.unread_capped says the cap was hit).",
+    )
+    conversations_default_page: int = Field(
+        100, ge=1, le=500, description="ListConversations page size when the request says 0."
+    )
+    conversations_max_page: int = Field(
+        500, ge=1, le=5000, description="Largest ListConversations page."
+    )
+    receipts_max_page: int = Field(
+        1000, ge=1, le=10_000, description="Most reader ids in one GetReceipts page."
+    )
     sync_default_limit: int = Field(
         100, ge=1, le=10_000, description="SyncMessages page size when the request says 0."
     )

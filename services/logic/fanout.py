@@ -53,7 +53,7 @@ from logic.ids import (
     parse_conversation_id,
     user_seq_key,
 )
-from logic.model import Delivery, FanoutResult, StoredMessage
+from logic.model import EVERY_MEMBER, RECEIPTS, Delivery, FanoutResult, StoredMessage
 from logic.seq import SeqSource
 from logic.store import Database
 from logic.telemetry import Telemetry, ids
@@ -83,6 +83,25 @@ class _Page:
     cursor: str
     stopped: bool  # the page ended before the last candidate message was complete
     size: int = 0  # accounted response bytes, including what came before the page
+
+
+def _by_kind(
+    conv: ConversationId, members: Callable[[StoredMessage], list[str]]
+) -> Callable[[StoredMessage], list[str]]:
+    """Who gets a timeline entry of each kind (common.proto MessageKind): chat
+    messages, edits and recalls go to every member (`members`); a READ or DELIVERED
+    to its sender's own timeline and, in a direct conversation, to the peer's (the
+    receipt); a DELETE_FOR_ME to its sender's only. A receipt in a group is never
+    fanned out to the other members: they query it (GetReceipts)."""
+
+    def recipients(msg: StoredMessage) -> list[str]:
+        if msg.kind in EVERY_MEMBER:
+            return members(msg)
+        if msg.kind in RECEIPTS and conv.is_direct:
+            return list(conv.pair)
+        return [msg.sender_id]
+
+    return recipients
 
 
 class Fanout:
@@ -327,8 +346,10 @@ class Fanout:
         """`_recipients` from ranges read beforehand."""
         if conv.is_direct:
             pair = list(conv.pair)
-            return lambda _msg: pair
-        return lambda msg: sorted({u for u, lo, hi in ranges if lo < msg.conv_seq <= hi})
+            return _by_kind(conv, lambda _msg: pair)
+        return _by_kind(
+            conv, lambda msg: sorted({u for u, lo, hi in ranges if lo < msg.conv_seq <= hi})
+        )
 
     async def _fanout(self, conv: ConversationId, limit: int) -> tuple[FanoutResult, int]:
         """The Fanout transaction; returns the result and how many rows it wrote."""
@@ -372,11 +393,13 @@ class Fanout:
         the messages the page reaches)."""
         if conv.is_direct:
             pair = list(conv.pair)
-            return lambda _msg: pair
+            return _by_kind(conv, lambda _msg: pair)
         ranges = await repo.members_between(
             conn, conv.value, messages[0].conv_seq, messages[-1].conv_seq
         )
-        return lambda msg: sorted({u for u, lo, hi in ranges if lo < msg.conv_seq <= hi})
+        return _by_kind(
+            conv, lambda msg: sorted({u for u, lo, hi in ranges if lo < msg.conv_seq <= hi})
+        )
 
     def _plan(
         self,

@@ -122,28 +122,6 @@ class Groups:
         members = sorted(set(state.members) - set(gone))
         return Conversation(conv.value, KIND_GROUP, state.name, owner, members, state.last_conv_seq)
 
-    async def list_conversations(self, user_id: str) -> list[Conversation]:
-        """The user's groups and the direct conversations with messages the user is
-        part of, by conversation id, each with its current members and
-        last_conv_seq."""
-        check_user_id(user_id)
-        with self._db.errors(), self._tel.db("list_conversations", {"im.user_id": user_id}):
-            async with self._db.pool.connection() as conn:
-                convs = await repo.conversations_of(conn, user_id)
-                groups = [c.conversation_id for c in convs if c.kind == KIND_GROUP]
-                members = await repo.current_members(conn, groups) if groups else {}
-        return [
-            Conversation(
-                c.conversation_id,
-                c.kind,
-                c.name,
-                c.owner_id,
-                members.get(c.conversation_id, c.member_ids),
-                c.last_conv_seq,
-            )
-            for c in convs
-        ]
-
     # -- helpers -------------------------------------------------------------------
 
     def _check_members(self, member_ids: Sequence[str], *, allow_empty: bool) -> set[str]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from logic.errors import InvalidArgument
+from logic.errors import FailedPrecondition, InvalidArgument
 
 _ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _CLIENT_MSG_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -141,3 +143,24 @@ def _show(value: str) -> str:
     if len(value) > 80:
         return repr(value[:80] + "...")
     return repr(value)
+
+
+def dedup_window_refusal(client_msg_id: str, window_ms: float) -> FailedPrecondition | None:
+    """The refusal of an unknown id made before the dedup window began (a UUIDv7
+    carries its time; window_ms 0: keys are kept forever, nothing is refused). Its
+    key, had it been stored, may have been pruned (retention.py): storing it now
+    could be a second copy, so it is refused, loudly. Ids of other forms carry no
+    time; their keys are never pruned."""
+    if not window_ms:
+        return None
+    made_ms = uuid7_time_ms(client_msg_id)
+    if made_ms is None or made_ms >= time.time() * 1000 - window_ms:
+        return None
+    made = datetime.fromtimestamp(made_ms / 1000, UTC).isoformat(timespec="seconds")
+    days = window_ms / 86_400_000
+    return FailedPrecondition(
+        f"client_msg_id {client_msg_id} was made at {made}, before the dedup window "
+        f"of {days:g} days (IM_LOGIC_RETENTION_DEDUP_DAYS): it may have been stored "
+        "already and its dedup key deleted, so it is not stored (no second copy). "
+        "If it is a new message, send it with a new client_msg_id"
+    )

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# im.common.v1.MessageKind values, as stored in messages.kind.
+KIND_MESSAGE = 1
+KIND_EDIT = 2
+KIND_RECALL = 3
+KIND_READ = 4
+KIND_DELIVERED = 5
+KIND_DELETE_FOR_ME = 6
+#: Kinds fanned out to every member; the others go to their sender (and, for
+#: RECEIPTS in a direct conversation, to the peer).
+EVERY_MEMBER = frozenset({KIND_MESSAGE, KIND_EDIT, KIND_RECALL})
+RECEIPTS = frozenset({KIND_READ, KIND_DELIVERED})
+
 
 @dataclass(frozen=True)
 class StoredMessage:
@@ -16,6 +28,12 @@ class StoredMessage:
     content_type: int
     body: bytes
     server_time_ms: int
+    kind: int = 1  # im.common.v1.MessageKind (1: a chat message)
+    target_conv_seq: int = 0
+    edited_at_ms: int = 0
+    recalled: bool = False
+    #: Set only as served to the user who deleted it for itself (body then empty).
+    deleted_for_me: bool = False
 
     @property
     def wire_size(self) -> int:
@@ -82,3 +100,9 @@ class Conversation:
     owner_id: str = ""
     member_ids: list[str] = field(default_factory=list)
     last_conv_seq: int = 0
+    read_conv_seq: int = 0
+    unread_count: int = 0
+    unread_capped: bool = False
+    last_activity_ms: int = 0
+    peer_read_conv_seq: int = 0
+    peer_delivered_conv_seq: int = 0

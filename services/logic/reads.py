@@ -92,9 +92,11 @@ class Reader:
     async def history(
         self, user_id: str, conversation_id: str, before_conv_seq: int, limit: int
     ) -> HistoryPage:
-        """Messages of a conversation below before_conv_seq (0: from the newest),
-        newest first. Only for its members, and a group member sees the messages of
-        its membership ranges only (what it received)."""
+        """Chat messages of a conversation below before_conv_seq (0: from the
+        newest), newest first, as they are now (edited bodies, recalled ones empty;
+        events are not listed: they are timeline entries, see Sync). Only for its
+        members, and a group member sees the messages of its membership ranges only
+        (what it received)."""
         check_user_id(user_id)
         conv = parse_conversation_id(conversation_id)
         if before_conv_seq < 0:
@@ -122,7 +124,7 @@ class Reader:
                         raise PermissionDenied(f"{user_id} is not a member of {conv.value}")
                     ranges = [(lo, hi) for lo, hi, _ in found]
                 rows = await repo.history_page(
-                    conn, conv.value, before, ranges, limit + 1, self._budget
+                    conn, user_id, conv.value, before, ranges, limit + 1, self._budget
                 )
         messages: list[StoredMessage] = []
         size = 0

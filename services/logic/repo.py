@@ -9,7 +9,7 @@ Nothing here decides anything: the domain modules do.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,11 @@ MAX_BIGINT = 2**63 - 1
 
 _MESSAGE_COLUMNS = (
     "m.msg_id, m.conversation_id, m.conv_seq, m.sender_id, m.sender_device_id, "
-    "m.client_msg_id, m.content_type, m.body, m.server_time_ms"
+    "m.client_msg_id, m.content_type, m.body, m.server_time_ms, "
+    "m.kind, m.target_conv_seq, m.edited_at_ms, m.recalled"
 )
+#: Columns of one message in a row (`_message`).
+_NCOLS = 13
 # The same from a subquery `m` with a boolean column `fits`: the body only where it
 # fits (a body past the page's byte budget is never read), then `fits`.
 _PAGED_COLUMNS = _MESSAGE_COLUMNS.replace("m.body", "CASE WHEN m.fits THEN m.body END") + ", m.fits"
@@ -40,7 +43,7 @@ async def migrate(conninfo: str) -> list[str]:
 
 
 def _message(row: Sequence[Any], offset: int = 0) -> StoredMessage:
-    r = row[offset : offset + 9]
+    r = row[offset : offset + _NCOLS]
     return StoredMessage(
         msg_id=r[0],
         conversation_id=r[1],
@@ -51,7 +54,16 @@ def _message(row: Sequence[Any], offset: int = 0) -> StoredMessage:
         content_type=r[6],
         body=bytes(r[7]) if r[7] is not None else b"",
         server_time_ms=r[8],
+        kind=r[9],
+        target_conv_seq=r[10] or 0,
+        edited_at_ms=r[11] or 0,
+        recalled=r[12],
     )
+
+
+def _hidden(m: StoredMessage, hidden: bool) -> StoredMessage:
+    """The message as served to a user who deleted it for itself: no body."""
+    return replace(m, body=b"", deleted_for_me=True) if hidden else m
 
 
 # -- locks ---------------------------------------------------------------------------
@@ -159,6 +171,8 @@ class NewMessage:
     content_type: int
     body: bytes
     direct_pair: tuple[str, ...]  # (a, b) of a direct conversation, () for a group
+    kind: int = 1  # im.common.v1.MessageKind (1: a chat message)
+    target_conv_seq: int | None = None
 
 
 async def insert_messages_tx(
@@ -183,13 +197,16 @@ async def insert_messages_tx(
         WITH input AS (
             SELECT * FROM unnest(%(conv)s::text[], %(conv_seq)s::int8[], %(sender)s::text[],
                                  %(device)s::text[], %(cmid)s::text[], %(seq)s::int8[],
-                                 %(ctype)s::int2[], %(body)s::bytea[])
-                WITH ORDINALITY AS t (conv, conv_seq, sender, device, cmid, seq, ctype, body, i)
+                                 %(ctype)s::int2[], %(body)s::bytea[], %(kind)s::int2[],
+                                 %(target)s::int8[])
+                WITH ORDINALITY AS t (conv, conv_seq, sender, device, cmid, seq, ctype, body,
+                                      kind, target, i)
         ), msg AS (
             INSERT INTO messages (conversation_id, conv_seq, sender_id, sender_device_id,
-                                  client_msg_id, sender_seq, content_type, body, server_time_ms)
+                                  client_msg_id, sender_seq, content_type, body, server_time_ms,
+                                  kind, target_conv_seq)
             SELECT conv, conv_seq, sender, device, cmid, seq, ctype, body,
-                   (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                   (extract(epoch FROM clock_timestamp()) * 1000)::bigint, kind, target
             FROM input ORDER BY i
             RETURNING msg_id, conversation_id, conv_seq, sender_id, client_msg_id, sender_seq,
                       server_time_ms
@@ -235,6 +252,8 @@ async def insert_messages_tx(
             "seq": [m.sender_seq for m in msgs],
             "ctype": [m.content_type for m in msgs],
             "body": [m.body for m in msgs],
+            "kind": [m.kind for m in msgs],
+            "target": [m.target_conv_seq for m in msgs],
             "dedup": dedup,
             "outbox": outbox,
             "repair_after": repair_after_s,
@@ -304,7 +323,7 @@ async def messages_above_tx(
         """,
         {"conv": conv, "wm": watermark, "limit": limit, "budget": body_budget},
     )
-    return [(_message(r), bool(r[9])) for r in await cur.fetchall()]
+    return [(_message(r), bool(r[_NCOLS])) for r in await cur.fetchall()]
 
 
 async def members_between(conn: Conn, conv: str, lo: int, hi: int) -> list[tuple[str, int, int]]:
@@ -462,7 +481,7 @@ async def messages_above_many_tx(
             "budget": body_budget,
         },
     )
-    return [(int(r[0]), _message(r, 1), bool(r[10])) for r in await cur.fetchall()]
+    return [(int(r[0]), _message(r, 1), bool(r[_NCOLS + 1])) for r in await cur.fetchall()]
 
 
 async def members_between_many(
@@ -619,7 +638,10 @@ async def timeline_page(
     page is empty."""
     cur = await conn.execute(
         f"""
-        SELECT f.floor, p.seq, {_PAGED_COLUMNS.replace("m.", "p.")} FROM (
+        SELECT f.floor, p.seq, {_PAGED_COLUMNS.replace("m.", "p.")},
+               p.fits AND EXISTS (SELECT 1 FROM hidden_messages h
+                                  WHERE h.user_id = %(u)s AND h.msg_id = p.msg_id)
+        FROM (
             SELECT coalesce((SELECT floor_seq FROM timeline_floor WHERE user_id = %(u)s), 0)
         ) AS f (floor)
         LEFT JOIN LATERAL (
@@ -636,7 +658,11 @@ async def timeline_page(
     )
     rows = await cur.fetchall()
     floor = int(rows[0][0]) if rows else 0
-    return floor, [(int(r[1]), _message(r, 2) if r[11] else None) for r in rows if r[1] is not None]
+    return floor, [
+        (int(r[1]), _hidden(_message(r, 2), r[_NCOLS + 3]) if r[_NCOLS + 2] else None)
+        for r in rows
+        if r[1] is not None
+    ]
 
 
 async def store_epoch(conn: Conn) -> str:
@@ -679,6 +705,7 @@ async def timeline_heads(conn: Conn, users: Sequence[str]) -> list[int]:
 
 async def history_page(
     conn: Conn,
+    user: str,
     conv: str,
     before_conv_seq: int,
     ranges: Sequence[tuple[int, int]],
@@ -690,12 +717,15 @@ async def history_page(
     floor = min(lo for lo, _ in ranges)
     cur = await conn.execute(
         f"""
-        SELECT {_PAGED_COLUMNS} FROM (
+        SELECT {_PAGED_COLUMNS},
+               m.fits AND EXISTS (SELECT 1 FROM hidden_messages h
+                                  WHERE h.user_id = %(u)s AND h.msg_id = m.msg_id)
+        FROM (
             SELECT m.*, sum(octet_length(m.body)) OVER (
                        ORDER BY m.conv_seq DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
                    ) - octet_length(m.body) < %(budget)s AS fits
             FROM messages m
-            WHERE m.conversation_id = %(conv)s AND m.conv_seq < %(before)s
+            WHERE m.conversation_id = %(conv)s AND m.kind = 1 AND m.conv_seq < %(before)s
               AND m.conv_seq > %(floor)s
               AND EXISTS (SELECT 1 FROM unnest(%(lo)s::int8[], %(hi)s::int8[]) AS r (lo, hi)
                           WHERE m.conv_seq > r.lo AND m.conv_seq <= r.hi)
@@ -704,6 +734,7 @@ async def history_page(
         ORDER BY m.conv_seq DESC
         """,
         {
+            "u": user,
             "conv": conv,
             "before": before_conv_seq,
             "floor": floor,
@@ -713,7 +744,9 @@ async def history_page(
             "budget": body_budget,
         },
     )
-    return [_message(r) if r[9] else None for r in await cur.fetchall()]
+    return [
+        _hidden(_message(r), r[_NCOLS + 1]) if r[_NCOLS] else None for r in await cur.fetchall()
+    ]
 
 
 async def member_ranges(conn: Conn, conv: str, user: str) -> list[tuple[int, int, bool]]:
@@ -727,34 +760,6 @@ async def member_ranges(conn: Conn, conv: str, user: str) -> list[tuple[int, int
         (MAX_BIGINT, conv, user),
     )
     return [(int(r[0]), int(r[1]), bool(r[2])) for r in await cur.fetchall()]
-
-
-async def conversations_of(conn: Conn, user: str) -> list[Conversation]:
-    """The groups the user is a member of and the direct conversations with
-    messages the user is part of, by id, with last_conv_seq (members not filled)."""
-    cur = await conn.execute(
-        """
-        WITH mine AS (
-            SELECT conversation_id FROM members WHERE user_id = %(u)s AND left_after IS NULL
-            UNION
-            SELECT conversation_id FROM conversations WHERE kind = 1 AND direct_user_a = %(u)s
-            UNION
-            SELECT conversation_id FROM conversations WHERE kind = 1 AND direct_user_b = %(u)s
-        )
-        SELECT c.conversation_id, c.kind, c.name, coalesce(c.owner_id, ''),
-               c.direct_user_a, c.direct_user_b,
-               coalesce((SELECT max(conv_seq) FROM messages m
-                         WHERE m.conversation_id = c.conversation_id), 0)
-        FROM conversations c JOIN mine USING (conversation_id)
-        ORDER BY c.conversation_id
-        """,
-        {"u": user},
-    )
-    out = []
-    for r in await cur.fetchall():
-        members = [r[4], r[5]] if r[1] == 1 else []
-        out.append(Conversation(r[0], r[1], r[2], r[3], members, int(r[6])))
-    return out
 
 
 async def current_members(conn: Conn, convs: Sequence[str]) -> dict[str, list[str]]:
@@ -1184,3 +1189,259 @@ async def advance_msg_ids(conn: Conn, margin: int) -> int:
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])
+
+
+# -- conversation events (state.py) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    msg_id: int
+    sender_id: str
+    kind: int
+    recalled: bool
+    server_time_ms: int
+
+
+async def target_message_tx(conn: Conn, conv: str, conv_seq: int) -> Target | None:
+    """The row at (conversation, conv_seq), for an event acting on it."""
+    cur = await conn.execute(
+        "SELECT msg_id, sender_id, kind, recalled, server_time_ms FROM messages "
+        "WHERE conversation_id = %s AND conv_seq = %s",
+        (conv, conv_seq),
+    )
+    row = await cur.fetchone()
+    return Target(int(row[0]), row[1], int(row[2]), bool(row[3]), int(row[4])) if row else None
+
+
+async def in_timeline(conn: Conn, user: str, msg_id: int) -> bool:
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM timeline WHERE user_id = %s AND msg_id = %s)",
+        (user, msg_id),
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def group_owner(conn: Conn, conv: str) -> str | None:
+    cur = await conn.execute(
+        "SELECT owner_id FROM conversations WHERE conversation_id = %s AND kind = 2", (conv,)
+    )
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def position_tx(conn: Conn, conv: str, user: str) -> tuple[int, int]:
+    """The user's (read, delivered) positions in the conversation; (0, 0): none."""
+    cur = await conn.execute(
+        "SELECT read_conv_seq, delivered_conv_seq FROM read_positions "
+        "WHERE conversation_id = %s AND user_id = %s",
+        (conv, user),
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+async def raise_position_tx(conn: Conn, conv: str, user: str, read: int, delivered: int) -> None:
+    """Raises the user's positions to at least the values given (never lowers them).
+    Reading a message means having received it: delivered follows read."""
+    await conn.execute(
+        """
+        INSERT INTO read_positions (conversation_id, user_id, read_conv_seq, delivered_conv_seq)
+        VALUES (%(c)s, %(u)s, %(r)s, greatest(%(r)s, %(d)s))
+        ON CONFLICT (conversation_id, user_id) DO UPDATE SET
+            read_conv_seq = greatest(read_positions.read_conv_seq, excluded.read_conv_seq),
+            delivered_conv_seq = greatest(read_positions.delivered_conv_seq,
+                                          excluded.delivered_conv_seq)
+        """,
+        {"c": conv, "u": user, "r": read, "d": delivered},
+    )
+
+
+async def edit_message_tx(conn: Conn, msg_id: int, body: bytes, edited_at_ms: int) -> None:
+    await conn.execute(
+        "UPDATE messages SET body = %s, edited_at_ms = %s WHERE msg_id = %s",
+        (body, edited_at_ms, msg_id),
+    )
+
+
+async def recall_message_tx(conn: Conn, conv: str, conv_seq: int) -> int:
+    """Deletes the body of the message at conv_seq and of every EDIT of it; returns
+    how many rows lost their body."""
+    cur = await conn.execute(
+        """
+        UPDATE messages SET body = '', recalled = true
+        WHERE conversation_id = %(c)s
+          AND (conv_seq = %(s)s OR (kind = 2 AND target_conv_seq = %(s)s))
+        """,
+        {"c": conv, "s": conv_seq},
+    )
+    return cur.rowcount
+
+
+async def hide_message_tx(conn: Conn, user: str, msg_id: int) -> None:
+    await conn.execute(
+        "INSERT INTO hidden_messages (user_id, msg_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        (user, msg_id),
+    )
+
+
+# -- conversation lists and receipts (conversations.py) -------------------------------
+
+
+async def conversation_page(
+    conn: Conn, user: str, after: tuple[int, str] | None, limit: int, unread_cap: int
+) -> list[Conversation]:
+    """Up to `limit` of the user's conversations (current groups, direct ones with
+    messages) after the cursor (last_activity_ms, conversation_id), newest activity
+    first, each with the user's positions, its unread count (chat messages by
+    others above the read position and the user's join point, not recalled, up to
+    unread_cap + 1) and, for a direct conversation, the peer's positions.
+
+    Last activity is the newest chat message's time (one backward probe of the
+    conversation's (conversation_id, conv_seq) index), else the creation time. Every
+    conversation of the user is probed per page: fine for thousands per user."""
+    cur = await conn.execute(
+        """
+        WITH mine AS (
+            SELECT conversation_id, joined_after FROM members
+            WHERE user_id = %(u)s AND left_after IS NULL
+            UNION ALL
+            SELECT conversation_id, 0 FROM conversations
+            WHERE kind = 1 AND (direct_user_a = %(u)s OR direct_user_b = %(u)s)
+        ), act AS (
+            SELECT c.conversation_id, c.kind, c.name, coalesce(c.owner_id, '') AS owner,
+                   c.direct_user_a, c.direct_user_b, mine.joined_after,
+                   coalesce((SELECT m.server_time_ms FROM messages m
+                             WHERE m.conversation_id = c.conversation_id AND m.kind = 1
+                             ORDER BY m.conv_seq DESC LIMIT 1),
+                            (extract(epoch FROM c.created_at) * 1000)::bigint) AS activity
+            FROM conversations c JOIN mine USING (conversation_id)
+        ), page AS (
+            SELECT * FROM act
+            WHERE %(after)s::bool IS NOT TRUE
+               OR (activity, conversation_id) < (%(a_time)s::int8, %(a_conv)s::text)
+            ORDER BY activity DESC, conversation_id DESC LIMIT %(limit)s
+        )
+        SELECT p.conversation_id, p.kind, p.name, p.owner, p.direct_user_a, p.direct_user_b,
+               p.activity,
+               coalesce((SELECT max(conv_seq) FROM messages m
+                         WHERE m.conversation_id = p.conversation_id), 0),
+               coalesce(r.read_conv_seq, 0),
+               (SELECT count(*) FROM (
+                    SELECT 1 FROM messages m
+                    WHERE m.conversation_id = p.conversation_id
+                      AND m.conv_seq > greatest(coalesce(r.read_conv_seq, 0), p.joined_after)
+                      AND m.kind = 1 AND NOT m.recalled AND m.sender_id <> %(u)s
+                    LIMIT %(cap)s + 1) AS u),
+               coalesce(pr.read_conv_seq, 0), coalesce(pr.delivered_conv_seq, 0)
+        FROM page p
+        LEFT JOIN read_positions r
+               ON r.conversation_id = p.conversation_id AND r.user_id = %(u)s
+        LEFT JOIN read_positions pr
+               ON p.kind = 1 AND pr.conversation_id = p.conversation_id
+              AND pr.user_id = CASE WHEN p.direct_user_a = %(u)s THEN p.direct_user_b
+                                    ELSE p.direct_user_a END
+        ORDER BY p.activity DESC, p.conversation_id DESC
+        """,
+        {
+            "u": user,
+            "after": after is not None,
+            "a_time": after[0] if after else 0,
+            "a_conv": after[1] if after else "",
+            "limit": limit,
+            "cap": unread_cap,
+        },
+    )
+    out = []
+    for r in await cur.fetchall():
+        direct = r[1] == 1
+        unread = int(r[9])
+        out.append(
+            Conversation(
+                conversation_id=r[0],
+                kind=r[1],
+                name=r[2],
+                owner_id=r[3],
+                member_ids=[r[4], r[5]] if direct else [],
+                last_conv_seq=int(r[7]),
+                read_conv_seq=int(r[8]),
+                unread_count=min(unread, unread_cap),
+                unread_capped=unread > unread_cap,
+                last_activity_ms=int(r[6]),
+                peer_read_conv_seq=int(r[10]) if direct else 0,
+                peer_delivered_conv_seq=int(r[11]) if direct else 0,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Receipts:
+    member_count: int
+    read_count: int
+    readers: list[str]
+    delivered: bool
+
+
+async def receipts(
+    conn: Conn, conv: str, conv_seq: int, sender: str, after_user: str | None, limit: int
+) -> Receipts:
+    """How many current members other than `sender` have read up to conv_seq, and
+    (after_user not None) up to `limit` of them after after_user, by id. Direct
+    conversations have no members rows: the pair is taken from the id by the caller
+    (`direct_pair`)."""
+    cur = await conn.execute(
+        """
+        WITH who AS (
+            SELECT user_id FROM members WHERE conversation_id = %(c)s AND left_after IS NULL
+            UNION
+            SELECT unnest(ARRAY[direct_user_a, direct_user_b]) FROM conversations
+            WHERE conversation_id = %(c)s AND kind = 1
+        ), readers AS (
+            SELECT w.user_id, r.read_conv_seq, r.delivered_conv_seq FROM who w
+            JOIN read_positions r ON r.conversation_id = %(c)s AND r.user_id = w.user_id
+            WHERE w.user_id <> %(sender)s
+        )
+        SELECT (SELECT count(*) FROM who),
+               (SELECT count(*) FROM readers WHERE read_conv_seq >= %(s)s),
+               (SELECT count(*) FROM readers WHERE delivered_conv_seq >= %(s)s),
+               coalesce((SELECT array_agg(user_id ORDER BY user_id) FROM (
+                    SELECT user_id FROM readers
+                    WHERE read_conv_seq >= %(s)s AND %(list)s AND user_id > %(after)s
+                    ORDER BY user_id LIMIT %(limit)s) AS l), '{}')
+        """,
+        {
+            "c": conv,
+            "s": conv_seq,
+            "sender": sender,
+            "list": after_user is not None,
+            "after": after_user or "",
+            "limit": limit,
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return Receipts(int(row[0]), int(row[1]), list(row[3]), delivered=int(row[2]) > 0)
+
+
+async def shared_users(conn: Conn, user: str, others: Sequence[str]) -> set[str]:
+    """Those of `others` who share a conversation with `user`: a group both are
+    current members of, or a direct conversation (with messages) of the two."""
+    cur = await conn.execute(
+        """
+        SELECT o FROM unnest(%(o)s::text[], %(d)s::text[]) AS t (o, d)
+        WHERE EXISTS (
+                SELECT 1 FROM members a JOIN members b USING (conversation_id)
+                WHERE a.user_id = %(u)s AND a.left_after IS NULL
+                  AND b.user_id = o AND b.left_after IS NULL)
+           OR EXISTS (SELECT 1 FROM conversations c WHERE c.conversation_id = d AND c.kind = 1)
+        """,
+        {
+            "u": user,
+            "o": list(others),
+            # The direct conversation's id: d:<a>:<b>, a < b (code point order, as ids.py).
+            "d": [f"d:{min(user, o)}:{max(user, o)}" for o in others],
+        },
+    )
+    return {r[0] for r in await cur.fetchall()}

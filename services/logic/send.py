@@ -29,10 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -44,7 +42,6 @@ from im.logic.v1 import logic_pb2
 from logic import repo
 from logic.errors import (
     DependencyFailed,
-    FailedPrecondition,
     InvalidArgument,
     LogicError,
     NotFound,
@@ -61,14 +58,15 @@ from logic.ids import (
     check_client_msg_id,
     check_device_id,
     check_user_id,
+    dedup_window_refusal,
     lock_key,
     parse_conversation_id,
     user_seq_key,
-    uuid7_time_ms,
 )
-from logic.model import SendAck
+from logic.model import KIND_MESSAGE, SendAck
 from logic.outbox import OutboxCleaner
 from logic.seq import SeqSource
+from logic.state import StateWriter
 from logic.store import Database
 from logic.telemetry import Telemetry, ids
 
@@ -99,6 +97,8 @@ class SendRequest:
     conversation_id: str
     content_type: int
     body: bytes
+    kind: int = 1  # im.common.v1.MessageKind; 0 is a chat message too
+    target_conv_seq: int = 0
 
 
 @dataclass(eq=False)
@@ -142,7 +142,10 @@ class Sender:
         linger_s: float = 0.0,
         committers: int = 1,
         dedup_window_s: float = 0.0,
+        events: StateWriter | None = None,
     ) -> None:
+        #: Where events (edits, recalls, reads...: state.py) go; None: refused.
+        self._events = events
         self._db = db
         #: The dedup window (retention.py): 0 = dedup keys are kept forever.
         self._dedup_window_ms = dedup_window_s * 1000
@@ -207,6 +210,21 @@ class Sender:
         SequenceRegression (seqsvc went back; nothing written) and Unavailable
         (PostgreSQL or seqsvc down; nothing written, retry).
         """
+        if req.kind not in (0, KIND_MESSAGE):
+            if self._events is None:
+                raise InvalidArgument("conversation events are not enabled in this logic")
+            ack = await self._events.apply(
+                req.sender_id,
+                req.sender_device_id,
+                req.client_msg_id,
+                req.conversation_id,
+                req.kind,
+                req.target_conv_seq,
+                req.body,
+                req.content_type,
+            )
+            trace.get_current_span().set_attributes(_ack_attributes(ack))
+            return ack
         conv = self.validate(req)
         loop = asyncio.get_running_loop()
         item = _Item(req, conv, loop.create_future())
@@ -408,7 +426,7 @@ class Sender:
                     continue
                 if key in in_batch:
                     continue
-                expired = self._beyond_dedup_window(req.client_msg_id)
+                expired = dedup_window_refusal(req.client_msg_id, self._dedup_window_ms)
                 if expired is not None:
                     item.outcome = expired
                     continue
@@ -427,25 +445,6 @@ class Sender:
             in_batch.add(key)
             new.append(item)
         return new
-
-    def _beyond_dedup_window(self, client_msg_id: str) -> FailedPrecondition | None:
-        """The refusal of an unknown id made before the dedup window began (a
-        UUIDv7 carries its time). Its key, had it been stored, may have been
-        pruned: storing it now could be a second copy, so it is refused, loudly.
-        Ids of other forms carry no time; their keys are never pruned."""
-        if not self._dedup_window_ms:
-            return None
-        made_ms = uuid7_time_ms(client_msg_id)
-        if made_ms is None or made_ms >= time.time() * 1000 - self._dedup_window_ms:
-            return None
-        made = datetime.fromtimestamp(made_ms / 1000, UTC).isoformat(timespec="seconds")
-        days = self._dedup_window_ms / 86_400_000
-        return FailedPrecondition(
-            f"client_msg_id {client_msg_id} was made at {made}, before the dedup window "
-            f"of {days:g} days (IM_LOGIC_RETENTION_DEDUP_DAYS): it may have been stored "
-            "already and its dedup key deleted, so it is not stored (no second copy). "
-            "If it is a new message, send it with a new client_msg_id"
-        )
 
     def _number(
         self,

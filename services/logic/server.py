@@ -27,6 +27,7 @@ from imcommon.telemetry import internal_channel
 from imcommon.tls import ChannelTLS
 from logic import repo
 from logic.config import Settings
+from logic.conversations import Conversations
 from logic.events import TriggerPublisher
 from logic.fanout import Fanout
 from logic.faults import Faults
@@ -38,6 +39,7 @@ from logic.retention import Pruner, RetentionPolicy, policy_from_days
 from logic.send import Sender
 from logic.seq import SeqClientSource
 from logic.servicer import SERVICE_NAME, LogicServicer, add_to_server
+from logic.state import StateWriter
 from logic.store import open_database
 from logic.telemetry import BacklogSampler, Telemetry
 from seqsvc.client import SeqClient
@@ -127,6 +129,19 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     cleaner = OutboxCleaner(
         db, batch=settings.outbox_delete_batch, delay_s=settings.outbox_delete_delay_ms / 1000
     )
+    events = StateWriter(
+        db,
+        seq,
+        publisher,
+        cleaner,
+        max_body_bytes=settings.max_body_bytes,
+        repair_after_s=settings.repair_after_s,
+        edit_window_s=settings.edit_window_s,
+        recall_window_s=settings.recall_window_s,
+        faults=faults,
+        telemetry=telemetry,
+        dedup_window_s=retention.dedup_s,
+    )
     sender = Sender(
         db,
         seq,
@@ -140,6 +155,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         linger_s=settings.send_linger_ms / 1000,
         committers=settings.send_committers,
         dedup_window_s=retention.dedup_s,
+        events=events,
     )
     # Unwinds before the pool and the NATS connection close: sends still queued
     # fail UNAVAILABLE, batches being published finish.
@@ -173,6 +189,14 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         max_group_size=settings.max_group_size,
         max_name_chars=settings.max_group_name_chars,
         faults=faults,
+        telemetry=telemetry,
+    )
+    conversations = Conversations(
+        db,
+        unread_cap=settings.unread_count_cap,
+        default_page=settings.conversations_default_page,
+        max_page=settings.conversations_max_page,
+        receipts_max_page=settings.receipts_max_page,
         telemetry=telemetry,
     )
     relay = OutboxRelay(
@@ -228,7 +252,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     runtime.stack.push_async_callback(stop_loops)
 
     add_to_server(
-        LogicServicer(sender, fanout, reader, groups, settings.send_messages_max_items),
+        LogicServicer(
+            sender, fanout, reader, groups, conversations, settings.send_messages_max_items
+        ),
         runtime.server,
     )
     runtime.expose(SERVICE_NAME)

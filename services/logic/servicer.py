@@ -34,6 +34,7 @@ from im.common.v1 import common_pb2
 from im.logic.v1 import logic_pb2 as pb
 from imcommon.status import status_number
 from imcommon.telemetry import remote_parent
+from logic.conversations import Conversations
 from logic.errors import (
     DependencyFailed,
     FailedPrecondition,
@@ -132,6 +133,11 @@ def message_pb(m: StoredMessage) -> common_pb2.Message:
         content_type=m.content_type,  # type: ignore[arg-type]
         body=m.body,
         server_time_ms=m.server_time_ms,
+        kind=m.kind,  # type: ignore[arg-type]
+        target_conv_seq=m.target_conv_seq,
+        edited_at_ms=m.edited_at_ms,
+        recalled=m.recalled,
+        deleted_for_me=m.deleted_for_me,
     )
 
 
@@ -143,6 +149,12 @@ def conversation_pb(c: Conversation) -> common_pb2.Conversation:
         member_ids=c.member_ids,
         last_conv_seq=c.last_conv_seq,
         owner_id=c.owner_id,
+        read_conv_seq=c.read_conv_seq,
+        unread_count=c.unread_count,
+        unread_capped=c.unread_capped,
+        last_activity_ms=c.last_activity_ms,
+        peer_read_conv_seq=c.peer_read_conv_seq,
+        peer_delivered_conv_seq=c.peer_delivered_conv_seq,
     )
 
 
@@ -155,8 +167,10 @@ class LogicServicer:
         fanout: Fanout,
         reader: Reader,
         groups: Groups,
+        conversations: Conversations,
         send_messages_max_items: int = 256,
     ) -> None:
+        self._conversations = conversations
         self._sender = sender
         self._fanout = fanout
         self._reader = reader
@@ -173,6 +187,8 @@ class LogicServicer:
                 conversation_id=request.conversation_id,
                 content_type=int(request.content_type),
                 body=request.body,
+                kind=int(request.kind),
+                target_conv_seq=request.target_conv_seq,
             )
         )
         return pb.SendMessageResponse(
@@ -338,8 +354,41 @@ class LogicServicer:
     async def ListConversations(
         self, request: Any, context: Context
     ) -> pb.ListConversationsResponse:
-        convs = await self._groups.list_conversations(request.user_id)
-        return pb.ListConversationsResponse(conversations=[conversation_pb(c) for c in convs])
+        page = await self._conversations.page(
+            request.user_id, request.page_size, request.page_token
+        )
+        return pb.ListConversationsResponse(
+            conversations=[conversation_pb(c) for c in page.conversations],
+            next_page_token=page.next_page_token,
+        )
+
+    @_rpc
+    async def GetReceipts(self, request: Any, context: Context) -> pb.GetReceiptsResponse:
+        members, reads, readers, token, delivered = await self._conversations.receipts(
+            request.user_id,
+            request.conversation_id,
+            request.conv_seq,
+            request.list_readers,
+            request.page_size,
+            request.page_token,
+        )
+        return pb.GetReceiptsResponse(
+            member_count=members,
+            read_count=reads,
+            reader_ids=readers,
+            next_page_token=token,
+            delivered=delivered,
+        )
+
+    @_rpc
+    async def GetMembers(self, request: Any, context: Context) -> pb.GetMembersResponse:
+        members = await self._conversations.members(request.user_id, request.conversation_id)
+        return pb.GetMembersResponse(member_ids=members)
+
+    @_rpc
+    async def SharedUsers(self, request: Any, context: Context) -> pb.SharedUsersResponse:
+        shared = await self._conversations.shared(request.user_id, list(request.user_ids))
+        return pb.SharedUsersResponse(user_ids=shared)
 
 
 def add_to_server(servicer: LogicServicer, server: grpc.aio.Server) -> None:
@@ -365,6 +414,9 @@ def add_to_server(servicer: LogicServicer, server: grpc.aio.Server) -> None:
             pb.ListConversationsRequest,
             pb.ListConversationsResponse,
         ),
+        "GetReceipts": (servicer.GetReceipts, pb.GetReceiptsRequest, pb.GetReceiptsResponse),
+        "GetMembers": (servicer.GetMembers, pb.GetMembersRequest, pb.GetMembersResponse),
+        "SharedUsers": (servicer.SharedUsers, pb.SharedUsersRequest, pb.SharedUsersResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(

@@ -19,6 +19,7 @@ from imcommon.server import EXCLUSIVE_PORT
 from imdev.servers import NatsServer, ServiceProcess
 from logic import repo
 from logic.config import Settings
+from logic.conversations import Conversations
 from logic.errors import SequenceRegression
 from logic.events import TriggerPublisher
 from logic.fanout import Fanout
@@ -105,7 +106,12 @@ async def app(
         )
         groups = Groups(db, max_group_size=10, max_name_chars=10, faults=Faults())
         server = grpc.aio.server(options=[EXCLUSIVE_PORT])
-        add_to_server(LogicServicer(make_sender(Faults()), fanout, reader, groups), server)
+        conversations = Conversations(
+            db, unread_cap=100, default_page=100, max_page=100, receipts_max_page=100
+        )
+        add_to_server(
+            LogicServicer(make_sender(Faults()), fanout, reader, groups, conversations), server
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         client = LogicClient(f"127.0.0.1:{port}")
