@@ -99,6 +99,32 @@ Receiving
   recorded (a new account, a store from an older SDK) is taken as the server's;
   a server that names none ("", an older one) is not checked.
 
+Conversation state (docs/protocol.md, "Conversation state")
+- `mark_read`, `mark_delivered`, `edit`, `recall` and `delete_for_me` are
+  events sent exactly like messages (`submit(..., kind=, target_conv_seq=)`):
+  same client_id order with the messages around them, same outbox,
+  retransmits and `client_msg_id` idempotency, and they return on the
+  SendAck. A READ or DELIVERED at or below the position the server already
+  has stores nothing: its SendAck has msg_id 0 (`SendResult.stored` False)
+  and names the current position; that is an answer, not an error.
+- Every timeline entry, events included, is handed to the app as a `Message`
+  with its `kind`, in seq order, exactly once, as above. Before handing an
+  entry on, the client folds it into the conversation's `ConversationState`
+  (`conversation_state()`): this user's read/delivered positions (from its own
+  READ/DELIVERED entries and ACKs), the peer's in direct conversations (the
+  receipts), recalls, edits, deletions. In memory only; `list_conversations()`
+  seeds the positions.
+- With `auto_delivered` (the default) a receiving client sends the peer of a
+  direct conversation a DELIVERED receipt for the chat messages it received
+  from it: at most one per conversation per `delivered_interval_s`, never in
+  answer to an event (so no receipt ping-pong between devices).
+- Typing and presence are ephemeral and never delay a message: `typing()`
+  writes a frame on the current stream only (not retransmitted, not queued
+  across reconnects), presence subscriptions are renewed on every connection,
+  and the frames the gateway pushes (`TypingNotice`, `PresenceUpdate`,
+  `FrameError`) go to `signals()` iterators and the `on_signal` callback from
+  a task of their own, dropped past `signal_buffer` if the app lags.
+
 Connection
 - `async with Client(...)` (or `start()`) returns once connected AND caught up
   by the first sync; a very long backlog may need a larger `connect_timeout_s`,
