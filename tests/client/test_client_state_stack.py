@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from imclient import (
     direct_conversation_id,
 )
 from imctl.cli import main as imctl_main
+from imdev.servers import ROOT
 from imdev.stack import Stack
 
 DELIVERY_S = 15.0
@@ -255,3 +258,72 @@ def test_imctl_read_edit_recall_conversations_and_receipts(imctl) -> None:  # ty
     (receipts,) = imctl("receipts", "--user", alice, gid, str(msg["conv_seq"]), "--readers")
     assert (receipts["member_count"], receipts["read_count"]) == (3, 1)
     assert receipts["reader_ids"] == [carol]
+
+
+async def test_imctl_chat_shows_ticks_edits_and_recalls_and_marks_read(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """alice chats in imctl (a process, lines from a pipe); bob's SDK device
+    receives her line (its automatic DELIVERED receipt), reads it, and edits
+    and recalls lines of his own. alice's chat shows each, and marks bob's
+    lines read."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in ("services", "libs", "gen")),
+        IM_ADDRESS=",".join(stack.gateway_addresses),
+        IM_GATEWAY_TOKEN_SECRET=stack.token_secret,
+        IMCTL_STATE_DIR=str(tmp_path / "imctl-state"),
+        IMCTL_PLAINTEXT="1",
+    )
+    async with connect(stack, bob, "b1") as b:
+        inbox = Inbox(b, "b1")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "imctl", "chat", "--user", alice, "--to", bob,
+            "--json", "--events", "--linger", "8",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"hello bob\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+            await inbox.wait_for(1, DELIVERY_S, conv)
+            (hello,) = inbox.messages
+            await b.mark_read(conv, hello.conv_seq)
+            typo = await b.send(conv, "typo")
+            gone = await b.send(conv, "oops")
+            await b.edit(conv, typo.conv_seq, "fixed")
+            await b.recall(conv, gone.conv_seq)
+            # alice's chat marks bob's lines read before it leaves.
+            await wait_until(
+                lambda: b.conversation_state(conv).peer_read_conv_seq >= gone.conv_seq,
+                DELIVERY_S + 10,
+                "alice's chat to mark bob's lines read",
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+        await inbox.close()
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    events = [(o.get("event") or o.get("kind") or "message") for o in lines]
+    assert events.index("sent") < events.index("delivered") < events.index("read"), events
+    sent = next(o for o in lines if o.get("event") == "sent")
+    assert sent["conv_seq"] == hello.conv_seq
+    for name in ("delivered", "read"):
+        assert next(o for o in lines if o.get("event") == name)["conv_seqs"] == [hello.conv_seq]
+    # bob's lines, as they stood when shown: the state the chat had applied by
+    # then (an edit or recall that came in the same burst already shows).
+    shown = [o for o in lines if "event" not in o and "kind" not in o]
+    assert [o["conv_seq"] for o in shown] == [typo.conv_seq, gone.conv_seq]
+    assert shown[0]["text"] in ("typo", "fixed") and shown[1]["text"] in ("oops", "")
+    edit = next(o for o in lines if o.get("kind") == "EDIT")
+    assert (edit["target_conv_seq"], edit["text"]) == (typo.conv_seq, "fixed")
+    recall = next(o for o in lines if o.get("kind") == "RECALL")
+    assert recall["target_conv_seq"] == gone.conv_seq
