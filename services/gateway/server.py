@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from gateway.config import Settings
 from gateway.heads import Liveness, LogicHeads
 from gateway.hub import Hub
+from gateway.presence import LogicVisibility, PresenceService, PresenceStore
 from gateway.routes import RouteTable
 from gateway.servicer import (
     GATEWAY_SERVICE,
@@ -19,6 +20,7 @@ from gateway.servicer import (
     GatewayServicer,
     add_authenticated_gateway,
 )
+from gateway.typing_relay import LogicMembers, TypingRelay
 from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
@@ -35,8 +37,9 @@ ACK_FLUSH_DEADLINE_S = 1.0
 
 
 async def build(settings: Settings, runtime: Runtime) -> None:
-    """Wires the gateway: Redis routes, the logic channel, the stream hub, both
-    services, the route refresh loop, and GoAway on shutdown."""
+    """Wires the gateway: Redis routes, the logic channel, the stream hub, typing
+    and presence, both services, the route refresh loop and the presence poller,
+    and GoAway on shutdown."""
     settings.require_addresses()
     if settings.server_tls() is None and not settings.allow_plaintext:
         log.warning(
@@ -82,7 +85,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         peers.acks.close, min(ACK_FLUSH_DEADLINE_S, settings.internal_timeout_s)
     )
 
-    routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
+    routes = RouteTable(
+        redis, settings.redis_prefix, settings.route_ttl_s, settings.last_seen_ttl_s
+    )
     logic = LogicClient(
         logic_channel,
         settings.logic_timeout_s,
@@ -110,8 +115,29 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         # next check.
         on_routes_restored=liveness.check_soon if liveness is not None else None,
     )
+    # Typing and presence: ephemeral, off the message path (their own tasks, frames
+    # queued without waiting), on the same logic channel and Redis client.
+    typing = TypingRelay(
+        settings,
+        LogicMembers(logic.stub, settings.logic_timeout_s),
+        routes,
+        hub,
+        peers,
+        address,
+        runtime.metrics,
+    )
+    runtime.stack.push_async_callback(typing.close)
+    presence = PresenceService(
+        settings,
+        PresenceStore(redis, settings.redis_prefix),
+        LogicVisibility(logic.stub, settings.logic_timeout_s),
+        runtime.metrics,
+    )
+    runtime.spawn(presence.run(), "presence-poller")
     add_authenticated_gateway(
-        GatewayServicer(settings, hub, logic, peers, runtime.metrics, liveness),
+        GatewayServicer(
+            settings, hub, logic, peers, runtime.metrics, liveness, typing=typing, presence=presence
+        ),
         runtime.server,
         settings.token_secret,
     )
