@@ -17,10 +17,16 @@ from e2e.e2e_support import Inbox, uid, wait_until
 
 from imclient import (
     Client,
+    FrameError,
+    FrameErrorCode,
     GatewayApi,
     Message,
     MessageKind,
+    PermissionDenied,
+    PresenceState,
+    PresenceUpdate,
     SendFailed,
+    TypingNotice,
     direct_conversation_id,
 )
 from imctl.cli import main as imctl_main
@@ -327,3 +333,77 @@ async def test_imctl_chat_shows_ticks_edits_and_recalls_and_marks_read(
     assert (edit["target_conv_seq"], edit["text"]) == (typo.conv_seq, "fixed")
     recall = next(o for o in lines if o.get("kind") == "RECALL")
     assert recall["target_conv_seq"] == gone.conv_seq
+
+
+# -- typing and presence through the SDK ----------------------------------------------
+
+
+async def test_typing_reaches_the_peer_as_a_signal_and_a_message_ends_it(stack: Stack) -> None:
+    alice, bob = uid("alice"), uid("bob")
+    conv = direct_conversation_id(alice, bob)
+    async with connect(stack, alice, "a1") as a, connect(stack, bob, "b1") as b:
+        inbox = Inbox(b, "b1")
+        signals = b.signals()
+        own = a.signals()
+        assert a.typing(conv, True)
+        notice = await asyncio.wait_for(anext(signals), DELIVERY_S)
+        assert isinstance(notice, TypingNotice)
+        assert (notice.conversation_id, notice.user_id, notice.device_id, notice.typing) == (
+            conv,
+            alice,
+            "a1",
+            True,
+        )
+        assert notice.expires_in_ms > 0 and b.typing_users(conv) == [alice]
+        # A chat message of the typist ends the typing state where it is handed.
+        await a.send(conv, "done typing")
+        await inbox.wait_for(1, DELIVERY_S, conv)
+        assert b.typing_users(conv) == []
+        # typing=False is forwarded too; the typer's own devices get nothing.
+        assert a.typing(conv, False)
+        stop = await asyncio.wait_for(anext(signals), DELIVERY_S)
+        assert isinstance(stop, TypingNotice) and not stop.typing
+        assert a.stats.signals == 0  # nothing came back to the typer
+        # A conversation alice is not in: refused, as a FrameError signal.
+        assert a.typing(direct_conversation_id(bob, uid("carol")), True)
+        refused = await asyncio.wait_for(anext(own), DELIVERY_S)
+        assert isinstance(refused, FrameError) and refused.frame == "typing"
+        assert refused.code == FrameErrorCode.PERMISSION_DENIED
+        await inbox.close()
+
+
+async def test_presence_of_a_peer_by_subscription_and_by_query(
+    stack: Stack,
+    imctl,  # type: ignore[no-untyped-def]
+) -> None:
+    alice, bob, stranger = uid("alice"), uid("bob"), uid("stranger")
+    conv = direct_conversation_id(alice, bob)
+    async with connect(stack, bob, "b1") as b:
+        signals = b.signals()
+        async with connect(stack, alice, "a1") as a:
+            await a.send(conv, "we share a conversation now")
+            b.subscribe_presence([alice])
+            update = await asyncio.wait_for(anext(signals), DELIVERY_S)
+            assert isinstance(update, PresenceUpdate)
+            assert [(p.user_id, p.state) for p in update.presences] == [
+                (alice, PresenceState.ONLINE)
+            ]
+            (queried,) = await b.get_presence([alice])
+            assert queried.online
+            with pytest.raises(PermissionDenied):
+                await b.get_presence([alice, stranger])
+            b.subscribe_presence([stranger])
+            refused = await asyncio.wait_for(anext(signals), DELIVERY_S)
+            assert isinstance(refused, FrameError)
+            assert refused.frame == "subscribe_presence"
+            assert refused.code == FrameErrorCode.PERMISSION_DENIED
+        # alice's only device left: offline, with a last seen.
+        while True:
+            update = await asyncio.wait_for(anext(signals), DELIVERY_S)
+            if isinstance(update, PresenceUpdate):
+                break
+        (gone,) = update.presences
+        assert gone.user_id == alice and gone.state == PresenceState.OFFLINE
+        assert gone.last_seen_ms > 0
+    (shown,) = await asyncio.to_thread(imctl, "presence", "--user", bob, alice)
+    assert shown["user_id"] == alice and shown["state"] == "OFFLINE"
