@@ -1077,6 +1077,10 @@ class Client(UnaryCalls):
         self._stats.epoch_resets += 1
         self._generation += 1
         receiver.restart()
+        # Positions and conv_seqs of the old store mean nothing in the new one.
+        self._states = ConversationStates()
+        self._states.user_id = self.user_id
+        self._delivered_due.clear()
         self._inbox.clear()
         self._recent.clear()
         self._handed = None

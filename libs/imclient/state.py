@@ -10,7 +10,8 @@ applying an entry twice, or a SendAck's view of it before the entry itself,
 changes nothing more.
 
 Who the entries are about:
-- READ / DELIVERED by this user (any of its devices): its own positions.
+- READ / DELIVERED by this user (any of its devices): its own positions
+  (a read position is a delivered one too: reading implies receiving).
 - READ / DELIVERED by the other user of a direct conversation: the peer's
   positions, i.e. the receipts of this user's messages up to them. Group
   members' reads are never pushed (ask `get_receipts`).
@@ -152,10 +153,13 @@ class ConversationStates:
             if s.typing.pop(m.sender_id, None) is not None:
                 changed = True
         elif kind == MessageKind.READ:
+            # Reading implies receiving: the delivered position follows.
             if mine:
                 changed |= _raise(s, "read_conv_seq", m.target_conv_seq)
+                changed |= _raise(s, "delivered_conv_seq", m.target_conv_seq)
             elif s.direct:
                 changed |= _raise(s, "peer_read_conv_seq", m.target_conv_seq)
+                changed |= _raise(s, "peer_delivered_conv_seq", m.target_conv_seq)
         elif kind == MessageKind.DELIVERED:
             if mine:
                 changed |= _raise(s, "delivered_conv_seq", m.target_conv_seq)
@@ -197,7 +201,8 @@ class ConversationStates:
             target_conv_seq = result.conv_seq
         s = self.get(conversation_id)
         if kind == MessageKind.READ:
-            return _raise(s, "read_conv_seq", target_conv_seq)
+            delivered = _raise(s, "delivered_conv_seq", target_conv_seq)
+            return _raise(s, "read_conv_seq", target_conv_seq) or delivered
         if kind == MessageKind.DELIVERED:
             return _raise(s, "delivered_conv_seq", target_conv_seq)
         entry = Message(
@@ -222,7 +227,10 @@ class ConversationStates:
             s = self.get(c.conversation_id)
             _raise(s, "read_conv_seq", c.read_conv_seq)
             _raise(s, "peer_read_conv_seq", c.peer_read_conv_seq)
-            _raise(s, "peer_delivered_conv_seq", c.peer_delivered_conv_seq)
+            _raise(
+                s, "peer_delivered_conv_seq", max(c.peer_delivered_conv_seq, c.peer_read_conv_seq)
+            )
+            _raise(s, "delivered_conv_seq", c.read_conv_seq)
             _raise(s, "last_conv_seq", c.last_conv_seq)
 
     def on_typing(self, notice: TypingNotice, now: float) -> None:

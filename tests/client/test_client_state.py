@@ -85,6 +85,10 @@ def test_own_reads_and_the_peers_reads_go_to_different_positions_and_only_forwar
     assert got.last_conv_seq == 7
     # Applying the same entries again changes nothing (exactly-once is not needed).
     assert not s.apply(entry(5, "bob", MessageKind.DELIVERED, 2))
+    # Reading implies receiving: a read position raises the delivered one.
+    assert got.delivered_conv_seq == 2
+    s.apply(entry(8, "bob", MessageKind.READ, 6))
+    assert s.get(CONV).peer_delivered_conv_seq == 6
 
 
 def test_in_a_group_other_members_reads_are_not_peer_receipts() -> None:
