@@ -217,6 +217,50 @@ class Settings(ServerSettings):
         "leave in a call of their own (calls then overlap). 0 = until that call returns "
         "(at most IM_GATEWAY_LOGIC_TIMEOUT_S). With no call in flight sends leave at once.",
     )
+    # -- WebSocket (gateway/websocket.py) -----------------------------------------
+    ws_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        json_schema_extra={"deploy": "optional"},
+        description="Port of the WebSocket listener (path /v1/connect): the device protocol "
+        "for browsers. 0 = no WebSocket listener. TLS (wss) with TLS_CERT_FILE/KEY_FILE like "
+        "the gRPC port.",
+    )
+    ws_origins: str = Field(
+        "",
+        max_length=4000,
+        json_schema_extra={"deploy": "optional"},
+        description="Comma-separated Origin values of the web pages allowed to open a socket "
+        "(e.g. https://chat.example.com); clients that send no Origin (not browsers) are always "
+        "allowed. '*' = any origin: development only.",
+    )
+    ws_max_message_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest WebSocket message accepted (a larger one closes the socket with "
+        "1009). Must exceed MAX_BODY_BYTES plus the frame's envelope.",
+    )
+    ws_hello_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="How long a new socket may take to send its Hello."
+    )
+    ws_ping_interval_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="A socket silent this long gets a WebSocket ping (one sweep per gateway).",
+    )
+    ws_ping_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="A socket silent this long after its ping is dropped (close 1011): a dead "
+        "peer, or one that stopped reading.",
+    )
+    ws_max_unary_in_flight: int = Field(
+        16, ge=1, le=1024, description="Unary calls one socket may have in flight at once."
+    )
     liveness_s: float = Field(
         10.0,
         ge=0,

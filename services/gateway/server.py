@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 
 import grpc
@@ -22,6 +23,7 @@ from gateway.servicer import (
 )
 from gateway.typing_relay import LogicMembers, TypingRelay
 from gateway.upstream import LogicClient, Peers
+from gateway.websocket import WsGateway, WsSettings
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
 from imcommon.redisconn import redis_client
@@ -134,14 +136,13 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         runtime.metrics,
     )
     runtime.spawn(presence.run(), "presence-poller")
-    add_authenticated_gateway(
-        GatewayServicer(
-            settings, hub, logic, peers, runtime.metrics, liveness, typing=typing, presence=presence
-        ),
-        runtime.server,
-        settings.token_secret,
+    servicer = GatewayServicer(
+        settings, hub, logic, peers, runtime.metrics, liveness, typing=typing, presence=presence
     )
+    add_authenticated_gateway(servicer, runtime.server, settings.token_secret)
     runtime.expose(GATEWAY_SERVICE)
+    if settings.ws_port:
+        await _serve_websocket(settings, runtime, servicer)
     internal_servicer = GatewayInternalServicer(hub, runtime.metrics)
     if settings.internal_port:
         await _serve_internal(settings, runtime, internal_servicer)
@@ -167,6 +168,37 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         await hub.shutdown(settings.goaway_reconnect_ms, settings.close_grace_s + 0.5)
 
     runtime.on_shutdown(go_away)
+
+
+async def _serve_websocket(settings: Settings, runtime: Runtime, servicer: GatewayServicer) -> None:
+    """The device protocol on WebSocket (gateway/websocket.py), same servicer.
+    Stops accepting at shutdown; its sockets get the hub's GoAway like gRPC ones."""
+    origins = [o.strip() for o in settings.ws_origins.split(",") if o.strip()]
+    ws = WsGateway(
+        servicer,
+        settings.token_secret,
+        WsSettings(
+            origins=None if origins == ["*"] else origins,
+            max_message_bytes=settings.ws_max_message_bytes,
+            hello_timeout_s=settings.ws_hello_timeout_s,
+            ping_interval_s=settings.ws_ping_interval_s,
+            ping_timeout_s=settings.ws_ping_timeout_s,
+            max_unary_in_flight=settings.ws_max_unary_in_flight,
+        ),
+        runtime.metrics,
+    )
+    tls = None
+    if settings.tls_cert_file:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    try:
+        await ws.start(settings.host, settings.ws_port, tls)
+    except OSError:
+        raise bind_failure(
+            f"{settings.host}:{settings.ws_port}",
+            "IM_GATEWAY_WS_PORT; is another gateway running there?",
+        ) from None
+    runtime.stack.push_async_callback(ws.stop)
 
 
 async def _serve_internal(

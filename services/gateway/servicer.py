@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 GATEWAY_SERVICE = "im.gateway.v1.Gateway"
 INTERNAL_SERVICE = "im.gateway.v1.GatewayInternal"
 
-_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("gateway_identity")
+identity_var: contextvars.ContextVar[Identity] = contextvars.ContextVar("gateway_identity")
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def _ids(values: Iterable[T]) -> list[T]:
 def current_identity() -> Identity:
     """The verified caller of the current client RPC. Fails closed: raises
     LookupError outside an authenticated call."""
-    return _identity.get()
+    return identity_var.get()
 
 
 # -- authentication at registration ------------------------------------------
@@ -126,7 +126,7 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
                     f"request is not a valid {GATEWAY_SERVICE}/{method} request "
                     f"({request.error}); strings must be UTF-8",
                 )
-            _identity.set(identity)  # type: ignore[arg-type]
+            identity_var.set(identity)  # type: ignore[arg-type]
             return await inner_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -146,7 +146,7 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
                 identity, problem = _authenticate(secret, context.invocation_metadata())
                 if identity is None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-                _identity.set(identity)  # type: ignore[arg-type]
+                identity_var.set(identity)  # type: ignore[arg-type]
                 await inner_stream(requests, context)
 
             return grpc.stream_stream_rpc_method_handler(
@@ -159,7 +159,7 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
             identity, problem = _authenticate(secret, context.invocation_metadata())
             if identity is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-            _identity.set(identity)  # type: ignore[arg-type]
+            identity_var.set(identity)  # type: ignore[arg-type]
             async for response in inner_stream(requests, context):
                 yield response
 
