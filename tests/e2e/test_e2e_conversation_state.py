@@ -85,7 +85,7 @@ async def alice(stack: Stack) -> AsyncIterator[tuple[str, RawSender]]:
 
 
 async def test_recall_racing_its_own_fanout(stack: Stack, alice: tuple[str, RawSender]) -> None:
-    a, sender = alice
+    _, sender = alice
     b, c = uid("bob"), uid("carol")
     gw = stack.gateway_addresses[0]
     # The group: alice sends, bob is connected, carol is offline until the end.
