@@ -26,8 +26,9 @@ received) the way an app would: at most one READ in flight per conversation
 (per device), for the newest position when it is sent, so the messages of one
 delivery batch, and any that arrive while a READ waits for its ACK, are covered
 by one READ. It travels on the recipient's own connection through the SDK's
-reliable send path (client_id order, retransmit, ACK). The SDK on main has no
-call for it yet: `_EventFrames` below sets the kind on the SDK's Send frame.
+reliable send path (`Client.submit(kind=READ)`, the non-blocking form of
+`mark_read`: client_id order, retransmit, ACK). Both sides keep the SDK's
+default automatic DELIVERED receipts.
 
 Time is `time.monotonic()` everywhere (CLOCK_MONOTONIC, one clock for every
 process on the machine), so a timestamp written into a body by one worker can be
@@ -46,39 +47,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import imclient.client
-from im.common.v1 import common_pb2
-from im.gateway.v1 import gateway_pb2
-from imclient import Client, GatewayApi, Message, ReconnectPolicy, SendResult
-from imclient.ids import new_client_msg_id
+from imclient import Client, GatewayApi, Message, MessageKind, ReconnectPolicy, SendResult
 
 log = logging.getLogger("bench.e2e.load")
 
-
-class _EventFrames:
-    """Stands in for `gateway_pb2` in `imclient.client` (this process only): a
-    `Send` whose client_msg_id is registered in `events` gets that kind and
-    target_conv_seq; every other frame is built unchanged. The client_msg_id is
-    fixed for a send's whole life (retransmits, reconnects), so every write of
-    a registered send is the event.
-
-    A stopgap until the SDK has `mark_read` (then `_flush_reads` calls it and
-    this class goes)."""
-
-    def __init__(self) -> None:
-        self.events: dict[str, tuple[int, int]] = {}  # client_msg_id -> (kind, target)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(gateway_pb2, name)
-
-    def Send(self, **fields: Any) -> gateway_pb2.Send:  # the attribute it replaces
-        event = self.events.get(fields.get("client_msg_id", ""))
-        if event is not None:
-            fields["kind"], fields["target_conv_seq"] = event
-        return gateway_pb2.Send(**fields)
-
-
-EVENT_FRAMES = _EventFrames()
 
 #: Clients connected at once while a worker opens its clients.
 CONNECT_CONCURRENCY = 50
@@ -262,25 +234,23 @@ class Worker:
             level = pair.read_level
             assert pair.recipient is not None and level is not None
             position = pair.read_want
-            cmid = new_client_msg_id()
-            EVENT_FRAMES.events[cmid] = (common_pb2.MESSAGE_KIND_READ, position)
             try:
-                future = pair.recipient.submit(pair.conversation_id, b"", client_msg_id=cmid)
+                future = pair.recipient.submit(
+                    pair.conversation_id, b"", kind=MessageKind.READ, target_conv_seq=position
+                )
             except Exception as exc:  # e.g. the client stopped: counted, not fatal
-                EVENT_FRAMES.events.pop(cmid, None)
                 level.reads_failed.append(repr(exc))
                 continue
             pair.read_sent, pair.read_in_flight = position, True
             level.reads_sent += 1
             self.reads_in_flight += 1
-            future.add_done_callback(self._read_done(pair, level, cmid, time.monotonic()))
+            future.add_done_callback(self._read_done(pair, level, time.monotonic()))
 
     def _read_done(
-        self, pair: _Pair, level: _Level, cmid: str, submitted: float
+        self, pair: _Pair, level: _Level, submitted: float
     ) -> Callable[[asyncio.Future[SendResult]], None]:
         def done(fut: asyncio.Future[SendResult]) -> None:
             now = time.monotonic()
-            EVENT_FRAMES.events.pop(cmid, None)
             pair.read_in_flight = False
             self.reads_in_flight -= 1
             if fut.cancelled():
@@ -292,7 +262,7 @@ class Worker:
                 level.read_ack_ms.append((now - submitted) * 1000)
                 if result.duplicate:
                     level.reads_duplicate += 1
-                elif result.msg_id == 0:
+                elif not result.stored:
                     level.reads_noop += 1
                 else:
                     level.reads_stored += 1
@@ -474,8 +444,6 @@ class Worker:
 
 
 async def _serve(conn: Connection, addresses: list[str], name: str) -> None:
-    # Installed in both modes, so plain and receipts runs build frames alike.
-    imclient.client.gateway_pb2 = EVENT_FRAMES  # type: ignore[assignment]
     worker = Worker(addresses, name)
     loop = asyncio.get_running_loop()
     handlers = {
