@@ -100,6 +100,8 @@ class SendState:
     kind: int | None  # conversations.kind, None if there is no row
     is_member: bool  # a current member of the (group) conversation
     stored: SendAck | None  # the earlier send with this (sender, client_msg_id)
+    read_pos: int = 0  # READ/DELIVERED keys: the sender's read position there
+    delivered_pos: int = 0  # and its delivered position
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class SendKey:
     sender_id: str
     client_msg_id: str
     conversation_id: str
+    kind: int = 1  # READ/DELIVERED also read the sender's positions
 
 
 async def lock_send_tx(conn: Conn, locks: Sequence[tuple[int, int]]) -> None:
@@ -134,16 +137,21 @@ async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendS
             (SELECT kind FROM conversations WHERE conversation_id = t.conv),
             EXISTS (SELECT 1 FROM members WHERE conversation_id = t.conv
                     AND user_id = t.sender AND left_after IS NULL),
-            d.msg_id, m.sender_seq, m.conv_seq, m.server_time_ms
-        FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (sender, cmid, conv, i)
+            d.msg_id, m.sender_seq, m.conv_seq, m.server_time_ms,
+            coalesce(rp.read_conv_seq, 0), coalesce(rp.delivered_conv_seq, 0)
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::int2[])
+            WITH ORDINALITY AS t (sender, cmid, conv, kind, i)
         LEFT JOIN send_dedup d ON d.sender_id = t.sender AND d.client_msg_id = t.cmid
         LEFT JOIN messages m ON m.msg_id = d.msg_id
+        LEFT JOIN read_positions rp ON t.kind IN (4, 5)
+            AND rp.conversation_id = t.conv AND rp.user_id = t.sender
         ORDER BY t.i
         """,
         (
             [k.sender_id for k in keys],
             [k.client_msg_id for k in keys],
             [k.conversation_id for k in keys],
+            [k.kind for k in keys],
         ),
     )
     out = []
@@ -154,7 +162,11 @@ async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendS
             # whose age cannot be told): still a duplicate, acknowledged by msg_id
             # alone (seq, conv_seq and time 0: no longer known).
             stored = SendAck(row[4], row[5] or 0, row[6] or 0, row[7] or 0, duplicate=True)
-        out.append(SendState(row[0] or 0, row[1] or 0, row[2], bool(row[3]), stored))
+        out.append(
+            SendState(
+                row[0] or 0, row[1] or 0, row[2], bool(row[3]), stored, int(row[8]), int(row[9])
+            )
+        )
     if len(out) != len(keys):
         raise RuntimeError(f"send state read returned {len(out)} rows for {len(keys)} sends")
     return out
@@ -1233,30 +1245,27 @@ async def group_owner(conn: Conn, conv: str) -> str | None:
     return row[0] if row else None
 
 
-async def position_tx(conn: Conn, conv: str, user: str) -> tuple[int, int]:
-    """The user's (read, delivered) positions in the conversation; (0, 0): none."""
-    cur = await conn.execute(
-        "SELECT read_conv_seq, delivered_conv_seq FROM read_positions "
-        "WHERE conversation_id = %s AND user_id = %s",
-        (conv, user),
-    )
-    row = await cur.fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
-async def raise_position_tx(conn: Conn, conv: str, user: str, read: int, delivered: int) -> None:
-    """Raises the user's positions to at least the values given (never lowers them).
-    Reading a message means having received it: delivered follows read."""
+async def raise_positions_tx(conn: Conn, raised: Sequence[tuple[str, str, int, int]]) -> None:
+    """Raises each (conversation, user)'s positions to at least the read and
+    delivered values given (never lowers them), in one statement: a send batch's
+    READ and DELIVERED rows. Reading implies having received: delivered follows
+    read."""
     await conn.execute(
         """
         INSERT INTO read_positions (conversation_id, user_id, read_conv_seq, delivered_conv_seq)
-        VALUES (%(c)s, %(u)s, %(r)s, greatest(%(r)s, %(d)s))
+        SELECT c, u, r, greatest(r, d)
+        FROM unnest(%s::text[], %s::text[], %s::int8[], %s::int8[]) AS t (c, u, r, d)
         ON CONFLICT (conversation_id, user_id) DO UPDATE SET
             read_conv_seq = greatest(read_positions.read_conv_seq, excluded.read_conv_seq),
             delivered_conv_seq = greatest(read_positions.delivered_conv_seq,
                                           excluded.delivered_conv_seq)
         """,
-        {"c": conv, "u": user, "r": read, "d": delivered},
+        (
+            [x[0] for x in raised],
+            [x[1] for x in raised],
+            [x[2] for x in raised],
+            [x[3] for x in raised],
+        ),
     )
 
 

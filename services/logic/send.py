@@ -63,7 +63,7 @@ from logic.ids import (
     parse_conversation_id,
     user_seq_key,
 )
-from logic.model import KIND_MESSAGE, SendAck
+from logic.model import KIND_DELIVERED, KIND_MESSAGE, KIND_READ, RECEIPTS, SendAck
 from logic.outbox import OutboxCleaner
 from logic.seq import SeqSource
 from logic.state import StateWriter
@@ -210,7 +210,21 @@ class Sender:
         SequenceRegression (seqsvc went back; nothing written) and Unavailable
         (PostgreSQL or seqsvc down; nothing written, retry).
         """
-        if req.kind not in (0, KIND_MESSAGE):
+        if req.kind in RECEIPTS:
+            # Read and delivered positions share the messages' batches (they are
+            # the most frequent events: one per receiver and conversation).
+            if self._events is None:
+                raise InvalidArgument("conversation events are not enabled in this logic")
+            conv = self._events.validate(
+                req.sender_id,
+                req.sender_device_id,
+                req.client_msg_id,
+                req.conversation_id,
+                req.kind,
+                req.target_conv_seq,
+                req.body,
+            )
+        elif req.kind not in (0, KIND_MESSAGE):
             if self._events is None:
                 raise InvalidArgument("conversation events are not enabled in this logic")
             ack = await self._events.apply(
@@ -225,7 +239,8 @@ class Sender:
             )
             trace.get_current_span().set_attributes(_ack_attributes(ack))
             return ack
-        conv = self.validate(req)
+        else:
+            conv = self.validate(req)
         loop = asyncio.get_running_loop()
         item = _Item(req, conv, loop.create_future())
         if self._batch_max == 1:
@@ -374,7 +389,10 @@ class Sender:
                 await repo.lock_send_tx(conn, sorted(locks))
             states = await repo.read_send_states_tx(
                 conn,
-                [repo.SendKey(i.req.sender_id, i.req.client_msg_id, i.conv.value) for i in items],
+                [
+                    repo.SendKey(i.req.sender_id, i.req.client_msg_id, i.conv.value, i.req.kind)
+                    for i in items
+                ],
             )
             new = self._decide(items, states)
             if not new:
@@ -393,6 +411,9 @@ class Sender:
                 outbox=not self._faults.skip_outbox,
                 repair_after_s=self._repair_after,
             )
+            raised = _raised_positions(msgs)
+            if raised:
+                await repo.raise_positions_tx(conn, raised)
         last: dict[str, tuple[logic_pb2.MessageCommitted, _Item]] = {}
         for item, msg, (msg_id, server_time_ms) in zip(new, msgs, stored, strict=True):
             item.outcome = SendAck(msg_id, msg.sender_seq, msg.conv_seq, server_time_ms, False)
@@ -417,6 +438,8 @@ class Sender:
         one's, known after the insert)."""
         new: list[_Item] = []
         in_batch: set[tuple[str, str]] = set()
+        #: (sender, conversation, kind) -> position, as raised by earlier items.
+        positions: dict[tuple[str, str, int], int] = {}
         for item, state in zip(items, states, strict=True):
             req, conv = item.req, item.conv
             key = (req.sender_id, req.client_msg_id)
@@ -441,6 +464,11 @@ class Sender:
                         f"{req.sender_id} is not a member of {conv.value}; ask a member to "
                         "add you (AddMembers)"
                     )
+                    continue
+            if req.kind in RECEIPTS:
+                refused = _position_outcome(req, conv, state, positions)
+                if refused is not None:
+                    item.outcome = refused
                     continue
             in_batch.add(key)
             new.append(item)
@@ -489,6 +517,8 @@ class Sender:
                     content_type=req.content_type,
                     body=req.body,
                     direct_pair=conv.pair,
+                    kind=req.kind or KIND_MESSAGE,
+                    target_conv_seq=req.target_conv_seq or None,
                 )
             )
         return msgs
@@ -536,6 +566,48 @@ class Sender:
                     "duplicate": ack.duplicate,
                 },
             )
+
+
+def _position_outcome(
+    req: SendRequest,
+    conv: ConversationId,
+    state: repo.SendState,
+    positions: dict[tuple[str, str, int], int],
+) -> SendAck | LogicError | None:
+    """A READ or DELIVERED that must not be stored: a position above the
+    conversation's last conv_seq (refused), or at or below the sender's current
+    one (acknowledged with msg_id 0 and the current position: positions only move
+    forward). None: store it. `positions` holds what earlier items of the batch
+    raised; reading implies delivered (state.py)."""
+    head = state.last_conv_seq
+    if req.target_conv_seq > head:
+        return InvalidArgument(
+            f"position {req.target_conv_seq} is above {conv.value}'s last conv_seq {head}"
+        )
+    stored = state.read_pos if req.kind == KIND_READ else state.delivered_pos
+    current = positions.get((req.sender_id, conv.value, req.kind), stored)
+    if req.target_conv_seq <= current:
+        return SendAck(0, 0, current, 0, duplicate=False)
+    positions[(req.sender_id, conv.value, req.kind)] = req.target_conv_seq
+    if req.kind == KIND_READ:
+        key = (req.sender_id, conv.value, KIND_DELIVERED)
+        positions[key] = max(positions.get(key, state.delivered_pos), req.target_conv_seq)
+    return None
+
+
+def _raised_positions(msgs: list[repo.NewMessage]) -> list[tuple[str, str, int, int]]:
+    """(conversation, user, read, delivered) to raise for the batch's READ and
+    DELIVERED rows, one per (conversation, user)."""
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for m in msgs:
+        if m.kind not in RECEIPTS or m.target_conv_seq is None:
+            continue
+        read, delivered = out.get((m.conversation_id, m.sender_id), (0, 0))
+        if m.kind == KIND_READ:
+            read = max(read, m.target_conv_seq)
+        delivered = max(delivered, m.target_conv_seq)
+        out[(m.conversation_id, m.sender_id)] = (read, delivered)
+    return [(c, u, r, d) for (c, u), (r, d) in out.items()]
 
 
 def _fail(items: list[_Item], error: BaseException) -> None:

@@ -10,13 +10,16 @@ What an event changes besides its own row (the target's body, a read position, a
 hidden mark) is written in the same transaction, so a device never sees the event
 without its effect or the effect without the event.
 
-Each event runs as its own transaction (events are rarer than messages and each
-reads its own state); the rules, decided under the locks:
+READ and DELIVERED, the frequent ones (one per receiver and conversation), are
+stored by the send batches themselves (send.py `_position_outcome`): the batch's
+one state read also reads the senders' positions, and one statement raises them.
+EDIT, RECALL and DELETE_FOR_ME each run as a transaction of their own here (they
+are rare and each reads its target). The rules, decided under the locks:
 
-- READ / DELIVERED: target_conv_seq is the new position, 1..the conversation's last
-  conv_seq. Positions only move forward: one at or below the current position
-  stores nothing (acknowledged with msg_id 0 and conv_seq = the current position).
-  DELIVERED exists in direct conversations only.
+- READ / DELIVERED (send.py): target_conv_seq is the new position, 1..the
+  conversation's last conv_seq. Positions only move forward: one at or below the
+  current position stores nothing (acknowledged with msg_id 0 and conv_seq = the
+  current position). DELIVERED exists in direct conversations only (`validate`).
 - EDIT: the caller's own chat message, not recalled, within the edit window; its
   body becomes the edit's body (History and Sync serve the newest body).
 - RECALL: the caller's own chat message, or any in a group the caller owns, within
@@ -63,6 +66,7 @@ from logic.model import (
     KIND_MESSAGE,
     KIND_READ,
     KIND_RECALL,
+    RECEIPTS,
     SendAck,
 )
 from logic.outbox import OutboxCleaner
@@ -168,6 +172,8 @@ class StateWriter:
         conv = self.validate(
             sender_id, device_id, client_msg_id, conversation_id, kind, target_conv_seq, body
         )
+        if kind in RECEIPTS:
+            raise InvalidArgument("READ and DELIVERED are stored by the send batches (send.py)")
         attrs = {
             "im.user_id": sender_id,
             "im.conversation_id": conv.value,
@@ -213,19 +219,7 @@ class StateWriter:
                 if not state.is_member:
                     raise PermissionDenied(f"{ev.sender_id} is not a member of {conv.value}")
             head = state.last_conv_seq
-            target_msg_id = 0
-            if ev.kind in (KIND_READ, KIND_DELIVERED):
-                if ev.target > head:
-                    raise InvalidArgument(
-                        f"position {ev.target} is above {conv.value}'s last conv_seq {head}"
-                    )
-                read, delivered = await repo.position_tx(conn, conv.value, ev.sender_id)
-                current = read if ev.kind == KIND_READ else delivered
-                if ev.target <= current:
-                    # Positions only move forward: nothing to store.
-                    return SendAck(0, 0, current, 0, duplicate=False), None
-            else:
-                target_msg_id = await self._check_target(conn, ev)
+            target_msg_id = await self._check_target(conn, ev)
             values = await self._seq.next_batch([conv.seq_key, user_seq_key(ev.sender_id)])
             if len(values) != 2:
                 raise DependencyFailed(f"seqsvc returned {len(values)} values for 2 keys")
@@ -262,11 +256,7 @@ class StateWriter:
                 outbox=not self._faults.skip_outbox,
                 repair_after_s=self._repair_after,
             )
-            if ev.kind == KIND_READ:
-                await repo.raise_position_tx(conn, conv.value, ev.sender_id, ev.target, 0)
-            elif ev.kind == KIND_DELIVERED:
-                await repo.raise_position_tx(conn, conv.value, ev.sender_id, 0, ev.target)
-            elif ev.kind == KIND_EDIT:
+            if ev.kind == KIND_EDIT:
                 await repo.edit_message_tx(conn, target_msg_id, ev.body, time_ms)
             elif ev.kind == KIND_RECALL:
                 await repo.recall_message_tx(conn, conv.value, ev.target)

@@ -326,3 +326,34 @@ async def test_receipts_in_a_500_member_group_cost_one_row_per_read(
         if not token:
             break
     assert seen == sorted(readers)
+
+
+async def test_concurrent_reads_share_batches_and_never_go_back(
+    client: LogicClient, pg_dsn: str
+) -> None:
+    """Reads share the messages' group commit: many at once, from two users, in
+    any order. Whatever batches they land in, each user's stored READ positions
+    strictly increase in conv_seq order, the final position is the highest, and a
+    position at or below the current one stores nothing."""
+    d = "d:rx:ry"
+    sent = [await client.send("rx", d, f"{i}".encode()) for i in range(12)]
+    await client.fanout_all(d)
+    positions = [m.conv_seq for m in sent]
+    order = positions[::2] + positions[1::2]  # out of order on purpose
+    acks = await asyncio.gather(
+        *(event(client, u, d, READ, p) for p in order for u in ("ry", "rx")),
+        *(event(client, "ry", d, DELIVERED, p) for p in positions[:6]),
+    )
+    assert all(a.msg_id == 0 or a.conv_seq > max(positions) for a in acks)
+    rows = await query(
+        pg_dsn,
+        "SELECT sender_id, kind, target_conv_seq FROM messages "
+        "WHERE conversation_id = %s AND kind IN (4, 5) ORDER BY conv_seq",
+        (d,),
+    )
+    for user in ("rx", "ry"):
+        reads = [t for s, k, t in rows if s == user and k == READ]
+        assert reads == sorted(set(reads)) and reads[-1] == max(positions), (user, reads)
+    convs = await conversations(client, "ry")
+    assert convs[d].read_conv_seq == max(positions)
+    assert (await conversations(client, "rx"))[d].peer_delivered_conv_seq == max(positions)
