@@ -1041,8 +1041,8 @@ def _check_read_positions(history: History, kinds: _Kinds, out: list[Violation])
     for key, facts in known.items():
         facts.sort(key=lambda f: f[0])
         running: list[tuple[int, str]] = []
-        for _, pos, what in facts:
-            running.append((pos, what) if not running or pos > running[-1][0] else running[-1])
+        for _, value, what in facts:
+            running.append((value, what) if not running or value > running[-1][0] else running[-1])
         floors[key] = ([f[0] for f in facts], running)
     for a in sorted(history.conversations, key=lambda a: a.requested_at):
         for conv, pos in sorted(a.positions.items()):
