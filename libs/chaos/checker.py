@@ -55,15 +55,19 @@ such an ACK names no message. Beyond that:
   first ACK of a stored RECALL, on the workload's clock, contains a non-empty
   body for the recalled message (the end-of-run audit is such a Sync, so this
   also covers the server's final state); (2) no device is handed, and no raw
-  observer is pushed, the recalled message with a non-empty body after it was
-  handed or pushed the RECALL entry, so no device's final state (its entries
-  replayed in order, a RECALL clearing its target) shows the body. A push with
-  the body may still arrive after the recall's ACK when it is an earlier
-  timeline entry (fan-out read the body before the recall committed; a pusher
-  retransmit of it): it is below the RECALL entry, so it comes first. A device
-  that never gets the RECALL entry is reported LOST for it, not here. A
-  recalled message may be handed with an empty body (a sync after the recall):
-  that is not CORRUPTED.
+  observer is pushed, the recalled message with a non-empty body at a seq
+  above the seq of the RECALL entry in that user's timeline (as that device or
+  observer got the RECALL entry). A device applies its timeline in seq order
+  and drops what is at or below its cursor, so this is "no push carries the
+  body after the device has received (applied) the RECALL entry", and so no
+  device's final state (its entries replayed in seq order, a RECALL clearing
+  its target) shows the body. A push with the body may still ARRIVE after the
+  recall's ACK, even after the RECALL entry's push: fan-out read the body
+  before the recall committed, or the pusher retransmits that entry; it is
+  then an entry below the RECALL's seq (applied before it, or a duplicate) and
+  allowed. A device that never gets the RECALL entry is reported LOST for it,
+  not here. A recalled message may be handed with an empty body (a sync after
+  the recall): that is not CORRUPTED.
 """
 
 from __future__ import annotations
@@ -298,7 +302,7 @@ class Violation:
 class Report:
     sent: int = 0  # sends attempted
     acked: int = 0  # sends that got a SendAck
-    acked_messages: int = 0  # distinct (sender, client_msg_id) with a SendAck
+    acked_messages: int = 0  # distinct chat messages (sender, client_msg_id) with a SendAck
     committed: int = 0  # distinct messages known to exist (acked or seen on a device)
     delivered: int = 0  # (message, device) pairs handed at least once
     expected: int = 0  # (message, device) pairs that must be handed
@@ -383,7 +387,13 @@ def check(history: History) -> Report:
     report = Report(
         sent=len(history.sends),
         acked=sum(1 for s in history.sends if s.acked),
-        acked_messages=len({(s.sender_id, s.client_msg_id) for s in history.sends if s.acked}),
+        acked_messages=len(
+            {
+                (s.sender_id, s.client_msg_id)
+                for s in history.sends
+                if s.acked and s.kind == EntryKind.MESSAGE
+            }
+        ),
         events=len(
             {
                 (s.sender_id, s.client_msg_id)
@@ -923,19 +933,28 @@ def _check_recalled_bodies(
         ("handed", d.user_id, d.device_id, d.entries) for d in history.devices
     ] + [("pushed", p.user_id, p.device_id, p.pushes) for p in history.pushes]
     for how, user, device, entries in logs:
-        gone: dict[tuple[str, int], Delivered] = {}  # recalled here -> the RECALL entry
+        gone: dict[tuple[str, int], Delivered] = {}  # recalled target -> the RECALL entry
         for e in entries:
-            kind = kinds.kind(e)
-            if kind == EntryKind.RECALL:
-                gone.setdefault((e.conversation_id, kinds.target(e)), e)
-                continue
+            if kinds.kind(e) == EntryKind.RECALL:
+                key = (e.conversation_id, kinds.target(e))
+                if key not in gone or e.seq < gone[key].seq:
+                    gone[key] = e
+        reported: set[tuple[int, int]] = set()
+        for e in entries:
             recall = gone.get((e.conversation_id, e.conv_seq))
-            if recall is not None and e.body and kind == EntryKind.MESSAGE:
+            if (
+                recall is not None
+                and e.body
+                and e.seq > recall.seq
+                and kinds.kind(e) == EntryKind.MESSAGE
+                and (e.msg_id, e.seq) not in reported
+            ):
+                reported.add((e.msg_id, e.seq))
                 out.append(
                     Violation(
                         Kind.RECALLED_BODY,
-                        f"{how} with its body (seq {e.seq}) after the RECALL entry "
-                        f"(seq {recall.seq}, msg_id {recall.msg_id})",
+                        f"{how} with its body at seq {e.seq}, above the RECALL entry "
+                        f"(seq {recall.seq}, msg_id {recall.msg_id}): applied after the recall",
                         user,
                         device,
                         e.conversation_id,

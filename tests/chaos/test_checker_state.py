@@ -288,17 +288,20 @@ def test_a_push_with_the_body_after_the_recall_entry_is_a_violation() -> None:
         EntryKind.RECALL,
         gone.ack.conv_seq,
     )
-    # The in-flight push (and a retransmit of it) before the RECALL entry: fine,
-    # even if it arrives after the recall's ACK.
-    h.pushes.append(PushLog("carol", "obs", [msg, msg, rc]))
+    # The in-flight push and a retransmit of it, arriving after the RECALL
+    # entry: fine, it is below the RECALL's seq (applied first, or a duplicate).
+    h.pushes.append(PushLog("carol", "obs", [rc, msg, msg]))
+    h.pushes.append(PushLog("bob", "obs", [msg, rc, msg]))
     assert kinds(h) == set()
-    # A retransmit of the old entry after the RECALL entry arrived: not fine.
-    h.pushes.append(PushLog("alice", "obs", [msg, rc, msg]))
+    # The body in an entry above the RECALL's (a device applies it after the
+    # recall), whenever it arrives: not fine.
+    again = dataclasses.replace(msg, seq=6)
+    h.pushes.append(PushLog("alice", "obs", [again, msg, rc]))
     report = check(h)
     assert report.by_kind() == {Kind.RECALLED_BODY.value: 1}
-    assert report.violations[0].device_id == "obs" and "after the RECALL" in (
-        report.violations[0].detail
-    )
+    v = report.violations[0]
+    assert (v.user_id, v.device_id) == ("alice", "obs")
+    assert "above the RECALL entry" in v.detail
 
 
 def test_a_device_handed_the_body_after_the_recall_entry_is_a_violation() -> None:
