@@ -54,6 +54,8 @@ class StackPorts:
     gateway: list[int]
     gateway_internal: list[int]
     metrics: dict[str, list[int]] = field(default_factory=dict)
+    #: The gateways' WebSocket listeners (empty: none).
+    gateway_ws: list[int] = field(default_factory=list)
     movable: bool = False
 
     @classmethod
@@ -67,6 +69,7 @@ class StackPorts:
             pusher=[free_port() for _ in range(pushers)],
             gateway=[free_port() for _ in range(gateways)],
             gateway_internal=[free_port() for _ in range(gateways)],
+            gateway_ws=[free_port() for _ in range(gateways)],
             movable=True,
         )
 
@@ -77,7 +80,8 @@ class StackPorts:
         """`make run`'s ports, all derived from `base` (IM_DEV_BASE_PORT) and inside
         base .. base+499, away from the servers' default ports for the default base:
         gateways base+0.., logics +10.., seqsvc +20, pushers +30.., the gateways'
-        internal ports +100.., metrics +200 + the same offsets (gateway +200..,
+        internal ports +100.., their WebSocket ports +150.., metrics +200 + the same
+        offsets (gateway +200..,
         logic +210.., seqsvc +220, pusher +230..), Redis +379, NATS +422,
         PostgreSQL +432."""
         if max(gateways, logics, pushers) > _MAX_PER_KIND:
@@ -93,6 +97,7 @@ class StackPorts:
             pusher=[base + 30 + i for i in range(pushers)],
             gateway=[base + i for i in range(gateways)],
             gateway_internal=[base + 100 + i for i in range(gateways)],
+            gateway_ws=[base + 150 + i for i in range(gateways)],
             metrics={
                 "gateway": [base + 200 + i for i in range(gateways)],
                 "logic": [base + 210 + i for i in range(logics)],
@@ -109,6 +114,7 @@ class StackPorts:
         ports += [(f"pusher-{i}", p) for i, p in enumerate(self.pusher)]
         ports += [(f"gateway-{i}", p) for i, p in enumerate(self.gateway)]
         ports += [(f"gateway-{i} internal", p) for i, p in enumerate(self.gateway_internal)]
+        ports += [(f"gateway-{i} websocket", p) for i, p in enumerate(self.gateway_ws)]
         for kind, kind_ports in self.metrics.items():
             ports += [(f"{kind}-{i} metrics", p) for i, p in enumerate(kind_ports)]
         return ports
@@ -262,6 +268,7 @@ class Stack:
                 "IM_GATEWAY_TOKEN_SECRET": self.token_secret,
                 # A local stack on loopback: plaintext on purpose (no warning).
                 "IM_GATEWAY_ALLOW_PLAINTEXT": "true",
+                **self._ws_env(i),
                 **self._metrics("gateway", i),
             },
         )
@@ -279,6 +286,18 @@ class Stack:
     @property
     def gateway_addresses(self) -> list[str]:
         return [g.address for g in self.gateways]
+
+    @property
+    def ws_urls(self) -> list[str]:
+        """ws:// URL of each gateway's WebSocket listener (empty: none)."""
+        return [f"ws://127.0.0.1:{p}/v1/connect" for p in self.ports.gateway_ws]
+
+    def _ws_env(self, i: int) -> dict[str, str]:
+        if i >= len(self.ports.gateway_ws):
+            return {}
+        # A local stack: any web page may connect (IM_GATEWAY_WS_ORIGINS names the
+        # allowed pages in a deployment).
+        return {"IM_GATEWAY_WS_PORT": str(self.ports.gateway_ws[i]), "IM_GATEWAY_WS_ORIGINS": "*"}
 
     def start(self, timeout: float = 60.0) -> None:
         """Starts everything in dependency order and waits until every service is

@@ -217,6 +217,50 @@ class Settings(ServerSettings):
         "leave in a call of their own (calls then overlap). 0 = until that call returns "
         "(at most IM_GATEWAY_LOGIC_TIMEOUT_S). With no call in flight sends leave at once.",
     )
+    # -- WebSocket (gateway/websocket.py) -----------------------------------------
+    ws_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        json_schema_extra={"deploy": "optional"},
+        description="Port of the WebSocket listener (path /v1/connect): the device protocol "
+        "for browsers. 0 = no WebSocket listener. TLS (wss) with TLS_CERT_FILE/KEY_FILE like "
+        "the gRPC port.",
+    )
+    ws_origins: str = Field(
+        "",
+        max_length=4000,
+        json_schema_extra={"deploy": "optional"},
+        description="Comma-separated Origin values of the web pages allowed to open a socket "
+        "(e.g. https://chat.example.com); clients that send no Origin (not browsers) are always "
+        "allowed. '*' = any origin: development only.",
+    )
+    ws_max_message_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest WebSocket message accepted (a larger one closes the socket with "
+        "1009). Must exceed MAX_BODY_BYTES plus the frame's envelope.",
+    )
+    ws_hello_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="How long a new socket may take to send its Hello."
+    )
+    ws_ping_interval_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="A socket silent this long gets a WebSocket ping (one sweep per gateway).",
+    )
+    ws_ping_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="A socket silent this long after its ping is dropped (close 1011): a dead "
+        "peer, or one that stopped reading.",
+    )
+    ws_max_unary_in_flight: int = Field(
+        16, ge=1, le=1024, description="Unary calls one socket may have in flight at once."
+    )
     liveness_s: float = Field(
         10.0,
         ge=0,
@@ -263,6 +307,91 @@ class Settings(ServerSettings):
         le=60,
         description="How long a new stream waits for its timeline head before the Welcome "
         "goes out without it (head_seq 0; the first check then sets the stream's cursor).",
+    )
+
+    typing_min_interval_ms: int = Field(
+        1000,
+        ge=0,
+        le=60_000,
+        description="Least time between two forwarded Typing notices of one connection in one "
+        "conversation with the same typing state (a change of state passes at once); a repeat "
+        "sooner gets FrameError RATE_LIMITED.",
+    )
+    typing_rate_per_s: float = Field(
+        5.0,
+        gt=0,
+        le=10_000,
+        description="Sustained Typing frames per second per connection (token bucket, all "
+        "conversations together); beyond it FrameError RATE_LIMITED, the stream stays open.",
+    )
+    typing_burst: int = Field(
+        10, ge=1, le=10_000, description="Token-bucket burst of Typing frames per connection."
+    )
+    typing_expires_ms: int = Field(
+        6000,
+        ge=500,
+        le=600_000,
+        description="TypingNotice.expires_in_ms: receivers drop a typing state this long "
+        "after its last notice.",
+    )
+    typing_max_members: int = Field(
+        500,
+        ge=2,
+        le=1_000_000,
+        description="Typing is relayed in conversations of at most this many members; in "
+        "bigger ones a Typing frame gets FrameError INVALID_ARGUMENT.",
+    )
+    typing_members_cache_s: float = Field(
+        3.0,
+        ge=0,
+        le=600,
+        description="How long a conversation's member list (Logic.GetMembers) is reused for "
+        "typing fan-out. A member added meanwhile is asked for again; one removed may see "
+        "typing for up to this long. 0 = ask logic for every relayed Typing frame.",
+    )
+    typing_members_cache_max: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Most conversations whose member list is cached (oldest dropped first).",
+    )
+    signal_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        le=30,
+        description="Deadline of a GatewayInternal.Signal call to another gateway (typing, "
+        "best effort, never retried).",
+    )
+    presence_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often the presence of subscribed users is read from Redis (one "
+        "pipelined round for all of them). A change is pushed at most this long after Redis "
+        "shows it: a user whose gateway died shows offline within route_ttl_s + this.",
+    )
+    presence_max_subscriptions: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Most users one connection may subscribe to (SubscribePresence); beyond "
+        "it the frame gets FrameError INVALID_ARGUMENT.",
+    )
+    presence_subscribe_rate_per_s: float = Field(
+        2.0,
+        gt=0,
+        le=10_000,
+        description="Sustained SubscribePresence frames per second per connection.",
+    )
+    presence_subscribe_burst: int = Field(
+        10, ge=1, le=10_000, description="Token-bucket burst of SubscribePresence frames."
+    )
+    last_seen_ttl_s: float = Field(
+        30 * 86400.0,
+        ge=60,
+        le=10 * 365 * 86400.0,
+        description="How long Redis keeps a user's last-seen time (the <prefix>lastseen:<user> "
+        "key) after their last connection; then it is 0 (unknown).",
     )
 
     @model_validator(mode="after")

@@ -17,6 +17,13 @@ their own (docs/benchmarks.md, "Idle connections"):
   waiting) sends the latest cumulative DeliverAck to every pusher that pushed to
   this connection (best effort: a lost forward only means a retransmit, which the
   client acknowledges again).
+- Typing and SubscribePresence frames are handed to their components
+  (gateway.typing_relay, gateway.presence) through `on_typing` /
+  `on_subscribe_presence`, which check and rate-limit them at once and do
+  anything that waits (logic, Redis, other gateways) in tasks of their own. Their
+  answers (FrameError) and the ephemeral frames for this device (TypingNotice,
+  PresenceUpdate) are queued with `signal()`: never waiting for room, dropped when
+  the queue is at its limit, so they never hold back a send, a push or an ACK.
 - the writer (started when a frame is queued, ending when the queue is empty) is
   the only one writing to the stream after the Welcome, in queue order. Pushes
   that find the queue at its limit are refused (the pusher retransmits, the
@@ -62,6 +69,8 @@ BODY_KINDS = frozenset(
         common_pb2.MESSAGE_KIND_EDIT,
     }
 )
+
+_UNAVAILABLE = gateway_pb2.FrameErrorCode.FRAME_ERROR_CODE_UNAVAILABLE
 
 MAX_CLIENT_MSG_ID_CHARS = 128
 MAX_CONVERSATION_ID_CHARS = 200
@@ -166,6 +175,8 @@ class Connection:
         "_head_floor",
         "_on_ping",
         "_on_send_result",
+        "_on_subscribe_presence",
+        "_on_typing",
         "_order",
         "_outbound",
         "_pending_head",
@@ -181,9 +192,11 @@ class Connection:
         "connection_id",
         "forwarder_runs",
         "identity",
+        "presence_state",
         "sender_runs",
         "settings",
         "store_epoch",
+        "typing_state",
         "writer_runs",
     )
 
@@ -197,6 +210,10 @@ class Connection:
         on_send_result: Callable[[str], None] | None = None,
         on_deliver_ack: Callable[[], None] | None = None,
         on_ping: Callable[[Connection, int], None] | None = None,
+        on_typing: Callable[[Connection, gateway_pb2.Typing], None] | None = None,
+        on_subscribe_presence: (
+            Callable[[Connection, gateway_pb2.SubscribePresence], None] | None
+        ) = None,
     ) -> None:
         self.identity = identity
         self.connection_id = uuid.uuid4().hex
@@ -215,6 +232,14 @@ class Connection:
         self._count_deliver_ack = on_deliver_ack or _nothing
         #: Answers a Ping with the timeline head (None: a Pong at once, head 0).
         self._on_ping = on_ping
+        #: Non-blocking hand-offs of Typing / SubscribePresence frames (None: not
+        #: served here; such a frame gets FrameError UNAVAILABLE).
+        self._on_typing = on_typing
+        self._on_subscribe_presence = on_subscribe_presence
+        #: Per-connection state owned by gateway.typing_relay / gateway.presence
+        #: (None until the connection's first such frame).
+        self.typing_state: Any = None
+        self.presence_state: Any = None
         # Liveness (gateway.heads): the user's timeline head when the stream opened
         # (-1: unknown yet), the head a check found unacknowledged (0: none), the
         # highest seq queued as a Push, and whether a catch-up is running.
@@ -542,6 +567,25 @@ class Connection:
         if not self.closing:
             self._queue(gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=nonce, head_seq=head)))
 
+    def signal(self, frame: gateway_pb2.ServerFrame) -> bool:
+        """Queues an ephemeral frame (TypingNotice, PresenceUpdate, FrameError)
+        without waiting; False (dropped) if the stream is closing or its queue is
+        at its limit: such frames are best effort and must never wait for room."""
+        if self.closing or self._queued() >= self.settings.outbound_queue:
+            return False
+        self._queue(frame)
+        return True
+
+    def frame_error(
+        self, frame: str, code: gateway_pb2.FrameErrorCode.ValueType, reason: str
+    ) -> bool:
+        """Answers a refused Typing or SubscribePresence frame (see signal())."""
+        return self.signal(
+            gateway_pb2.ServerFrame(
+                frame_error=gateway_pb2.FrameError(frame=frame, code=code, reason=reason)
+            )
+        )
+
     async def push_entry(self, seq: int, message: common_pb2.Message) -> bool:
         """Queues a Push that the gateway itself found missing (a catch-up), waiting
         while the outbound queue is at its limit. False once the stream is closing."""
@@ -602,6 +646,18 @@ class Connection:
                     else:
                         await self._reply(
                             gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=frame.ping.nonce))
+                        )
+                elif kind == "typing":
+                    if self._on_typing is not None:
+                        self._on_typing(self, frame.typing)
+                    else:
+                        self.frame_error("typing", _UNAVAILABLE, "typing is not served here")
+                elif kind == "subscribe_presence":
+                    if self._on_subscribe_presence is not None:
+                        self._on_subscribe_presence(self, frame.subscribe_presence)
+                    else:
+                        self.frame_error(
+                            "subscribe_presence", _UNAVAILABLE, "presence is not served here"
                         )
                 # An empty frame (or one a newer client sends) is ignored.
         except grpc.RpcError:

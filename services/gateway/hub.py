@@ -83,6 +83,9 @@ class Hub:
         self._check_interval_s = check_interval_s
         self._on_routes_restored = on_routes_restored
         self._conns: dict[tuple[str, str], Connection] = {}
+        #: The same streams by user: user -> {device: stream} (GatewayInternal.Signal
+        #: to "every device of the user here").
+        self._by_user: dict[str, dict[str, Connection]] = {}
         self._locks: dict[tuple[str, str], _KeyLock] = {}
         self._background: set[asyncio.Task[object]] = set()
         #: Streams whose route registration failed or was deferred (Redis down):
@@ -100,6 +103,11 @@ class Hub:
     def get(self, user_id: str, device_id: str) -> Connection | None:
         return self._conns.get((user_id, device_id))
 
+    def devices(self, user_id: str) -> list[Connection]:
+        """The user's streams on this gateway (one per device)."""
+        conns = self._by_user.get(user_id)
+        return list(conns.values()) if conns else []
+
     def _background_task(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -116,6 +124,8 @@ class Hub:
         retries (imcommon.redisconn, about 1 s)."""
         old = self._conns.get(conn.key)
         self._conns[conn.key] = conn
+        user, device = conn.key
+        self._by_user.setdefault(user, {})[device] = conn
         if old is not None:
             log.info("kicking replaced connection", extra=old.log_extra())
             old.kick(REPLACED)
@@ -169,9 +179,14 @@ class Hub:
     async def detach(self, conn: Connection) -> None:
         """Forgets `conn` and removes its route if the route is still its own."""
         self._unregistered.discard(conn)
+        user, device = conn.key
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
-        user, device = conn.key
+            of_user = self._by_user.get(user)
+            if of_user is not None:
+                of_user.pop(device, None)
+                if not of_user:
+                    del self._by_user[user]
         try:
             await self._routes.unregister(user, device, conn.connection_id)
         except (RedisError, OSError) as exc:

@@ -4,6 +4,8 @@ Key layout (the contract with pusher, whose `pusher/routes.py` reads it):
 
     <prefix>route:<user_id>           HASH    device_id -> "<expires_ms>|<connection_id>|<gateway>"
     <prefix>routes-alive:<gateway>    STRING  "1", the gateway's sentinel (below)
+    <prefix>lastseen:<user_id>        STRING  Redis time (ms) a route of the user was last
+                                              written or removed (presence's "last seen")
 
 - one hash per user, so "all online devices of user U and their gateway" is one
   HGETALL (no SCAN), and every script touches exactly one key (cluster-safe);
@@ -12,7 +14,14 @@ Key layout (the contract with pusher, whose `pusher/routes.py` reads it):
 - the hash itself has a PEXPIRE of at least the route TTL, refreshed with the
   fields, so a user whose gateways all died disappears entirely;
 - `connection_id` makes removal a compare-and-delete: a closing stream removes the
-  route only if it is still its own, never a newer connection's.
+  route only if it is still its own, never a newer connection's;
+- every REGISTER, REFRESH and UNREGISTER is pipelined with a STAMP of the user's
+  `lastseen` key (Redis TIME, only forward, a long TTL), in the same round trip.
+  So for a user with no live route, `lastseen` is when a device of theirs last
+  disconnected cleanly, or, if its gateway died, its route's last refresh (its
+  `expires_ms - ttl`, the last moment a live gateway vouched for it). STAMP is a
+  script of its own on its own key: every script still touches exactly one key,
+  so route and lastseen keys may live in different cluster slots.
 
 Presence is a cache: losing Redis (flush, restart, outage) loses no message. A
 gateway notices the loss within about a second and re-registers every open stream's
@@ -32,6 +41,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -120,6 +130,21 @@ return out
 """
 )
 
+# KEYS[1] a user's lastseen key; ARGV ttl_ms. Sets it to Redis time unless it
+# holds a later one (a clock step back never moves it backwards); returns it.
+STAMP = (
+    _NOW
+    + """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if now > cur then
+  redis.call('SET', KEYS[1], now, 'PX', ARGV[1])
+  return now
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return cur
+"""
+)
+
 # KEYS[1] a gateway's sentinel key: 1 if it exists. Run by its SHA only (EVALSHA),
 # so NOSCRIPT tells that Redis emptied its script cache: it restarted (perhaps
 # from a snapshot older than some routes), failed over to a replica that does not
@@ -130,6 +155,10 @@ _CHECK_SHA = hashlib.sha1(CHECK.encode()).hexdigest()
 
 def route_key(prefix: str, user_id: str) -> str:
     return f"{prefix}route:{user_id}"
+
+
+def last_seen_key(prefix: str, user_id: str) -> str:
+    return f"{prefix}lastseen:{user_id}"
 
 
 def sentinel_key(prefix: str, gateway: str) -> str:
@@ -175,17 +204,37 @@ class RouteTable:
     (for the gateway: the hub retries until Redis answers, then re-registers).
     """
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, ttl_s: float) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        ttl_s: float,
+        last_seen_ttl_s: float = 30 * 86400.0,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._last_seen_ttl_ms = max(1, int(last_seen_ttl_s * 1000))
         self._register = redis.register_script(REGISTER)
         self._refresh = redis.register_script(REFRESH)
         self._unregister = redis.register_script(UNREGISTER)
         self._lookup = redis.register_script(LOOKUP)
+        self._stamp = redis.register_script(STAMP)
+
+    @property
+    def ttl_ms(self) -> int:
+        return self._ttl_ms
 
     def key(self, user_id: str) -> str:
         return route_key(self._prefix, user_id)
+
+    def last_seen_key(self, user_id: str) -> str:
+        return last_seen_key(self._prefix, user_id)
+
+    async def _stamp_in(self, pipe: Any, user_id: str) -> None:
+        await self._stamp(
+            keys=[self.last_seen_key(user_id)], args=[self._last_seen_ttl_ms], client=pipe
+        )
 
     def sentinel_key(self, gateway: str) -> str:
         return sentinel_key(self._prefix, gateway)
@@ -214,9 +263,14 @@ class RouteTable:
     ) -> Route | None:
         """Points the device's route at `gateway`/`connection_id`; returns the
         live route it replaced, if it belonged to another connection."""
-        prev = await self._register(
-            keys=[self.key(user_id)], args=[device_id, connection_id, gateway, self._ttl_ms]
-        )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._register(
+                keys=[self.key(user_id)],
+                args=[device_id, connection_id, gateway, self._ttl_ms],
+                client=pipe,
+            )
+            await self._stamp_in(pipe, user_id)
+            prev, _stamped = await pipe.execute()
         return parse_route(device_id, prev) if prev else None
 
     async def refresh_many(self, entries: list[tuple[str, str, str, str]]) -> list[Refreshed]:
@@ -231,23 +285,53 @@ class RouteTable:
                     args=[device_id, connection_id, gateway, self._ttl_ms],
                     client=pipe,
                 )
+            # One stamp per user, not per device: last seen is per user.
+            for user_id in dict.fromkeys(e[0] for e in entries):
+                await self._stamp_in(pipe, user_id)
             results = await pipe.execute()
-        return [Refreshed(int(r)) for r in results]
+        return [Refreshed(int(r)) for r in results[: len(entries)]]
 
     async def unregister(self, user_id: str, device_id: str, connection_id: str) -> bool:
-        """Removes the device's route if it is still `connection_id`'s."""
-        return bool(
-            int(await self._unregister(keys=[self.key(user_id)], args=[device_id, connection_id]))
-        )
+        """Removes the device's route if it is still `connection_id`'s, and stamps
+        the user's last seen (also when the route was another connection's: this
+        one was connected until now either way)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._unregister(
+                keys=[self.key(user_id)], args=[device_id, connection_id], client=pipe
+            )
+            await self._stamp_in(pipe, user_id)
+            removed, _stamped = await pipe.execute()
+        return bool(int(removed))
+
+    async def lookup_many(self, user_ids: list[str]) -> dict[str, list[Route]]:
+        """Live routes of every device of each user, in one pipeline (users without
+        one are absent)."""
+        users = list(dict.fromkeys(user_ids))
+        if not users:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user_id in users:
+                await self._lookup(keys=[self.key(user_id)], args=[], client=pipe)
+            results = await pipe.execute()
+        out: dict[str, list[Route]] = {}
+        for user_id, flat in zip(users, results, strict=True):
+            if flat:
+                out[user_id] = _routes(flat)
+        return out
 
     async def lookup(self, user_id: str) -> list[Route]:
         """Live routes of every device of `user_id`."""
         flat = await self._lookup(keys=[self.key(user_id)], args=[])
-        return [
-            Route(
-                device_id=_text(flat[i]),
-                connection_id=_text(flat[i + 1]),
-                gateway=_text(flat[i + 2]),
-            )
-            for i in range(0, len(flat), 3)
-        ]
+        return _routes(flat)
+
+
+def _routes(flat: list[Any]) -> list[Route]:
+    """Routes from LOOKUP's flat list (device, connection_id, gateway, ...)."""
+    return [
+        Route(
+            device_id=_text(flat[i]),
+            connection_id=_text(flat[i + 1]),
+            gateway=_text(flat[i + 2]),
+        )
+        for i in range(0, len(flat), 3)
+    ]

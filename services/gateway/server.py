@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 
 import grpc
@@ -11,6 +12,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from gateway.config import Settings
 from gateway.heads import Liveness, LogicHeads
 from gateway.hub import Hub
+from gateway.presence import LogicVisibility, PresenceService, PresenceStore
 from gateway.routes import RouteTable
 from gateway.servicer import (
     GATEWAY_SERVICE,
@@ -19,7 +21,9 @@ from gateway.servicer import (
     GatewayServicer,
     add_authenticated_gateway,
 )
+from gateway.typing_relay import LogicMembers, TypingRelay
 from gateway.upstream import LogicClient, Peers
+from gateway.websocket import WsGateway, WsSettings
 from im.gateway.v1 import gateway_internal_pb2_grpc
 from imcommon.config import ConfigError
 from imcommon.redisconn import redis_client
@@ -35,8 +39,9 @@ ACK_FLUSH_DEADLINE_S = 1.0
 
 
 async def build(settings: Settings, runtime: Runtime) -> None:
-    """Wires the gateway: Redis routes, the logic channel, the stream hub, both
-    services, the route refresh loop, and GoAway on shutdown."""
+    """Wires the gateway: Redis routes, the logic channel, the stream hub, typing
+    and presence, both services, the route refresh loop and the presence poller,
+    and GoAway on shutdown."""
     settings.require_addresses()
     if settings.server_tls() is None and not settings.allow_plaintext:
         log.warning(
@@ -82,7 +87,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         peers.acks.close, min(ACK_FLUSH_DEADLINE_S, settings.internal_timeout_s)
     )
 
-    routes = RouteTable(redis, settings.redis_prefix, settings.route_ttl_s)
+    routes = RouteTable(
+        redis, settings.redis_prefix, settings.route_ttl_s, settings.last_seen_ttl_s
+    )
     logic = LogicClient(
         logic_channel,
         settings.logic_timeout_s,
@@ -110,12 +117,32 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         # next check.
         on_routes_restored=liveness.check_soon if liveness is not None else None,
     )
-    add_authenticated_gateway(
-        GatewayServicer(settings, hub, logic, peers, runtime.metrics, liveness),
-        runtime.server,
-        settings.token_secret,
+    # Typing and presence: ephemeral, off the message path (their own tasks, frames
+    # queued without waiting), on the same logic channel and Redis client.
+    typing = TypingRelay(
+        settings,
+        LogicMembers(logic.stub, settings.logic_timeout_s),
+        routes,
+        hub,
+        peers,
+        address,
+        runtime.metrics,
     )
+    runtime.stack.push_async_callback(typing.close)
+    presence = PresenceService(
+        settings,
+        PresenceStore(redis, settings.redis_prefix),
+        LogicVisibility(logic.stub, settings.logic_timeout_s),
+        runtime.metrics,
+    )
+    runtime.spawn(presence.run(), "presence-poller")
+    servicer = GatewayServicer(
+        settings, hub, logic, peers, runtime.metrics, liveness, typing=typing, presence=presence
+    )
+    add_authenticated_gateway(servicer, runtime.server, settings.token_secret)
     runtime.expose(GATEWAY_SERVICE)
+    if settings.ws_port:
+        await _serve_websocket(settings, runtime, servicer)
     internal_servicer = GatewayInternalServicer(hub, runtime.metrics)
     if settings.internal_port:
         await _serve_internal(settings, runtime, internal_servicer)
@@ -141,6 +168,37 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         await hub.shutdown(settings.goaway_reconnect_ms, settings.close_grace_s + 0.5)
 
     runtime.on_shutdown(go_away)
+
+
+async def _serve_websocket(settings: Settings, runtime: Runtime, servicer: GatewayServicer) -> None:
+    """The device protocol on WebSocket (gateway/websocket.py), same servicer.
+    Stops accepting at shutdown; its sockets get the hub's GoAway like gRPC ones."""
+    origins = [o.strip() for o in settings.ws_origins.split(",") if o.strip()]
+    ws = WsGateway(
+        servicer,
+        settings.token_secret,
+        WsSettings(
+            origins=None if origins == ["*"] else origins,
+            max_message_bytes=settings.ws_max_message_bytes,
+            hello_timeout_s=settings.ws_hello_timeout_s,
+            ping_interval_s=settings.ws_ping_interval_s,
+            ping_timeout_s=settings.ws_ping_timeout_s,
+            max_unary_in_flight=settings.ws_max_unary_in_flight,
+        ),
+        runtime.metrics,
+    )
+    tls = None
+    if settings.tls_cert_file:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    try:
+        await ws.start(settings.host, settings.ws_port, tls)
+    except OSError:
+        raise bind_failure(
+            f"{settings.host}:{settings.ws_port}",
+            "IM_GATEWAY_WS_PORT; is another gateway running there?",
+        ) from None
+    runtime.stack.push_async_callback(ws.stop)
 
 
 async def _serve_internal(

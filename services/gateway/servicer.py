@@ -29,8 +29,11 @@ from opentelemetry import trace
 from gateway.auth import Identity, TokenError, bearer_token, verify_token
 from gateway.config import Settings
 from gateway.connection import Connection, ConnectionAborted, parse_client_frame
+from gateway.ephemeral import Refused
 from gateway.heads import Liveness
 from gateway.hub import Hub
+from gateway.presence import PresenceService
+from gateway.typing_relay import TypingRelay
 from gateway.upstream import LogicClient, Peers
 from im.gateway.v1 import (
     gateway_internal_pb2,
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 GATEWAY_SERVICE = "im.gateway.v1.Gateway"
 INTERNAL_SERVICE = "im.gateway.v1.GatewayInternal"
 
-_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("gateway_identity")
+identity_var: contextvars.ContextVar[Identity] = contextvars.ContextVar("gateway_identity")
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -62,7 +65,7 @@ def _ids(values: Iterable[T]) -> list[T]:
 def current_identity() -> Identity:
     """The verified caller of the current client RPC. Fails closed: raises
     LookupError outside an authenticated call."""
-    return _identity.get()
+    return identity_var.get()
 
 
 # -- authentication at registration ------------------------------------------
@@ -123,7 +126,7 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
                     f"request is not a valid {GATEWAY_SERVICE}/{method} request "
                     f"({request.error}); strings must be UTF-8",
                 )
-            _identity.set(identity)  # type: ignore[arg-type]
+            identity_var.set(identity)  # type: ignore[arg-type]
             return await inner_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -143,7 +146,7 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
                 identity, problem = _authenticate(secret, context.invocation_metadata())
                 if identity is None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-                _identity.set(identity)  # type: ignore[arg-type]
+                identity_var.set(identity)  # type: ignore[arg-type]
                 await inner_stream(requests, context)
 
             return grpc.stream_stream_rpc_method_handler(
@@ -156,7 +159,7 @@ def _guard(handler: grpc.RpcMethodHandler, secret: str, method: str) -> grpc.Rpc
             identity, problem = _authenticate(secret, context.invocation_metadata())
             if identity is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-            _identity.set(identity)  # type: ignore[arg-type]
+            identity_var.set(identity)  # type: ignore[arg-type]
             async for response in inner_stream(requests, context):
                 yield response
 
@@ -228,9 +231,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         peers: Peers,
         metrics: Metrics,
         liveness: Liveness | None = None,
+        typing: TypingRelay | None = None,
+        presence: PresenceService | None = None,
     ) -> None:
         self._settings = settings
         self._hub = hub
+        self._typing = typing
+        self._presence = presence
+        self._on_typing = typing.on_typing if typing is not None else None
+        self._on_subscribe = presence.on_subscribe if presence is not None else None
         self._liveness = liveness
         self._on_ping = liveness.ping if liveness is not None else None
         self._logic = logic
@@ -269,6 +278,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             on_send_result=self._count_send,
             on_deliver_ack=self._count_delivery_ack,
             on_ping=self._on_ping,
+            on_typing=self._on_typing,
+            on_subscribe_presence=self._on_subscribe,
         )
         liveness = self._liveness
         self._connections.inc()
@@ -289,6 +300,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._connections.dec()
             if liveness is not None:
                 liveness.remove(conn)
+            if self._presence is not None:
+                self._presence.forget(conn)
             # gRPC cancels this task when the client goes away, possibly while
             # the stream is already ending here: the route must still be removed
             # (else pushes go to a closed stream until the route's TTL).
@@ -438,8 +451,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             delivered=resp.delivered,
         )
 
+    async def GetPresence(
+        self, request: gateway_pb2.GetPresenceRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetPresenceResponse:
+        me = current_identity()
+        if self._presence is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "presence is not served here")
+        assert self._presence is not None
+        try:
+            presences = await self._presence.get(me.user_id, request.user_ids)
+        except Refused as exc:
+            await context.abort(exc.status, exc.reason)
+        return gateway_pb2.GetPresenceResponse(presences=presences)
+
 
 # -- the internal service ------------------------------------------------------
+
+#: The ServerFrame kinds GatewayInternal.Signal carries.
+SIGNAL_FRAMES = frozenset({"typing", "presence"})
+#: Most targets of one Signal call.
+MAX_SIGNAL_TARGETS = 10_000
 
 
 class GatewayInternalServicer(gateway_internal_pb2_grpc.GatewayInternalServicer):
@@ -447,6 +478,11 @@ class GatewayInternalServicer(gateway_internal_pb2_grpc.GatewayInternalServicer)
         self._hub = hub
         self._pushes = metrics.counter(
             "gateway_pushes", "Deliveries handled, by status", ["status"]
+        )
+        self._signals = metrics.counter(
+            "gateway_signals_written",
+            "Ephemeral frames another gateway's Signal queued on streams here, by kind",
+            ["kind"],
         )
 
     async def Deliver(
@@ -489,3 +525,35 @@ class GatewayInternalServicer(gateway_internal_pb2_grpc.GatewayInternalServicer)
             request.user_id, request.device_id, request.connection_id, request.reason
         )
         return gateway_internal_pb2.KickResponse(kicked=kicked)
+
+    async def Signal(
+        self, request: gateway_internal_pb2.SignalRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_internal_pb2.SignalResponse:
+        """Queues an ephemeral frame on the named streams here (a target without a
+        device: every stream of the user here). Best effort: a stream that is
+        closing or whose queue is full is skipped. Returns how many took it."""
+        kind = request.frame.WhichOneof("frame")
+        if kind not in SIGNAL_FRAMES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Signal carries only typing or presence frames, not {kind or 'an empty frame'}",
+            )
+        if len(request.targets) > MAX_SIGNAL_TARGETS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.targets)} targets; at most {MAX_SIGNAL_TARGETS} per call",
+            )
+        written = 0
+        seen: set[Connection] = set()
+        for target in request.targets:
+            if target.device_id:
+                conn = self._hub.get(target.user_id, target.device_id)
+                conns = [conn] if conn is not None else []
+            else:
+                conns = self._hub.devices(target.user_id)
+            for conn in conns:
+                if conn not in seen and conn.signal(request.frame):
+                    seen.add(conn)
+                    written += 1
+        self._signals.labels(kind or "").inc(written)
+        return gateway_internal_pb2.SignalResponse(written=written)

@@ -1,5 +1,5 @@
 """The gateway's calls to other processes: logic (sends), pushers (delivery ACKs)
-and other gateways (kicks).
+and other gateways (kicks, typing signals).
 
 Internal calls are plaintext gRPC on the cluster network, where NetworkPolicies
 decide who may reach whom, or TLS (mutual with a client certificate) when the
@@ -756,6 +756,35 @@ class Peers:
                 extra={"gateway": address, "user_id": user_id, "code": exc.code().name},
             )
             return False
+
+    async def signal(
+        self,
+        address: str,
+        targets: list[tuple[str, str]],
+        frame: gateway_pb2.ServerFrame,
+        timeout_s: float,
+    ) -> int | None:
+        """Writes an ephemeral frame (typing, presence) to (user, device) streams on
+        the gateway at `address` with one GatewayInternal.Signal call; returns how
+        many streams it was queued on, None if the call failed. Best effort: one
+        attempt, never retried (the frame expires by itself)."""
+        stub = gateway_internal_pb2_grpc.GatewayInternalStub(self._channel(address))
+        request = gateway_internal_pb2.SignalRequest(
+            targets=[
+                gateway_internal_pb2.SignalTarget(user_id=user, device_id=device)
+                for user, device in targets
+            ],
+            frame=frame,
+        )
+        try:
+            resp = await stub.Signal(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug(
+                "Signal at another gateway failed",
+                extra={"gateway": address, "targets": len(targets), "code": exc.code().name},
+            )
+            return None
+        return int(resp.written)
 
     async def close(self) -> None:
         """Flushes queued delivery ACKs (AckForwarder.close, if not done yet), then

@@ -1070,6 +1070,8 @@ async def prune_messages_tx(
               AND EXISTS (SELECT 1 FROM messages n WHERE n.conversation_id = c.conversation_id
                           AND n.conv_seq > c.conv_seq)
             RETURNING m.msg_id
+        ), hid AS (
+            DELETE FROM hidden_messages h USING del WHERE h.msg_id = del.msg_id
         )
         SELECT (SELECT count(*) FROM del), (SELECT max(msg_id) FROM cand)
         """,

@@ -35,6 +35,10 @@ class Received:
     body: bytes
     #: time.monotonic() when its first Push was read
     at: float
+    conv_seq: int = 0
+    kind: int = 0  # im.common.v1.MessageKind
+    target_conv_seq: int = 0
+    recalled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ class RawDevice:
         self.acks_sent = 0
         self.frame_counts: Counter[str] = Counter()
         self.end: StreamEnd | None = None
+        #: Every Push read, repeats included, in the order read.
+        self.pushes: list[Received] = []
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -175,17 +181,24 @@ class RawDevice:
                 self._changed.notify_all()
 
     async def _on_push(self, push: gateway_pb2.Push) -> None:
+        m = push.message
+        received = Received(
+            seq=push.seq,
+            msg_id=m.msg_id,
+            conversation_id=m.conversation_id,
+            body=m.body,
+            at=time.monotonic(),
+            conv_seq=m.conv_seq,
+            kind=m.kind,
+            target_conv_seq=m.target_conv_seq,
+            recalled=m.recalled,
+        )
+        self.pushes.append(received)
         if push.seq <= self.delivered or push.seq in self._held:
             self.duplicates += 1
             await self._ack()
             return
-        self._held[push.seq] = Received(
-            seq=push.seq,
-            msg_id=push.message.msg_id,
-            conversation_id=push.message.conversation_id,
-            body=push.message.body,
-            at=time.monotonic(),
-        )
+        self._held[push.seq] = received
         before = self.delivered
         while self.delivered + 1 in self._held:
             self.delivered += 1

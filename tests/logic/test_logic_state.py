@@ -279,3 +279,50 @@ async def test_members_and_shared_users(client: LogicClient) -> None:
         pb.SharedUsersRequest(user_id="m1", user_ids=["m2", "x", "stranger", "m1"])
     )
     assert list(shared.user_ids) == ["m2", "x", "m1"]
+
+
+async def test_receipts_in_a_500_member_group_cost_one_row_per_read(
+    client: LogicClient, pg_dsn: str
+) -> None:
+    """Every member reads: each READ is one timeline row (the reader's), never one
+    per member (no N-squared fan-out); "read by N of M" and who read come from one
+    query, paged."""
+    members = [f"r{i:03}" for i in range(499)]
+    g = await group(client, "boss", members)
+    m = await client.send("boss", g, b"all hands")
+    await client.fanout_all(g)
+    readers = members[:450]
+    sem = asyncio.Semaphore(32)
+
+    async def read(user: str) -> None:
+        async with sem:
+            await event(client, user, g, READ, m.conv_seq)
+
+    await asyncio.gather(*(read(u) for u in readers))
+    await client.fanout_all(g)
+    rows = await query(
+        pg_dsn,
+        "SELECT count(*) FROM timeline t JOIN messages x ON x.msg_id = t.msg_id "
+        "WHERE x.conversation_id = %s AND x.kind = 4",
+        (g,),
+    )
+    assert rows == [(len(readers),)]
+    seen: list[str] = []
+    token = ""
+    while True:
+        resp = await client.stub.GetReceipts(
+            pb.GetReceiptsRequest(
+                user_id="boss",
+                conversation_id=g,
+                conv_seq=m.conv_seq,
+                list_readers=True,
+                page_size=200,
+                page_token=token,
+            )
+        )
+        assert (resp.member_count, resp.read_count) == (500, len(readers))
+        seen += resp.reader_ids
+        token = resp.next_page_token
+        if not token:
+            break
+    assert seen == sorted(readers)

@@ -28,8 +28,10 @@ CREATE TABLE read_positions (
 CREATE INDEX read_positions_by_user ON read_positions (user_id);
 
 -- Messages a user deleted for itself: served to that user with an empty body.
+-- Retention deletes a message's rows here with the message (by msg_id).
 CREATE TABLE hidden_messages (
     user_id text NOT NULL,
     msg_id  bigint NOT NULL,
     PRIMARY KEY (user_id, msg_id)
 );
+CREATE INDEX hidden_messages_msg ON hidden_messages (msg_id);
