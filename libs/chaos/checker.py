@@ -119,7 +119,7 @@ TIMELINE_DEVICE = "~timeline"
 
 class EntryKind(enum.IntEnum):
     """What a timeline entry is: common.proto MessageKind, same numbers. UNKNOWN
-    (0) in a `Delivered` means the source did not say (an SDK without kinds):
+    (0) in a `Delivered` means the source did not say (a record without kinds):
     the send record of its (sender, client_msg_id) decides."""
 
     UNKNOWN = 0

@@ -1,6 +1,10 @@
-"""The raw protocol for what the SDK on main cannot do yet: conversation events
-(READ, RECALL) on the stream, and the unary answers with the fields the SDK's
-types leave out (kind, target_conv_seq, recalled; read_conv_seq, unread_count).
+"""The workload's conversation events (READ, RECALL) and the unary answers the
+checker reads (Sync and History with kind, target_conv_seq and recalled;
+ListConversations with read_conv_seq and unread_count), on the raw protocol:
+the judge's own view of the wire, independent of the SDK under test. (Written
+before the SDK had kinds; sending the events through the SDK devices' own send
+path, `Client.mark_read`/`recall`, would also put them under the client faults:
+a follow-up.)
 
 `RawGateway` is one user's: generated stubs, plaintext (like the observers),
 failing over round the gateway addresses. Events go on a short stream of the

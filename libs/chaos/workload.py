@@ -17,8 +17,8 @@ faults happen, and a record of everything they did and saw.
   an app with a durable outbox does).
 - Every device reaches the gateways only through its own TCP proxies
   (`netproxy`), so a stream cut resets exactly that device's connection.
-- Conversation events (`chaos.events`, device `ev` of the user, the SDK on
-  main has no kinds): a fraction of users (`read_users`) now and then mark a
+- Conversation events (`chaos.events`, on a raw stream of the user's device
+  `ev`, which is nobody's judged device): a fraction of users (`read_users`) now and then mark a
   conversation read up to the highest conv_seq one of their devices was
   handed, sometimes (`stale_read_probability`) to a position they already
   read, which must be a no-op; some of them ask ListConversations afterwards.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import random
 import time
@@ -340,11 +339,6 @@ class Workload:
     # -- clients ---------------------------------------------------------------
 
     def _new_client(self, dev: Device) -> Client:
-        extra: dict[str, Any] = {}
-        if "auto_delivered" in inspect.signature(Client).parameters:
-            # An SDK with conversation events would send DELIVERED receipts of its
-            # own; every event of a run must be the workload's, recorded.
-            extra["auto_delivered"] = False
         return Client(
             [p.address for p in dev.proxies],
             self._token_source(dev.user, dev.device_id),
@@ -357,7 +351,9 @@ class Workload:
             connect_timeout_s=None,
             rng=random.Random(self.rng.random()),
             insecure=True,
-            **extra,
+            # The judge sends only what it checks: no automatic receipts in
+            # the timelines it compares with its sends.
+            auto_delivered=False,
         )
 
     async def start(self, ready_timeout_s: float = 60.0, senders: bool = True) -> None:
@@ -449,11 +445,9 @@ class Workload:
                         m.conv_seq,
                         m.seq,
                         m.body,
-                        # An SDK with kinds says; the one on main does not (the
-                        # checker then takes them from the send records).
-                        int(getattr(m, "kind", 0)),
-                        int(getattr(m, "target_conv_seq", 0)),
-                        bool(getattr(m, "recalled", False)),
+                        int(m.kind),
+                        m.target_conv_seq,
+                        m.recalled,
                     )
                 )
                 dev.handed.add(m.msg_id)

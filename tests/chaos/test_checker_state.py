@@ -124,7 +124,7 @@ class StateModel(Model):
         return ConversationsAnswer(user, requested, self.tick(), positions, final)
 
     def state_history(self) -> History:
-        """Devices as an SDK without kinds hands them (kind unknown: the send
+        """Devices as a client without kinds would hand them (kind unknown: the send
         records say), each user's served timeline, a final ListConversations
         answer per user."""
         h = self.history()
