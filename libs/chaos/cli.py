@@ -100,6 +100,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gateways", type=int, default=2, help="gateway processes")
     p.add_argument("--logics", type=int, default=2, help="logic processes")
     p.add_argument("--pushers", type=int, default=2, help="pusher processes")
+    p.add_argument(
+        "--read-users",
+        type=float,
+        default=WorkloadConfig.read_users,
+        help="fraction of users that mark conversations read (READ events, some stale)",
+    )
+    p.add_argument(
+        "--recall-users",
+        type=float,
+        default=WorkloadConfig.recall_users,
+        help="fraction of users that recall some of their own messages",
+    )
     p.add_argument("--seed", type=int, default=1, help="seeds the workload and the schedule")
     p.add_argument("--out", type=Path, help="JSON results file")
     p.add_argument("--workdir", type=Path, help="keep the stack's data and logs here")
@@ -146,6 +158,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         think_mean_s=args.think,
         messages=args.messages,
         seed=args.seed,
+        read_users=args.read_users,
+        recall_users=args.recall_users,
     )
     return RunConfig(
         workload=wl,

@@ -28,6 +28,10 @@ of entries from the acknowledged cursor) repeating the same ones. Every skip is
 recorded, and `online.measure` does not judge a missing pair whose seq the
 observer skipped before the pair was due.
 
+Every push is also logged in arrival order, repeats included, with its kind
+and body (`push_log()`): the checker's recall rule holds that no push carries a
+recalled body after the RECALL entry arrived.
+
 When the stream ends (its gateway was killed or restarted), the window closes
 at that moment. By default the observer then connects again, to the next
 gateway, as a new window: nothing acked before that Welcome counts for it (it
@@ -47,6 +51,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from chaos import checker
+from chaos.events import delivered
 from chaos.online import DeviceTrack, Receipt, Skip, Window
 from im.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -146,6 +152,7 @@ class Observer:
         self.windows: list[Window] = []
         self.receipts: dict[int, Receipt] = {}
         self.skips: list[Skip] = []
+        self.pushes: list[checker.Delivered] = []  # every push, in arrival order
         self.stats = ObserverStats()
         self._open: int | None = None  # index of the open window
         self._welcomed = asyncio.Event()
@@ -181,6 +188,9 @@ class Observer:
             receipts=dict(self.receipts),
             skips=list(self.skips),
         )
+
+    def push_log(self) -> checker.PushLog:
+        return checker.PushLog(self.user_id, self.device_id, list(self.pushes))
 
     def missing(self, acked: Iterable[tuple[int, float]]) -> int:
         """Of `acked` (msg_id, ack time) messages of this user's conversations,
@@ -257,6 +267,7 @@ class Observer:
                 now = self.clock()
                 self.stats.pushes += 1
                 msg_id = frame.push.message.msg_id
+                self.pushes.append(delivered(frame.push.message, frame.push.seq))
                 if msg_id not in self.receipts:
                     self.receipts[msg_id] = Receipt(now, w)
                 before = state.duplicates

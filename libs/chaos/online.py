@@ -98,6 +98,9 @@ class AckedMessage:
     msg_id: int
     conversation_id: str
     acked_at: float  # the first SendAck of the message
+    # Whose timelines it belongs to when not every member's (a READ: its reader
+    # and, in a direct conversation, the peer); None: the conversation's members.
+    recipients: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,8 @@ def measure(
     starts = {id(dev): [w.start for w in dev.windows] for devs in by_user.values() for dev in devs}
     seq_of = seq_of or {}
     for m in sorted(messages, key=lambda m: (m.acked_at, m.msg_id)):
-        for user in sorted(members.get(m.conversation_id, ())):
+        users = m.recipients if m.recipients is not None else members.get(m.conversation_id, ())
+        for user in sorted(users):
             for dev in by_user.get(user, ()):
                 seq = seq_of.get((user, m.msg_id))
                 pair = _judge(m, dev, starts[id(dev)], index, end, liveness_s, seq)

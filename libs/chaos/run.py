@@ -125,6 +125,12 @@ class RunResult:
             "violations": len(r.violations),
             "online_late": self.online.online_late,
             "max_online_delivery_s": round(self.online.max_delay_s, 2),
+            "reads": r.reads,
+            "noop_reads": r.noop_reads,
+            "recalls": r.recalls,
+            "recall_violations": r.recall_violations,
+            "read_regressions": r.read_regressions,
+            "unread_mismatches": r.unread_mismatches,
         }
 
     def result_line(self) -> str:
@@ -150,6 +156,15 @@ class RunResult:
                 "lost": r.lost,
                 "duplicated": r.duplicated,
                 "reordered": r.reordered,
+                "events": r.events,
+                "reads": r.reads,
+                "noop_reads": r.noop_reads,
+                "recalls": r.recalls,
+                "recall_violations": r.recall_violations,
+                "read_regressions": r.read_regressions,
+                "unread_mismatches": r.unread_mismatches,
+                "served_responses": len(self.history.served) if self.history else 0,
+                "conversation_lists": len(self.history.conversations) if self.history else 0,
                 "violations": len(r.violations),
                 "violations_by_kind": r.by_kind(),
             },
@@ -183,6 +198,15 @@ class RunResult:
             ("lost", str(r.lost)),
             ("duplicated", str(r.duplicated)),
             ("reordered", str(r.reordered)),
+            (
+                "events",
+                f"{r.events} stored: reads {r.reads} (no-ops {r.noop_reads}), recalls {r.recalls}",
+            ),
+            (
+                "state",
+                f"recall_violations {r.recall_violations}, read_regressions "
+                f"{r.read_regressions}, unread_mismatches {r.unread_mismatches}",
+            ),
             ("violations", f"{len(r.violations)} {r.by_kind() or ''}".rstrip()),
             ("quiesce", f"{self.quiesce_s:.1f} s" + ("" if self.quiet else " (DEADLINE PASSED)")),
             (
@@ -255,6 +279,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
     """Runs the whole experiment; never raises for a violation (see RunResult.ok)."""
     t_start = time.monotonic()
     timelines: list[checker.DeviceHistory] = []
+    push_logs: list[checker.PushLog] = []
     tracks: list[online.DeviceTrack] = []
     spans: list[online.FaultSpan] = []
     observers: list[Observer] = []
@@ -383,7 +408,8 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
                 o.missing(
                     (m.msg_id, m.acked_at)
                     for m in acked
-                    if o.user_id in w.members.get(m.conversation_id, ())
+                    if o.user_id
+                    in (m.recipients if m.recipients is not None else w.members[m.conversation_id])
                 )
                 for o in observers
             )
@@ -394,7 +420,10 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         # What was connected at the end, as it was (before anything closes).
         await w.stop_watching()
         tracks = w.tracks() + [o.track() for o in observers]
-        timelines = await w.audit_timelines()
+        push_logs = [o.push_log() for o in observers]
+        # Unread counts are only defined at quiescence: the final
+        # ListConversations answers are taken only then.
+        timelines = await w.audit_timelines(conversations=quiet)
     finally:
         for o in observers:
             await o.close()
@@ -402,7 +431,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         await asyncio.to_thread(stack.stop)
 
     anomalies += [f"{e.kind}: {e.note}" for e in flog.events if e.note]
-    history = w.history(timelines)
+    history = w.history(timelines, push_logs)
     report = checker.check(history)
     if not quiet:
         anomalies.append(f"not quiet after {config.quiesce_deadline_s}s")
@@ -493,15 +522,21 @@ async def start_observers(
 
 
 def acked_messages(w: Workload) -> list[online.AckedMessage]:
-    """Every acked message once, with its first SendAck's time (monotonic)."""
+    """Every acked message and stored event once, with its first SendAck's time
+    (monotonic) and, for an event, whose timelines it belongs to."""
     first: dict[int, online.AckedMessage] = {}
     for s in w.sends:
-        if s.ack is None or s.acked_at is None:
-            continue
+        if s.ack is None or s.acked_at is None or s.ack.msg_id == 0:
+            continue  # msg_id 0: a no-op READ, nothing stored
         at = w.t0 + s.acked_at
         prev = first.get(s.ack.msg_id)
         if prev is None or at < prev.acked_at:
-            first[s.ack.msg_id] = online.AckedMessage(s.ack.msg_id, s.conversation, at)
+            users = (
+                None
+                if s.kind == checker.EntryKind.MESSAGE
+                else w.recipients(s.conversation, s.sender, s.client_msg_id)
+            )
+            first[s.ack.msg_id] = online.AckedMessage(s.ack.msg_id, s.conversation, at, users)
     return list(first.values())
 
 

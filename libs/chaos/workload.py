@@ -17,6 +17,15 @@ faults happen, and a record of everything they did and saw.
   an app with a durable outbox does).
 - Every device reaches the gateways only through its own TCP proxies
   (`netproxy`), so a stream cut resets exactly that device's connection.
+- Conversation events (`chaos.events`, on a raw stream of the user's device
+  `ev`, which is nobody's judged device): a fraction of users (`read_users`) now and then mark a
+  conversation read up to the highest conv_seq one of their devices was
+  handed, sometimes (`stale_read_probability`) to a position they already
+  read, which must be a no-op; some of them ask ListConversations afterwards.
+  A fraction of users (`recall_users`) recall some of their own acked
+  messages, part of them as soon as the ACK is in (racing the message's
+  fan-out), the rest a little later; after each recall's ACK a History request
+  of the conversation records what it serves.
 
 Records use one monotonic clock, so the checker can tell "acked before that send
 started" (causality) across devices.
@@ -31,11 +40,16 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from chaos import checker, online
+from chaos.checker import TIMELINE_DEVICE, EntryKind
+from chaos.events import EVENT_DEVICE, RawGateway, SendRefused
 from chaos.netproxy import TcpProxy
 from imclient import (
     Client,
@@ -55,8 +69,7 @@ log = logging.getLogger("chaos.workload")
 
 TokenFactory = Callable[[str, str], str]  # (user, device) -> token
 
-#: The device id under which `audit_timelines()` reports a user's server timeline.
-TIMELINE_DEVICE = "~timeline"
+__all__ = ["TIMELINE_DEVICE", "Device", "Workload", "WorkloadConfig", "WorkloadStats"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,15 @@ class WorkloadConfig:
     body_bytes: tuple[int, int] = (16, 200)
     messages: int = 1_000  # the run goes on at least until this many sends are acked
     seed: int = 1
+    # Conversation events (module docs). Fractions of users; 0 turns a kind off.
+    read_users: float = 0.5
+    read_mean_s: float = 1.0  # mean pause between one reading user's READs
+    stale_read_probability: float = 0.2  # a READ to a position already read (a no-op)
+    list_probability: float = 0.3  # a ListConversations after a READ's ACK
+    recall_users: float = 0.25
+    recall_probability: float = 0.05  # of a recalling user's acked messages
+    recall_at_once: float = 0.5  # of the recalls: sent as soon as the message's ACK is in
+    event_timeout_s: float = 30.0  # an event is retransmitted until acked or this passes
 
     @property
     def clients(self) -> int:
@@ -85,6 +107,16 @@ class WorkloadConfig:
         lo, hi = self.group_size
         if not 3 <= lo <= hi <= self.users:
             raise ValueError("group_size must be 3 <= min <= max <= users")
+        for name in (
+            "read_users",
+            "stale_read_probability",
+            "list_probability",
+            "recall_users",
+            "recall_probability",
+            "recall_at_once",
+        ):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within 0..1")
 
 
 @dataclass
@@ -100,8 +132,10 @@ class _Send:
     attempted_at: float
     body: bytes
     acked_at: float | None = None
-    ack: SendResult | None = None
-    outcome: str = "pending"  # acked | closed | failed:<code>
+    ack: SendResult | checker.Ack | None = None
+    outcome: str = "pending"  # acked | closed | unacked | failed:<code>
+    kind: int = EntryKind.MESSAGE
+    target_conv_seq: int = 0
 
     def record(self) -> checker.SendRecord:
         ack = (
@@ -120,13 +154,15 @@ class _Send:
             self.acked_at,
             ack,
             self.body,
+            self.kind,
+            self.target_conv_seq,
         )
 
 
 @dataclass
 class WorkloadStats:
-    sent: int = 0  # submits, storms and resends included
-    acked: int = 0
+    sent: int = 0  # submits, storms and resends included (events too)
+    acked: int = 0  # chat messages (events: reads, noop_reads, recalls)
     closed: int = 0  # unacked when its client closed (resent by the next one)
     failed: int = 0  # refused for good (should stay 0)
     storms: int = 0
@@ -141,6 +177,16 @@ class WorkloadStats:
     gaps: int = 0
     syncs: int = 0
     connects: int = 0
+    # Conversation events (sent on the raw `ev` device):
+    reads: int = 0  # READs acked as stored
+    noop_reads: int = 0  # READs acked as no-ops (msg_id 0)
+    stale_reads: int = 0  # READs sent to a position already read (must be no-ops)
+    recalls: int = 0  # RECALLs acked
+    recalls_at_once: int = 0  # of which sent as soon as the message's ACK was in
+    events_unacked: int = 0  # no ACK within event_timeout_s
+    events_refused: int = 0
+    conversation_lists: int = 0  # ListConversations answers recorded
+    history_probes: int = 0  # History responses recorded after a recall
 
 
 class Device:
@@ -164,6 +210,7 @@ class Device:
         self.unacked: list[_Send] = []  # closed before their ACK: resend on restart
         self.lock = asyncio.Lock()  # one restart at a time
         self.conversations: list[str] = []
+        self.top: dict[str, int] = {}  # conversation -> highest conv_seq handed
         # Connections as the harness saw them (polled), and the first arrival of
         # each msg_id with the connection it came in: for `online.measure`.
         self.windows: list[online.Window] = []
@@ -219,6 +266,17 @@ class Workload:
         self.t0 = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
+        # Conversation events: one raw gateway per user, the tasks sending them,
+        # and what the unary answers were (for the checker).
+        self.raw: dict[str, RawGateway] = {}
+        self._kind_cache: dict[tuple[str, str], int] = {}
+        self.events: set[asyncio.Task[None]] = set()
+        self.recalled: set[int] = set()  # msg_ids a RECALL was sent for
+        self.read_at: dict[tuple[str, str], int] = {}  # (user, conv) -> position acked
+        self.served: list[checker.Served] = []
+        self.answers: list[checker.ConversationsAnswer] = []
+        self.readers: set[str] = set()
+        self.recallers: set[str] = set()
 
     # -- setup ---------------------------------------------------------------
 
@@ -256,6 +314,13 @@ class Workload:
             dev.conversations = sorted(c for c, m in self.members.items() if dev.user in m)
         # A user in no conversation would idle; the direct pairs above rule it out.
         assert all(dev.conversations for dev in self.devices)
+        pick = random.Random(self.cfg.seed + 7)
+        self.readers = {u for u in self.users if pick.random() < self.cfg.read_users}
+        self.recallers = {u for u in self.users if pick.random() < self.cfg.recall_users}
+        for user in self.users:
+            self.raw[user] = RawGateway(
+                user, self.gateways, self._token_source(user, EVENT_DEVICE), self._clock
+            )
 
     async def _create_group(self, owner: str, name: str, others: Sequence[str]) -> str:
         deadline = time.monotonic() + 60
@@ -307,6 +372,8 @@ class Workload:
         self.sending = True
         for dev in self.devices:
             dev.sender = asyncio.create_task(self._send_loop(dev), name=f"send-{dev.name}")
+        for user in sorted(self.readers):
+            self._event_task(self._read_marks(user), f"reads-{user}")
 
     async def _open(self, dev: Device) -> None:
         client = self._new_client(dev)
@@ -378,9 +445,13 @@ class Workload:
                         m.conv_seq,
                         m.seq,
                         m.body,
+                        int(m.kind),
+                        m.target_conv_seq,
+                        m.recalled,
                     )
                 )
                 dev.handed.add(m.msg_id)
+                dev.top[m.conversation_id] = max(dev.top.get(m.conversation_id, 0), m.conv_seq)
         except Kicked as exc:
             self.stats.kicked += 1
             self.echo(f"ANOMALY {dev.name} {exc}; restarting it")
@@ -432,6 +503,16 @@ class Workload:
         self.stats.acked += 1
         if self.sending and self.rng.random() < self.cfg.storm_probability:
             self._storm(dev, rec)
+        if (
+            self.sending
+            and dev.user in self.recallers
+            and ack.msg_id not in self.recalled
+            and self.rng.random() < self.cfg.recall_probability
+        ):
+            self.recalled.add(ack.msg_id)
+            at_once = self.rng.random() < self.cfg.recall_at_once
+            delay = 0.0 if at_once else self.rng.uniform(0.2, 3.0)
+            self._event_task(self._recall(rec, delay), f"recall-{rec.client_msg_id}")
 
     def _storm(self, dev: Device, rec: _Send) -> None:
         """Sends an acked message again, same client_msg_id, from this device or
@@ -466,6 +547,125 @@ class Workload:
                 self._submit(dev, rng.choice(dev.conversations))
             except ClientClosed:
                 await asyncio.sleep(0.05)
+
+    # -- conversation events ------------------------------------------------------------
+
+    def _clock(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _event_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.events.add(task)
+        task.add_done_callback(self.events.discard)
+
+    async def _event(self, user: str, conv: str, kind: int, target: int) -> _Send:
+        """Sends one event from `user`'s `ev` device and records it like a send."""
+        raw = self.raw[user]
+        cmid = str(uuid.uuid4())
+        rec = _Send(
+            user,
+            EVENT_DEVICE,
+            cmid,
+            conv,
+            f"{user}/{EVENT_DEVICE}",
+            0,
+            self._clock(),
+            b"",
+            kind=kind,
+            target_conv_seq=target,
+        )
+        self.sends.append(rec)
+        self.stats.sent += 1
+        try:
+            ack = await raw.send_event(conv, kind, target, cmid, self.cfg.event_timeout_s)
+        except SendRefused as exc:
+            rec.outcome = f"failed:{exc.code}"
+            self.stats.events_refused += 1
+            self.echo(f"ANOMALY {EntryKind(kind).name} {cmid} by {user} refused: {exc}")
+            return rec
+        except TimeoutError as exc:
+            rec.outcome = "unacked"
+            self.stats.events_unacked += 1
+            self.echo(f"ANOMALY {EntryKind(kind).name} by {user}: {exc}")
+            return rec
+        rec.ack = checker.Ack(ack.msg_id, ack.seq, ack.conv_seq)
+        rec.acked_at = self._clock()
+        rec.outcome = "acked"
+        return rec
+
+    async def _read_marks(self, user: str) -> None:
+        """While sending: now and then a READ of one conversation, up to what one
+        of the user's devices was handed, or (stale) to a position already read."""
+        rng = random.Random(self.rng.random())
+        while self.sending:
+            await asyncio.sleep(rng.expovariate(1 / self.cfg.read_mean_s))
+            if not self.sending:
+                return
+            dev = rng.choice(self.by_user[user])
+            seen = [c for c in dev.conversations if dev.top.get(c)]
+            if not seen:
+                continue
+            conv = rng.choice(seen)
+            done = self.read_at.get((user, conv), 0)
+            stale = done > 0 and rng.random() < self.cfg.stale_read_probability
+            target = rng.randint(1, done) if stale else dev.top[conv]
+            self.stats.stale_reads += stale
+            rec = await self._event(user, conv, EntryKind.READ, target)
+            if rec.ack is None:
+                continue
+            if rec.ack.msg_id == 0:
+                self.stats.noop_reads += 1
+                position = rec.ack.conv_seq
+            else:
+                self.stats.reads += 1
+                position = target
+            self.read_at[(user, conv)] = max(done, position)
+            if rng.random() < self.cfg.list_probability:
+                await self._list_conversations(user)
+
+    async def _list_conversations(self, user: str, final: bool = False) -> None:
+        try:
+            self.answers.append(await self.raw[user].conversations(final))
+            self.stats.conversation_lists += 1
+        except grpc.aio.AioRpcError as exc:
+            if final:
+                raise
+            log.info("ListConversations of %s failed: %s", user, exc.code())
+
+    async def _recall(self, sent: _Send, delay_s: float) -> None:
+        """Recalls an acked message of the workload's (at once, or after
+        `delay_s`), then records what History serves of it."""
+        if delay_s:
+            await asyncio.sleep(delay_s)  # "a little later", on purpose
+        assert sent.ack is not None
+        conv_seq = sent.ack.conv_seq
+        rec = await self._event(sent.sender, sent.conversation, EntryKind.RECALL, conv_seq)
+        if rec.ack is None:
+            return
+        self.stats.recalls += 1
+        self.stats.recalls_at_once += delay_s == 0
+        requested = self._clock()
+        try:
+            entries = await self.raw[sent.sender].history(sent.conversation, conv_seq + 1, 3)
+        except grpc.aio.AioRpcError as exc:
+            log.info("History after a recall failed: %s", exc.code())
+            return
+        self.served.append(
+            checker.Served(
+                sent.sender, f"History {sent.conversation} after a recall", requested, entries
+            )
+        )
+        self.stats.history_probes += 1
+
+    def recipients(self, conv: str, sender: str, cmid: str) -> frozenset[str]:
+        """Whose timelines the entry (sender, client_msg_id) of `conv` belongs to."""
+        kind = self._kinds().get((sender, cmid), EntryKind.MESSAGE)
+        return checker.recipients(kind, conv, sender, self.members.get(conv, frozenset()))
+
+    def _kinds(self) -> dict[tuple[str, str], int]:
+        if len(self._kind_cache) != len(self.sends):
+            self._kind_cache = {(s.sender, s.client_msg_id): s.kind for s in self.sends}
+        return self._kind_cache
 
     # -- faults (chaos.faults.ClientFaults) ---------------------------------------
 
@@ -548,7 +748,7 @@ class Workload:
             dev.sender = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            waiters = [w for d in self.devices for w in d.waiters]
+            waiters = [w for d in self.devices for w in d.waiters] + list(self.events)
             if not waiters and not any(d.unacked for d in self.devices):
                 return
             if waiters:
@@ -557,18 +757,22 @@ class Workload:
                 await asyncio.sleep(0.1)  # a restart is reopening a client
 
     def expected_missing(self) -> int:
-        """(message, device) pairs still missing: every acked message, and every
-        message some device has seen, on every device of every member."""
-        known: dict[int, str] = {}
+        """(message, device) pairs still missing: every acked message or event,
+        and every one some device has seen, on every device of every user whose
+        timeline it belongs to."""
+        known: dict[int, frozenset[str]] = {}
         for s in self.sends:
-            if s.ack is not None:
-                known[s.ack.msg_id] = s.conversation
+            if s.ack is not None and s.ack.msg_id:
+                known[s.ack.msg_id] = self.recipients(s.conversation, s.sender, s.client_msg_id)
         for dev in self.devices:
             for e in dev.history.entries:
-                known.setdefault(e.msg_id, e.conversation_id)
+                if e.msg_id not in known:
+                    known[e.msg_id] = self.recipients(
+                        e.conversation_id, e.sender_id, e.client_msg_id
+                    )
         missing = 0
-        for msg_id, conv in known.items():
-            for user in self.members.get(conv, ()):
+        for msg_id, users in known.items():
+            for user in users:
                 for dev in self.by_user[user]:
                     if msg_id not in dev.handed:
                         missing += 1
@@ -584,7 +788,7 @@ class Workload:
         start = time.monotonic()
         while True:
             now = time.monotonic()
-            pending = any(d.waiters or d.unacked for d in self.devices)
+            pending = bool(self.events) or any(d.waiters or d.unacked for d in self.devices)
             missing = self.expected_missing() + also_missing()
             if not missing and not pending:
                 return True, now - start
@@ -610,6 +814,12 @@ class Workload:
                 await asyncio.gather(*list(dev.waiters), return_exceptions=True)
                 for p in dev.proxies:
                     await p.close()
+        events = list(self.events)
+        for task in events:
+            task.cancel()
+        await asyncio.gather(*events, return_exceptions=True)
+        for raw in self.raw.values():
+            await raw.close()
 
     def _token_source(self, user: str, device: str) -> Callable[[], str]:
         return lambda: self.token(user, device)
@@ -622,49 +832,36 @@ class Workload:
         self.stats.syncs += st.syncs
         self.stats.connects += st.connects
 
-    async def audit_timelines(self, timeout_s: float = 60.0) -> list[checker.DeviceHistory]:
-        """Every user's whole timeline as the server holds it (Sync from 0),
-        as one more "device" per user named `TIMELINE_DEVICE`. The checker then
-        holds the server's timeline to the same rules as a device's: a second
-        copy of a msg_id there is a duplicate even though the SDK would hide it
-        from the application."""
+    async def audit_timelines(self, conversations: bool = False) -> list[checker.DeviceHistory]:
+        """Every user's whole timeline as the server holds it (Sync from 0, with
+        kinds and recalled flags), as one more "device" per user named
+        `TIMELINE_DEVICE`. The checker then holds the server's timeline to the
+        same rules as a device's: a second copy of a msg_id there is a
+        duplicate even though the SDK would hide it from the application. Each
+        Sync is also recorded as served (for the recall rule). With
+        `conversations` (only at quiescence: the checker then holds unread
+        counts to the timelines), each user's ListConversations first, final."""
         out = []
         for user in self.users:
-            deadline = time.monotonic() + timeout_s
-            async with GatewayApi(
-                self.gateways, self._token_source(user, "audit"), insecure=True
-            ) as api:
-                while True:
-                    try:
-                        msgs = await api.sync_all(0)
-                        break
-                    except ImClientError:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.5)
-            out.append(
-                checker.DeviceHistory(
-                    user,
-                    TIMELINE_DEVICE,
-                    [
-                        checker.Delivered(
-                            m.msg_id,
-                            m.conversation_id,
-                            m.sender_id,
-                            m.client_msg_id,
-                            m.conv_seq,
-                            m.seq,
-                            m.body,
-                        )
-                        for m in msgs
-                    ],
-                )
-            )
+            raw = self.raw[user]
+            if conversations:
+                await self._list_conversations(user, final=True)
+            requested = self._clock()
+            entries = await raw.sync_all()
+            self.served.append(checker.Served(user, "Sync from 0 (audit)", requested, entries))
+            out.append(checker.DeviceHistory(user, TIMELINE_DEVICE, entries))
         return out
 
-    def history(self, timelines: Sequence[checker.DeviceHistory] = ()) -> checker.History:
+    def history(
+        self,
+        timelines: Sequence[checker.DeviceHistory] = (),
+        pushes: Sequence[checker.PushLog] = (),
+    ) -> checker.History:
         return checker.History(
             devices=[dev.history for dev in self.devices] + list(timelines),
             sends=[s.record() for s in self.sends],
             members=self.members,
+            served=list(self.served),
+            pushes=list(pushes),
+            conversations=list(self.answers),
         )

@@ -4,6 +4,9 @@
   raw observers, zero violations, no late online delivery (I9: without the
   gateway's liveness mechanism this fails, as it should), a `RESULT` line and a
   JSON file.
+- Reads and recalls on a small stack without faults: the state rules judged
+  something (History after recalls, ListConversations answers, final unread
+  counts) and found nothing.
 - One guarantee broken on purpose at a time (logic's TEST-ONLY switches, and a
   client that advances its cursor without syncing): the checker must report the
   matching violation. Each is a short targeted scenario on a small stack.
@@ -54,9 +57,19 @@ def test_the_reduced_run_keeps_the_promise(
         "violations",
         "online_late",
         "max_online_delivery_s",
+        "reads",
+        "noop_reads",
+        "recalls",
+        "recall_violations",
+        "read_regressions",
+        "unread_mismatches",
     }
     assert result["violations"] == result["lost"] == result["duplicated"] == 0
     assert result["reordered"] == 0
+    # The workload also reads (some stale: no-ops) and recalls, under the faults.
+    assert result["reads"] > 0 and result["noop_reads"] > 0 and result["recalls"] > 0
+    assert result["recall_violations"] == result["read_regressions"] == 0
+    assert result["unread_mismatches"] == 0
     # I9: every device that stayed connected got everything within the bound.
     online = data["online"]
     assert result["online_late"] == 0, online["late"][:20]
@@ -114,6 +127,49 @@ def small_run(env: dict[str, dict[str, str]], **workload: object) -> RunConfig:
 
 def kinds(report: checker.Report) -> set[str]:
     return set(report.by_kind())
+
+
+async def test_reads_and_recalls_keep_the_state_rules() -> None:
+    # Every user reads often (a third of the READs stale) and recalls a third of
+    # its messages, half of them the moment the ACK is in (racing fan-out).
+    config = small_run(
+        {},
+        read_users=1.0,
+        read_mean_s=0.1,
+        stale_read_probability=0.35,
+        list_probability=0.5,
+        recall_users=1.0,
+        recall_probability=0.3,
+        messages=80,
+    )
+    result = await run(dataclasses.replace(config, min_duration_s=3.0), echo=print)
+    r = result.report
+    assert r.violations == [], checker.summarize(r)
+    assert result.ok
+    assert r.reads > 0 and r.noop_reads > 0 and r.recalls > 0
+    assert result.workload["recalls_at_once"] and result.workload["stale_reads"]
+    h = result.history
+    assert h is not None
+    # The recall rule had something to judge: responses requested after a
+    # recall's ACK that include its message (served with no body).
+    recalled = {
+        (s.conversation_id, s.target_conv_seq): s.acked_at
+        for s in h.sends
+        if s.kind == checker.EntryKind.RECALL and s.stored
+    }
+    judged = [
+        e
+        for served in h.served
+        for e in served.entries
+        if (at := recalled.get((e.conversation_id, e.conv_seq))) is not None
+        and at < served.requested_at
+    ]
+    assert judged and all(e.body == b"" and e.recalled for e in judged)
+    # Read positions and unread counts were asked for, the final ones included.
+    finals = [a for a in h.conversations if a.final]
+    assert {a.user_id for a in finals} == {u for m in h.members.values() for u in m}
+    assert any(p.read_conv_seq for a in finals for p in a.positions.values())
+    assert len(h.conversations) > len(finals)
 
 
 async def test_without_dedup_a_repeated_send_is_reported_as_a_duplicate() -> None:
