@@ -124,6 +124,8 @@ class Worker:
             connect_timeout_s=60.0,
             reconnect=ReconnectPolicy(initial_s=0.2, max_s=2.0),
             insecure=True,
+            # The plain run: messages only (receipts cost is measured on its own).
+            auto_delivered=False,
         )
 
     async def _start_all(self, clients: list[Client]) -> float:

@@ -50,7 +50,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import message_factory
@@ -263,9 +263,9 @@ class WsSocket(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=64 * 1024)
+        # (uvloop's transports are not asyncio.Transport subclasses; same methods.)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=64 * 1024)
         self.gateway.sockets.add(self)
         self._hello_timer = asyncio.get_running_loop().call_later(
             self.gateway.settings.hello_timeout_s, self._no_hello
