@@ -9,7 +9,7 @@
  * - `outbox`: [account, clientMsgId] -> OutboxEntry (index [account, order])
  *
  * Works wherever `indexedDB` exists (browsers; in Node with an implementation
- * such as fake-indexeddb passed as `factory`).
+ * such as fake-indexeddb passed as `factory` and `keyRange`).
  */
 import { DEFAULT_MAX_OUTBOX, type OutboxEntry, type Store } from "./store.js";
 
@@ -38,15 +38,17 @@ export class IndexedDBStore implements Store {
   readonly maxOutbox: number;
   private db: IDBDatabase | null = null;
   private readonly factory: IDBFactory;
+  private readonly keyRange: typeof IDBKeyRange;
 
   constructor(
     readonly name = "imclient",
-    o: { maxOutbox?: number; factory?: IDBFactory } = {},
+    o: { maxOutbox?: number; factory?: IDBFactory; keyRange?: typeof IDBKeyRange } = {},
   ) {
     this.maxOutbox = o.maxOutbox ?? DEFAULT_MAX_OUTBOX;
     const factory = o.factory ?? (globalThis as { indexedDB?: IDBFactory }).indexedDB;
     if (factory === undefined) throw new Error("no IndexedDB here: pass a factory, or use MemoryStore");
     this.factory = factory;
+    this.keyRange = o.keyRange ?? (globalThis as { IDBKeyRange: typeof IDBKeyRange }).IDBKeyRange;
   }
 
   async open(): Promise<void> {
@@ -122,7 +124,7 @@ export class IndexedDBStore implements Store {
     };
     if (reset) {
       const seen = tx.objectStore("seen");
-      seen.delete(IDBKeyRange.bound([account, -Infinity], [account, Infinity]));
+      seen.delete(this.keyRange.bound([account, -Infinity], [account, Infinity]));
     }
     await done(tx);
   }
@@ -152,7 +154,7 @@ export class IndexedDBStore implements Store {
   async outboxLoad(account: string): Promise<OutboxEntry[]> {
     const index = this.tx(["outbox"], "readonly").objectStore("outbox").index("order");
     const rows = (await result(
-      index.getAll(IDBKeyRange.bound([account, -Infinity], [account, Infinity])),
+      index.getAll(this.keyRange.bound([account, -Infinity], [account, Infinity])),
     )) as StoredOutbox[];
     return rows.map(({ account: _account, ...e }) => ({ ...e, body: new Uint8Array(e.body) }));
   }

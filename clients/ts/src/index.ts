@@ -5,6 +5,6 @@ export { uuid7 } from "./ids.js";
 export { IndexedDBStore } from "./idb.js";
 export { ReconnectPolicy, RetransmitPolicy } from "./policy.js";
 export { Receiver, type Entry } from "./receiver.js";
-export { Outgoing, SendWindow, type Frame } from "./sender.js";
+export { OUT_OF_ORDER, Outgoing, SendWindow, type Frame } from "./sender.js";
 export { DEFAULT_MAX_OUTBOX, MemoryStore, type OutboxEntry, type Store } from "./store.js";
 export { WebSocketTransport, type Socket, type SocketHandlers, type Transport } from "./transport.js";
