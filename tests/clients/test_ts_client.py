@@ -21,7 +21,9 @@ from imdev.stack import Stack
 
 pytestmark = needs_node
 
-ROLES = [f"{kind}_{side}" for kind in ("chat", "pipe", "cut", "gap", "head", "outbox") for side in "ab"]
+ROLES = [
+    f"{kind}_{side}" for kind in ("chat", "pipe", "cut", "gap", "head", "outbox") for side in "ab"
+]
 
 
 def _count(output: str, what: str) -> int:

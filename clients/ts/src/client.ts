@@ -344,6 +344,7 @@ export class Client {
   private closing = false;
   private runDone: Promise<void> | null = null;
   private wakeSleep: (() => void) | null = null;
+  private backoffReset = false;
 
   // Sending and the outbox.
   private futures = new Map<string, Deferred<SendResult>>();
@@ -839,16 +840,28 @@ export class Client {
 
   // -- the connection loop -------------------------------------------------------
 
-  /** For tests: drops the current connection without a closing handshake, as a
-   * network cut would (the client reconnects by itself). */
-  debugCutConnection(): void {
+  /** Drops the current connection at once, without a closing handshake, as a
+   * network cut would (a page that learns the browser went offline; tests). The
+   * client reconnects by itself, with backoff. */
+  dropConnection(): void {
     this.session?.socket.abort();
+  }
+
+  /** Skips the reconnect backoff: the next attempt starts now (a page that
+   * learns the browser is back online). */
+  reconnectNow(): void {
+    this.backoffReset = true;
+    this.wakeSleep?.();
   }
 
   private async run(): Promise<void> {
     let failures = 0;
     let index = 0;
     while (!this.closing) {
+      if (this.backoffReset) {
+        this.backoffReset = false;
+        failures = 0;
+      }
       const url = this.urls[index++ % this.urls.length];
       let delay: number | null = null;
       let welcomed = false;

@@ -91,7 +91,7 @@ describe("TypeScript client on the real stack", { skip: !haveStack && "no stack 
     // Cut the socket as soon as some sends are written and some of them are
     // still unanswered.
     await waitFor(() => frames.length >= 5, "the first frames");
-    a.client.debugCutConnection();
+    a.client.dropConnection();
     const acks = await Promise.all(results);
     assert.ok(a.client.stats.connects >= 2, "the client reconnected");
     assert.equal(new Set(acks.map((x) => x.msgId)).size, 60, "a message stored twice");
