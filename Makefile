@@ -15,18 +15,22 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # npm packages of the repository, each with its package-lock.json and .npmrc.
-NPM_PACKAGES := tools/buf clients/node-grpc
+NPM_PACKAGES := tools/buf clients/node-grpc clients/ts
 NPM_STAMPS := $(addsuffix /node_modules/.installed,$(NPM_PACKAGES))
+# The TypeScript client's build (types from protos/ by buf + protoc-gen-es, then tsc).
+TS_BUILT := clients/ts/dist/.built
+TS_INPUTS := $(shell find clients/ts/src -name '*.ts' -not -path '*/gen/*' 2>/dev/null) \
+  clients/ts/tsconfig.json clients/ts/buf.gen.yaml clients/ts/package-lock.json $(PROTOS)
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
         bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos k8s-check alerts-check \
-        proto-check node-deps images sdk clean lock
+        proto-check node-deps ts-build images sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-system-deps: ## Install missing system packages (redis-server, postgresql, promtool, node and npm) with apt
+system-deps: ## Install missing system packages (redis-server, postgresql, promtool, node and npm, chromium) with apt
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
@@ -41,6 +45,11 @@ system-deps: ## Install missing system packages (redis-server, postgresql, promt
 	@command -v node >/dev/null && command -v npm >/dev/null || { \
 	  echo "installing nodejs and npm"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
+	@# The web chat's browser tests: Debian's chromium, driven by Playwright for
+	@# Python through its executable path (Playwright never downloads a browser here).
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (Debian's package)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 $(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,7 +76,13 @@ $(NPM_STAMPS): %/node_modules/.installed: %/package-lock.json %/package.json | s
 	cd $* && npm ci --no-audit --no-fund
 	@touch $@
 
-node-deps: $(NPM_STAMPS) ## Install the npm packages' locked dependencies (buf, the Node gRPC client)
+node-deps: $(NPM_STAMPS) ## Install the npm packages' locked dependencies (buf, the Node gRPC client, the TS client)
+
+$(TS_BUILT): $(TS_INPUTS) clients/ts/node_modules/.installed
+	cd clients/ts && npm run build
+	@touch $@
+
+ts-build: $(TS_BUILT) ## Build the TypeScript client (clients/ts/dist, which the web chat loads)
 
 proto: ## Regenerate the protobuf/gRPC code into gen/
 	@rm -f $(PROTO_STAMP)
@@ -87,13 +102,13 @@ fmt: deps ## Format and autofix
 typecheck: deps ## mypy on the project's own code
 	$(VENV)/bin/mypy services libs
 
-test: deps lint typecheck k8s-check alerts-check proto-check node-deps ## Everything CI runs: lint, types, manifests, alerts, the API contract, all tests
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: deps lint typecheck k8s-check alerts-check proto-check node-deps ts-build ## Everything CI runs: lint, types, manifests, alerts, the API contract, all tests (the TS client's and the browser's too)
+	IM_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: deps ## pytest only, skipping slow tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
+run: deps ts-build ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services, the web chat); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
 stop: ## Stop everything `make run` started (whatever its state file says)
@@ -142,4 +157,5 @@ images: ## Build container images (needs a container engine)
 
 clean: ## Stop `make run`'s stack, remove its data, generated code, caches and local state
 	@if [ -x $(PY) ]; then $(PY) -m imdev clean; fi
-	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache $(addsuffix /node_modules,$(NPM_PACKAGES))
+	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache $(addsuffix /node_modules,$(NPM_PACKAGES)) \
+	  clients/ts/dist clients/ts/src/gen

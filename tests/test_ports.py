@@ -317,7 +317,7 @@ def test_stop_and_status_work_with_a_corrupt_state_file(run_dir: Path) -> None:
     assert "unreadable" in status.stdout and "Traceback" not in status.stdout + status.stderr
     stop = _imdev(run_dir, "stop")  # finds every process by its pid file
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert stop.stdout.count("stopped ") == len(pids) == 7
+    assert stop.stdout.count("stopped ") == len(pids) == 8  # 7 servers and the web chat
     assert not any(_alive(pid) for pid in pids)
     assert _layout_free(base) == []
     assert not (run_dir / "stack.json").exists()

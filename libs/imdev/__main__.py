@@ -47,11 +47,18 @@ from imdev.stack import (
     postgres_can_reach,
     write_state,
 )
+from imdev.web import PORT_OFFSET as WEB_PORT_OFFSET
+from imdev.web import WebProcess
 
 SERVICES = ("seqsvc", "logic", "pusher", "gateway")
 #: Stop order: the front first, the stores last.
-STOP_ORDER = ("gateway", "pusher", "logic", "seqsvc", "nats", "redis", "postgres")
-_BINARIES = {"postgres": "postgres", "redis": "redis-server", "nats": "nats-server"}
+STOP_ORDER = ("web", "gateway", "pusher", "logic", "seqsvc", "nats", "redis", "postgres")
+_BINARIES = {
+    "postgres": "postgres",
+    "redis": "redis-server",
+    "nats": "nats-server",
+    "web": "imdev.web",
+}
 
 
 @dataclass(frozen=True)
@@ -282,7 +289,12 @@ def cmd_run(paths: Paths, base_port: int) -> int:
     except ValueError as exc:
         print(f"IM_DEV_BASE_PORT: {exc}", file=sys.stderr)
         return 2
-    taken = [f"{port} ({what})" for what, port in ports.all() if port_in_use(port)]
+    web_port = base_port + WEB_PORT_OFFSET
+    taken = [
+        f"{port} ({what})"
+        for what, port in [*ports.all(), ("web chat", web_port)]
+        if port_in_use(port)
+    ]
     if taken:
         print(
             f"cannot start: port {', '.join(taken)} already in use by another program.\n"
@@ -312,7 +324,25 @@ def cmd_run(paths: Paths, base_port: int) -> int:
             file=sys.stderr,
         )
         return 1
+    web = WebProcess(web_port, workdir, stack.ws_urls, secret)
+    web.pidfile = paths.pids / "web.pid"
+    try:
+        web.start()
+    except BaseException as exc:
+        stack.stop()
+        print(f"start failed: the web chat server: {exc}", file=sys.stderr)
+        return 1
     state = {**stack.state(), "workdir": str(workdir), "base_port": base_port}
+    state["processes"].append(  # type: ignore[attr-defined]
+        {
+            "name": web.name,
+            "key": "web",
+            "pid": web.pid,
+            "start_time": process_start_time(web.pid) if web.pid else None,
+            "port": web.port,
+            "log": str(web.log_path),
+        }
+    )
     write_state(paths.state, state)
     print(f"stack is up (every service SERVING), ports from IM_DEV_BASE_PORT={base_port}:")
     for proc in _state_procs(state):
@@ -326,6 +356,10 @@ def cmd_run(paths: Paths, base_port: int) -> int:
     env = "" if address == f"127.0.0.1:{DEFAULT_BASE_PORT}" else f"IM_ADDRESS={address} "
     # The dev gateway is plaintext; imctl and the SDK use TLS unless told not to.
     print(f"try:  {env}.venv/bin/python -m imctl chat --plaintext --user alice --to bob")
+    print(
+        f"web chat: http://127.0.0.1:{web.port}/ (sign in as any user: the dev server "
+        "mints tokens, development only)"
+    )
     return 0
 
 
