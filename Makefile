@@ -19,7 +19,7 @@ NPM_PACKAGES := tools/buf clients/node-grpc
 NPM_STAMPS := $(addsuffix /node_modules/.installed,$(NPM_PACKAGES))
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos k8s-check alerts-check \
+        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos chaos-seq k8s-check alerts-check \
         proto-check node-deps images sdk clean lock
 
 help: ## List the targets
@@ -123,6 +123,9 @@ bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
+
+chaos-seq: deps ## seqsvc: three instances through 5 rounds of SIGTERM, kill -9, SIGSTOP and PostgreSQL stalls, checked value by value
+	IM_SEQSVC_CHAOS_ROUNDS=5 $(PY) -m pytest -s tests/seqsvc/test_seqsvc_multi.py $(PYTEST_ARGS)
 
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi
