@@ -281,7 +281,7 @@ def check(rec: Recorder, cluster: Cluster, dsn: str, addresses: dict[str, str]) 
         for sent, recv, v, _task, address in rows:
             if not address:
                 continue
-            inst = addresses.get(address)
+            inst = addresses.get(address, address)
             if not any(
                 i == inst and f <= recv and u >= sent for f, u, i, _ in per_section.get(s, [])
             ):
