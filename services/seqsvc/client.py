@@ -62,6 +62,8 @@ class _Table:
     owners: list[str]
     #: Every address in the table (to ask for a newer table if the given one fails).
     addresses: list[str]
+    #: One address serves every section (no splitting needed).
+    single: bool = False
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> int | None:
@@ -352,11 +354,12 @@ class SeqClient:
         me = next((i.address for i in resp.instances if i.id == resp.self_id), None)
         if me is not None and all(o == me for o in owners):
             owners = [asked] * sections
-        return _Table(int(resp.version), sections, owners, sorted(set(addresses)))
+        single = all(o == owners[0] for o in owners)
+        return _Table(int(resp.version), sections, owners, sorted(set(addresses)), single)
 
     def _single(self) -> bool:
         table = self._table
-        return table is None or all(o == table.owners[0] for o in table.owners)
+        return table is None or table.single
 
     async def _after_error(
         self, exc: grpc.aio.AioRpcError, attempt: int, moves: int
