@@ -23,8 +23,8 @@ TS_INPUTS := $(shell find clients/ts/src -name '*.ts' -not -path '*/gen/*' 2>/de
   clients/ts/tsconfig.json clients/ts/buf.gen.yaml clients/ts/package-lock.json $(PROTOS)
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos k8s-check alerts-check \
-        proto-check node-deps ts-build images sdk clean lock
+        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos chaos-seq k8s-check \
+        alerts-check proto-check node-deps ts-build images sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -138,6 +138,9 @@ bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
+
+chaos-seq: deps ## seqsvc: three instances through 5 rounds of SIGTERM, kill -9, SIGSTOP and PostgreSQL stalls, checked value by value
+	IM_SEQSVC_CHAOS_ROUNDS=5 $(PY) -m pytest -s tests/seqsvc/test_seqsvc_multi.py $(PYTEST_ARGS)
 
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi

@@ -1,33 +1,47 @@
-"""The sequence allocator: WeChat seqsvr's sections plus Leaf's double buffer.
+"""The sequence allocator: WeChat seqsvr's sections plus Leaf's double buffer,
+spread over several active instances (WeChat's AllocSvr sets).
 
 State, per instance:
 - `cur[key]`: the last value handed out for a key, in memory only (bounded, see
   `max_keys`);
-- per section (keys map to sections by a stable hash): `ceiling`, the persisted
-  max_seq this instance has seen committed; `high`, the highest value handed out
-  in the section; `base`, where a key that is not in memory resumes.
+- per section (keys map to sections by a stable hash): whether this instance holds
+  it, under which fencing `epoch` and until when (`deadline`, its own monotonic
+  clock); `ceiling`, the persisted max_seq this instance has seen committed; `high`,
+  the highest value handed out in the section; `base`, where a key that is not in
+  memory (or was last given a value under an earlier ownership) resumes.
 
 Guarantees (invariant I6):
-- A value is handed out only if it is <= its section's committed ceiling, so after
-  any crash the next owner, which starts every key of the section at that ceiling or
-  above, never repeats or goes below a value handed out before.
-- Per key, values strictly increase: `cur[key]` only grows, and a key that is not in
-  memory resumes at its section's `base`, which is >= every value the key was ever
-  given (the persisted ceiling at start, raised to the last value of every key
-  evicted since).
-- Only the owner of the current fencing epoch raises a ceiling (`extend` is
-  conditional on the epoch), and an instance serves only while its lease, renewed in
-  the background, is valid; so two instances never serve one section at once.
-- A live lease is never taken from a process that may still be alive, not even by
-  one with the same instance id: that needs the lease's own boot nonce, or proof
-  that its holder is gone (see `Allocator.start`). A twin with the same id that is
-  seen renewing the lease makes `start` raise `DuplicateInstance`.
+- A value is handed out only if it is <= its section's committed ceiling, so the
+  next owner of the section, which starts every key of it at its persisted max_seq,
+  never repeats or goes below a value handed out before.
+- Per key, values strictly increase: `cur[key]` only grows, and a key resumes at
+  least at its section's `base`, which is >= every value the key was ever given
+  (the persisted ceiling when this instance took the section, raised to the last
+  value of every key evicted since).
+- Each section has its own lease and fencing epoch in the store. Only the owner of
+  a section's current epoch raises its ceiling (`extend` is conditional on the
+  epoch), and an instance serves a section only while its own clock says the lease
+  it last renewed is valid, with a margin (see `LEASE_SAFETY`); another instance
+  takes the section only after the lease ran out by the store's clock, or was
+  released after the holder stopped serving it. So two instances never serve one
+  section at once.
+- A live registration is never taken from a process that may still be alive, not
+  even by one with the same instance id: that needs the registration's own boot
+  nonce, or proof that its holder is gone (see `Allocator.start`). A twin with the
+  same id that is seen renewing makes `start` raise `DuplicateInstance`.
+
+Balancing: every live instance aims at ceil(sections / live instances) sections.
+An instance above that releases the surplus (it stops serving first); one below
+claims free sections (released, or whose lease expired). A graceful stop releases
+everything and leaves the registry, so the others claim at once; a dead instance's
+sections are claimed when their leases expire.
 
 The hot path (`next_nowait`, and `next`/`next_batch`/`reserve` while there is
 headroom) never awaits: the database is written by one background refill task, at
 most one reservation in flight at a time, started when a section's headroom falls
 below the prefetch threshold. Callers wait only when headroom is exhausted, and get
-`Unavailable` (retryable) if the store is down or does not answer in time.
+`Unavailable` (retryable) if the store is down or does not answer in time, or
+`NotOwner` (go to the owner) for a section this instance does not hold.
 """
 
 from __future__ import annotations
@@ -41,16 +55,17 @@ import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from seqsvc.keys import InvalidArgument, key_bytes
 
 log = logging.getLogger(__name__)
 
-#: An instance stops serving this fraction of the lease before it runs out, so a
-#: clock running a little slow cannot make it serve past the moment another
-#: instance may take over.
+#: An instance stops serving a section this fraction of the lease after the start
+#: of its last successful renewal (its own monotonic clock), while the store's
+#: lease runs the whole lease from the moment the renewal executes, which is later.
+#: The rest (20%) absorbs a clock that runs slower than the store's.
 LEASE_SAFETY = 0.8
 
 
@@ -58,8 +73,24 @@ class Unavailable(Exception):
     """The call cannot be served now; retrying later is safe (no value was given)."""
 
 
+class NotOwner(Exception):
+    """This instance does not serve the key's section; nothing was handed out.
+    `owner` is the address of the instance that does ('' while nobody holds it,
+    e.g. during a move), as of routing table `version`."""
+
+    def __init__(self, section: int, owner: str, version: int) -> None:
+        self.section = section
+        self.owner = owner
+        self.version = version
+        where = f"its owner is {owner}" if owner else "it is moving between instances"
+        super().__init__(
+            f"section {section} is not served by this instance: {where} "
+            f"(routing version {version}); refresh the routing table (GetRouting) and retry"
+        )
+
+
 class Fenced(Exception):
-    """Another instance took the sections over: this one must stop serving them."""
+    """Another process registered under this instance's id: this one must stop."""
 
 
 class DuplicateInstance(Exception):
@@ -68,115 +99,188 @@ class DuplicateInstance(Exception):
 
 @dataclass(frozen=True)
 class Boot:
-    """One start of one process, as recorded with the lease it holds."""
+    """One start of one process, as recorded with its registration."""
 
-    #: Random per start: tells this start's lease from any other's, including an
-    #: earlier process with the same instance id.
+    #: Random per start: tells this start's registration from any other's,
+    #: including an earlier process with the same instance id.
     nonce: str
     #: The address this process listens on, named so that it is unique on a
     #: machine while someone listens there ('<boot id>/<network namespace>/
     #: <host>:<port>'); '' when unknown, which proves nothing. The process binds it
-    #: before it takes the lease and keeps it while it serves, so another process
-    #: that has bound the same listener knows the holder no longer serves.
+    #: before it registers and keeps it while it serves, so another process that
+    #: has bound the same listener knows the holder no longer serves.
     listener: str = ""
 
 
 @dataclass(frozen=True)
-class Grant:
-    """Ownership of every section, taken at start in one transaction."""
+class Registered:
+    """This start is in the registry of live instances."""
 
-    epoch: int
-    #: Per section, max_seq as it was before this start: every value ever handed out
-    #: for any key of the section is <= it.
-    floors: list[int]
-    #: Per section, max_seq as committed by the acquiring transaction.
-    ceilings: list[int]
+    version: int
 
 
 @dataclass(frozen=True)
 class Busy:
-    """Another live instance holds the lease."""
+    """This instance cannot register yet: another live process holds its id (a
+    restart waiting for its predecessor, or a twin), or something else must end
+    first (`owner` says what)."""
 
     owner: str
     lease_remaining_s: float
     #: The holder's `Boot` ('' for a holder that recorded none).
     nonce: str = ""
     listener: str = ""
-    #: When the lease ends, on the store's clock: it grows only when the holder
-    #: renews, i.e. is alive.
+    #: When the holder's registration ends, on the store's clock: it grows only
+    #: when the holder renews it, i.e. is alive.
     lease_until: float = 0.0
 
 
-class SectionStore(Protocol):
-    """Where section ceilings and ownership persist (PostgreSQL in production, a
-    dict in unit tests). Every method either commits durably before it returns or
-    raises; a raised error may still have committed (callers treat the result as
-    unknown and never use a value they have not seen committed)."""
+@dataclass(frozen=True)
+class Claimed:
+    """A section taken by `SectionStore.claim`."""
 
-    async def acquire(
+    section: int
+    epoch: int
+    #: max_seq before the claim: every value ever handed out for the section is <= it.
+    floor: int
+    #: max_seq as committed by the claim.
+    ceiling: int
+
+
+@dataclass(frozen=True)
+class Renewed:
+    #: False: another process has registered under this instance id.
+    registered: bool
+    #: The sections whose lease was renewed (those still held under the given epoch).
+    sections: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Status:
+    """What balancing needs, in one small read."""
+
+    version: int
+    #: Instances whose registration is live (this one included, if it is).
+    live: int
+    #: Sections no live lease holds: claimable.
+    free: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which instance serves which section."""
+
+    version: int
+    sections: int
+    #: (instance id, address) of every live instance.
+    instances: list[tuple[str, str]]
+    #: Per section, the index in `instances` of its owner, or -1.
+    owner: list[int]
+
+    def address(self, section: int) -> str:
+        i = self.owner[section] if 0 <= section < len(self.owner) else -1
+        return self.instances[i][1] if i >= 0 else ""
+
+
+class SectionStore(Protocol):
+    """Where section ceilings, leases and the registry persist (PostgreSQL in
+    production, a dict in unit tests). Every method either commits durably before it
+    returns or raises; a raised error may still have committed (callers treat the
+    result as unknown and never use a value they have not seen committed)."""
+
+    async def register(
         self,
-        owner: str,
+        instance: str,
+        address: str,
         sections: int,
-        step: int,
         lease_s: float,
         boot: Boot,
         takeover_from: str = "",
-    ) -> Grant | Busy:
-        """Takes every section if the lease has expired (or was released), is held
-        by this same `boot`, or is held under `owner` by the boot whose nonce is
-        `takeover_from` (non-empty: the caller proved that process gone). Taking
-        them bumps the fencing epoch, raises every max_seq by `step` and records
-        `owner` and `boot` with the lease. If the stored section count differs from
-        `sections`, first resets every section to the highest old max_seq (so
-        re-hashing keys cannot lower anyone's ceiling). Otherwise returns Busy."""
+    ) -> Registered | Busy:
+        """Records this start as a live instance, unless `instance` is registered
+        live by another start that is not the boot whose nonce is `takeover_from`
+        (non-empty: the caller proved that process gone; its section leases are
+        ended too). Creates the section rows if missing; if the stored section count
+        differs from `sections`, re-sections (every new section starts at the highest
+        old max_seq, under a new epoch) when no other instance and no lease is live,
+        and returns Busy otherwise. Bumps the routing version."""
         ...
 
-    async def extend(self, epoch: int, amounts: Mapping[int, int]) -> dict[int, int]:
+    async def claim(
+        self, instance: str, boot: Boot, sections: Sequence[int], step: int, lease_s: float
+    ) -> list[Claimed]:
+        """Takes those of `sections` that no live lease holds: bumps each one's
+        epoch, raises its max_seq by `step`, leases it to `instance`, renews the
+        registration and bumps the routing version. Raises Fenced if another start
+        holds the registration."""
+        ...
+
+    async def renew(
+        self, instance: str, address: str, boot: Boot, epochs: Mapping[int, int], lease_s: float
+    ) -> Renewed:
+        """Extends the registration and the lease of each section still held under
+        the given epoch."""
+        ...
+
+    async def release(
+        self, instance: str, boot: Boot, epochs: Mapping[int, int], leave: bool
+    ) -> None:
+        """Ends the lease of each section still held under the given epoch, and with
+        `leave` the registration too, so other instances claim them at once."""
+        ...
+
+    async def extend(self, epochs: Mapping[int, int], amounts: Mapping[int, int]) -> dict[int, int]:
         """Raises max_seq of each section by its amount, only where the section still
-        belongs to `epoch`. Returns the new max_seq of the sections it raised."""
+        belongs to its epoch. Returns the new max_seq of the sections it raised."""
         ...
 
-    async def renew(self, epoch: int, lease_s: float) -> bool:
-        """Extends the lease of `epoch`; False if another epoch owns the sections."""
-        ...
+    async def status(self) -> Status: ...
 
-    async def release(self, epoch: int) -> None:
-        """Ends the lease of `epoch` now, so a standby can take over at once."""
-        ...
+    async def routing(self) -> Routing: ...
 
 
 class _Section:
     __slots__ = (
         "base",
         "ceiling",
+        "deadline",
+        "epoch",
         "factor",
+        "held",
         "high",
         "index",
         "need",
         "requested",
         "reserved_at",
         "room",
+        "served_from",
         "threshold",
     )
 
-    def __init__(self, index: int, floor: int, ceiling: int, threshold: int, now: float) -> None:
+    def __init__(self, index: int, threshold: int) -> None:
         self.index = index
-        self.base = floor
-        self.high = floor
-        self.ceiling = ceiling
+        self.held = False
+        self.epoch = 0
+        #: Serve only while clock() < deadline (0 when not held).
+        self.deadline = 0.0
+        self.served_from = 0.0
+        self.base = 0
+        self.high = 0
+        self.ceiling = 0
         self.requested = False
         self.need = 0  # values wanted by callers waiting for this section
         self.room: asyncio.Future[bool] | None = None
         self.factor = 1  # this section's step is factor * step (adaptive)
         self.threshold = threshold  # prefetch once headroom < threshold
-        self.reserved_at = now
+        self.reserved_at = 0.0
 
 
-_STARTING, _SERVING, _FENCED, _CLOSED = "starting", "serving", "fenced", "closed"
+_STARTING, _SERVING, _CLOSED = "starting", "serving", "closed"
 
 
 class Allocator:
-    """Per-key sequence numbers over a `SectionStore`. Use: `await start()`, run
+    """Per-key sequence numbers over a `SectionStore`. Use: `await start()` (which
+    registers, starts the background work and takes a share of the sections), run
     `run()` as a background task, serve, `await close()`."""
 
     def __init__(
@@ -197,9 +301,12 @@ class Allocator:
         retry_max_s: float = 2.0,
         lease_s: float = 10.0,
         standby_poll_s: float = 1.0,
+        routing_poll_s: float = 0.1,
         instance_id: str = "seqsvc",
+        address: str = "",
         boot: Boot | None = None,
         clock: Callable[[], float] = time.monotonic,
+        unsafe_serve_past_lease: bool = False,
     ) -> None:
         self._store = store
         self._n = sections
@@ -218,18 +325,26 @@ class Allocator:
         self._retry_max = retry_max_s
         self._lease_s = lease_s
         self._standby_poll = standby_poll_s
+        self._routing_poll = routing_poll_s
         self._instance_id = instance_id
+        self._address = address
         self._boot = boot or Boot(secrets.token_hex(16))
         self._clock = clock
+        self._unsafe = unsafe_serve_past_lease
 
         self._state = _STARTING
         self._why = "seqsvc is starting"
-        self._epoch = 0
-        self._lease_deadline = 0.0
-        self._sections: list[_Section] = []
+        self._registered = False
+        self._reg_deadline = 0.0
+        self._sections = [_Section(i, self._threshold) for i in range(sections)]
+        self._held: set[int] = set()
+        self._live = 0
+        self._free: list[int] = []
+        self._routing = Routing(0, sections, [], [-1] * sections)
         self._cur: dict[str, int] = {}
         self._requested: list[_Section] = []
         self._wanted = asyncio.Event()
+        self._changed = asyncio.Event()
         self._store_down = False
         self._tasks: list[asyncio.Task[None]] = []
         #: Counters for metrics (plain ints: the hot path must stay cheap).
@@ -238,36 +353,83 @@ class Allocator:
         self.store_failures = 0
         self.waits = 0
         self.allocated = 0
+        self.claims = 0
+        self.releases = 0
+        self.losses = 0
         #: Called with the seconds each step reservation (store write) took.
         self.on_store_write: Callable[[float], None] = lambda _s: None
+        #: Called whenever the window in which this instance serves a section
+        #: changes: (section, epoch, serving since, serving until), in this
+        #: allocator's clock. Called before a window is extended and when it ends
+        #: (`until` is then the moment it ended), so a log of it never shows less
+        #: than what was served.
+        self.on_window: Callable[[int, int, float, float], None] = lambda *_a: None
 
     # ---- lifecycle -------------------------------------------------------------
 
     @property
     def serving(self) -> bool:
-        return self._state is _SERVING and self._clock() < self._lease_deadline
+        """True while this instance is registered and can renew its leases."""
+        return self._state is _SERVING and self._clock() < self._reg_deadline
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        """The highest fencing epoch among the sections this instance holds."""
+        return max((self._sections[i].epoch for i in self._held), default=0)
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The sections this instance holds (and serves while their leases are valid)."""
+        return frozenset(self._held)
+
+    @property
+    def routing(self) -> Routing:
+        """The routing table as last read from the store."""
+        return self._routing
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
 
     @property
     def keys_in_memory(self) -> int:
         return len(self._cur)
 
     async def start(self, stop: asyncio.Event | None = None) -> bool:
-        """Takes ownership of every section, waiting (standby) while another live
-        instance holds the lease and retrying while the store is unreachable.
-        Returns False if `stop` was set first.
+        """Registers this instance, starts the background work (lease renewal,
+        balancing, refills) and waits until it holds at least one section (or cannot
+        hold any: more live instances than sections). Retries while the store is
+        unreachable; returns False if `stop` was set first.
 
-        A lease held under this instance's own id by another start (a restart, or a
-        twin started by mistake) is taken over at once only if its holder is proved
-        gone: it recorded the same listener as this process, which this process has
-        bound, so the holder no longer listens there and, since an instance stops
-        serving before it closes its listener, no longer serves. Otherwise this
-        start waits for the lease to expire, like a standby; if it sees the holder
-        renew the lease meanwhile, the holder is alive and shares this id, and
-        DuplicateInstance is raised (the lease is left alone)."""
+        A registration held under this instance's own id by another start (a
+        restart, or a twin started by mistake) is taken over at once only if its
+        holder is proved gone: it recorded the same listener as this process, which
+        this process has bound, so the holder no longer listens there and, since an
+        instance stops serving before it closes its listener, no longer serves.
+        Otherwise this start waits for that registration to expire; if it sees the
+        holder renew it meanwhile, the holder is alive and shares this id, and
+        DuplicateInstance is raised (nothing is changed)."""
+        if not await self._register(stop):
+            return False
+        self._state = _SERVING
+        self._tasks = [
+            asyncio.create_task(self._refill_loop(), name="seqsvc-refill"),
+            asyncio.create_task(self._lease_loop(), name="seqsvc-lease"),
+            asyncio.create_task(self._balance_loop(), name="seqsvc-balance"),
+        ]
+        while stop is None or not stop.is_set():
+            if self._held or (self._live > self._n):
+                return True
+            failed = [t for t in self._tasks if t.done()]
+            if failed:
+                await self._tasks_result(failed)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._routing_poll):
+                    await self._changed.wait()
+        return False
+
+    async def _register(self, stop: asyncio.Event | None) -> bool:
         backoff = self._retry_min
         takeover_from = ""
         twin: tuple[str, float] | None = None  # (nonce, lease_until) of a same-id holder
@@ -276,31 +438,36 @@ class Allocator:
             tried_takeover, takeover_from = takeover_from, ""
             try:
                 async with asyncio.timeout(self._store_timeout * 2):
-                    got = await self._store.acquire(
+                    got = await self._store.register(
                         self._instance_id,
+                        self._address,
                         self._n,
-                        self._step,
                         self._lease_s,
                         self._boot,
                         tried_takeover,
                     )
             except Exception as exc:
                 log.warning(
-                    "cannot take the sections yet; retrying",
+                    "cannot register yet; retrying",
                     extra={"error": repr(exc), "retry_in_s": round(backoff, 3)},
                 )
                 wait = backoff
                 backoff = min(backoff * 2, self._retry_max)
             else:
-                if isinstance(got, Grant):
-                    self._install(got, t0)
+                if isinstance(got, Registered):
+                    self._registered = True
+                    self._reg_deadline = t0 + self._lease_s * LEASE_SAFETY
+                    log.info(
+                        "registered",
+                        extra={"instance": self._instance_id, "address": self._address},
+                    )
                     return True
                 wait = min(self._standby_poll, max(0.01, got.lease_remaining_s))
                 if got.owner != self._instance_id:
                     log.info(
-                        "standby: the sections are leased by another instance",
+                        "waiting to register",
                         extra={
-                            "owner": got.owner,
+                            "reason": got.owner,
                             "lease_remaining_s": round(got.lease_remaining_s, 3),
                         },
                     )
@@ -315,16 +482,16 @@ class Allocator:
                 elif twin is not None and twin[0] == got.nonce and got.lease_until > twin[1]:
                     raise DuplicateInstance(
                         f"instance id {self._instance_id!r} is in use by another live "
-                        "process: it renewed the lease on the sections while this one "
-                        "waited. Give every instance its own id (IM_SEQSVC_INSTANCE_ID; "
+                        "process: it renewed its registration while this one waited. "
+                        "Give every instance its own id (IM_SEQSVC_INSTANCE_ID; "
                         "default hostname:port)"
                     )
                 else:
                     if twin is None or twin[0] != got.nonce:
                         log.warning(
-                            "the sections are leased under this instance id by another "
-                            "process that cannot be proved gone: waiting for its lease to "
-                            "expire (and refusing to start if it renews it)",
+                            "this instance id is registered by another process that cannot "
+                            "be proved gone: waiting for its registration to expire (and "
+                            "refusing to start if it renews it)",
                             extra={
                                 "owner": got.owner,
                                 "lease_remaining_s": round(got.lease_remaining_s, 3),
@@ -339,80 +506,118 @@ class Allocator:
                         await stop.wait()
         return False
 
-    def _install(self, grant: Grant, t0: float) -> None:
-        if len(grant.floors) != self._n or len(grant.ceilings) != self._n:
-            raise RuntimeError("store returned a grant for a different number of sections")
-        self._epoch = grant.epoch
-        now = self._clock()
-        self._sections = [
-            _Section(i, floor, ceiling, self._threshold, now)
-            for i, (floor, ceiling) in enumerate(zip(grant.floors, grant.ceilings, strict=True))
-        ]
-        self._cur.clear()
-        self._lease_deadline = t0 + self._lease_s * LEASE_SAFETY
-        self._state = _SERVING
-        log.info("serving all sections", extra={"epoch": grant.epoch, "sections": self._n})
-
     async def run(self) -> None:
-        """The background work: refill reservations and renew the lease. Returns on
-        close(); raises Fenced if another instance took the sections over (the
-        process should exit and come back as a standby)."""
-        if self._state is not _SERVING:
+        """Waits on the background work started by `start()`. Returns on close();
+        raises Fenced if another process registered under this instance's id (the
+        process should exit)."""
+        if not self._tasks:
             return
-        self._tasks = [
-            asyncio.create_task(self._refill_loop(), name="seqsvc-refill"),
-            asyncio.create_task(self._lease_loop(), name="seqsvc-lease"),
-        ]
         try:
             done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            await self._tasks_result(done)
         finally:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @staticmethod
+    async def _tasks_result(done: Sequence[asyncio.Task[None]] | set[asyncio.Task[None]]) -> None:
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
     async def close(self) -> None:
-        """Stops serving, then ends the lease so a standby may take over at once.
-        Idempotent."""
+        """Stops serving, then releases every section and leaves the registry, so
+        the other instances claim the sections at once. Idempotent."""
         if self._state is _CLOSED:
             return
-        was_serving = self._state is _SERVING
         self._state = _CLOSED
         self._why = "seqsvc is shutting down"
+        epochs = {i: self._sections[i].epoch for i in self._held}
+        for i in list(self._held):
+            self._drop(self._sections[i], "shutting down")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._fail_waiters(self._sections)
-        if was_serving:
+        if self._registered:
             try:
                 async with asyncio.timeout(self._store_timeout):
-                    await self._store.release(self._epoch)
+                    await self._store.release(self._instance_id, self._boot, epochs, leave=True)
             except Exception as exc:
-                log.warning("could not release the lease", extra={"error": repr(exc)})
+                log.warning("could not release the sections", extra={"error": repr(exc)})
+            else:
+                log.info("released every section and left", extra={"sections": len(epochs)})
 
-    def _fence(self, why: str) -> None:
-        self._state = _FENCED
-        self._why = why
-        self._fail_waiters(self._sections)
-        log.error("fenced: no longer serving", extra={"epoch": self._epoch, "reason": why})
+    def _install(self, c: Claimed, t0: float) -> None:
+        """Starts serving a claimed section: every key of it resumes at the floor."""
+        sec = self._sections[c.section]
+        if sec.held:
+            self._drop(sec, "claimed again under a new epoch")
+        now = self._clock()
+        sec.epoch = c.epoch
+        sec.base = c.floor
+        sec.high = c.floor
+        sec.ceiling = c.ceiling
+        sec.factor = 1
+        sec.threshold = self._threshold
+        sec.reserved_at = now
+        sec.need = 0
+        sec.served_from = now
+        deadline = t0 + self._lease_s * LEASE_SAFETY
+        self.on_window(sec.index, sec.epoch, now, deadline)
+        sec.held = True
+        sec.deadline = deadline
+        self._held.add(sec.index)
+        self.claims += 1
+
+    def _drop(self, sec: _Section, why: str) -> None:
+        """Stops serving a section (at once; callers waiting on it fail)."""
+        if not sec.held:
+            return
+        now = self._clock()
+        end = now if self._unsafe else min(now, sec.deadline)
+        sec.held = False
+        sec.deadline = 0.0
+        self._held.discard(sec.index)
+        self.on_window(sec.index, sec.epoch, sec.served_from, end)
+        self._wake(sec, False)
+        if why.startswith("lost"):
+            self.losses += 1
+            log.warning(
+                "section lost", extra={"section": sec.index, "epoch": sec.epoch, "why": why}
+            )
+        else:
+            log.debug("section dropped", extra={"section": sec.index, "why": why})
 
     # ---- the API ---------------------------------------------------------------
 
     def _section(self, key: str) -> _Section:
         return self._sections[zlib.crc32(key_bytes(key)) % self._n]
 
-    def _check_serving(self) -> None:
+    def _refusal(self, sec: _Section) -> Exception:
+        """Why `sec` is not served now: Unavailable or NotOwner."""
         if self._state is not _SERVING:
-            raise Unavailable(self._why)
-        if self._clock() >= self._lease_deadline:
-            raise Unavailable("seqsvc cannot renew its lease on the sections (store unreachable)")
+            return Unavailable(self._why)
+        if sec.held:
+            if self._unsafe:
+                return Unavailable("unreachable")
+            return Unavailable("seqsvc cannot renew its lease on the section (store unreachable)")
+        owner = self._routing.address(sec.index)
+        if owner == self._address:
+            owner = ""  # our table is older than the move
+        return NotOwner(sec.index, owner, self._routing.version)
+
+    def _serves(self, sec: _Section) -> bool:
+        if self._unsafe:
+            return sec.held
+        return self._clock() < sec.deadline
 
     def _take(self, key: str, sec: _Section, n: int) -> int | None:
         """Hands out `n` consecutive values for key and returns the first, or returns
-        None if the section's committed ceiling is too low. Never awaits."""
-        self._check_serving()
+        None if the section's committed ceiling is too low. Never awaits. Raises
+        Unavailable or NotOwner if this instance does not serve the section now."""
+        if not self._serves(sec):
+            raise self._refusal(sec)
         cur = self._cur.get(key)
         if cur is None:
             cur = sec.base
@@ -422,6 +627,10 @@ class Allocator:
             if len(self._cur) >= self._max_keys:
                 self._evict()
         else:
+            if cur < sec.base:
+                # Given under an earlier ownership of the section (or before keys
+                # evicted since): resume above everything given since.
+                cur = sec.base
             last = cur + n
             if last > sec.ceiling:
                 return None
@@ -440,7 +649,7 @@ class Allocator:
         for key in victims:
             last = self._cur.pop(key)
             sec = self._section(key)
-            if last > sec.base:
+            if last > sec.base and sec.held:
                 sec.base = last
         self.evictions += len(victims)
 
@@ -475,7 +684,8 @@ class Allocator:
             finally:
                 sec.need -= n
             if not ok:
-                self._check_serving()
+                if not self._serves(sec):
+                    raise self._refusal(sec)
                 raise Unavailable(
                     "the store did not reserve more values for this key's section; retry later"
                 )
@@ -486,7 +696,7 @@ class Allocator:
 
     async def next(self, key: str) -> int:
         """The next value of key: above every value handed out for it before.
-        Raises InvalidArgument or Unavailable."""
+        Raises InvalidArgument, NotOwner or Unavailable."""
         sec = self._section(key)
         first = self._take(key, sec, 1)
         if first is None:
@@ -495,7 +705,9 @@ class Allocator:
 
     async def next_batch(self, keys: Sequence[str]) -> list[int]:
         """One value per entry, in order; a repeated key gets increasing values in
-        the order it appears. All keys are validated before any is advanced."""
+        the order it appears. All keys are validated, and all their sections checked
+        to be served here, before any is advanced: a batch with a key of a section
+        this instance does not serve is refused whole (NotOwner)."""
         if len(keys) > self._max_batch:
             raise InvalidArgument(
                 f"batch has {len(keys)} keys; the limit is {self._max_batch} per call"
@@ -508,6 +720,15 @@ class Allocator:
         except InvalidArgument as exc:
             bad = next(i for i, k in enumerate(keys) if not _valid(k))
             raise InvalidArgument(f"keys[{bad}]: {exc}") from None
+        if self._unsafe:
+            for sec in secs:
+                if not sec.held:
+                    raise self._refusal(sec)
+        else:
+            now = self._clock()
+            for sec in secs:
+                if now >= sec.deadline:
+                    raise self._refusal(sec)
         out: list[int] = []
         append = out.append
         take = self._take
@@ -530,11 +751,13 @@ class Allocator:
 
     def current(self, key: str) -> int:
         """The last value handed out for key, or the value it resumes after (its
-        section's base) if this instance has not given it any. Does not advance."""
+        section's base) if this instance has not given it any since it took the
+        section. Does not advance."""
         sec = self._section(key)
-        self._check_serving()
+        if not self._serves(sec):
+            raise self._refusal(sec)
         cur = self._cur.get(key)
-        return sec.base if cur is None else cur
+        return sec.base if cur is None or cur < sec.base else cur
 
     # ---- background ------------------------------------------------------------
 
@@ -586,13 +809,18 @@ class Allocator:
             if self._state is not _SERVING:
                 return
             batch, self._requested = self._requested, []
+            for sec in batch:
+                if not sec.held:
+                    sec.requested = False
+            batch = [sec for sec in batch if sec.held]
             if not batch:
                 continue
             amounts = {sec.index: self._amount(sec) for sec in batch}
+            epochs = {sec.index: sec.epoch for sec in batch}
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._store_timeout):
-                    raised = await self._store.extend(self._epoch, amounts)
+                    raised = await self._store.extend(epochs, amounts)
             except Exception as exc:
                 if not self._store_down:
                     log.warning("store write failed; retrying", extra={"error": repr(exc)})
@@ -610,15 +838,16 @@ class Allocator:
                 log.info("store reachable again")
             self._store_down = False
             backoff = self._retry_min
-            lost = [i for i in amounts if i not in raised]
-            if lost:
-                self._fence(f"sections {lost[:5]} now belong to another epoch")
-                raise Fenced(f"another instance owns the sections (this epoch {self._epoch})")
             for sec in batch:
-                new = raised[sec.index]
+                sec.requested = False
+                if not sec.held or sec.epoch != epochs[sec.index]:
+                    continue  # moved meanwhile: the claim reset it
+                new = raised.get(sec.index)
+                if new is None:
+                    self._drop(sec, "lost: the section belongs to a newer epoch")
+                    continue
                 if new > sec.ceiling:
                     sec.ceiling = new
-                sec.requested = False
                 self._adapt(sec)
                 self._wake(sec, True)
                 # Waiters that still lack room re-request themselves once they ran.
@@ -627,6 +856,7 @@ class Allocator:
             await asyncio.sleep(0)  # let the woken callers take their values first
 
     async def _lease_loop(self) -> None:
+        """Renews the registration and every held section's lease every lease/4."""
         interval = self._lease_s / 4
         wait = interval
         while True:
@@ -634,18 +864,93 @@ class Allocator:
             if self._state is not _SERVING:
                 return
             t0 = self._clock()
+            epochs = {i: self._sections[i].epoch for i in self._held}
             try:
                 async with asyncio.timeout(self._store_timeout):
-                    ok = await self._store.renew(self._epoch, self._lease_s)
+                    got = await self._store.renew(
+                        self._instance_id, self._address, self._boot, epochs, self._lease_s
+                    )
             except Exception as exc:
                 log.warning("lease renewal failed", extra={"error": repr(exc)})
                 wait = min(interval, self._retry_max)
                 continue
-            if not ok:
-                self._fence("the lease belongs to another epoch")
-                raise Fenced(f"another instance owns the sections (this epoch {self._epoch})")
-            self._lease_deadline = t0 + self._lease_s * LEASE_SAFETY
+            if not got.registered:
+                for i in list(self._held):
+                    self._drop(self._sections[i], "lost: another process took this id")
+                self._state = _CLOSED
+                self._why = "another process registered under this instance id"
+                raise Fenced(self._why)
+            deadline = t0 + self._lease_s * LEASE_SAFETY
+            self._reg_deadline = deadline
+            for i, epoch in epochs.items():
+                sec = self._sections[i]
+                if not sec.held or sec.epoch != epoch:
+                    continue
+                if i in got.sections:
+                    if deadline > sec.deadline:
+                        self.on_window(i, epoch, sec.served_from, deadline)
+                        sec.deadline = deadline
+                else:
+                    self._drop(sec, "lost: its lease was taken by another instance")
             wait = interval
+
+    async def _balance_loop(self) -> None:
+        """Every routing_poll_s: reads the routing version, the live instances and
+        the free sections; reloads the routing table when its version moved; claims
+        free sections up to this instance's share, or releases the surplus."""
+        backoff = self._retry_min
+        while True:
+            try:
+                async with asyncio.timeout(self._store_timeout):
+                    await self._balance_once()
+            except Fenced:
+                raise
+            except Exception as exc:
+                log.warning("balancing failed; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self._retry_max)
+                continue
+            backoff = self._retry_min
+            self._changed.set()
+            await asyncio.sleep(self._routing_poll)
+
+    async def _balance_once(self) -> None:
+        if self._state is not _SERVING:
+            return
+        st = await self._store.status()
+        self._live = st.live
+        self._free = st.free
+        if st.version != self._routing.version:
+            self._routing = await self._store.routing()
+        target = -(-self._n // max(1, st.live))
+        held = sorted(self._held)
+        if len(held) > target:
+            surplus = held[target:]
+            epochs = {i: self._sections[i].epoch for i in surplus}
+            for i in surplus:
+                self._drop(self._sections[i], "released: more than this instance's share")
+            await self._store.release(self._instance_id, self._boot, epochs, leave=False)
+            self.releases += len(surplus)
+            log.info("released sections", extra={"sections": surplus, "target": target})
+        elif len(held) < target and st.free:
+            want = random.sample(st.free, min(len(st.free), target - len(held)))
+            t0 = self._clock()
+            claimed = await self._store.claim(
+                self._instance_id, self._boot, want, self._step, self._lease_s
+            )
+            if self._state is not _SERVING:
+                return
+            for c in claimed:
+                self._install(c, t0)
+            if claimed:
+                self._reg_deadline = max(self._reg_deadline, t0 + self._lease_s * LEASE_SAFETY)
+                log.info(
+                    "claimed sections",
+                    extra={"sections": sorted(c.section for c in claimed), "target": target},
+                )
+        else:
+            return
+        self._routing = await self._store.routing()
 
 
 def _valid(key: str) -> bool:

@@ -95,24 +95,45 @@ class Settings(ServerSettings):
         10.0,
         ge=1,
         le=600,
-        description="Ownership lease on the sections. The owner renews it every lease_s/4 and "
-        "stops serving when it cannot; another instance takes over only after it expired "
-        "(or was released), unless it proves the holder gone (see instance_id).",
+        description="Lease on each section (and on the instance's registration). The owner "
+        "renews them every lease_s/4 and stops serving a section 0.8 * lease_s after the "
+        "start of its last renewal; another instance takes a section only after its lease "
+        "expired by the database clock, or was released.",
     )
     instance_id: str = Field(
         "",
         max_length=200,
-        description="Identity of this instance in the lease, unique among live instances "
-        "(default: hostname:port). A restart with the same id takes over at once only if it "
-        "listens where the old holder did (which proves it gone); otherwise it waits for the "
-        "lease to expire, and exits if the holder renews it (a live twin).",
+        description="Identity of this instance in the registry and the leases, unique among "
+        "live instances (default: hostname:port). A restart with the same id takes over at "
+        "once only if it listens where the old holder did (which proves it gone); otherwise "
+        "it waits for the old registration to expire, and exits if the holder renews it.",
     )
     standby_poll_s: float = Field(
         1.0,
         gt=0,
         le=60,
-        description="How often an instance that finds the sections leased by another live "
-        "instance tries again to take them over.",
+        description="How often an instance that cannot register yet (its id held by a "
+        "process not proved gone, an older seqsvc holding every section) tries again.",
+    )
+
+    routing_poll_s: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="How often an instance reads the routing version, the live instances "
+        "and the free sections (one small query), to claim or release sections. A graceful "
+        "move takes about this long plus one transaction.",
+    )
+    serve_log: str = Field(
+        "",
+        description="Path of a file to which this instance appends, as JSON lines, every "
+        "window in which it serves a section (instance, section, epoch, from, until; wall "
+        "clock): the evidence that two instances never serve one section at once. Empty: off.",
+    )
+    test_unsafe_serve_past_lease: bool = Field(
+        False,
+        description="TEST ONLY, breaks I6: serve a section past its lease, until the "
+        "instance itself notices that another took it (shows that the fault tests catch it).",
     )
 
     @field_validator("database_url")

@@ -1,9 +1,10 @@
 """Wiring of seqsvc: settings -> store -> allocator -> gRPC servicer.
 
 `python -m seqsvc` binds its port (exiting if it cannot), applies the migrations,
-takes ownership of the sections (waiting as a standby while another live instance
-holds them; exiting if a live process holds them under this instance's id), then
-serves. `python -m seqsvc migrate` only applies the migrations;
+registers as a live instance (exiting if a live process is registered under this
+instance's id), claims its share of the sections, then serves; it keeps claiming
+and releasing sections as instances join and leave. `python -m seqsvc migrate`
+only applies the migrations;
 `python -m seqsvc raise-floor --at-least N` raises every key's floor (restores).
 """
 
@@ -13,12 +14,14 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import secrets
 import socket
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -68,8 +71,20 @@ def this_boot(settings: Settings, port: int) -> Boot:
     return Boot(nonce=secrets.token_hex(16), listener=listener(settings.host, port))
 
 
+def advertised_address(settings: Settings, port: int) -> str:
+    """Where clients reach this instance (the routing table lists it): the
+    configured advertise address, or host:port as bound (the host name for a
+    wildcard host)."""
+    if settings.advertise_address:
+        return settings.advertise_address
+    host = settings.host
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
 def make_allocator(
-    settings: Settings, store: PgSectionStore, boot: Boot | None = None
+    settings: Settings, store: PgSectionStore, boot: Boot | None = None, address: str = ""
 ) -> Allocator:
     return Allocator(
         store,
@@ -87,9 +102,32 @@ def make_allocator(
         retry_max_s=settings.retry_max_s,
         lease_s=settings.lease_s,
         standby_poll_s=settings.standby_poll_s,
+        routing_poll_s=settings.routing_poll_s,
         instance_id=instance_id(settings),
+        address=address,
         boot=boot,
+        unsafe_serve_past_lease=settings.test_unsafe_serve_past_lease,
     )
+
+
+def open_serve_log(path: str, allocator: Allocator) -> Callable[[], None]:
+    """Appends every serving window of `allocator` to `path` as a JSON line
+    {instance, section, epoch, from, until} (wall clock seconds; the last line of a
+    (section, epoch) holds its final `until`). Returns the close function."""
+    out = open(path, "a", buffering=1)  # noqa: SIM115 (closed by the returned function)
+    me = allocator.instance_id
+
+    def write(section: int, epoch: int, since: float, until: float) -> None:
+        offset = time.time() - time.monotonic()
+        out.write(
+            json.dumps(
+                {"instance": me, "section": section, "epoch": epoch,
+                 "from": since + offset, "until": until + offset}
+            ) + "\n"
+        )  # fmt: skip
+
+    allocator.on_window = write
+    return out.close
 
 
 class _AllocatorCollector(Collector):
@@ -103,7 +141,9 @@ class _AllocatorCollector(Collector):
         a = self._a
         gauges: list[tuple[str, str, float]] = [
             ("im_seqsvc_serving", "1 while this instance serves the sections", a.serving),
-            ("im_seqsvc_epoch", "Fencing epoch this instance owns", a.epoch),
+            ("im_seqsvc_epoch", "Highest fencing epoch among the sections held", a.epoch),
+            ("im_seqsvc_sections_held", "Sections this instance holds", len(a.held)),
+            ("im_seqsvc_routing_version", "Routing table version last read", a.routing.version),
             ("im_seqsvc_keys_in_memory", "Keys whose cur_seq is in memory", a.keys_in_memory),
         ]
         counters: list[tuple[str, str, float]] = [
@@ -113,6 +153,10 @@ class _AllocatorCollector(Collector):
             ("im_seqsvc_store_failures", "Step reservations that failed", a.store_failures),
             ("im_seqsvc_waits", "Calls that waited for a step reservation (boundary waits)",
              a.waits),
+            ("im_seqsvc_section_claims", "Sections claimed", a.claims),
+            ("im_seqsvc_section_releases", "Sections released (balancing)", a.releases),
+            ("im_seqsvc_section_losses", "Sections lost to another instance (lease ran out)",
+             a.losses),
         ]  # fmt: skip
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=float(value))
@@ -161,9 +205,13 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     store = await runtime.stack.enter_async_context(
         PgSectionStore(settings.database_url, settings.store_timeout_s)
     )
-    allocator = make_allocator(settings, store, this_boot(settings, port))
+    allocator = make_allocator(
+        settings, store, this_boot(settings, port), advertised_address(settings, port)
+    )
+    if settings.serve_log:
+        runtime.stack.callback(open_serve_log(settings.serve_log, allocator))
     runtime.stack.push_async_callback(allocator.close)
-    # Stop serving (and release the lease) before the server closes its listener:
+    # Stop serving (and release the sections) before the server closes its listener:
     # once another process can bind this address, this one hands out nothing.
     runtime.on_shutdown(allocator.close)
     try:

@@ -4,6 +4,10 @@ Domain errors -> status codes (the one place):
 - `InvalidArgument` (bad key, count, batch size, undecodable request) -> INVALID_ARGUMENT
 - `Unavailable` (store down with no headroom left, lease lost, starting, stopping)
   -> UNAVAILABLE: nothing was handed out, retrying is safe.
+- `NotOwner` (a key of a section this instance does not serve) -> FAILED_PRECONDITION
+  with trailing metadata `seqsvc-owner` (the owner's address, '' while it moves),
+  `seqsvc-routing-version` and `seqsvc-section`: nothing was handed out; the caller
+  refreshes its routing table (GetRouting) and calls the owner.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from im.seqsvc.v1 import seqsvc_pb2 as pb
-from seqsvc.allocator import Allocator, Unavailable
+from seqsvc.allocator import Allocator, NotOwner, Unavailable
 from seqsvc.keys import InvalidArgument
 
 SERVICE_NAME = "im.seqsvc.v1.SeqService"
+#: Trailing metadata of a NotOwner refusal.
+OWNER_MD, VERSION_MD, SECTION_MD = "seqsvc-owner", "seqsvc-routing-version", "seqsvc-section"
 
 _UNDECODABLE = object()
 
@@ -42,6 +48,16 @@ async def _reject(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -
     """Ends the call with the status code of a domain error (abort raises)."""
     if isinstance(exc, InvalidArgument):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, NotOwner):
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            str(exc),
+            (
+                (OWNER_MD, exc.owner),
+                (VERSION_MD, str(exc.version)),
+                (SECTION_MD, str(exc.section)),
+            ),
+        )
     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     raise AssertionError("unreachable: abort raises")
 
@@ -65,7 +81,7 @@ class SeqServicer:
             value = alloc.next_nowait(request.key)
             if value is None:
                 value = await alloc.next(request.key)
-        except (InvalidArgument, Unavailable) as exc:
+        except (InvalidArgument, Unavailable, NotOwner) as exc:
             await _reject(context, exc)
         return pb.NextResponse(value=value)
 
@@ -74,7 +90,7 @@ class SeqServicer:
             await _reject(context, _BAD_BYTES)
         try:
             values = await self._alloc.next_batch(request.keys)
-        except (InvalidArgument, Unavailable) as exc:
+        except (InvalidArgument, Unavailable, NotOwner) as exc:
             await _reject(context, exc)
         return pb.NextBatchResponse(values=values)
 
@@ -83,7 +99,7 @@ class SeqServicer:
             await _reject(context, _BAD_BYTES)
         try:
             first, last = await self._alloc.reserve(request.key, request.count)
-        except (InvalidArgument, Unavailable) as exc:
+        except (InvalidArgument, Unavailable, NotOwner) as exc:
             await _reject(context, exc)
         return pb.ReserveResponse(first=first, last=last)
 
@@ -92,9 +108,21 @@ class SeqServicer:
             await _reject(context, _BAD_BYTES)
         try:
             value = self._alloc.current(request.key)
-        except (InvalidArgument, Unavailable) as exc:
+        except (InvalidArgument, Unavailable, NotOwner) as exc:
             await _reject(context, exc)
         return pb.CurrentResponse(value=value)
+
+    async def GetRouting(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if request is _UNDECODABLE:
+            await _reject(context, _BAD_BYTES)
+        table = self._alloc.routing
+        return pb.GetRoutingResponse(
+            version=table.version,
+            sections=table.sections,
+            instances=[pb.Instance(id=i, address=a) for i, a in table.instances],
+            owner=table.owner,
+            self_id=self._alloc.instance_id,
+        )
 
 
 def add_to_server(servicer: SeqServicer, server: grpc.aio.Server) -> None:
@@ -105,6 +133,7 @@ def add_to_server(servicer: SeqServicer, server: grpc.aio.Server) -> None:
         "NextBatch": (servicer.NextBatch, pb.NextBatchRequest, pb.NextBatchResponse),
         "Reserve": (servicer.Reserve, pb.ReserveRequest, pb.ReserveResponse),
         "Current": (servicer.Current, pb.CurrentRequest, pb.CurrentResponse),
+        "GetRouting": (servicer.GetRouting, pb.GetRoutingRequest, pb.GetRoutingResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from seqsvc_memstore import MemStore
 
-from seqsvc.allocator import Allocator, Boot, DuplicateInstance, Fenced, Unavailable
+from seqsvc.allocator import Allocator, Boot, DuplicateInstance, NotOwner, Unavailable
 from seqsvc.keys import InvalidArgument
 
 Factory = Callable[..., Awaitable[Allocator]]
@@ -43,6 +43,7 @@ async def make() -> AsyncIterator[Factory]:
         kw.setdefault("step", 100)
         kw.setdefault("retry_min_s", 0.001)
         kw.setdefault("retry_max_s", 0.01)
+        kw.setdefault("routing_poll_s", 0.005)
         alloc = Allocator(store, **kw)
         assert await alloc.start()
         made.append((alloc, asyncio.create_task(alloc.run() if run else asyncio.sleep(0))))
@@ -142,23 +143,20 @@ async def test_store_down_unavailable_then_resumes_by_itself(make: Factory) -> N
     assert await alloc.next("k") > max(got)
 
 
-async def test_fenced_when_another_instance_takes_over(make: Factory) -> None:
+async def test_a_section_taken_over_is_dropped_and_refused_with_its_owner(make: Factory) -> None:
+    """Its lease lapses unseen (say it stalled past it) and another instance claims
+    the section: the first stops serving it, refuses with the new owner, and the
+    new owner continues above."""
     store = MemStore()
-    alloc = await make(store, run=False, sections=1, step=10)
-    task = asyncio.create_task(alloc.run())
+    alloc = await make(store, sections=1, step=10, lease_s=1.0, instance_id="a")
     before = [await alloc.next("k") for _ in range(3)]
-    # Its lease lapses unseen (say it stalled past it) and another instance takes over.
-    store.lease_until = float("-inf")
-    other = await make(store, sections=1, step=10, instance_id="b")
-    for _ in range(20):
-        try:
-            alloc.next_nowait("k")
-        except Unavailable:
-            break
-    with pytest.raises(Fenced):
-        await asyncio.wait_for(task, 5)
-    with pytest.raises(Unavailable):
+    store.expire("a")
+    other = await make(store, sections=1, step=10, instance_id="b", address="b:1")
+    await wait_until(lambda: not alloc.held)  # the refill or the renewal noticed
+    await wait_until(lambda: alloc.routing.address(0) == "b:1")
+    with pytest.raises(NotOwner) as refused:
         await alloc.next("k")
+    assert refused.value.owner == "b:1" and refused.value.section == 0
     assert await other.next("k") > max(before)
 
 
@@ -173,39 +171,60 @@ async def test_lease_expiry_stops_serving_until_renewed(make: Factory) -> None:
         await alloc.next("k")
     store.down = False
     await wait_until(lambda: alloc.serving, timeout=10)
-    assert await alloc.next("k") >= 2
+    await wait_until(lambda: alloc.next_nowait("k") is not None, timeout=10)
 
 
-async def test_standby_waits_for_the_lease_then_continues_above(make: Factory) -> None:
+async def test_instances_split_the_sections_and_hand_over_on_close(make: Factory) -> None:
+    """A second instance takes half of the sections from the first (which releases
+    them first); a key's values continue above across the move; a closed
+    instance's sections go to the one left."""
     store = MemStore()
-    first = await make(store, sections=2, step=100, instance_id="a", lease_s=30)
-    last = [await first.next("k") for _ in range(150)][-1]
-    second = Allocator(store, sections=2, step=100, instance_id="b", standby_poll_s=0.01)
-    starting = asyncio.create_task(second.start())
-    await asyncio.sleep(0.05)
-    assert not starting.done()  # standby while "a" holds a live lease
-    await first.close()  # releases the lease
-    assert await asyncio.wait_for(starting, 5)
-    with pytest.raises(Unavailable):
-        await first.next("k")
-    assert await second.next("k") > last
+    first = await make(store, sections=8, step=100, instance_id="a", address="a:1", lease_s=30)
+    assert len(first.held) == 8
+    last = {f"k{i}": await first.next(f"k{i}") for i in range(40)}
+    second = await make(store, sections=8, step=100, instance_id="b", address="b:1", lease_s=30)
+    await wait_until(lambda: len(first.held) == 4 and len(second.held) == 4)
+    assert first.held.isdisjoint(second.held)
+    for key, value in last.items():
+        owner = first if section(key, 8) in first.held else second
+        other = second if owner is first else first
+        with pytest.raises(NotOwner):
+            await other.next(key)  # refused, nothing handed out
+        last[key] = await owner.next(key)
+        assert last[key] > value
     await second.close()
+    await wait_until(lambda: len(first.held) == 8)
+    for key, value in last.items():
+        assert await first.next(key) > value
+
+
+async def test_a_batch_with_a_key_served_elsewhere_is_refused_whole(make: Factory) -> None:
+    store = MemStore()
+    a = await make(store, sections=8, step=100, instance_id="a", address="a:1")
+    b = await make(store, sections=8, step=100, instance_id="b", address="b:1")
+    await wait_until(lambda: len(a.held) == 4 and len(b.held) == 4)
+    mine = next(f"k{i}" for i in range(100) if section(f"k{i}", 8) in a.held)
+    theirs = next(f"k{i}" for i in range(100) if section(f"k{i}", 8) in b.held)
+    before = a.current(mine)
+    with pytest.raises(NotOwner):
+        await a.next_batch([mine, mine, theirs])
+    assert a.current(mine) == before  # nothing advanced
 
 
 async def test_same_id_twin_that_renews_is_refused_and_the_holder_keeps_serving(
     make: Factory,
 ) -> None:
-    """A second start under a live holder's instance id never takes the lease: once
-    it sees the holder renew it, it raises DuplicateInstance, and the holder keeps
-    its epoch and serves on."""
+    """A second start under a live holder's instance id never registers: once it
+    sees the holder renew, it raises DuplicateInstance, and the holder keeps its
+    sections and serves on."""
     store = MemStore()
     holder = await make(store, sections=1, step=100, instance_id="x", lease_s=0.2)
     last = await holder.next("k")
-    epoch = store.epoch
+    epoch = holder.epoch
     twin = Allocator(store, sections=1, step=100, instance_id="x", standby_poll_s=0.01)
     with pytest.raises(DuplicateInstance, match="'x' is in use by another live process"):
         await asyncio.wait_for(twin.start(), 5)
-    assert store.epoch == epoch and store.nonce != ""
+    assert store.section_epoch[0] == epoch
     assert holder.serving
     assert await holder.next("k") == last + 1
 
@@ -215,10 +234,12 @@ async def test_same_id_on_the_same_listener_takes_over_at_once(make: Factory) ->
     gone: it takes over without waiting for the (long) lease."""
     store = MemStore()
     crashed = await make(
-        store, run=False, sections=1, step=100, instance_id="x", lease_s=60,
+        store, sections=1, step=100, instance_id="x", lease_s=60,
         boot=Boot("n1", "boot/net:[1]/127.0.0.1:5000"),
     )  # fmt: skip
     last = await crashed.next("k")
+    for task in crashed._tasks:  # it "crashes": no renewal, no release
+        task.cancel()
     restarted = await asyncio.wait_for(
         make(
             store, sections=1, step=100, instance_id="x", lease_s=60,
@@ -226,32 +247,34 @@ async def test_same_id_on_the_same_listener_takes_over_at_once(make: Factory) ->
         ),
         5,
     )  # fmt: skip
-    assert store.nonce == "n2"
+    assert store.instances["x"].nonce == "n2"
     assert await restarted.next("k") > last
 
 
 async def test_same_id_elsewhere_waits_for_the_lease_to_expire(make: Factory) -> None:
     """A restart that cannot prove its predecessor gone (another listener, or none
-    known) waits for the old lease to expire, as a standby does, then continues
-    above every value handed out before."""
+    known) waits for the old registration to expire, then continues above every
+    value handed out before."""
     clock = FakeClock()
     store = MemStore(clock)
     crashed = await make(
-        store, run=False, sections=1, step=100, instance_id="x", lease_s=10, clock=clock,
+        store, sections=1, step=100, instance_id="x", lease_s=10, clock=clock,
         boot=Boot("n1", "boot/net:[1]/127.0.0.1:5000"),
     )  # fmt: skip
     last = await crashed.next("k")
+    for task in crashed._tasks:
+        task.cancel()
     restarted = Allocator(
         store, sections=1, step=100, instance_id="x", standby_poll_s=0.01, clock=clock,
         boot=Boot("n2", "boot/net:[1]/127.0.0.1:5001"),
     )  # fmt: skip
     starting = asyncio.create_task(restarted.start())
-    calls = store.acquire_calls
-    await wait_until(lambda: store.acquire_calls >= calls + 3)
+    calls = store.register_calls
+    await wait_until(lambda: store.register_calls >= calls + 3)
     assert not starting.done()  # still waiting: nothing proves "n1" gone
     clock.now += 10
     assert await asyncio.wait_for(starting, 5)
-    assert store.nonce == "n2"
+    assert store.instances["x"].nonce == "n2"
     assert await restarted.next("k") > last
     await restarted.close()
 

@@ -14,7 +14,7 @@ import time
 import urllib.request
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -303,38 +303,57 @@ async def test_bad_input_is_invalid_argument_and_harmless(pg_dsn: str, spawn: Sp
     assert "im_seqsvc_keys_in_memory 2.0" in text  # "ok" and "é" * 64: nothing refused
 
 
-async def test_standby_takes_over_after_kill_and_at_once_after_sigterm(
+async def test_second_instance_takes_half_then_all_after_kill_and_at_once_after_sigterm(
     pg_dsn: str, spawn: Spawn
 ) -> None:
-    """Two replicas never serve at once: the second waits while the first holds
-    the lease, takes over when it expires (kill -9) or is released (SIGTERM), and
-    continues above every value the first handed out."""
-    a = spawn("seqsvc", env(pg_dsn, instance_id="a", lease_s=2, standby_poll_s=0.1))
-    # b's lease is long: handing over from b within a few seconds proves the release.
-    b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=30, standby_poll_s=0.1), wait=False)
+    """Two instances split the sections (the first releases half to the second); a
+    killed one's sections go to the other once their leases expire; a SIGTERM
+    hands them over at once. Values for a key continue above across every move."""
+    a = spawn("seqsvc", env(pg_dsn, instance_id="a", lease_s=2))
+    keys = [f"k{i}" for i in range(32)]
     async with SeqClient(a.address) as seq:
-        before = await seq.next_batch(["k"] * 10)
-    await asyncio.sleep(0.5)  # give b every chance to (wrongly) start serving
-    with pytest.raises(grpc.RpcError):
-        health_status(b.address)  # standby: its port is bound, but nothing answers yet
+        before = await seq.next_batch(keys)
+    # b's lease is long: handing over from b within a few seconds proves the release.
+    b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=30))
+
+    async def owners(via: ServiceProcess) -> set[str]:
+        async with SeqClient(via.address) as seq:
+            _, table = await seq.routing()
+        return set(table.values())
+
+    await wait_for(_eq(owners, a, {a.address, b.address}), 10, "both instances serve")
+    async with SeqClient(a.address) as seq:
+        middle = await seq.next_batch(keys)
+    assert all(m > x for m, x in zip(middle, before, strict=True))
     killed_at = time.monotonic()
     a.kill()
-    await asyncio.to_thread(b.wait_ready, 15)
-    assert time.monotonic() - killed_at >= 0.5  # it waited for a's lease to lapse
+    await wait_for(_eq(owners, b, {b.address}), 15, "b serves every section")
+    assert time.monotonic() - killed_at >= 0.5  # it waited for a's leases to lapse
     async with SeqClient(b.address) as seq:
-        after = await seq.next_batch(["k"] * 10)
-        assert min(after) > max(before)
-    # a comes back as a standby; a graceful stop of b hands over at once.
+        after = await seq.next_batch(keys)
+    assert all(x > m for x, m in zip(after, middle, strict=True))
     a.launch()
-    await asyncio.sleep(0.3)
-    with pytest.raises(grpc.RpcError):
-        health_status(a.address)
+    await asyncio.to_thread(a.wait_ready, 15)
+    await wait_for(_eq(owners, b, {a.address, b.address}), 10, "a back with its share")
     stopped_at = time.monotonic()
     b.stop()
-    await asyncio.to_thread(a.wait_ready, 15)
-    assert time.monotonic() - stopped_at < 15  # far less than b's 30 s lease
+    await wait_for(_eq(owners, a, {a.address}), 15, "a serves every section")
+    assert time.monotonic() - stopped_at < 10  # far less than b's 30 s lease
     async with SeqClient(a.address) as seq:
-        assert min(await seq.next_batch(["k"] * 3)) > max(after)
+        last = await seq.next_batch(keys)
+    assert all(x > y for x, y in zip(last, after, strict=True))
+
+
+def _eq(
+    owners: Callable[[ServiceProcess], Awaitable[set[str]]], via: ServiceProcess, want: set[str]
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            return await owners(via) == want
+        except SeqError:
+            return False
+
+    return check
 
 
 def test_migrate_command_and_config_errors(pg_dsn: str) -> None:
@@ -363,24 +382,44 @@ def test_migrate_command_and_config_errors(pg_dsn: str) -> None:
     assert bad.returncode == 2 and "IM_SEQSVC_STEP" in bad.stderr
 
 
-async def test_fenced_instance_stops_serving_and_exits(pg_dsn: str, spawn: Spawn) -> None:
-    """If a newer epoch takes the sections while the old owner still runs (here: it
-    was stopped past its lease, as a long stall would, and a standby took over), the
-    old one's conditional writes fail, it stops serving and exits non-zero; values
-    continue above."""
+async def test_stalled_owner_loses_its_sections_and_rejoins_under_new_epochs(
+    pg_dsn: str, spawn: Spawn
+) -> None:
+    """An owner stopped past its lease (as a long stall would) loses its sections
+    to the other instance, which claims them under new epochs. When it wakes up, its
+    conditional writes and renewals fail for them, so it serves none of them; it
+    stays up, rejoins and claims a share again. Values continue above."""
     a = spawn("seqsvc", env(pg_dsn, instance_id="a", lease_s=1, step=20))
+    keys = [f"k{i}" for i in range(32)]
     async with SeqClient(a.address, max_retries=0) as seq:
-        before = await seq.next_batch(["k"] * 50)
-        a.signal(signal.SIGSTOP)
-        try:
-            b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=1, step=20))
-        finally:
-            a.signal(signal.SIGCONT)
-        assert await asyncio.to_thread(a.wait, 10) == 1  # fenced -> exit status 1
-        with pytest.raises(SeqError):
-            await seq.next("k")
+        before = await seq.next_batch(keys)
+    epochs = _epochs(pg_dsn)
+    a.signal(signal.SIGSTOP)
+    try:
+        b = spawn("seqsvc", env(pg_dsn, instance_id="b", lease_s=1, step=20))
+        await wait_for(lambda: _owners(pg_dsn) == {"b"}, 15, "b holds every section")
+    finally:
+        a.signal(signal.SIGCONT)
+    assert all(_epochs(pg_dsn)[s] > e for s, e in epochs.items())
+    await wait_for(lambda: _owners(pg_dsn) == {"a", "b"}, 15, "a rejoined")
+    assert a.running()
     async with SeqClient(b.address) as seq:
-        assert min(await seq.next_batch(["k"] * 50)) > max(before)
+        after = await seq.next_batch(keys)
+    assert all(x > y for x, y in zip(after, before, strict=True))
+
+
+def _epochs(dsn: str) -> dict[int, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT section, epoch FROM seqsvc_sections").fetchall()
+    return {int(s): int(e) for s, e in rows}
+
+
+def _owners(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT owner FROM seqsvc_sections WHERE lease_until > now()"
+        ).fetchall()
+    return {str(r[0]) for r in rows}
 
 
 async def test_starts_when_postgres_comes_up_later(
