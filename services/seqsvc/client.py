@@ -13,13 +13,17 @@ increasing values, whether or not they were coalesced with other callers' calls.
 
 Errors: `SeqInvalidArgument` (a ValueError: bad key or count; never retried),
 `SeqUnavailable` (still unavailable after `max_retries` retries with exponential
-backoff and full jitter), `SeqError` for anything else. Retrying a call that timed
+backoff and full jitter); with team namespaces, `SeqUnauthenticated` (no or a wrong
+`token`), `SeqPermissionDenied` (a key outside the team's prefixes) and
+`SeqQuotaExceeded` (over the team's quota; `retry_after_s` says when to try again);
+`SeqError` for anything else. Retrying a call that timed
 out is safe: the worst outcome is a gap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -48,6 +52,39 @@ class SeqInvalidArgument(SeqError, ValueError):
     """The service refuses this input whatever its state (bad key or count)."""
 
 
+class SeqUnauthenticated(SeqError):
+    """seqsvc has team namespaces and the client's token belongs to no team."""
+
+
+class SeqPermissionDenied(SeqError):
+    """A key outside the prefixes of the client's team (the message lists them)."""
+
+
+class SeqQuotaExceeded(SeqError):
+    """The team is over its quota. `retry_after_s`: when the same call would be
+    admitted; None if it never would (more values than the team's burst)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _refusal(exc: grpc.aio.AioRpcError) -> SeqError:
+    """The error of a status that is not retried."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return SeqInvalidArgument(details or "invalid argument")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return SeqUnauthenticated(details)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return SeqPermissionDenied(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        after = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
+        seconds = int(after) / 1000 if isinstance(after, str) and after.isdigit() else None
+        return SeqQuotaExceeded(details, seconds)
+    return SeqError(f"seqsvc {code.name}: {details}")
+
+
 def _check_key(key: str) -> None:
     # Fast path: a non-empty ASCII str of at most 128 chars is a valid key.
     if isinstance(key, str) and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
@@ -67,8 +104,12 @@ class SeqClient:
     keys; while `max_in_flight` batches are outstanding, new calls queue for the next
     one, so batches grow with load. Each caller gets its own value.
 
-    `channel_factory(address, options)`, if given, makes the channel (e.g. one with
-    tracing and TLS: `imcommon.telemetry.internal_channel`).
+    `token`: the team's bearer token, sent on every call (`authorization: Bearer`),
+    for a seqsvc with team namespaces. `tls`: True for TLS with the system's root
+    certificates, or `grpc.ssl_channel_credentials(...)` (a private CA, a client
+    certificate); False: plaintext. `channel_factory(address, options)`, if given,
+    makes the channel instead (e.g. one with tracing and TLS:
+    `imcommon.telemetry.internal_channel`); `tls` is then ignored.
 
     `deadline_s` bounds each attempt; UNAVAILABLE and DEADLINE_EXCEEDED are retried
     up to `max_retries` times with exponential backoff (`backoff_base_s` doubling up to
@@ -88,6 +129,8 @@ class SeqClient:
         backoff_max_s: float = 1.0,
         channel_options: Sequence[tuple[str, Any]] = (),
         channel_factory: Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel] | None = None,
+        token: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
     ) -> None:
         if not address:
             raise ValueError("seqsvc address is empty (expected host:port)")
@@ -107,6 +150,10 @@ class SeqClient:
             *channel_options,
         ]
         self._channel_factory = channel_factory
+        self._tls = tls
+        self._metadata: tuple[tuple[str, str], ...] | None = (
+            (("authorization", f"Bearer {token}"),) if token else None
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SeqServiceStub | None = None
@@ -137,6 +184,9 @@ class SeqClient:
             self._loop = asyncio.get_running_loop()
             if self._channel_factory is not None:
                 self._channel = self._channel_factory(self.address, list(self._options))
+            elif self._tls:
+                creds = self._tls if self._tls is not True else grpc.ssl_channel_credentials()
+                self._channel = grpc.aio.secure_channel(self.address, creds, options=self._options)
             else:
                 self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
             self._stub = pb_grpc.SeqServiceStub(self._channel)
@@ -219,13 +269,11 @@ class SeqClient:
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=self._deadline)
+                return await method(request, timeout=self._deadline, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise SeqInvalidArgument(exc.details() or "invalid argument") from None
                 if code not in _RETRYABLE:
-                    raise SeqError(f"seqsvc {code.name}: {exc.details()}") from None
+                    raise _refusal(exc) from None
                 if attempt >= self._max_retries:
                     raise SeqUnavailable(
                         f"seqsvc {code.name} after {attempt + 1} attempts: {exc.details()}"
@@ -277,4 +325,4 @@ class SeqClient:
     def _fail(futs: Sequence[asyncio.Future[int]], exc: SeqError) -> None:
         for fut in futs:
             if not fut.done():
-                fut.set_exception(type(exc)(*exc.args))
+                fut.set_exception(copy.copy(exc))

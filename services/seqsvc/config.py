@@ -115,6 +115,19 @@ class Settings(ServerSettings):
         "instance tries again to take them over.",
     )
 
+    teams_file: str = Field(
+        "",
+        description="YAML or JSON file of the teams that may call (credentials, key "
+        "prefixes, quotas; see seqsvc/teams.py). Empty: no namespaces, every caller may use "
+        "every key (the IM backend alone). Reloaded on SIGHUP and when it changes.",
+    )
+    teams_poll_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="How often the teams file is checked for changes (0: only on SIGHUP).",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _required(cls, value: str) -> str:
