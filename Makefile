@@ -24,7 +24,8 @@ TS_INPUTS := $(shell find clients/ts/src -name '*.ts' -not -path '*/gen/*' 2>/de
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
         bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos chaos-seq k8s-check \
-        alerts-check proto-check node-deps ts-build images sdk clean lock
+        alerts-check proto-check node-deps ts-build images sdk seqsvc-client seqsvc-run \
+        seqsvc-stop clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
@@ -154,6 +155,19 @@ alerts-check: system-deps ## promtool: check the alerting rules and run their un
 
 sdk: deps ## Build the client SDK's wheel and sdist into dist/ (apps: pip install ./sdk/python)
 	$(UV) build -q sdk/python -o dist
+
+seqsvc-client: deps ## Build seqsvc's installable client (wheel and sdist) into dist/ (teams: pip install dist/seqsvc_client-*.whl)
+	$(UV) build -q sdk/seqsvc-client -o dist
+
+SEQSVC_PORT ?= 50053
+SEQSVC_PG_PORT ?= 55432
+SEQSVC_METRICS_PORT ?= 50063
+seqsvc-run: deps ## Start PostgreSQL and one seqsvc alone on 127.0.0.1:$(SEQSVC_PORT), and print a first call
+	$(PY) -m imdev.seqsvc_run run --port $(SEQSVC_PORT) --pg-port $(SEQSVC_PG_PORT) \
+	  --metrics-port $(SEQSVC_METRICS_PORT)
+
+seqsvc-stop: ## Stop what `make seqsvc-run` started
+	@if [ -x $(PY) ]; then $(PY) -m imdev.seqsvc_run stop; fi
 
 images: ## Build container images (needs a container engine)
 	docker build -t im-backend:dev -f deploy/Dockerfile .

@@ -31,9 +31,13 @@ For each overlay (every directory of deploy/k8s with a kustomization.yaml, but
      delay, grace, deadline): see `check_shutdown`;
 4. checks the deployment rules of the brief: resources on every container, the
    restricted Pod Security profile, one image for all services, seqsvc a
-   one-replica StatefulSet, HPAs for gateway and logic (which then own
-   `replicas`), PDBs, only the gateway's client port open to everyone, JetStream
-   with 3 replicas and `sync_interval: always` (the config passes `nats-server -t`).
+   StatefulSet with fixed replicas (leases; with several, a PDB evicting one at a
+   time), HPAs for gateway and logic (which then own `replicas`), PDBs, only the
+   gateway's client port open to everyone, JetStream with 3 replicas and
+   `sync_interval: always` (the config passes `nats-server -t`);
+5. seqsvc's teams file, when rendered, parses as seqsvc parses it, and logic's
+   token (IM_LOGIC_SEQSVC_TOKEN) is a team's owning u: and c:; an overlay with
+   seqsvc but no logic (seqsvc-only) admits its callers' namespaces by name.
 
 A service whose config.py does not exist (yet) is reported as missing: the check
 fails rather than pretend. Exit status 0 when every overlay passes, 1 otherwise.
@@ -444,6 +448,8 @@ class OverlayCheck:
             self.check_jetstream,
             self.check_unread_config,
             self.check_unused_secret_keys,
+            self.check_seqsvc_teams,
+            self.check_seqsvc_callers,
         ):
             try:
                 step()
@@ -1137,14 +1143,10 @@ class OverlayCheck:
             w = self.workload_running(svc)
             if w is not None and (w["kind"] != "Deployment" or w["metadata"]["name"] not in hpas):
                 self.fail(_name(w), f"{svc} needs a HorizontalPodAutoscaler")
-        seq = self.workload_running("seqsvc")
-        if seq is not None and (seq["kind"] != "StatefulSet" or seq["spec"].get("replicas") != 1):
-            self.fail(
-                _name(seq),
-                "seqsvc must be a StatefulSet with replicas: 1 until sections "
-                "are leased per replica (see the comment in base/seqsvc.yaml)",
-            )
         pdbs = list(self.objs.of_kind("PodDisruptionBudget"))
+        seq = self.workload_running("seqsvc")
+        if seq is not None:
+            self.check_seqsvc_replicas(seq, hpas, pdbs)
         for w in self.objs.of_kind("Deployment", "StatefulSet"):
             many = w["metadata"]["name"] in hpas or w["spec"].get("replicas", 1) > 1
             covered = any(self._matches(p["spec"].get("selector", {}), pod_labels(w)) for p in pdbs)
@@ -1163,6 +1165,125 @@ class OverlayCheck:
             if not headless:
                 self.fail(_name(gateway), "no headless Service selects the gateway pods")
 
+    def check_seqsvc_replicas(
+        self, seq: dict[str, Any], hpas: dict[str, Any], pdbs: list[dict[str, Any]]
+    ) -> None:
+        """seqsvc's sections are leased in PostgreSQL: its replica count is fixed
+        (a StatefulSet with `replicas`, never autoscaled: every change moves
+        leases), and with several replicas a drain evicts one at a time, so the
+        others keep their sections served while the evicted one's move."""
+        where = _name(seq)
+        replicas = seq["spec"].get("replicas")
+        if seq["kind"] != "StatefulSet" or not isinstance(replicas, int) or replicas < 1:
+            self.fail(where, "seqsvc must be a StatefulSet with a fixed `replicas` (leases)")
+            return
+        scalers = [
+            h
+            for h in self.objs.of_kind("HorizontalPodAutoscaler")
+            if h["spec"]["scaleTargetRef"]["name"] == seq["metadata"]["name"]
+        ]
+        if scalers or seq["metadata"]["name"] in hpas:
+            self.fail(where, "seqsvc must not be autoscaled: its sections are leased")
+        if replicas == 1:
+            return
+        for pdb in pdbs:
+            if not self._matches(pdb["spec"].get("selector", {}), pod_labels(seq)):
+                continue
+            spec = pdb["spec"]
+            one_at_a_time = spec.get("maxUnavailable") == 1 or (
+                isinstance(spec.get("minAvailable"), int) and spec["minAvailable"] >= replicas - 1
+            )
+            if not one_at_a_time:
+                self.fail(
+                    _name(pdb),
+                    f"seqsvc has {replicas} replicas: the PodDisruptionBudget must allow one "
+                    "disruption at a time (maxUnavailable: 1), so the others keep serving "
+                    "their sections while the evicted one's move",
+                )
+
+    def check_seqsvc_teams(self) -> None:
+        """The teams file seqsvc reads, when its Secret is rendered, is valid (as
+        seqsvc itself parses it); and logic's token, when rendered, is a team's
+        whose prefixes cover logic's keys (u: and c:)."""
+        seq = self.workload_running("seqsvc")
+        if seq is None or "seqsvc" not in self.classes:
+            return
+        from seqsvc.teams import TeamsError, hash_token, parse_teams
+
+        _, env, _ = self.services[seq["metadata"]["name"]]
+        path = self.effective(self.classes["seqsvc"], env, "teams_file")
+        text = self._file_content(seq, "seqsvc", str(path)) if path else None
+        if text is None:
+            return  # no teams file, or in a Secret created outside the overlay
+        try:
+            teams = parse_teams(text, f"IM_SEQSVC_TEAMS_FILE {path}")
+        except TeamsError as exc:
+            self.fail(_name(seq), str(exc))
+            return
+        logic = self.workload_running("logic")
+        if logic is None:
+            return
+        token = self.services[logic["metadata"]["name"]][1].get("IM_LOGIC_SEQSVC_TOKEN")
+        if token is None or token.value is None:
+            return
+        digest = hash_token(token.value)
+        team = next((t for t in teams if digest in t.token_sha256), None)
+        if team is None:
+            self.fail(_name(logic), "IM_LOGIC_SEQSVC_TOKEN is the token of no team of seqsvc")
+        elif not all(any(k.startswith(p) for p in team.prefixes) for k in ("u:x", "c:x")):
+            self.fail(
+                _name(logic),
+                f"logic's seqsvc team {team.name!r} must own the prefixes u: and c: "
+                f"(it has {team.prefixes})",
+            )
+
+    def check_seqsvc_callers(self) -> None:
+        """seqsvc without logic in the overlay serves other namespaces: some
+        NetworkPolicy must admit named namespaces (namespaceSelector with labels)
+        to its gRPC port."""
+        seq = self.workload_running("seqsvc")
+        if seq is None or self.workload_running("logic") is not None:
+            return
+        port = self.services[seq["metadata"]["name"]][2]
+        for policy in self.objs.of_kind("NetworkPolicy"):
+            if not self._matches(policy["spec"].get("podSelector", {}), pod_labels(seq)):
+                continue
+            for rule in policy["spec"].get("ingress", []):
+                named = [
+                    p
+                    for p in rule.get("from", [])
+                    if p.get("namespaceSelector", {}).get("matchLabels")
+                ]
+                if named and isinstance(port, int) and self._port_ok(rule, seq, port):
+                    return
+        self.fail(
+            _name(seq),
+            f"no NetworkPolicy admits a client namespace (namespaceSelector) to seqsvc's "
+            f"port {port}: nobody could call it",
+        )
+
+    def _file_content(self, workload: dict[str, Any], container: str, path: str) -> str | None:
+        """The content of `path` in a container, when it comes from a rendered
+        Secret or ConfigMap volume (check_files has checked the mount)."""
+        spec = pod_spec(workload) or {}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec.get("containers", []):
+            if c["name"] != container:
+                continue
+            for mount in c.get("volumeMounts", []):
+                root = mount["mountPath"].rstrip("/") + "/"
+                if not path.startswith(root):
+                    continue
+                volume = volumes.get(mount["name"], {})
+                key = path[len(root) :]
+                if "secret" in volume:
+                    secret = self.objs.get("Secret", volume["secret"]["secretName"])
+                    return _secret_data(secret).get(key) if secret else None
+                if "configMap" in volume:
+                    cm = self.objs.get("ConfigMap", volume["configMap"]["name"])
+                    return (cm.get("data") or {}).get(key) if cm else None
+        return None
+
     def check_images(self) -> None:
         images = set()
         for w in self.objs.workloads():
@@ -1177,12 +1298,8 @@ class OverlayCheck:
             )
         for image in images:
             tag = image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else ""
-            if (
-                self.overlay == "prod"
-                and (not tag or tag in ("latest", "dev"))
-                and "@" not in image
-            ):
-                self.fail("images", f"prod runs {image!r}: pin a release tag or digest")
+            if self.overlay != "dev" and (not tag or tag in ("latest", "dev")) and "@" not in image:
+                self.fail("images", f"{self.overlay} runs {image!r}: pin a release tag or digest")
 
     # -- JetStream ----------------------------------------------------------------
 

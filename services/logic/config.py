@@ -29,7 +29,7 @@ class Settings(ServerSettings):
     """
 
     model_config = SettingsConfigDict(env_prefix="IM_LOGIC_", extra="ignore", frozen=True)
-    secret_fields: ClassVar[frozenset[str]] = frozenset({"database_url"})
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"database_url", "seqsvc_token"})
 
     # -- where the dependencies are ---------------------------------------------
     database_url: str = Field(
@@ -37,6 +37,11 @@ class Settings(ServerSettings):
         description="PostgreSQL conninfo or postgresql:// URL of the message store (required).",
     )
     seqsvc_address: str = Field("", description="host:port of seqsvc (required).")
+    seqsvc_token: str = Field(
+        "",
+        description="Bearer token of logic's team at seqsvc (prefixes u: and c:), when seqsvc "
+        "has team namespaces (IM_SEQSVC_TEAMS_FILE). Empty: calls carry no credential.",
+    )
     nats_url: str = Field(
         "",
         description="NATS server URL(s), comma-separated (required). logic keeps serving "

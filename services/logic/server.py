@@ -100,6 +100,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             coalesce_window_ms=settings.seqsvc_coalesce_window_ms,
             deadline_s=settings.seqsvc_deadline_s,
             max_retries=settings.seqsvc_max_retries,
+            token=settings.seqsvc_token or None,
             # Reconnect within a fraction of a second after a seqsvc restart (the
             # gRPC default backs off up to two minutes).
             channel_options=[

@@ -22,13 +22,17 @@ every call goes to the given address, as before.
 
 Errors: `SeqInvalidArgument` (a ValueError: bad key or count; never retried),
 `SeqUnavailable` (still unavailable after `max_retries` retries with exponential
-backoff and full jitter), `SeqError` for anything else. Retrying a call that timed
+backoff and full jitter); with team namespaces, `SeqUnauthenticated` (no or a wrong
+`token`), `SeqPermissionDenied` (a key outside the team's prefixes) and
+`SeqQuotaExceeded` (over the team's quota; `retry_after_s` says when to try again);
+`SeqError` for anything else. Retrying a call that timed
 out is safe: the worst outcome is a gap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import time
 import zlib
@@ -91,6 +95,39 @@ class SeqInvalidArgument(SeqError, ValueError):
     """The service refuses this input whatever its state (bad key or count)."""
 
 
+class SeqUnauthenticated(SeqError):
+    """seqsvc has team namespaces and the client's token belongs to no team."""
+
+
+class SeqPermissionDenied(SeqError):
+    """A key outside the prefixes of the client's team (the message lists them)."""
+
+
+class SeqQuotaExceeded(SeqError):
+    """The team is over its quota. `retry_after_s`: when the same call would be
+    admitted; None if it never would (more values than the team's burst)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _error_for(exc: grpc.aio.AioRpcError) -> SeqError:
+    """The error of a status that is not retried."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return SeqInvalidArgument(details or "invalid argument")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return SeqUnauthenticated(details)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return SeqPermissionDenied(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        after = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
+        seconds = int(after) / 1000 if isinstance(after, str) and after.isdigit() else None
+        return SeqQuotaExceeded(details, seconds)
+    return SeqError(f"seqsvc {code.name}: {details}")
+
+
 def _check_key(key: str) -> None:
     # Fast path: a non-empty ASCII str of at most 128 chars is a valid key.
     if isinstance(key, str) and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
@@ -110,8 +147,12 @@ class SeqClient:
     keys; while `max_in_flight` batches are outstanding, new calls queue for the next
     one, so batches grow with load. Each caller gets its own value.
 
-    `channel_factory(address, options)`, if given, makes the channel (e.g. one with
-    tracing and TLS: `imcommon.telemetry.internal_channel`).
+    `token`: the team's bearer token, sent on every call (`authorization: Bearer`),
+    for a seqsvc with team namespaces. `tls`: True for TLS with the system's root
+    certificates, or `grpc.ssl_channel_credentials(...)` (a private CA, a client
+    certificate); False: plaintext. `channel_factory(address, options)`, if given,
+    makes the channel instead (e.g. one with tracing and TLS:
+    `imcommon.telemetry.internal_channel`); `tls` is then ignored.
 
     `deadline_s` bounds each attempt; UNAVAILABLE and DEADLINE_EXCEEDED are retried
     up to `max_retries` times with exponential backoff (`backoff_base_s` doubling up to
@@ -137,6 +178,8 @@ class SeqClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         channel_factory: Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel] | None = None,
         observer: Callable[[str, Sequence[str], Sequence[int]], None] | None = None,
+        token: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
     ) -> None:
         if not address:
             raise ValueError("seqsvc address is empty (expected host:port)")
@@ -157,6 +200,10 @@ class SeqClient:
         ]
         self._channel_factory = channel_factory
         self._observer = observer
+        self._tls = tls
+        self._metadata: tuple[tuple[str, str], ...] | None = (
+            (("authorization", f"Bearer {token}"),) if token else None
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.SeqServiceStub | None = None
@@ -203,6 +250,9 @@ class SeqClient:
         if stub is None:
             if self._channel_factory is not None:
                 channel = self._channel_factory(address, list(self._options))
+            elif self._tls:
+                creds = self._tls if self._tls is not True else grpc.ssl_channel_credentials()
+                channel = grpc.aio.secure_channel(address, creds, options=self._options)
             else:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[address] = channel
@@ -329,7 +379,9 @@ class SeqClient:
             for address in candidates:
                 try:
                     resp = await self._stub_for(address).GetRouting(
-                        pb.GetRoutingRequest(), timeout=min(self._deadline, 1.0)
+                        pb.GetRoutingRequest(),
+                        timeout=min(self._deadline, 1.0),
+                        metadata=self._metadata,
                     )
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNIMPLEMENTED and address == self.address:
@@ -369,7 +421,7 @@ class SeqClient:
         table as needed."""
         code = exc.code()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise SeqInvalidArgument(exc.details() or "invalid argument")
+            raise _error_for(exc) from None
         version = _refusal(exc)
         if version is not None:
             if moves >= _MAX_MOVES:
@@ -388,7 +440,7 @@ class SeqClient:
             await self._refresh(force=True, seen=seen)
             return attempt, moves + 1
         if code not in _RETRYABLE:
-            raise SeqError(f"seqsvc {code.name}: {exc.details()}")
+            raise _error_for(exc) from None
         if attempt >= self._max_retries:
             raise SeqUnavailable(
                 f"seqsvc {code.name} after {attempt + 1} attempts: {exc.details()}"
@@ -410,7 +462,7 @@ class SeqClient:
             address = self._owner(key)
             try:
                 resp = await getattr(self._stub_for(address), method)(
-                    request, timeout=self._deadline
+                    request, timeout=self._deadline, metadata=self._metadata
                 )
             except grpc.aio.AioRpcError as exc:
                 attempt, moves = await self._after_error(exc, attempt, moves)
@@ -469,7 +521,9 @@ class SeqClient:
         request = pb.NextBatchRequest(keys=sub)
         while True:
             try:
-                resp = await self._stub_for(address).NextBatch(request, timeout=self._deadline)
+                resp = await self._stub_for(address).NextBatch(
+                    request, timeout=self._deadline, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 attempt, moves = await self._after_error(exc, attempt, moves)
                 groups = self._split(keys, idx)
@@ -530,4 +584,4 @@ class SeqClient:
     def _fail(futs: Sequence[asyncio.Future[int]], exc: SeqError) -> None:
         for fut in futs:
             if not fut.done():
-                fut.set_exception(type(exc)(*exc.args))
+                fut.set_exception(copy.copy(exc))

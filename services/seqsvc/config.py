@@ -126,6 +126,7 @@ class Settings(ServerSettings):
     )
     serve_log: str = Field(
         "",
+        json_schema_extra={"deploy": "optional"},
         description="Path of a file to which this instance appends, as JSON lines, every "
         "window in which it serves a section (instance, section, epoch, from, until; wall "
         "clock): the evidence that two instances never serve one section at once. Empty: off.",
@@ -134,6 +135,19 @@ class Settings(ServerSettings):
         False,
         description="TEST ONLY, breaks I6: serve a section past its lease, until the "
         "instance itself notices that another took it (shows that the fault tests catch it).",
+    )
+
+    teams_file: str = Field(
+        "",
+        description="YAML or JSON file of the teams that may call (credentials, key "
+        "prefixes, quotas; see seqsvc/teams.py). Empty: no namespaces, every caller may use "
+        "every key (the IM backend alone). Reloaded on SIGHUP and when it changes.",
+    )
+    teams_poll_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="How often the teams file is checked for changes (0: only on SIGHUP).",
     )
 
     @field_validator("database_url")

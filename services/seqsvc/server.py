@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -35,6 +36,7 @@ from seqsvc.allocator import Allocator, Boot, DuplicateInstance
 from seqsvc.config import Settings
 from seqsvc.repo import LeaseHeld, PgSectionStore, migrate, raise_floor
 from seqsvc.servicer import SERVICE_NAME, SeqServicer, add_to_server
+from seqsvc.teams import NO_TEAM, UNAUTHENTICATED, Teams, TeamsError, TeamsFileWatch
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,76 @@ class _AllocatorCollector(Collector):
             yield CounterMetricFamily(name, doc, value=float(value))
 
 
+class _TeamsCollector(Collector):
+    """Per-team counters, read at scrape time from the teams' plain ints."""
+
+    def __init__(self, teams: Teams, watch: TeamsFileWatch) -> None:
+        self._teams = teams
+        self._watch = watch
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "im_seqsvc_team_calls", "Calls admitted, by team", labels=["team"]
+        )
+        values = CounterMetricFamily(
+            "im_seqsvc_team_values",
+            "Values charged to the team's quota by admitted calls (Current counts 1)",
+            labels=["team"],
+        )
+        refusals = CounterMetricFamily(
+            "im_seqsvc_team_refusals",
+            "Calls refused by the namespace check, by team and reason "
+            "(unauthenticated, permission_denied, quota)",
+            labels=["team", "reason"],
+        )
+        for team in self._teams:
+            calls.add_metric([team.name], team.calls)
+            values.add_metric([team.name], team.values)
+            for reason, count in team.refusals.items():
+                refusals.add_metric([team.name, reason], count)
+        refusals.add_metric([NO_TEAM, UNAUTHENTICATED], self._teams.anonymous_refusals)
+        yield calls
+        yield values
+        yield refusals
+        yield CounterMetricFamily(
+            "im_seqsvc_teams_reload_failures",
+            "Changes of the teams file that did not load (the teams in force stayed)",
+            value=self._watch.failures,
+        )
+
+
+async def watch_teams(watch: TeamsFileWatch, poll_s: float, stop: asyncio.Event) -> None:
+    """Reloads the teams file when it changes (checked every `poll_s`)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(poll_s):
+                await stop.wait()
+        watch.poll()
+
+
+def load_teams(settings: Settings, runtime: Runtime) -> Teams | None:
+    """The teams of IM_SEQSVC_TEAMS_FILE, reloaded on SIGHUP and on change; None
+    without a file (open service). Raises StartupError if the file does not load."""
+    if not settings.teams_file:
+        log.warning("no IM_SEQSVC_TEAMS_FILE: every caller may use every key")
+        return None
+    teams = Teams()
+    watch = TeamsFileWatch(settings.teams_file, teams)
+    try:
+        watch.load()
+    except TeamsError as exc:
+        raise StartupError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, watch.reload)
+    runtime.stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+    if settings.teams_poll_s:
+        runtime.spawn(
+            watch_teams(watch, settings.teams_poll_s, runtime.stop_requested), "seqsvc-teams"
+        )
+    runtime.metrics.registry.register(_TeamsCollector(teams, watch))
+    return teams
+
+
 def register_metrics(runtime: Runtime, allocator: Allocator) -> None:
     """Allocator counters and gauges (read at scrape time) and the store-write
     latency histogram."""
@@ -184,7 +256,7 @@ async def migrate_with_retry(settings: Settings, stop: asyncio.Event) -> bool:
             async with asyncio.timeout(settings.store_timeout_s * 5):
                 applied = await migrate(settings.database_url)
         except (OSError, TimeoutError, psycopg.OperationalError) as exc:
-            log.warning("cannot apply migrations yet; retrying", extra={"error": repr(exc)})
+            log.warning("waiting for PostgreSQL: %s", database_error(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff):
                     await stop.wait()
@@ -201,6 +273,8 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     # here, before it touches the lease; and holding the address is what lets a
     # restart prove its predecessor gone (see `listener`).
     port = runtime.bind()
+    # Before the database: a broken teams file is a configuration error, at once.
+    teams = load_teams(settings, runtime)
     await migrate_with_retry(settings, runtime.stop_requested)
     store = await runtime.stack.enter_async_context(
         PgSectionStore(settings.database_url, settings.store_timeout_s)
@@ -223,12 +297,26 @@ async def build(settings: Settings, runtime: Runtime) -> None:
     # Without a renewable lease every call is UNAVAILABLE: say so in health.
     runtime.readiness(lambda: allocator.serving, interval_s=max(0.1, settings.lease_s / 8))
     register_metrics(runtime, allocator)
-    add_to_server(SeqServicer(allocator), runtime.server)
+    add_to_server(SeqServicer(allocator, teams), runtime.server)
     runtime.expose(SERVICE_NAME)
 
 
+def database_error(exc: BaseException) -> str:
+    """One line on why PostgreSQL could not be used (never the URL: it may carry a
+    password)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot reach PostgreSQL at IM_SEQSVC_DATABASE_URL ({first}); start one "
+        "(`make seqsvc-run` starts PostgreSQL and seqsvc) or fix the URL"
+    )
+
+
 def _migrate_command(settings: Settings) -> int:
-    applied = asyncio.run(migrate(settings.database_url))
+    try:
+        applied = asyncio.run(migrate(settings.database_url))
+    except (OSError, psycopg.Error) as exc:
+        sys.stderr.write(f"seqsvc migrate: {database_error(exc)}\n")
+        return 1
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
@@ -257,6 +345,9 @@ def raise_floor_command(argv: list[str]) -> int:
         )
     except LeaseHeld as exc:
         sys.stderr.write(f"seqsvc raise-floor: refused: {exc}\n")
+        return 1
+    except (OSError, psycopg.Error) as exc:
+        sys.stderr.write(f"seqsvc raise-floor: {database_error(exc)}\n")
         return 1
     print(
         f"seqsvc floor: every section's max_seq is now >= {args.at_least} "

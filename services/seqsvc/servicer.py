@@ -8,6 +8,11 @@ Domain errors -> status codes (the one place):
   with trailing metadata `seqsvc-owner` (the owner's address, '' while it moves),
   `seqsvc-routing-version` and `seqsvc-section`: nothing was handed out; the caller
   refreshes its routing table (GetRouting) and calls the owner.
+- Team namespaces (`seqsvc.teams`, only with a teams file), checked by `_admit` at
+  the top of every RPC before the allocator sees the call: `Unauthenticated` ->
+  UNAUTHENTICATED, `PermissionDenied` (a key outside the team's prefixes) ->
+  PERMISSION_DENIED, `QuotaExceeded` -> RESOURCE_EXHAUSTED with trailing metadata
+  `retry-after-ms` (absent when the call can never fit: larger than the burst).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from im.seqsvc.v1 import seqsvc_pb2 as pb
 from seqsvc.allocator import Allocator, NotOwner, Unavailable
 from seqsvc.keys import InvalidArgument
+from seqsvc.teams import PermissionDenied, QuotaExceeded, Teams, Unauthenticated
 
 SERVICE_NAME = "im.seqsvc.v1.SeqService"
 #: Trailing metadata of a NotOwner refusal.
@@ -58,6 +64,14 @@ async def _reject(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -
                 (SECTION_MD, str(exc.section)),
             ),
         )
+    if isinstance(exc, Unauthenticated):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if isinstance(exc, PermissionDenied):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, QuotaExceeded):
+        after = exc.retry_after_s
+        trailer = () if after is None else (("retry-after-ms", str(max(1, round(after * 1000)))),)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailer)
     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     raise AssertionError("unreachable: abort raises")
 
@@ -67,15 +81,48 @@ _BAD_BYTES = InvalidArgument(
 )
 
 
-class SeqServicer:
-    """im.seqsvc.v1.SeqService over an Allocator."""
+def _caller(context: grpc.aio.ServicerContext[Any, Any], tls: bool) -> tuple[str | None, list[str]]:
+    """The caller's bearer token (None if it sent none) and, when `tls`, the names
+    its verified client certificate carries (common name, subject, SANs)."""
+    token = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, rest = value.partition(" ")
+            token = rest.strip() if scheme.lower() == "bearer" else ""
+    identities: list[str] = []
+    if tls:
+        auth = context.auth_context()
+        for prop in ("x509_common_name", "x509_subject", "x509_subject_alternative_name"):
+            identities += [v.decode(errors="replace") for v in auth.get(prop, ())]
+    return token, identities
 
-    def __init__(self, allocator: Allocator) -> None:
+
+class SeqServicer:
+    """im.seqsvc.v1.SeqService over an Allocator, behind the team check when
+    `teams` is given and enabled (a teams file is configured)."""
+
+    def __init__(self, allocator: Allocator, teams: Teams | None = None) -> None:
         self._alloc = allocator
+        self._teams = teams
+
+    async def _admit(
+        self, context: grpc.aio.ServicerContext[Any, Any], keys: Any, cost: int
+    ) -> None:
+        """The namespace layer: ends the call unless the caller's team may use
+        `keys` now and its quota admits `cost` values. A no-op without teams."""
+        teams = self._teams
+        if teams is None or not teams.enabled:
+            return
+        token, identities = _caller(context, teams.uses_tls)
+        try:
+            teams.admit(token, identities, keys, cost)
+        except (Unauthenticated, PermissionDenied, QuotaExceeded, InvalidArgument) as exc:
+            await _reject(context, exc)
 
     async def Next(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await _reject(context, _BAD_BYTES)
+        await self._admit(context, (request.key,), 1)
         alloc = self._alloc
         try:
             value = alloc.next_nowait(request.key)
@@ -88,6 +135,7 @@ class SeqServicer:
     async def NextBatch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await _reject(context, _BAD_BYTES)
+        await self._admit(context, request.keys, len(request.keys))
         try:
             values = await self._alloc.next_batch(request.keys)
         except (InvalidArgument, Unavailable, NotOwner) as exc:
@@ -97,6 +145,8 @@ class SeqServicer:
     async def Reserve(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await _reject(context, _BAD_BYTES)
+        # A count out of range is the allocator's INVALID_ARGUMENT, not a quota matter.
+        await self._admit(context, (request.key,), max(request.count, 0))
         try:
             first, last = await self._alloc.reserve(request.key, request.count)
         except (InvalidArgument, Unavailable, NotOwner) as exc:
@@ -106,6 +156,7 @@ class SeqServicer:
     async def Current(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await _reject(context, _BAD_BYTES)
+        await self._admit(context, (request.key,), 1)
         try:
             value = self._alloc.current(request.key)
         except (InvalidArgument, Unavailable, NotOwner) as exc:

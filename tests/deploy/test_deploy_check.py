@@ -18,6 +18,7 @@ from deploy_support import (
     container,
     copy_k8s,
     edit,
+    edit_kustomization,
     load_check,
     messages,
     require_services,
@@ -48,7 +49,7 @@ def test_the_manifests_pass_in_every_overlay() -> None:
     require_services(*check.SERVICES)
     report = check.check_tree()
     assert report.problems == []
-    assert set(report.objects) == {"dev", "prod"}
+    assert set(report.objects) == {"dev", "prod", "seqsvc-only"}
     assert report.objects["dev"] > report.objects["prod"] > 0
 
 
@@ -56,6 +57,7 @@ def test_an_untouched_copy_passes(k8s: Path) -> None:
     """The baseline of every test below: the copy itself is fine."""
     assert problems(k8s, "dev") == []
     assert problems(k8s, "prod") == []
+    assert problems(k8s, "seqsvc-only") == []
 
 
 def test_make_k8s_check_runs_this_check() -> None:
@@ -102,9 +104,9 @@ def test_unknown_env_var_in_a_container_fails(k8s: Path) -> None:
 
 
 def test_a_value_the_settings_reject_fails(k8s: Path) -> None:
-    set_literal(k8s / "base", "seqsvc-config", "IM_SEQSVC_LOG_LEVEL", "verbose")
+    set_literal(k8s / "base" / "seqsvc", "seqsvc-config", "IM_SEQSVC_LOG_LEVEL", "verbose")
     assert_fails(k8s, "IM_SEQSVC_LOG_LEVEL", "verbose", overlay="prod")
-    set_literal(k8s / "base", "seqsvc-config", "IM_SEQSVC_STEP", "0")
+    set_literal(k8s / "base" / "seqsvc", "seqsvc-config", "IM_SEQSVC_STEP", "0")
     assert_fails(k8s, "IM_SEQSVC_STEP", "greater than or equal to 1")
 
 
@@ -225,7 +227,7 @@ def test_wrong_service_target_port_fails(k8s: Path) -> None:
     def retarget(obj: dict[str, Any]) -> None:
         obj["spec"]["ports"][0]["targetPort"] = 50099
 
-    edit(k8s / "base" / "seqsvc.yaml", "Service", "seqsvc", retarget)
+    edit(k8s / "base" / "seqsvc" / "seqsvc.yaml", "Service", "seqsvc", retarget)
     assert_fails(k8s, "Service/seqsvc", "targetPort 50099")
 
 
@@ -233,7 +235,7 @@ def test_http_probe_instead_of_grpc_fails(k8s: Path) -> None:
     def http(obj: dict[str, Any]) -> None:
         container(obj, "seqsvc")["livenessProbe"] = {"tcpSocket": {"port": 50053}}
 
-    edit(k8s / "base" / "seqsvc.yaml", "StatefulSet", "seqsvc", http)
+    edit(k8s / "base" / "seqsvc" / "seqsvc.yaml", "StatefulSet", "seqsvc", http)
     assert_fails(k8s, "livenessProbe is not a native gRPC probe")
 
 
@@ -353,12 +355,54 @@ def test_missing_prestop_fails(k8s: Path) -> None:
 # -- workload rules ---------------------------------------------------------------------
 
 
-def test_second_seqsvc_replica_fails(k8s: Path) -> None:
-    def two(obj: dict[str, Any]) -> None:
-        obj["spec"]["replicas"] = 2
+def test_seqsvc_as_a_deployment_fails(k8s: Path) -> None:
+    def deployment(obj: dict[str, Any]) -> None:
+        obj["kind"] = "Deployment"
+        for field in ("serviceName", "podManagementPolicy"):
+            obj["spec"].pop(field)
 
-    edit(k8s / "base" / "seqsvc.yaml", "StatefulSet", "seqsvc", two)
-    assert_fails(k8s, "seqsvc must be a StatefulSet with replicas: 1")
+    edit(k8s / "base" / "seqsvc" / "seqsvc.yaml", "StatefulSet", "seqsvc", deployment)
+    assert_fails(k8s, "seqsvc must be a StatefulSet with a fixed `replicas`")
+
+
+def test_a_pdb_that_lets_two_seqsvc_replicas_go_at_once_fails(k8s: Path) -> None:
+    def two(obj: dict[str, Any]) -> None:
+        obj["spec"]["maxUnavailable"] = 2
+
+    edit(k8s / "seqsvc-only" / "pdb.yaml", "PodDisruptionBudget", "seqsvc", two)
+    assert_fails(k8s, "one disruption at a time", overlay="seqsvc-only")
+
+
+def test_seqsvc_replicas_without_a_pdb_fail(k8s: Path) -> None:
+    edit_kustomization(k8s / "seqsvc-only", lambda spec: spec["resources"].remove("pdb.yaml"))
+    assert_fails(k8s, "StatefulSet/seqsvc", "no PodDisruptionBudget", overlay="seqsvc-only")
+
+
+def test_seqsvc_without_a_client_namespace_fails(k8s: Path) -> None:
+    def nobody(obj: dict[str, Any]) -> None:
+        obj["spec"]["ingress"][0]["from"] = [{"podSelector": {"matchLabels": {"a": "b"}}}]
+
+    path = k8s / "seqsvc-only" / "networkpolicies.yaml"
+    edit(path, "NetworkPolicy", "seqsvc-from-client-namespaces", nobody)
+    assert_fails(k8s, "no NetworkPolicy admits a client namespace", overlay="seqsvc-only")
+
+
+def test_an_invalid_teams_file_fails(k8s: Path) -> None:
+    set_literal(k8s / "dev", "seqsvc-teams", "teams.yaml", '{"teams": [{"name": "x"}]}')
+    assert_fails(k8s, "IM_SEQSVC_TEAMS_FILE", "prefixes")
+
+
+def test_a_logic_token_of_no_seqsvc_team_fails(k8s: Path) -> None:
+    set_literal(k8s / "dev", "logic-secrets", "IM_LOGIC_SEQSVC_TOKEN", "another-token")
+    assert_fails(k8s, "IM_LOGIC_SEQSVC_TOKEN is the token of no team")
+
+
+def test_an_unpinned_image_in_the_seqsvc_only_overlay_fails(k8s: Path) -> None:
+    def latest(spec: dict[str, Any]) -> None:
+        spec["images"][0]["newTag"] = "latest"
+
+    edit_kustomization(k8s / "seqsvc-only", latest)
+    assert_fails(k8s, "pin a release tag", overlay="seqsvc-only")
 
 
 def test_replicas_beside_an_autoscaler_fails(k8s: Path) -> None:
@@ -373,7 +417,7 @@ def test_missing_limits_fails(k8s: Path) -> None:
     def unlimited(obj: dict[str, Any]) -> None:
         del container(obj, "migrate")["resources"]["limits"]
 
-    edit(k8s / "base" / "seqsvc.yaml", "StatefulSet", "seqsvc", unlimited)
+    edit(k8s / "base" / "seqsvc" / "seqsvc.yaml", "StatefulSet", "seqsvc", unlimited)
     assert_fails(k8s, "container migrate", "no resources.limits.memory")
 
 
