@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import SEND_EOF, State
 from websockets.uri import parse_uri
@@ -87,10 +87,11 @@ class WsDevice(asyncio.Protocol):
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.opcode is Opcode.CLOSE:
-            self.close_code = self.proto.close_code
-            self._fail(f"closed by the gateway: {self.proto.close_code} {self.proto.close_reason}")
+            close = Close.parse(frame.data) if frame.data else Close(CloseCode.NO_STATUS_RCVD, "")
+            self.close_code = close.code
+            self._fail(f"closed by the gateway: {close.code} {close.reason}")
         elif frame.opcode is Opcode.BINARY and not self.ready.done():
-            first = gateway_pb2.ServerFrame.FromString(frame.data)
+            first = gateway_pb2.ServerFrame.FromString(bytes(frame.data))
             if first.WhichOneof("frame") == "welcome":
                 self._done()
             else:

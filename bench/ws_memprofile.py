@@ -116,6 +116,7 @@ def main() -> int:
     from imdev.stack import Stack
 
     e2e.raise_nofile()
+    signal.signal(signal.SIGTERM, e2e.exit_on_sigterm)  # unwinds: the stack stops
     workdir = Path(tempfile.mkdtemp(prefix="im-wsmem-"))
     workdir.chmod(0o755)
     snap = str(workdir / "snapshot")
