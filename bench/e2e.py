@@ -58,7 +58,6 @@ from typing import Any
 import e2e_conns
 import e2e_load
 import e2e_png
-import e2e_ws
 import psycopg
 
 from imclient import direct_conversation_id
@@ -996,6 +995,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="stack directory (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs, data)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/e2e.json)")
+    import e2e_ws  # here, not at the top: e2e_ws builds on this module
+
     e2e_ws.add_args(p)
     args = p.parse_args(argv)
     quick = args.quick
@@ -1035,6 +1036,8 @@ def find_py_spy(hint: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import e2e_ws  # here, not at the top: e2e_ws builds on this module
+
     args = parse_args(argv)
     t_start = time.monotonic()
     soft, hard = raise_nofile()

@@ -569,7 +569,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--ws-connections",
         type=int,
         help="idle WebSocket devices on one gateway (default: --connections); "
-        "--skip ws skips every WebSocket measurement",
+        "--skip ws skips every WebSocket measurement, ws-idle, ws-latency, ws-churn one",
     )
     p.add_argument("--ws-rate", type=float, default=500.0, help="WebSocket vs gRPC load, msg/s")
     p.add_argument(
@@ -590,20 +590,25 @@ def run(
 ) -> dict[str, Any]:
     """Every WebSocket measurement (module docs); `report["websocket"]`."""
     out: dict[str, Any] = {}
-    n = args.ws_connections or args.connections
-    log(f"WebSocket idle devices: {n} on one gateway")
-    out["idle"] = idle_phase(stack, n, args.conn_procs, args.hold)
-    rounds = args.ws_rounds or (1 if args.quick else 2)
+    if "ws-idle" not in args.skip:
+        n = args.ws_connections or args.connections
+        log(f"WebSocket idle devices: {n} on one gateway")
+        out["idle"] = idle_phase(stack, n, args.conn_procs, args.hold)
     cfg = e2e.LoadConfig.from_args(args)
-    log(f"WebSocket vs gRPC devices at {args.ws_rate:g} msg/s, {cfg.pairs} pairs a side")
-    out["latency"] = latency_phase(stack, cfg, meter_groups, metrics, args.ws_rate, rounds)
-    churn_n = args.ws_churn or args.connections
-    churn_s = args.ws_churn_s or (15.0 if args.quick else 45.0)
-    probe_cfg = e2e.LoadConfig(**{**cfg.__dict__, "pairs": 10, "workers": 1, "quiet_wait_s": 0.0})
-    log(f"WebSocket churn: {churn_n} devices opened and dropped over {churn_s:g}s")
-    out["churn"] = churn_phase(
-        stack, churn_n, args.conn_procs, churn_s, args.ws_churn_rounds, probe_cfg, 20.0
-    )
+    if "ws-latency" not in args.skip:
+        rounds = args.ws_rounds or (1 if args.quick else 2)
+        log(f"WebSocket vs gRPC devices at {args.ws_rate:g} msg/s, {cfg.pairs} pairs a side")
+        out["latency"] = latency_phase(stack, cfg, meter_groups, metrics, args.ws_rate, rounds)
+    if "ws-churn" not in args.skip:
+        churn_n = args.ws_churn or args.connections
+        churn_s = args.ws_churn_s or (15.0 if args.quick else 45.0)
+        probe_cfg = e2e.LoadConfig(
+            **{**cfg.__dict__, "pairs": 10, "workers": 1, "quiet_wait_s": 0.0}
+        )
+        log(f"WebSocket churn: {churn_n} devices opened and dropped over {churn_s:g}s")
+        out["churn"] = churn_phase(
+            stack, churn_n, args.conn_procs, churn_s, args.ws_churn_rounds, probe_cfg, 20.0
+        )
     return out
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ws_memprofile.py --connections 2000
     .venv/bin/python bench/ws_memprofile.py --connections 2000 --no-trace   # RSS only
+    .venv/bin/python bench/ws_memprofile.py --connections 10000 --bare      # the baseline
 
 Starts a stack (one logic, one pusher, two gateways), replaces gateway 1 by the
 same gateway (same env, same code: `python -m gateway`) run under this file
@@ -10,6 +11,11 @@ holders), snapshots, opens N more, snapshots again, and prints the difference
 per device by allocation site and by module, with the gateway's RSS delta.
 tracemalloc costs memory of its own: the RSS figure of a traced run is not the
 bench's; --no-trace gives that one.
+
+--bare measures the alternative instead: websockets' own asyncio server
+(`websockets.asyncio.server.serve`, defaults, under uvloop) with a handler
+coroutine per connection that reads the Hello, answers a Welcome and then
+waits in `async for` (no gateway state at all), with the same holders.
 """
 
 from __future__ import annotations
@@ -47,6 +53,31 @@ def child() -> int:
 
     sys.argv = ["gateway"]
     return main()
+
+
+def bare_child(port: int) -> int:
+    """websockets' asyncio server, one handler coroutine per connection."""
+    import asyncio
+
+    import uvloop
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from im.gateway.v1 import gateway_pb2
+
+    welcome = gateway_pb2.ServerFrame(welcome=gateway_pb2.Welcome()).SerializeToString()
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send(welcome)
+        async for _ in ws:
+            pass
+
+    async def run() -> None:
+        async with serve(handler, "127.0.0.1", port):
+            await asyncio.Future()
+
+    uvloop.run(run())
+    return 0
 
 
 def rss_kb(pid: int) -> int:
@@ -105,6 +136,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=2000)
     p.add_argument("--procs", type=int, default=2, help="holder processes")
     p.add_argument("--no-trace", action="store_true", help="RSS only, no tracemalloc")
+    p.add_argument("--bare", action="store_true", help="websockets' own server instead (RSS)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--settle", type=float, default=3.0)
     args = p.parse_args()
@@ -132,6 +164,14 @@ def main() -> int:
         argv = [sys.executable, __file__, "--child"]
         if args.no_trace:
             argv = [sys.executable, "-m", "gateway"]
+        if args.bare:
+            args.no_trace = True
+            argv = [
+                sys.executable,
+                __file__,
+                "--bare-child",
+                str(gw.extra_env["IM_GATEWAY_WS_PORT"]),
+            ]
         with open(workdir / "gateway-traced.log", "wb") as out:
             gw_proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         url = stack.ws_urls[1]
@@ -201,4 +241,6 @@ def port_open(port: int) -> bool:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--child"]:
         sys.exit(child())
+    if sys.argv[1:2] == ["--bare-child"]:
+        sys.exit(bare_child(int(sys.argv[2])))
     sys.exit(main())
