@@ -14,16 +14,19 @@ export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/libs:$(CURDIR)/gen
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# npm packages of the repository, each with its package-lock.json and .npmrc.
+NPM_PACKAGES := tools/buf clients/node-grpc
+NPM_STAMPS := $(addsuffix /node_modules/.installed,$(NPM_PACKAGES))
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
         bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos k8s-check alerts-check \
-        images sdk clean lock
+        proto-check node-deps images sdk clean lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-system-deps: ## Install missing system packages (redis-server, postgresql, promtool) with apt
+system-deps: ## Install missing system packages (redis-server, postgresql, promtool, node and npm) with apt
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
@@ -34,6 +37,10 @@ system-deps: ## Install missing system packages (redis-server, postgresql, promt
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian's prometheus package)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@# Node for buf (proto-check) and the Node gRPC client's tests: Debian's own.
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+	  echo "installing nodejs and npm"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
 
 $(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +62,13 @@ $(PROTO_STAMP): $(PROTOS) $(STAMP)
 
 deps: system-deps $(STAMP) $(PROTO_STAMP) ## Install everything that is missing (apt, .venv, generated code)
 
+# Each npm package's locked dependencies, again whenever its lockfile changes.
+$(NPM_STAMPS): %/node_modules/.installed: %/package-lock.json %/package.json | system-deps
+	cd $* && npm ci --no-audit --no-fund
+	@touch $@
+
+node-deps: $(NPM_STAMPS) ## Install the npm packages' locked dependencies (buf, the Node gRPC client)
+
 proto: ## Regenerate the protobuf/gRPC code into gen/
 	@rm -f $(PROTO_STAMP)
 	@$(MAKE) --no-print-directory $(PROTO_STAMP)
@@ -73,7 +87,7 @@ fmt: deps ## Format and autofix
 typecheck: deps ## mypy on the project's own code
 	$(VENV)/bin/mypy services libs
 
-test: deps lint typecheck k8s-check alerts-check ## Everything CI runs: lint, types, manifests, alerts, all tests
+test: deps lint typecheck k8s-check alerts-check proto-check node-deps ## Everything CI runs: lint, types, manifests, alerts, the API contract, all tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: deps ## pytest only, skipping slow tests
@@ -94,7 +108,7 @@ bench-seq: deps ## Benchmark seqsvc against Redis INCR and a PostgreSQL counter
 bench-logic: deps ## Benchmark logic SendMessage and fan-out
 	$(PY) bench/logic.py
 
-bench: deps ## End-to-end benchmark
+bench: deps ## End-to-end benchmark (1:1 load plain and with read receipts, connections, group)
 	$(PY) bench/e2e.py
 
 bench-prune: deps ## Retention pruning of 2 x 1M rows under 300 sends/s (bench/prune.py)
@@ -113,6 +127,9 @@ chaos: deps ## Full chaos run
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi
 
+proto-check: tools/buf/node_modules/.installed ## buf lint, and buf breaking against the last release tag or the merge base (docs/protocol.md, "Versioning")
+	tools/buf/proto-check.sh
+
 alerts-check: system-deps ## promtool: check the alerting rules and run their unit tests
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules_test.yml
@@ -125,4 +142,4 @@ images: ## Build container images (needs a container engine)
 
 clean: ## Stop `make run`'s stack, remove its data, generated code, caches and local state
 	@if [ -x $(PY) ]; then $(PY) -m imdev clean; fi
-	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf gen .run dist .mypy_cache .ruff_cache .pytest_cache $(addsuffix /node_modules,$(NPM_PACKAGES))

@@ -956,6 +956,18 @@ class OverlayCheck:
                         f"no NetworkPolicy lets {caller} reach {callee} on port {dst_port}",
                     )
 
+    @staticmethod
+    def gateway_ws_port(gateway: dict[str, Any] | None) -> int | None:
+        """The gateway's WebSocket client port: its container port `ws` (tied to
+        IM_GATEWAY_WS_PORT by check_ports), or None."""
+        if gateway is None:
+            return None
+        for container in gateway["spec"]["template"]["spec"]["containers"]:
+            for port in container.get("ports", []):
+                if port.get("name") == "ws":
+                    return int(port["containerPort"])
+        return None
+
     def workload_running(self, svc: str) -> dict[str, Any] | None:
         for wname, (name, _, _) in self.services.items():
             if name == svc:
@@ -1095,11 +1107,12 @@ class OverlayCheck:
                     names = sorted(_name(w) for w in selected) or ["every pod"]
                     self.fail(where, f"opens {names} to every source: only the gateway may be")
                 ports = [p.get("port") for p in rule.get("ports", [])]
-                if not ports or any(p not in (gw_port, "grpc") for p in ports):
+                client_ports = (gw_port, "grpc", self.gateway_ws_port(gateway), "ws")
+                if not ports or any(p is None or p not in client_ports for p in ports):
                     self.fail(
                         where,
                         f"opens ports {ports or 'all'} to every source: only the "
-                        f"gateway's client port {gw_port}",
+                        f"gateway's client ports {gw_port} (gRPC) and its WS_PORT",
                     )
 
     # -- scaling, disruption budgets, images ---------------------------------------

@@ -286,6 +286,9 @@ class Workload:
             connect_timeout_s=None,
             rng=random.Random(self.rng.random()),
             insecure=True,
+            # The judge sends only what it checks: no automatic receipts in
+            # the timelines it compares with its sends.
+            auto_delivered=False,
         )
 
     async def start(self, ready_timeout_s: float = 60.0, senders: bool = True) -> None:

@@ -99,6 +99,32 @@ Receiving
   recorded (a new account, a store from an older SDK) is taken as the server's;
   a server that names none ("", an older one) is not checked.
 
+Conversation state (docs/protocol.md, "Conversation state")
+- `mark_read`, `mark_delivered`, `edit`, `recall` and `delete_for_me` are
+  events sent exactly like messages (`submit(..., kind=, target_conv_seq=)`):
+  same client_id order with the messages around them, same outbox,
+  retransmits and `client_msg_id` idempotency, and they return on the
+  SendAck. A READ or DELIVERED at or below the position the server already
+  has stores nothing: its SendAck has msg_id 0 (`SendResult.stored` False)
+  and names the current position; that is an answer, not an error.
+- Every timeline entry, events included, is handed to the app as a `Message`
+  with its `kind`, in seq order, exactly once, as above. Before handing an
+  entry on, the client folds it into the conversation's `ConversationState`
+  (`conversation_state()`): this user's read/delivered positions (from its own
+  READ/DELIVERED entries and ACKs), the peer's in direct conversations (the
+  receipts), recalls, edits, deletions. In memory only; `list_conversations()`
+  seeds the positions.
+- With `auto_delivered` (the default) a receiving client sends the peer of a
+  direct conversation a DELIVERED receipt for the chat messages it received
+  from it: at most one per conversation per `delivered_interval_s`, never in
+  answer to an event (so no receipt ping-pong between devices).
+- Typing and presence are ephemeral and never delay a message: `typing()`
+  writes a frame on the current stream only (not retransmitted, not queued
+  across reconnects), presence subscriptions are renewed on every connection,
+  and the frames the gateway pushes (`TypingNotice`, `PresenceUpdate`,
+  `FrameError`) go to `signals()` iterators and the `on_signal` callback from
+  a task of their own, dropped past `signal_buffer` if the app lags.
+
 Connection
 - `async with Client(...)` (or `start()`) returns once connected AND caught up
   by the first sync; a very long backlog may need a larger `connect_timeout_s`,
@@ -150,9 +176,22 @@ from imclient.ids import new_client_msg_id
 from imclient.policy import ReconnectPolicy, RetransmitPolicy
 from imclient.receiver import Entry, Receiver
 from imclient.sender import Outgoing, SendWindow
+from imclient.state import ConversationState, ConversationStates, is_direct
 from imclient.store import MemoryStore, OutboxEntry, Store
 from imclient.tls import TLSConfig, Transport
-from imclient.types import ID_PATTERN, ContentType, Message, SendOutcome, SendResult
+from imclient.types import (
+    ID_PATTERN,
+    ContentType,
+    Conversation,
+    FrameError,
+    Message,
+    MessageKind,
+    PresenceUpdate,
+    SendOutcome,
+    SendResult,
+    Signal,
+    TypingNotice,
+)
 from imclient.unary import (
     DEFAULT_CHANNEL_OPTIONS,
     TokenSource,
@@ -166,6 +205,7 @@ log = logging.getLogger("imclient")
 
 MessageHandler = Callable[[Message], Awaitable[None] | None]
 SendResultHandler = Callable[[SendOutcome], Awaitable[None] | None]
+SignalHandler = Callable[[Signal], Awaitable[None] | None]
 
 
 @dataclass
@@ -221,6 +261,9 @@ class ClientStats:
     committed_seq: int = 0
     outbox_restored: int = 0  # messages loaded from the outbox on start (sent first)
     epoch_resets: int = 0  # cursors forgotten: the server named another store epoch
+    signals: int = 0  # TypingNotice, PresenceUpdate and FrameError frames received
+    signals_dropped: int = 0  # not handed: a full signal buffer (the app is slow)
+    delivered_receipts: int = 0  # automatic DELIVERED events submitted
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -273,6 +316,17 @@ class Client(UnaryCalls):
             files are read here: ValueError if one cannot be read.
         insecure: True to connect in plaintext (a development gateway). Never
             the default: plaintext only when asked for.
+        on_signal: optional callback (sync or async) for every ephemeral
+            frame: `TypingNotice`, `PresenceUpdate`, `FrameError`; the
+            alternative to `signals()` (they can be combined). Called from its
+            own task, never delaying a message; a slow callback loses signals
+            beyond `signal_buffer` (counted in `stats.signals_dropped`).
+        auto_delivered: in direct conversations, send the peer a DELIVERED
+            receipt for the chat messages this device receives from it
+            (default on; a receiving client only). Coalesced: at most one per
+            conversation per `delivered_interval_s`, naming the highest
+            conv_seq received; never in answer to an event, so two devices
+            never answer each other's receipts.
     """
 
     def __init__(
@@ -300,6 +354,10 @@ class Client(UnaryCalls):
         ping_interval_s: float | None = None,
         tls: TLSConfig | None = None,
         insecure: bool = False,
+        on_signal: SignalHandler | None = None,
+        auto_delivered: bool = True,
+        delivered_interval_s: float = 0.5,
+        signal_buffer: int = 1000,
     ) -> None:
         self._transport = Transport(tls, insecure)
         self.addresses = parse_addresses(addresses)
@@ -387,6 +445,29 @@ class Client(UnaryCalls):
         self._stats = ClientStats()
         self._welcomed = False  # the current connection attempt got a Welcome
 
+        # Conversation state, receipts and the ephemeral frames (typing, presence).
+        self._states = ConversationStates()
+        self._on_signal = on_signal
+        self._auto_delivered = auto_delivered and receive
+        if delivered_interval_s < 0:
+            raise ValueError("delivered_interval_s must be >= 0")
+        self._delivered_interval_s = delivered_interval_s
+        self._delivered_due: dict[str, int] = {}  # conversation -> highest peer conv_seq
+        self._delivered_at: dict[str, float] = {}  # conversation -> last automatic DELIVERED
+        self._delivered_event = asyncio.Event()
+        if signal_buffer < 1:
+            raise ValueError("signal_buffer must be at least 1")
+        self._signal_buffer = signal_buffer
+        self._signal_inbox: deque[Signal] = deque()
+        self._signal_event = asyncio.Event()
+        self._signal_queues: list[asyncio.Queue[Any]] = []
+        # Typing and presence frames to write on the current stream (never
+        # retransmitted, dropped with the connection).
+        self._frames: deque[gateway_pb2.ClientFrame] = deque()
+        # Presence subscriptions as the app made them (one frame each), renewed
+        # on every connection: the gateway keeps them per connection.
+        self._presence_batches: list[tuple[str, ...]] = []
+
     # -- lifecycle ---------------------------------------------------------------
 
     async def __aenter__(self) -> Client:
@@ -414,7 +495,10 @@ class Client(UnaryCalls):
             asyncio.create_task(self._dispatch(), name="imclient-dispatch"),
             asyncio.create_task(self._committer(), name="imclient-commit"),
             asyncio.create_task(self._outboxer(), name="imclient-outbox"),
+            asyncio.create_task(self._signaller(), name="imclient-signals"),
         ]
+        if self._auto_delivered:
+            self._tasks.append(asyncio.create_task(self._receipter(), name="imclient-receipts"))
         if wait_ready:
             try:
                 await self.wait_ready(self._connect_timeout_s)
@@ -533,10 +617,19 @@ class Client(UnaryCalls):
         body: bytes | str,
         content_type: ContentType = ContentType.TEXT,
         client_msg_id: str | None = None,
+        *,
+        kind: MessageKind = MessageKind.MESSAGE,
+        target_conv_seq: int = 0,
     ) -> asyncio.Future[SendResult]:
         """Queues a message and returns a future for its SendResult, without
         blocking. Messages are sent in the order of `submit()` calls (after
         any restored from the outbox), and keep that order in the conversation.
+
+        With `kind`, it queues a conversation event instead (see `MessageKind`;
+        `edit`, `recall`, `delete_for_me`, `mark_read` and `mark_delivered`
+        are the awaiting forms): same order, outbox, retransmits and
+        idempotency as a message. `target_conv_seq` (>= 1) is the message acted
+        on, or the position set; only EDIT has a body (the new one).
 
         The message goes to the store's outbox first, then to the gateway; it is
         durable once `persisted()` returns (see the module docs). Pass
@@ -550,6 +643,19 @@ class Client(UnaryCalls):
         if self._closing or not self._started:
             raise ClientClosed("client is not running")
         data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        kind = MessageKind(kind)
+        if kind == MessageKind.UNSPECIFIED:
+            kind = MessageKind.MESSAGE
+        if kind == MessageKind.MESSAGE:
+            if target_conv_seq:
+                raise ValueError("a chat message has no target_conv_seq")
+        else:
+            if target_conv_seq < 1:
+                raise ValueError(f"{kind.name} needs a target_conv_seq >= 1")
+            if kind == MessageKind.EDIT and not data:
+                raise ValueError("an EDIT needs the new (non-empty) body")
+            if kind != MessageKind.EDIT and data:
+                raise ValueError(f"{kind.name} has no body")
         cmid = client_msg_id or new_client_msg_id()
         loop = asyncio.get_running_loop()
         if cmid in self._futures:
@@ -571,6 +677,9 @@ class Client(UnaryCalls):
             self._finish(SendOutcome(cmid, conversation_id, None, error, False))
             return future
         message = Outgoing(cmid, conversation_id, data, int(content_type))
+        if kind != MessageKind.MESSAGE:
+            # A chat message goes out with kind 0, byte for byte as before kinds.
+            message.kind, message.target_conv_seq = int(kind), target_conv_seq
         if self._account is not None:
             message.order = self._next_order
             self._next_order += 1
@@ -594,6 +703,152 @@ class Client(UnaryCalls):
         `ClientClosed`/`Kicked`/`AuthError` if the client stopped first (then it
         may or may not have been stored)."""
         return await asyncio.shield(self.submit(conversation_id, body, content_type, client_msg_id))
+
+    # -- conversation events (sent like messages) ------------------------------------
+
+    async def _event(
+        self, conversation_id: str, kind: MessageKind, conv_seq: int, body: bytes | str = b""
+    ) -> SendResult:
+        return await asyncio.shield(
+            self.submit(conversation_id, body, kind=kind, target_conv_seq=conv_seq)
+        )
+
+    async def edit(self, conversation_id: str, conv_seq: int, body: bytes | str) -> SendResult:
+        """Replaces the body of this user's message `conv_seq` with `body`, for
+        every member: an EDIT entry with its own conv_seq. Returns when durable
+        (the SendAck), like `send()`; Sync and History serve the new body from
+        then on. Raises `SendFailed`: PERMISSION_DENIED (not this user's
+        message), NOT_FOUND, INVALID_ARGUMENT (empty or oversized body), or
+        FAILED_PRECONDITION-like refusals (recalled, the edit window passed);
+        then nothing changed."""
+        return await self._event(conversation_id, MessageKind.EDIT, conv_seq, body)
+
+    async def recall(self, conversation_id: str, conv_seq: int) -> SendResult:
+        """Recalls message `conv_seq` (this user's, or any in a group this user
+        owns) for every member: its body, and the bodies of its edits, are
+        deleted from the server's database in the transaction the SendAck
+        confirms; Sync and History serve it with an empty body and `recalled`.
+        Devices that already showed it get the RECALL entry. Raises
+        `SendFailed` if refused (not yours, window passed, already recalled)."""
+        return await self._event(conversation_id, MessageKind.RECALL, conv_seq)
+
+    async def delete_for_me(self, conversation_id: str, conv_seq: int) -> SendResult:
+        """Hides message `conv_seq` on this user's devices only (its other
+        devices get the DELETE_FOR_ME entry; Sync and History serve it to this
+        user with an empty body and `deleted_for_me`)."""
+        return await self._event(conversation_id, MessageKind.DELETE_FOR_ME, conv_seq)
+
+    async def mark_read(self, conversation_id: str, conv_seq: int) -> SendResult:
+        """Sets this user's read position in the conversation to `conv_seq` (at
+        most the conversation's last conv_seq; INVALID_ARGUMENT above it). The
+        READ entry reaches this user's other devices and, in a direct
+        conversation, the peer's (its read receipt). Positions only move
+        forward: one at or below the current position stores nothing and is
+        still acknowledged, with `SendResult.stored` False (msg_id 0) and
+        `conv_seq` the current position. Not an error."""
+        return await self._event(conversation_id, MessageKind.READ, conv_seq)
+
+    async def mark_delivered(self, conversation_id: str, conv_seq: int) -> SendResult:
+        """Sets this user's delivered position in a direct conversation (group:
+        `SendFailed` INVALID_ARGUMENT). The client does this by itself unless
+        made with `auto_delivered=False`. At or below the current position:
+        acknowledged with `stored` False, as for `mark_read`."""
+        return await self._event(conversation_id, MessageKind.DELIVERED, conv_seq)
+
+    # -- ephemeral frames: typing and presence -----------------------------------------
+
+    def typing(self, conversation_id: str, typing: bool = True) -> bool:
+        """Tells the other online members of the conversation that this user is
+        (or stopped) typing. Ephemeral: written on the current stream if there
+        is one (returns True), never stored, retransmitted or queued across a
+        reconnect (returns False when not connected). Repeat `typing=True`
+        every few seconds while it lasts: receivers drop it after the
+        notice's expiry. The gateway rate-limits it per connection; a refusal
+        comes back as a `FrameError` signal."""
+        if self._channel is None:
+            return False
+        self._frames.append(
+            gateway_pb2.ClientFrame(
+                typing=gateway_pb2.Typing(conversation_id=conversation_id, typing=typing)
+            )
+        )
+        self._wake.set()
+        return True
+
+    def subscribe_presence(self, user_ids: Sequence[str]) -> None:
+        """Subscribes this connection to the presence of `user_ids` (each must
+        share a conversation with this user). The current state of each comes
+        as a `PresenceUpdate` signal, then every change. The client renews the
+        subscriptions on every (re)connect, one frame per call made here, so a
+        refused call (a `FrameError` signal with frame "subscribe_presence":
+        the whole call is refused, nothing subscribed) is refused again after
+        a reconnect until `unsubscribe_presence` drops those users."""
+        batch = tuple(dict.fromkeys(user_ids))
+        for u in batch:
+            if not ID_PATTERN.fullmatch(u):
+                raise ValueError(f"invalid user id {u!r}")
+        if not batch:
+            return
+        self._presence_batches.append(batch)
+        self._queue_frame(
+            gateway_pb2.ClientFrame(
+                subscribe_presence=gateway_pb2.SubscribePresence(user_ids=list(batch))
+            )
+        )
+
+    def unsubscribe_presence(self, user_ids: Sequence[str]) -> None:
+        """Ends the presence subscriptions of `user_ids` (unknown ones are ignored)."""
+        drop = set(user_ids)
+        if not drop:
+            return
+        batches = [tuple(u for u in b if u not in drop) for b in self._presence_batches]
+        self._presence_batches = [b for b in batches if b]
+        self._queue_frame(
+            gateway_pb2.ClientFrame(
+                subscribe_presence=gateway_pb2.SubscribePresence(
+                    user_ids=sorted(drop), unsubscribe=True
+                )
+            )
+        )
+
+    def _queue_frame(self, frame: gateway_pb2.ClientFrame) -> None:
+        if self._channel is not None:
+            self._frames.append(frame)
+            self._wake.set()
+
+    def signals(self) -> AsyncIterator[Signal]:
+        """The ephemeral frames from the gateway, in arrival order, from this
+        call on: `TypingNotice`, `PresenceUpdate`, `FrameError`. Not replayed,
+        not acknowledged, possibly lost (a reconnect, a full buffer: at most
+        `signal_buffer` wait per iterator, the oldest are dropped). Ends when
+        the client closes. Several iterators each get every signal."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        if self._closing or self._terminal is not None:
+            queue.put_nowait(_END)
+        else:
+            self._signal_queues.append(queue)
+        return _Signals(self, queue)
+
+    # -- conversation state ----------------------------------------------------------
+
+    def conversation_state(self, conversation_id: str) -> ConversationState:
+        """A copy of what this client knows of the conversation (`ConversationState`):
+        its own read/delivered positions, the peer's (direct conversations),
+        recalls, edits, deletions and who is typing, from every entry received
+        in order so far (applied before the entry is handed to the app), the
+        ACKs of this client's own events, and `list_conversations()` results.
+        In memory: a new process starts from nothing (or from a
+        `list_conversations()` call)."""
+        return self._states.get(conversation_id).snapshot()
+
+    def typing_users(self, conversation_id: str) -> list[str]:
+        """Users typing in the conversation now (notices not expired, not
+        ended by `typing=False` or by a chat message of theirs)."""
+        state = self._states.get(conversation_id)
+        return state.typing_users(asyncio.get_running_loop().time())
+
+    def _on_conversations(self, conversations: list[Conversation]) -> None:
+        self._states.seed(conversations)
 
     @property
     def pending_sends(self) -> int:
@@ -745,6 +1000,13 @@ class Client(UnaryCalls):
             self._receiver.on_connected()
             self._on_head(first.welcome.head_seq, welcome=True)
             self._stats.connects += 1
+            self._frames.clear()  # of an earlier connection: stale
+            for batch in self._presence_batches:
+                self._frames.append(
+                    gateway_pb2.ClientFrame(
+                        subscribe_presence=gateway_pb2.SubscribePresence(user_ids=list(batch))
+                    )
+                )
             if self._receive:
                 self._sync_wanted.set()
             else:
@@ -770,6 +1032,7 @@ class Client(UnaryCalls):
             self._ready.clear()
             self._channel = None
             self._session_token = None
+            self._frames.clear()
             self._window.on_disconnected()
             if self._receiver is not None and self._receiver.syncing:
                 self._receiver.sync_failed()
@@ -814,6 +1077,10 @@ class Client(UnaryCalls):
         self._stats.epoch_resets += 1
         self._generation += 1
         receiver.restart()
+        # Positions and conv_seqs of the old store mean nothing in the new one.
+        self._states = ConversationStates()
+        self._states.user_id = self.user_id
+        self._delivered_due.clear()
         self._inbox.clear()
         self._recent.clear()
         self._handed = None
@@ -871,10 +1138,18 @@ class Client(UnaryCalls):
                         # The server had this client_msg_id already (a resend).
                         bool(getattr(a, "duplicate", False)),
                     )
+                    m = acked.message
+                    if m.kind:
+                        self._states.apply_ack(
+                            m.conversation_id,
+                            _kind(m.kind),
+                            m.target_conv_seq,
+                            m.body,
+                            result,
+                        )
                     future = self._futures.pop(a.client_msg_id, None)
                     if future is not None and not future.done():
                         future.set_result(result)
-                    m = acked.message
                     self._finish(
                         SendOutcome(m.client_msg_id, m.conversation_id, result, None, m.restored)
                     )
@@ -938,6 +1213,21 @@ class Client(UnaryCalls):
             elif kind == "pong":
                 self._stats.pongs += 1
                 self._on_head(frame.pong.head_seq)
+            elif kind == "typing":
+                notice = TypingNotice.from_pb(frame.typing)
+                self._states.on_typing(notice, loop.time())
+                self._signal(notice)
+            elif kind == "presence":
+                self._signal(PresenceUpdate.from_pb(frame.presence))
+            elif kind == "frame_error":
+                refused = FrameError.from_pb(frame.frame_error)
+                log.info(
+                    "gateway refused a %s frame: %s %s",
+                    refused.frame,
+                    refused.code.name,
+                    refused.reason,
+                )
+                self._signal(refused)
             # a repeated welcome, or a frame kind newer than this client: nothing to do
 
     async def _pump(self, call: Any) -> None:
@@ -968,9 +1258,13 @@ class Client(UnaryCalls):
                             conversation_id=m.conversation_id,
                             body=m.body,
                             content_type=m.content_type,  # type: ignore[arg-type]
+                            kind=m.kind,  # type: ignore[arg-type]
+                            target_conv_seq=m.target_conv_seq,
                         )
                     )
                 )
+            while self._frames:
+                await call.write(self._frames.popleft())
             if self._window.exhausted:
                 raise _SessionLost("a send went unanswered through every retransmit")
             if receiver.ack_due:
@@ -1102,6 +1396,7 @@ class Client(UnaryCalls):
                     log.warning("suppressed a second copy of msg_id %d (seq %d)", m.msg_id, m.seq)
                 else:
                     self._remember(m.msg_id)
+                    self._apply_entry(m)
                 if self._on_message is not None:
                     if not duplicate:
                         await self._call_handler(m)
@@ -1163,6 +1458,95 @@ class Client(UnaryCalls):
                 raise
             self.committed_seq = max(self.committed_seq, seq)
 
+    # -- conversation state, receipts, signals -----------------------------------------
+
+    def _apply_entry(self, m: Message) -> None:
+        """Folds a new (not duplicate) entry into its conversation's state, and
+        notes a chat message from the peer of a direct conversation for the
+        automatic DELIVERED receipt (events never cause one)."""
+        self._states.apply(m)
+        if (
+            self._auto_delivered
+            and m.kind == MessageKind.MESSAGE
+            and m.sender_id != self.user_id
+            and is_direct(m.conversation_id)
+            and m.conv_seq > self._delivered_due.get(m.conversation_id, 0)
+        ):
+            self._delivered_due[m.conversation_id] = m.conv_seq
+            self._delivered_event.set()
+
+    async def _receipter(self) -> None:
+        """Submits the automatic DELIVERED receipts: per conversation at most one
+        per `delivered_interval_s`, naming the highest conv_seq received, and
+        none at or below a delivered position already known."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._delivered_event.wait()
+            self._delivered_event.clear()
+            while self._delivered_due:
+                now = loop.time()
+                wait: float | None = None
+                for conv, target in list(self._delivered_due.items()):
+                    if target <= self._states.get(conv).delivered_conv_seq:
+                        del self._delivered_due[conv]
+                        continue
+                    ready_at = self._delivered_at.get(conv, -1e9) + self._delivered_interval_s
+                    if now < ready_at:
+                        wait = ready_at - now if wait is None else min(wait, ready_at - now)
+                        continue
+                    del self._delivered_due[conv]
+                    self._delivered_at[conv] = now
+                    try:
+                        future = self.submit(
+                            conv, b"", kind=MessageKind.DELIVERED, target_conv_seq=target
+                        )
+                    except ClientClosed:
+                        return  # closing or stopped: no more receipts
+                    except OutboxFull:
+                        log.info("outbox full: no automatic DELIVERED receipt for %s", conv)
+                        continue
+                    future.add_done_callback(_log_receipt_failure)
+                    self._stats.delivered_receipts += 1
+                if wait is None:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._delivered_event.wait()
+                self._delivered_event.clear()
+
+    def _signal(self, signal: Signal) -> None:
+        self._stats.signals += 1
+        if self._on_signal is None and not self._signal_queues:
+            return  # nobody listens: nothing to keep
+        if len(self._signal_inbox) >= self._signal_buffer:
+            self._signal_inbox.popleft()
+            self._stats.signals_dropped += 1
+        self._signal_inbox.append(signal)
+        self._signal_event.set()
+
+    async def _signaller(self) -> None:
+        """Hands signals to the callback and the `signals()` iterators, off the
+        reader's task: a slow app never delays the stream."""
+        while True:
+            await self._signal_event.wait()
+            self._signal_event.clear()
+            while self._signal_inbox:
+                signal = self._signal_inbox.popleft()
+                for queue in self._signal_queues:
+                    if queue.qsize() >= self._signal_buffer:
+                        queue.get_nowait()
+                        self._stats.signals_dropped += 1
+                    queue.put_nowait(signal)
+                if self._on_signal is not None:
+                    try:
+                        result = self._on_signal(signal)
+                        if inspect.isawaitable(result):
+                            await result
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("on_signal handler failed for %r", signal)
+
     # -- the outbox --------------------------------------------------------------------
 
     async def _open_account(self, account: str) -> None:
@@ -1177,11 +1561,13 @@ class Client(UnaryCalls):
         self._account = account
         self._store_epoch = epoch
         self.user_id, self.device_id = account.split("/", 1)
+        self._states.user_id = self.user_id
         self._receiver = Receiver(last)
         self.committed_seq = self._commit_seq = last
         for e in entries:
             m = Outgoing(e.client_msg_id, e.conversation_id, e.body, e.content_type)
             m.order, m.restored = e.order, True
+            m.kind, m.target_conv_seq = e.kind, e.target_conv_seq
             future = self._futures.get(e.client_msg_id)
             if future is not None:
                 # The app re-submitted it before the account was known: it is
@@ -1232,7 +1618,13 @@ class Client(UnaryCalls):
                     account,
                     [
                         OutboxEntry(
-                            m.client_msg_id, m.conversation_id, m.content_type, m.body, m.order
+                            m.client_msg_id,
+                            m.conversation_id,
+                            m.content_type,
+                            m.body,
+                            m.order,
+                            m.kind,
+                            m.target_conv_seq,
                         )
                         for m in batch
                     ],
@@ -1321,6 +1713,9 @@ class Client(UnaryCalls):
         # The dispatcher hands on what is already in order, then ends messages().
         self._ending = True
         self._inbox_event.set()
+        queues, self._signal_queues = self._signal_queues, []
+        for queue in queues:
+            queue.put_nowait(_END)
 
 
 class _Messages:
@@ -1353,6 +1748,46 @@ class _Messages:
             return message
 
 
+class _Signals:
+    """The iterator behind `Client.signals()`."""
+
+    def __init__(self, client: Client, queue: asyncio.Queue[Any]) -> None:
+        self._client = client
+        self._queue = queue
+
+    def __aiter__(self) -> _Signals:
+        return self
+
+    async def __anext__(self) -> Signal:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)
+            raise StopAsyncIteration
+        signal: Signal = item
+        return signal
+
+    async def aclose(self) -> None:
+        """Stops receiving signals (the client keeps none for this iterator)."""
+        with contextlib.suppress(ValueError):
+            self._client._signal_queues.remove(self._queue)
+        self._queue.put_nowait(_END)
+
+
+def _kind(value: int) -> MessageKind:
+    try:
+        return MessageKind(value)
+    except ValueError:
+        return MessageKind.UNSPECIFIED
+
+
+def _log_receipt_failure(future: asyncio.Future[SendResult]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, ClientClosed):
+        log.info("automatic DELIVERED receipt not stored: %s", exc)
+
+
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -1380,4 +1815,11 @@ def _describe(exc: BaseException, address: str | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-__all__ = ["Client", "ClientStats", "DebugHooks", "MessageHandler", "SendResultHandler"]
+__all__ = [
+    "Client",
+    "ClientStats",
+    "DebugHooks",
+    "MessageHandler",
+    "SendResultHandler",
+    "SignalHandler",
+]

@@ -48,6 +48,8 @@ class Outgoing:
     body: bytes
     content_type: int
     order: int = 0  # submission order in the account's outbox
+    kind: int = 0  # im.common.v1.MessageKind (0: a chat message)
+    target_conv_seq: int = 0  # the event's target or position (0 for a chat message)
     restored: bool = False  # loaded from the outbox (submitted by an earlier client)
     ticket: int = 0  # the client's submit counter (for Client.persisted())
     # State on the current connection; reset by on_connected/on_disconnected.

@@ -30,14 +30,19 @@ DEFAULT_MAX_OUTBOX = 10_000
 
 @dataclass(frozen=True, slots=True)
 class OutboxEntry:
-    """One outgoing message as the outbox keeps it. `order` is the submission
-    order within the account (increasing; gaps allowed)."""
+    """One outgoing message or conversation event as the outbox keeps it.
+    `order` is the submission order within the account (increasing; gaps
+    allowed). `kind` (`MessageKind`; 0 = a chat message) and
+    `target_conv_seq` describe an event (a read position, an edit, a recall):
+    they are resent exactly like messages."""
 
     client_msg_id: str
     conversation_id: str
     content_type: int
     body: bytes
     order: int
+    kind: int = 0
+    target_conv_seq: int = 0
 
 
 @runtime_checkable
@@ -190,10 +195,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     conversation_id TEXT NOT NULL,
     content_type INTEGER NOT NULL,
     body BLOB NOT NULL,
+    kind INTEGER NOT NULL DEFAULT 0,
+    target_conv_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (account, client_msg_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outbox_by_ord ON outbox (account, ord);
 """
+
+#: Columns added to tables of files made by an older SDK (table, column, type).
+_ADDED_COLUMNS = (
+    ("outbox", "kind", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbox", "target_conv_seq", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 class SQLiteStore:
@@ -204,7 +217,8 @@ class SQLiteStore:
     returns; a process killed at any point leaves the state of the last
     completed write. The tables are created with CREATE ... IF NOT EXISTS on
     open, so a file made by an older SDK gains the outbox and epoch tables in
-    place.
+    place (and the outbox its event columns, with defaults that mean "a chat
+    message").
 
     Remembers the newest `keep_msg_ids` message ids per account; older ones are
     pruned (a duplicate older than that many messages is not expected: the
@@ -318,7 +332,16 @@ class SQLiteStore:
 
     async def outbox_add(self, account: str, entries: Sequence[OutboxEntry]) -> None:
         rows = [
-            (account, e.client_msg_id, e.order, e.conversation_id, e.content_type, e.body)
+            (
+                account,
+                e.client_msg_id,
+                e.order,
+                e.conversation_id,
+                e.content_type,
+                e.body,
+                e.kind,
+                e.target_conv_seq,
+            )
             for e in entries
         ]
 
@@ -326,7 +349,8 @@ class SQLiteStore:
             with conn:
                 conn.executemany(
                     "INSERT INTO outbox (account, client_msg_id, ord, conversation_id, "
-                    "content_type, body) VALUES (?, ?, ?, ?, ?, ?) "
+                    "content_type, body, kind, target_conv_seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (account, client_msg_id) DO NOTHING",
                     rows,
                 )
@@ -347,12 +371,15 @@ class SQLiteStore:
     async def outbox_load(self, account: str) -> list[OutboxEntry]:
         def run(conn: sqlite3.Connection) -> list[OutboxEntry]:
             rows = conn.execute(
-                "SELECT client_msg_id, conversation_id, content_type, body, ord FROM outbox "
-                "WHERE account = ? ORDER BY ord",
+                "SELECT client_msg_id, conversation_id, content_type, body, ord, kind, "
+                "target_conv_seq FROM outbox WHERE account = ? ORDER BY ord",
                 (account,),
             )
             return [
-                OutboxEntry(str(r[0]), str(r[1]), int(r[2]), bytes(r[3]), int(r[4])) for r in rows
+                OutboxEntry(
+                    str(r[0]), str(r[1]), int(r[2]), bytes(r[3]), int(r[4]), int(r[5]), int(r[6])
+                )
+                for r in rows
             ]
 
         return await self._with_conn(run)
@@ -375,12 +402,26 @@ class SQLiteStore:
             self._wal_sync(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            self._add_columns(conn)
         except BaseException:
             conn.close()
             raise
         # isolation_level=None is autocommit; `with conn:` needs a transaction.
         conn.isolation_level = "DEFERRED"
         self._conn = conn
+
+    @staticmethod
+    def _add_columns(conn: sqlite3.Connection) -> None:
+        """Brings a file made by an older SDK up to the current tables."""
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                try:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError as exc:
+                    # Another process of this file added it first.
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @staticmethod
     def _wal_sync(conn: sqlite3.Connection) -> None:

@@ -1,10 +1,10 @@
-"""The gateway's unary calls (Sync, History, groups), shared by `Client` and the
-stream-less `GatewayApi`."""
+"""The gateway's unary calls (Sync, History, groups, the conversation list,
+receipts, presence), shared by `Client` and the stream-less `GatewayApi`."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -12,7 +12,15 @@ import grpc
 from im.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imclient.errors import AuthError, Unauthenticated, Unavailable, rpc_error
 from imclient.tls import TLSConfig, Transport
-from imclient.types import Conversation, HistoryPage, Message, SyncPage
+from imclient.types import (
+    Conversation,
+    ConversationPage,
+    HistoryPage,
+    Message,
+    Presence,
+    Receipts,
+    SyncPage,
+)
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
 
@@ -129,12 +137,98 @@ class UnaryCalls:
         )
         return Conversation.from_pb(resp.conversation)
 
-    async def list_conversations(self, timeout: float | None = 10.0) -> list[Conversation]:
-        """The caller's groups and direct conversations."""
+    async def list_conversations(
+        self, page_size: int = 0, page_token: str = "", timeout: float | None = 10.0
+    ) -> ConversationPage:
+        """One page of the caller's groups and direct conversations, most recent
+        activity first, each with the caller's read position and unread count
+        (`Conversation`). `page_size` 0 is the server's default (100; at most
+        500); pass the page's `next_page_token` for the next ("" = done).
+        `conversations()` follows the pages. A server from before paging
+        answers everything in one page."""
         resp = await self._invoke(
-            "ListConversations", gateway_pb2.ListConversationsRequest(), timeout
+            "ListConversations",
+            gateway_pb2.ListConversationsRequest(page_size=page_size, page_token=page_token),
+            timeout,
         )
-        return [Conversation.from_pb(c) for c in resp.conversations]
+        convs = [Conversation.from_pb(c) for c in resp.conversations]
+        self._on_conversations(convs)
+        return ConversationPage(convs, resp.next_page_token)
+
+    async def conversations(self, page_size: int = 0) -> AsyncIterator[Conversation]:
+        """Every conversation of the caller, following `list_conversations()`'s
+        pages to the end. Pages are read as iterated; activity between them
+        can move a conversation across a page boundary (the server's order is
+        by last activity), so a conversation may show up twice or, having
+        moved to an earlier page, not at all: key on `conversation_id`."""
+        token = ""
+        while True:
+            page = await self.list_conversations(page_size, token)
+            for c in page.conversations:
+                yield c
+            if not page.next_page_token or not page.conversations:
+                return
+            token = page.next_page_token
+
+    def _on_conversations(self, conversations: list[Conversation]) -> None:
+        """A hook for `Client` (seeds its conversation states)."""
+
+    async def get_receipts(
+        self,
+        conversation_id: str,
+        conv_seq: int,
+        list_readers: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = 10.0,
+    ) -> Receipts:
+        """Read receipts of message `conv_seq`: how many current members (other
+        than its sender) have read it, and with `list_readers` one page of who
+        (`page_size` 0 = 100, at most 1000; `next_page_token` for the next).
+        The caller must be a current member (PermissionDenied otherwise)."""
+        resp = await self._invoke(
+            "GetReceipts",
+            gateway_pb2.GetReceiptsRequest(
+                conversation_id=conversation_id,
+                conv_seq=conv_seq,
+                list_readers=list_readers,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            timeout,
+        )
+        return Receipts(
+            resp.member_count,
+            resp.read_count,
+            list(resp.reader_ids),
+            resp.next_page_token,
+            resp.delivered,
+        )
+
+    async def readers(
+        self, conversation_id: str, conv_seq: int, page_size: int = 0
+    ) -> AsyncIterator[str]:
+        """Every user who has read message `conv_seq`, by user id, following
+        `get_receipts(list_readers=True)`'s pages."""
+        token = ""
+        while True:
+            page = await self.get_receipts(conversation_id, conv_seq, True, page_size, token)
+            for user in page.reader_ids:
+                yield user
+            if not page.next_page_token or not page.reader_ids:
+                return
+            token = page.next_page_token
+
+    async def get_presence(
+        self, user_ids: Sequence[str], timeout: float | None = 10.0
+    ) -> list[Presence]:
+        """Online state and last seen of `user_ids` (at most 200), in that
+        order. Each must share a conversation with the caller: one stranger
+        and the whole call is PermissionDenied, nothing answered."""
+        resp = await self._invoke(
+            "GetPresence", gateway_pb2.GetPresenceRequest(user_ids=list(user_ids)), timeout
+        )
+        return [Presence.from_pb(p) for p in resp.presences]
 
 
 async def invoke_on(

@@ -5,6 +5,11 @@
     imctl send --user alice --to bob hi    # one message, waits for its ACK
     imctl listen --user bob                # print incoming messages
     imctl sync|history|group ...
+    imctl conversations --user bob         # unread counts, read positions, all pages
+    imctl read --user bob d:alice:bob      # mark read (up to the last message)
+    imctl edit|recall --user alice d:alice:bob 7 ...
+    imctl receipts --user alice g:... 7 --readers
+    imctl presence --user alice bob carol
 
 (`imctl` is installed by `pip install ./sdk/python`; in the repository's .venv
 it is `python -m imctl`.)
@@ -41,6 +46,16 @@ timeline from the start.
 head above the local seq (announced by the gateway) makes them sync, so a lost
 push shows up within the gateway's head interval. Their first stderr line
 gives the local seq and the head.
+
+Conversation events (read and delivered positions, edits, recalls, deletions)
+are timeline entries too. `listen` and `sync` print chat messages only, as
+they always did, unless `--events` asks for the events as well (JSON lines
+then carry `kind` and `target_conv_seq`; a plain message's JSON is unchanged).
+`chat` shows the peer's typing, ticks for its own lines (✓ stored, ✓✓
+delivered, ✓✓ read: direct conversations), edits and recalls, and marks read
+what it showed; with `--json` those show only with `--events`. `read`, `edit`
+and `recall` send their event on the stream like `send` (device `cli-send`)
+and wait for its ACK.
 """
 
 from __future__ import annotations
@@ -55,6 +70,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,14 +78,18 @@ from imclient import (
     Client,
     ConnectTimeout,
     Conversation,
+    ConversationKind,
     GatewayApi,
     ImClientError,
     MemoryStore,
     Message,
+    MessageKind,
+    SendResult,
     SQLiteStore,
     Store,
     TLSConfig,
     TLSError,
+    TypingNotice,
     direct_conversation_id,
 )
 from imclient.tokens import DEV_TOKEN_SECRET, ID_PATTERN, mint_token
@@ -100,7 +120,10 @@ def chat_device(conversation_id: str) -> str:
 
 
 def message_json(m: Message) -> dict[str, object]:
-    return {
+    """A timeline entry as JSON. A plain chat message has the keys it always
+    had; an event adds `kind` and `target_conv_seq`, an edited, recalled or
+    hidden message the flag that says so."""
+    out: dict[str, object] = {
         "seq": m.seq,
         "msg_id": m.msg_id,
         "conversation_id": m.conversation_id,
@@ -112,10 +135,45 @@ def message_json(m: Message) -> dict[str, object]:
         "text": m.text,
         "server_time_ms": m.server_time_ms,
     }
+    if m.is_event:
+        out["kind"] = m.kind.name
+        out["target_conv_seq"] = m.target_conv_seq
+    if m.edited_at_ms:
+        out["edited_at_ms"] = m.edited_at_ms
+    if m.recalled:
+        out["recalled"] = True
+    if m.deleted_for_me:
+        out["deleted_for_me"] = True
+    return out
+
+
+_EVENT_TEXT = {
+    MessageKind.READ: "read up to #{t}",
+    MessageKind.DELIVERED: "received up to #{t}",
+    MessageKind.RECALL: "recalled #{t}",
+    MessageKind.DELETE_FOR_ME: "deleted #{t} for themselves",
+}
+
+
+def message_text(m: Message) -> str:
+    """What a line shows of an entry: the text of a message (with its state),
+    a description of an event."""
+    if m.kind == MessageKind.MESSAGE:
+        if m.recalled:
+            return "(message recalled)"
+        if m.deleted_for_me:
+            return "(deleted for you)"
+        return f"{m.text} (edited)" if m.edited_at_ms else m.text
+    if m.kind == MessageKind.EDIT:
+        return f"edited #{m.target_conv_seq}: {m.text}"
+    template = _EVENT_TEXT.get(m.kind, "event {k} on #{t}")
+    return template.format(t=m.target_conv_seq, k=int(m.kind))
 
 
 def message_line(m: Message) -> str:
-    return f"[{m.conversation_id} #{m.conv_seq}] {m.sender_id}/{m.sender_device_id}: {m.text}"
+    return (
+        f"[{m.conversation_id} #{m.conv_seq}] {m.sender_id}/{m.sender_device_id}: {message_text(m)}"
+    )
 
 
 def conversation_json(c: Conversation) -> dict[str, object]:
@@ -127,6 +185,41 @@ def conversation_json(c: Conversation) -> dict[str, object]:
         "member_ids": list(c.member_ids),
         "last_conv_seq": c.last_conv_seq,
     }
+
+
+def conversation_state_json(c: Conversation) -> dict[str, object]:
+    """`imctl conversations`: the group listing's keys and the caller's state."""
+    out = conversation_json(c)
+    out.update(
+        read_conv_seq=c.read_conv_seq,
+        unread_count=c.unread_count,
+        unread_capped=c.unread_capped,
+        last_activity_ms=c.last_activity_ms,
+    )
+    if c.kind == ConversationKind.DIRECT:
+        out.update(
+            peer_read_conv_seq=c.peer_read_conv_seq,
+            peer_delivered_conv_seq=c.peer_delivered_conv_seq,
+        )
+    return out
+
+
+def conversation_state_line(c: Conversation) -> str:
+    unread = f"{c.unread_count}{'+' if c.unread_capped else ''}"
+    when = _time(c.last_activity_ms)
+    line = (
+        f"{c.conversation_id} {c.kind.name.lower()} {c.name!r} unread {unread} "
+        f"read #{c.read_conv_seq}/#{c.last_conv_seq} last activity {when}"
+    )
+    if c.kind == ConversationKind.DIRECT:
+        line += f" peer read #{c.peer_read_conv_seq} delivered #{c.peer_delivered_conv_seq}"
+    return line
+
+
+def _time(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def position(client: Client) -> str:
@@ -246,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(default_device="cli-listen")
     p.add_argument("--count", "-n", type=int, default=0, help="exit after N messages")
     p.add_argument("--timeout", type=float, default=0, help="exit after S seconds")
+    _events_option(p)
 
     p = sub.add_parser(
         "chat",
@@ -263,12 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="after end of input, keep printing incoming messages for S seconds",
     )
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="with --json: also print events, ticks and typing (always shown without --json)",
+    )
 
     unary = [_connection_options("cli")]
     p = sub.add_parser("sync", parents=unary, help="print your timeline after a seq")
     p.add_argument("--after", type=int, default=0)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--all", action="store_true", help="follow has_more to the end")
+    _events_option(p)
 
     p = sub.add_parser("history", parents=unary, help="print a conversation's messages")
     p.add_argument("conversation")
@@ -287,7 +387,47 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("conversation")
     q.add_argument("members", nargs="+")
     gsub.add_parser("list", parents=unary, help="your conversations")
+
+    p = sub.add_parser(
+        "conversations",
+        parents=unary,
+        help="your conversations: unread counts, read positions, last activity (all pages)",
+    )
+    p.add_argument("--page-size", type=int, default=0, help="per call (0: the server's default)")
+
+    events = [_connection_options("cli-send"), _stream_options()]
+    p = sub.add_parser(
+        "read", parents=events, help="mark a conversation read (default: up to its last entry)"
+    )
+    p.set_defaults(default_device="cli-send")
+    p.add_argument("conversation")
+    p.add_argument("conv_seq", type=int, nargs="?", help="the read position (default: the last)")
+    p = sub.add_parser("recall", parents=events, help="recall one of your messages")
+    p.set_defaults(default_device="cli-send")
+    p.add_argument("conversation")
+    p.add_argument("conv_seq", type=int)
+    p = sub.add_parser("edit", parents=events, help="replace the text of one of your messages")
+    p.set_defaults(default_device="cli-send")
+    p.add_argument("conversation")
+    p.add_argument("conv_seq", type=int)
+    p.add_argument("text", nargs="+", help="the new text ('-' reads it from stdin)")
+
+    p = sub.add_parser("receipts", parents=unary, help="who has read a message")
+    p.add_argument("conversation")
+    p.add_argument("conv_seq", type=int)
+    p.add_argument("--readers", action="store_true", help="also list the readers (all pages)")
+
+    p = sub.add_parser("presence", parents=unary, help="online state and last seen of users")
+    p.add_argument("users", nargs="+")
     return parser
+
+
+def _events_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="also print conversation events (reads, receipts, edits, recalls)",
+    )
 
 
 # -- commands ----------------------------------------------------------------------
@@ -394,6 +534,8 @@ async def cmd_listen(args: argparse.Namespace, out: TextIO) -> int:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.timeout or None):
                 async for m in client.messages():
+                    if m.is_event and not args.events:
+                        continue
                     emit(out, args.json, message_json(m), message_line(m))
                     count += 1
                     if args.count and count >= args.count:
@@ -413,6 +555,112 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | Non
     threading.Thread(target=run, name="imctl-stdin", daemon=True).start()
 
 
+#: Typing(true) is repeated at most this often while lines arrive (seconds).
+TYPING_EVERY_S = 3.0
+#: The read position is sent at most this often while messages are shown (seconds).
+READ_EVERY_S = 0.5
+
+
+class _ChatView:
+    """What `imctl chat` prints besides the messages: ticks of its own lines
+    (✓ on the SendAck, ✓✓ delivered and read as the peer's positions pass
+    them, in direct conversations), the peer's typing, edits and recalls.
+    Lines go to stdout; with --json only with --events, as objects with an
+    "event" key."""
+
+    def __init__(self, client: Client, conv: str, out: TextIO, args: argparse.Namespace) -> None:
+        self.client, self.conv, self.out, self.args = client, conv, out, args
+        self.mine: list[int] = []  # conv_seqs of this chat's own lines, acknowledged
+        self.delivered_shown = 0
+        self.read_shown = 0
+        self.typing_shown: set[str] = set()
+        self.read_due = 0  # the highest conv_seq shown of others' messages
+
+    @property
+    def quiet(self) -> bool:
+        return bool(self.args.json) and not self.args.events
+
+    def status(self, obj: dict[str, object], line: str) -> None:
+        if not self.quiet:
+            emit(self.out, self.args.json, obj, line)
+
+    def sent(self, result: SendResult) -> None:
+        self.mine.append(result.conv_seq)
+        self.status(
+            {"event": "sent", "conversation_id": self.conv, "conv_seq": result.conv_seq},
+            f"  ✓ #{result.conv_seq}",
+        )
+        self.ticks()
+
+    def ticks(self) -> None:
+        state = self.client.conversation_state(self.conv)
+        for name, pos, shown in (
+            ("delivered", state.peer_delivered_conv_seq, self.delivered_shown),
+            ("read", state.peer_read_conv_seq, self.read_shown),
+        ):
+            passed = [c for c in self.mine if shown < c <= pos]
+            if name == "delivered":
+                self.delivered_shown = max(shown, pos)
+            else:
+                self.read_shown = max(shown, pos)
+            if passed:
+                seqs = " ".join(f"#{c}" for c in passed)
+                self.status(
+                    {"event": name, "conversation_id": self.conv, "conv_seqs": passed},
+                    f"  ✓✓ {name}: {seqs}",
+                )
+
+    def entry(self, m: Message, me: str, device: str | None) -> None:
+        """One timeline entry of this conversation, in order."""
+        own_device = m.sender_id == me and m.sender_device_id == device
+        if m.kind == MessageKind.MESSAGE:
+            self.typing_shown.discard(m.sender_id)
+            if own_device:
+                return  # our own lines are on the screen already
+            shown = self.client.conversation_state(self.conv).current(m)
+            emit(self.out, self.args.json, message_json(shown), message_line(shown))
+            if m.sender_id != me:
+                self.read_due = max(self.read_due, m.conv_seq)
+        elif m.kind in (MessageKind.EDIT, MessageKind.RECALL):
+            if own_device:
+                return
+            if self.args.json:
+                self.status(message_json(m), "")
+            elif m.kind == MessageKind.EDIT:
+                print(
+                    f"[{self.conv} #{m.target_conv_seq}] {m.sender_id}: {m.text} (edited)",
+                    file=self.out,
+                    flush=True,
+                )
+            else:
+                print(
+                    f"[{self.conv} #{m.target_conv_seq}] message recalled",
+                    file=self.out,
+                    flush=True,
+                )
+        elif m.kind in (MessageKind.READ, MessageKind.DELIVERED):
+            if m.sender_id != me:
+                self.ticks()
+        elif self.args.json and self.args.events:
+            self.status(message_json(m), "")
+
+    def typing(self, notice: TypingNotice, me: str) -> None:
+        if notice.conversation_id != self.conv or notice.user_id == me:
+            return
+        if notice.typing and notice.user_id not in self.typing_shown:
+            self.typing_shown.add(notice.user_id)
+            self.status(
+                {"event": "typing", "conversation_id": self.conv, "user_id": notice.user_id},
+                f"{notice.user_id} is typing…",
+            )
+        elif not notice.typing:
+            self.typing_shown.discard(notice.user_id)
+
+    def expire_typing(self) -> None:
+        """Notices expire without a frame: forget them, so the next one shows."""
+        self.typing_shown &= set(self.client.typing_users(self.conv))
+
+
 async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     async with _connected(args, store=_store(args)) as client:
         me, device = client.user_id, client.device_id
@@ -423,26 +671,64 @@ async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
             "type a line to send it, Ctrl-D to quit",
             file=sys.stderr,
         )
+        view = _ChatView(client, conv, out, args)
 
         async def show() -> None:
             async for m in client.messages():
-                if m.conversation_id != conv:
-                    continue
-                if m.sender_id == me and m.sender_device_id == device:
-                    continue  # our own lines are on the screen already
-                emit(out, args.json, message_json(m), message_line(m))
+                if m.conversation_id == conv:
+                    view.entry(m, me, device)
 
-        def report(fut: asyncio.Future[Any]) -> None:
-            if not fut.cancelled() and fut.exception() is not None:
+        async def signals() -> None:
+            async for signal in client.signals():
+                if isinstance(signal, TypingNotice):
+                    view.typing(signal, me)
+
+        async def housekeeping() -> None:
+            """Marks read what was shown, at most every READ_EVERY_S; forgets
+            expired typing notices."""
+            marked = 0
+            while True:
+                await asyncio.sleep(READ_EVERY_S)
+                view.expire_typing()
+                if view.read_due > marked:
+                    marked = view.read_due
+                    with contextlib.suppress(ImClientError):
+                        client.submit(
+                            conv, b"", kind=MessageKind.READ, target_conv_seq=marked
+                        ).add_done_callback(_quiet)
+
+        def report(fut: asyncio.Future[SendResult]) -> None:
+            if fut.cancelled():
+                return
+            if fut.exception() is not None:
                 print(f"not sent: {fut.exception()}", file=sys.stderr)
+            else:
+                view.sent(fut.result())
 
-        shower = asyncio.create_task(show())
+        tasks = [
+            asyncio.create_task(show()),
+            asyncio.create_task(signals()),
+            asyncio.create_task(housekeeping()),
+        ]
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         _stdin_lines(asyncio.get_running_loop(), lines)
+        loop = asyncio.get_running_loop()
+        typing_at = -TYPING_EVERY_S  # when Typing(true) was last sent
+        typing_on = False
         try:
             while (line := await lines.get()) is not None:
-                if line.strip():
-                    client.submit(conv, line).add_done_callback(report)
+                if not line.strip():
+                    continue
+                # Line input cannot see keystrokes: a line that arrives is the
+                # only sign of typing. Typing(true) at most every TYPING_EVERY_S
+                # while lines come, Typing(false) after the line is sent.
+                now = loop.time()
+                if now - typing_at >= TYPING_EVERY_S and client.typing(conv, True):
+                    typing_at, typing_on = now, True
+                client.submit(conv, line).add_done_callback(report)
+                if typing_on and lines.empty():
+                    client.typing(conv, False)
+                    typing_on = False
             await client.flush()
             # Show what has already arrived before leaving.
             for _ in range(100):
@@ -453,12 +739,22 @@ async def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
             if args.linger > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(args.linger):
-                        await asyncio.shield(shower)
+                        await asyncio.shield(tasks[0])
+            if view.read_due:
+                with contextlib.suppress(ImClientError):
+                    await client.mark_read(conv, view.read_due)
         finally:
-            shower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await shower
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     return 0
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
@@ -468,6 +764,8 @@ async def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
         else:
             messages = (await api.sync(args.after, args.limit)).messages
     for m in messages:
+        if m.is_event and not args.events:
+            continue
         emit(out, args.json, message_json(m), f"seq {m.seq}: {message_line(m)}")
     return 0
 
@@ -486,7 +784,7 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_group(args: argparse.Namespace, out: TextIO) -> int:
     async with GatewayApi(args.address, _token(args), **_security(args)) as api:
         if args.group_command == "list":
-            convs = await api.list_conversations()
+            convs = [c async for c in api.conversations()]
         elif args.group_command == "create":
             convs = [await api.create_group(args.name, args.members)]
         elif args.group_command == "add":
@@ -501,6 +799,113 @@ async def cmd_group(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+async def _last_conv_seq(api: GatewayApi | Client, conversation_id: str) -> int:
+    async for c in api.conversations():
+        if c.conversation_id == conversation_id:
+            return c.last_conv_seq
+    raise UsageError(f"{conversation_id} is not one of your conversations")
+
+
+def _event_json(conv: str, ack: SendResult) -> dict[str, object]:
+    return {
+        "conversation_id": conv,
+        "msg_id": ack.msg_id,
+        "seq": ack.seq,
+        "conv_seq": ack.conv_seq,
+        "client_msg_id": ack.client_msg_id,
+        "stored": ack.stored,
+    }
+
+
+async def cmd_read(args: argparse.Namespace, out: TextIO) -> int:
+    async with _connected(args, receive=False) as client:
+        conv = args.conversation
+        position_ = args.conv_seq or await _last_conv_seq(client, conv)
+        if position_ < 1:
+            raise UsageError(f"{conv} has nothing to read")
+        ack = await client.mark_read(conv, position_)
+    obj = _event_json(conv, ack) | {"read_conv_seq": position_ if ack.stored else ack.conv_seq}
+    if ack.stored:
+        line = f"read {conv} up to #{position_}"
+    else:
+        line = f"{conv} was already read up to #{ack.conv_seq}: nothing changed"
+    emit(out, args.json, obj, line)
+    return 0
+
+
+async def cmd_recall(args: argparse.Namespace, out: TextIO) -> int:
+    async with _connected(args, receive=False) as client:
+        ack = await client.recall(args.conversation, args.conv_seq)
+    emit(
+        out,
+        args.json,
+        _event_json(args.conversation, ack) | {"target_conv_seq": args.conv_seq},
+        f"recalled #{args.conv_seq} in {args.conversation} (recall #{ack.conv_seq})",
+    )
+    return 0
+
+
+async def cmd_edit(args: argparse.Namespace, out: TextIO) -> int:
+    text = sys.stdin.read().rstrip("\n") if args.text == ["-"] else " ".join(args.text)
+    async with _connected(args, receive=False) as client:
+        ack = await client.edit(args.conversation, args.conv_seq, text)
+    emit(
+        out,
+        args.json,
+        _event_json(args.conversation, ack) | {"target_conv_seq": args.conv_seq},
+        f"edited #{args.conv_seq} in {args.conversation} (edit #{ack.conv_seq})",
+    )
+    return 0
+
+
+async def cmd_conversations(args: argparse.Namespace, out: TextIO) -> int:
+    async with GatewayApi(args.address, _token(args), **_security(args)) as api:
+        convs = [c async for c in api.conversations(args.page_size)]
+    for c in convs:
+        emit(out, args.json, conversation_state_json(c), conversation_state_line(c))
+    return 0
+
+
+async def cmd_receipts(args: argparse.Namespace, out: TextIO) -> int:
+    async with GatewayApi(args.address, _token(args), **_security(args)) as api:
+        r = await api.get_receipts(args.conversation, args.conv_seq)
+        readers = (
+            [u async for u in api.readers(args.conversation, args.conv_seq)]
+            if args.readers
+            else None
+        )
+    obj: dict[str, object] = {
+        "conversation_id": args.conversation,
+        "conv_seq": args.conv_seq,
+        "member_count": r.member_count,
+        "read_count": r.read_count,
+        "delivered": r.delivered,
+    }
+    direct = args.conversation.startswith("d:")
+    line = f"#{args.conv_seq} in {args.conversation}: read by {r.read_count}"
+    line += f" of {r.member_count} members" if not direct else ""
+    if direct:
+        line += f", {'delivered' if r.delivered else 'not delivered yet'}"
+    if readers is not None:
+        obj["reader_ids"] = readers
+        line += "\n" + "\n".join(f"  {u}" for u in readers) if readers else ""
+    emit(out, args.json, obj, line)
+    return 0
+
+
+async def cmd_presence(args: argparse.Namespace, out: TextIO) -> int:
+    async with GatewayApi(args.address, _token(args), **_security(args)) as api:
+        presences = await api.get_presence(args.users)
+    for p in presences:
+        if p.online:
+            line = f"{p.user_id} online"
+        else:
+            line = f"{p.user_id} offline, last seen {_time(p.last_seen_ms)}"
+        obj = {"user_id": p.user_id, "state": p.state.name, "last_seen_ms": p.last_seen_ms}
+        emit(out, args.json, obj, line)
+    return 0
+
+
 COMMANDS = {
     "send": cmd_send,
     "listen": cmd_listen,
@@ -508,6 +913,12 @@ COMMANDS = {
     "sync": cmd_sync,
     "history": cmd_history,
     "group": cmd_group,
+    "conversations": cmd_conversations,
+    "read": cmd_read,
+    "recall": cmd_recall,
+    "edit": cmd_edit,
+    "receipts": cmd_receipts,
+    "presence": cmd_presence,
 }
 
 

@@ -318,6 +318,8 @@ def cmd_run(paths: Paths, base_port: int) -> int:
     for proc in _state_procs(state):
         print(_line(proc))
     print(f"logs: {workdir / 'logs'}")
+    if stack.ws_urls:
+        print(f"WebSocket (browsers, docs/protocol.md): {stack.ws_urls[0]}")
     if secret == DEV_TOKEN_SECRET:
         print("token secret: the DEV default (never use it for real users)")
     address = stack.gateway_addresses[0]

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WRITTEN = gateway_internal_pb2.DeliveryStatus.DELIVERY_STATUS_WRITTEN
+#: Recalled messages a pusher remembers, to strip their bodies from retransmits.
+RECALLED_MEMORY = 10_000
 #: Most ids (or links) one span carries.
 MAX_SPAN_IDS = 64
 #: Buckets of the commit-to-push latency (seconds): a healthy push takes
@@ -163,6 +165,10 @@ class Deliverer:
             max_timers=settings.max_timers,
         )
         self._inflight: set[asyncio.Task[None]] = set()
+        #: (conversation, conv_seq) of messages recalled by RECALLs this pusher
+        #: pushed, newest last, at most RECALLED_MEMORY: a retransmit of such a
+        #: message (or of one of its edits) goes out without its body.
+        self._recalled: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._pushes = metrics.counter(
             "pusher_pushes", "Deliveries sent to gateways, by kind and result", ["kind", "result"]
         )
@@ -207,6 +213,7 @@ class Deliverer:
                 "im.user_ids": _ids(d.user_id for d in deliveries),
             },
         ) as span:
+            self._note_recalls(deliveries)
             routes = await self._lookup(d.user_id for d in deliveries)
             if not routes:
                 span.set_attributes({"im.devices": 0, "im.route_error": routes is None})
@@ -214,16 +221,47 @@ class Deliverer:
             origin = span.get_span_context()
             batches: dict[str, list[gateway_internal_pb2.Delivery]] = {}
             for d in deliveries:
+                message = self._current(d.message)
                 for device, gateway in routes.get(d.user_id, {}).items():
-                    self.wheel.add(d.user_id, device, d.seq, Pushed(d.message, origin))
+                    self.wheel.add(d.user_id, device, d.seq, Pushed(message, origin))
                     batches.setdefault(gateway, []).append(
                         gateway_internal_pb2.Delivery(
-                            user_id=d.user_id, device_id=device, seq=d.seq, message=d.message
+                            user_id=d.user_id, device_id=device, seq=d.seq, message=message
                         )
                     )
             self._timers.set(len(self.wheel))
             span.set_attribute("im.devices", sum(len(b) for b in batches.values()))
             await self._send(batches, "first")
+
+    def _note_recalls(self, deliveries: Sequence[logic_pb2.FanoutDelivery]) -> None:
+        for d in deliveries:
+            m = d.message
+            if m.kind == common_pb2.MESSAGE_KIND_RECALL:
+                key = (m.conversation_id, m.target_conv_seq)
+                self._recalled[key] = None
+                self._recalled.move_to_end(key)
+                if len(self._recalled) > RECALLED_MEMORY:
+                    self._recalled.popitem(last=False)
+
+    def _current(self, message: common_pb2.Message) -> common_pb2.Message:
+        """The message as it may be pushed now: without its body if this pusher has
+        pushed its recall (the store deleted the body when the recall committed;
+        the copy a retransmit timer holds is older). Only this pusher's recalls are
+        known here: a device can still get an old body pushed before it gets the
+        RECALL entry, never after it (docs/protocol.md, "Conversation state")."""
+        if not self._recalled or not message.body:
+            return message
+        if message.kind == common_pb2.MESSAGE_KIND_EDIT:
+            key = (message.conversation_id, message.target_conv_seq)
+        else:
+            key = (message.conversation_id, message.conv_seq)
+        if key not in self._recalled:
+            return message
+        stripped = common_pb2.Message()
+        stripped.CopyFrom(message)
+        stripped.body = b""
+        stripped.recalled = True
+        return stripped
 
     async def _send(
         self, batches: dict[str, list[gateway_internal_pb2.Delivery]], kind: str
@@ -307,7 +345,10 @@ class Deliverer:
                 continue
             batches.setdefault(gateway, []).append(
                 gateway_internal_pb2.Delivery(
-                    user_id=t.user_id, device_id=t.device_id, seq=t.seq, message=t.payload.message
+                    user_id=t.user_id,
+                    device_id=t.device_id,
+                    seq=t.seq,
+                    message=self._current(t.payload.message),
                 )
             )
         if missing:

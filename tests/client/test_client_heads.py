@@ -158,6 +158,7 @@ async def gateway() -> AsyncIterator[tuple[ScriptedGateway, str]]:
 
 def client(address: str, **kwargs: Any) -> Client:
     kwargs.setdefault("reconnect", FAST)
+    kwargs.setdefault("auto_delivered", False)  # this gateway never answers a Send
     return Client(
         address, "token-of-bob", store=MemoryStore(), ack_delay_s=0.0, **kwargs, insecure=True
     )

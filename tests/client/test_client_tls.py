@@ -163,7 +163,7 @@ async def test_the_default_trusts_the_system_roots(
     async with Client(tls_stack.address, token) as c:
         assert c.user_id is not None
     async with GatewayApi(tls_stack.address, token) as api:
-        assert await api.list_conversations() == []
+        assert (await api.list_conversations()).conversations == []
 
 
 async def test_a_wrong_ca_is_refused_with_a_clear_error(tls_stack: TLSStack) -> None:

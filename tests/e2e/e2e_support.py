@@ -32,11 +32,16 @@ async def wait_until(
 
 
 class Inbox:
-    """Everything `client.messages()` hands out, in order, collected by a task."""
+    """Everything `client.messages()` hands out, in order, collected by a task:
+    `entries` all of it, `messages` the chat messages. Conversation events
+    (read positions, the SDK's automatic DELIVERED receipts, edits, recalls)
+    are timeline entries too; the delivery checks here are about messages,
+    and events have their own tests."""
 
     def __init__(self, client: Client, name: str = "") -> None:
         self.client = client
         self.name = name or (client.device_id or "client")
+        self.entries: list[Message] = []
         self.messages: list[Message] = []
         self.error: BaseException | None = None
         self._task = asyncio.create_task(self._collect(), name=f"inbox-{self.name}")
@@ -44,7 +49,9 @@ class Inbox:
     async def _collect(self) -> None:
         try:
             async for m in self.client.messages():
-                self.messages.append(m)
+                self.entries.append(m)
+                if not m.is_event:
+                    self.messages.append(m)
         except Exception as exc:  # surfaced by wait()/check
             self.error = exc
 

@@ -37,6 +37,7 @@ class WsDevice:
         self.next_call = 1
         self.changed = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
+        self.sending: list[asyncio.Future[None]] = []
 
     async def start(self, token: str) -> gateway_pb2.Welcome:
         await self.sock.send(
@@ -91,7 +92,8 @@ class WsDevice:
                 content_type=cpb.CONTENT_TYPE_TEXT,
             )
         )
-        asyncio.ensure_future(self.sock.send(frame.SerializeToString()))
+        # Sent in order: websockets writes each send() whole, in call order.
+        self.sending.append(asyncio.ensure_future(self.sock.send(frame.SerializeToString())))
         return fut
 
     async def call(self, method: str, request: object, response_cls: type) -> object:
@@ -188,3 +190,69 @@ async def test_a_second_socket_of_the_device_kicks_the_first(stack: Stack) -> No
             await asyncio.wait_for(first.reader, 10)
             assert "kick" in first.frames
             assert first_sock.close_code == 4001
+
+
+async def _churn_one(url: str, token: str, how: int) -> None:
+    """Opens a socket and drops it without a closing handshake: after the TCP
+    connect only (0), after the WebSocket handshake (1), after the Hello (2)."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    if how == 0:
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.transport.abort()
+        return
+    sock = await connect(url, close_timeout=0.1)
+    if how == 2:
+        await sock.send(
+            gateway_pb2.ClientFrame(hello=gateway_pb2.Hello(token=token)).SerializeToString()
+        )
+        await sock.recv()
+    sock.transport.abort()
+
+
+def _established(port: int) -> int:
+    """TCP connections in state ESTABLISHED whose local port is `port`, from
+    /proc/net/tcp (the gateway's side of its sockets on that port)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+async def test_sockets_opened_and_dropped_leave_nothing_behind(stack: Stack) -> None:
+    """600 sockets opened and dropped at every stage, 50 at a time, while a gRPC
+    device receives: it gets every message, and the gateway ends with no socket
+    (and no route) of theirs."""
+    a, b = uid("churn-a"), uid("churn-b")
+    conv = f"d:{min(a, b)}:{max(a, b)}"
+    url = stack.ws_urls[0]
+    tokens = [stack.mint(uid("churner"), "w") for _ in range(200)]
+    async with (
+        RawDevice(stack.gateway_addresses[0], stack.mint(b, "b1"), name="b") as receiver,
+        connect(url) as sender_sock,
+    ):
+        sender = WsDevice(sender_sock)
+        await sender.start(stack.mint(a, "web"))
+        sem = asyncio.Semaphore(50)
+
+        async def churn(i: int) -> None:
+            async with sem:
+                await _churn_one(url, tokens[i % len(tokens)], i % 3)
+
+        churning = asyncio.gather(*(churn(i) for i in range(600)))
+        acks = [sender.submit(conv, f"c{i}".encode()) for i in range(30)]
+        await churning
+        for f in acks:
+            assert (await asyncio.wait_for(f, 20)).WhichOneof("frame") == "send_ack"
+        assert await receiver.wait_for_count(30, 20), receiver.describe()
+        assert [e.body for e in receiver.entries] == [f"c{i}".encode() for i in range(30)]
+        # Only the sender's socket is left once the gateway saw every drop.
+        ws_port = stack.ports.gateway_ws[0]
+        deadline = asyncio.get_running_loop().time() + 10
+        while _established(ws_port) != 1:
+            assert asyncio.get_running_loop().time() < deadline, _established(ws_port)
+            await asyncio.sleep(0.2)

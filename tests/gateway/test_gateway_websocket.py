@@ -6,7 +6,6 @@ socket hands it; tests/e2e/test_e2e_websocket.py runs the real stack."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.servicer import current_identity
-from gateway.websocket import WsAbort, WsGateway, WsSettings
+from gateway.websocket import WsGateway, WsSettings
 from im.gateway.v1 import gateway_pb2
 from imclient.tokens import mint_token
 from imcommon.metrics import Metrics

@@ -184,3 +184,57 @@ async def test_triggers_are_acked_after_fanout(delivery_stack: Any) -> None:
         )
     finally:
         await nc.close()
+
+
+async def test_a_retransmit_after_the_recall_carries_no_body(delivery_stack: Any) -> None:
+    """bob never ACKs: the pusher retransmits the message and its recall. Every
+    push of the message that follows the push of its recall has no body (the timer
+    held the body from before the recall)."""
+    from im.common.v1 import common_pb2
+    from im.gateway.v1 import gateway_pb2
+
+    alice, bob = unique_users(2)
+    g0 = delivery_stack.gateway_addresses[0]
+    bob_phone = RawStream(g0, token_for(bob, "phone"))
+    alice_phone = RawStream(g0, token_for(alice, "phone"))
+    try:
+        await bob_phone.welcome()
+        await alice_phone.welcome()
+        await alice_phone.write(send_frame(1, direct(alice, bob), body=b"oops secret"))
+        ack = await alice_phone.next_of("send_ack")
+        first = await bob_phone.next_of("push")
+        assert first.message.body == b"oops secret"
+        recall = gateway_pb2.ClientFrame(
+            send=gateway_pb2.Send(
+                client_id=2,
+                client_msg_id="recall-" + first.message.client_msg_id,
+                conversation_id=direct(alice, bob),
+                kind=common_pb2.MESSAGE_KIND_RECALL,
+                target_conv_seq=ack.conv_seq,
+            )
+        )
+        await alice_phone.write(recall)
+        assert (await alice_phone.next_of("send_ack")).conv_seq > ack.conv_seq
+        # The original comes again (no ACK), after the recall's push.
+        await wait_for(
+            lambda: any(
+                f.WhichOneof("frame") == "push"
+                and f.push.message.kind == common_pb2.MESSAGE_KIND_RECALL
+                for f in bob_phone.frames
+            ),
+            what="the recall pushed",
+        )
+        seen_recall = len(bob_phone.frames)
+        await wait_for(
+            lambda: any(
+                f.WhichOneof("frame") == "push" and f.push.seq == first.seq
+                for f in bob_phone.frames[seen_recall:]
+            ),
+            what="a retransmit of the original after the recall",
+        )
+        for f in bob_phone.frames[seen_recall:]:
+            if f.WhichOneof("frame") == "push" and f.push.seq == first.seq:
+                assert f.push.message.body == b"" and f.push.message.recalled
+    finally:
+        await bob_phone.close()
+        await alice_phone.close()
