@@ -28,6 +28,11 @@ Writes bench/results/e2e.json (e2e-quick.json with --quick), a PNG of latency
 against offered load (bench/results/e2e_latency.png, gitignored), and prints
 `RESULT {json}` last. docs/benchmarks.md explains every number.
 
+WebSocket devices (bench/e2e_ws.py, `--skip ws` leaves them out) get the same
+measurements beside the gRPC ones: idle memory per device on a fresh gateway
+(`kb_per_ws_connection`), send-ACK and delivery latency at 500 msg/s alternated
+with gRPC devices, and devices opened and dropped by the thousand.
+
 `--profile` additionally samples every service with py-spy during one extra
 level (py-spy is not a project dependency: install it anywhere, e.g.
 `pip install --target /tmp/pyspy py-spy`, and pass `--py-spy /tmp/pyspy/bin/py-spy`).
@@ -1188,6 +1193,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="stack directory (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs, data)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/e2e.json)")
+    import e2e_ws  # here, not at the top: e2e_ws builds on this module
+
+    e2e_ws.add_args(p)
     args = p.parse_args(argv)
     quick = args.quick
     args.pairs = args.pairs or (100 if quick else 200)
@@ -1227,6 +1235,8 @@ def find_py_spy(hint: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import e2e_ws  # here, not at the top: e2e_ws builds on this module
+
     args = parse_args(argv)
     t_start = time.monotonic()
     soft, hard = raise_nofile()
@@ -1293,6 +1303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["connections"] = connections_phase(
                 stack, args.connections, args.conn_procs, args.hold
             )
+        if "ws" not in args.skip:
+            report["websocket"] = e2e_ws.run(stack, args, meter_groups, metrics)
         if "load" not in args.skip:
             cfg = LoadConfig.from_args(args)
             log(f"1:1 load: {args.pairs} pairs in {args.workers} load-generator processes")
@@ -1392,6 +1404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_ms_per_read": first_r.get("cpu_ms_per_read"),
     }
     report["result"] = result
+    result.update(e2e_ws.result_fields(report))
     report["targets"] = {
         "max_msgs_per_s >= 2000": _met(result["max_msgs_per_s"], 2000, ge=True),
         "send_ack_p99_ms_at_1000 <= 50": _met(result["send_ack_p99_ms_at_1000"], 50),
@@ -1400,6 +1413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kb_per_connection <= 30": _met(result["kb_per_connection"], 30),
         "group500_last_member_p99_ms <= 1000": _met(result["group500_last_member_p99_ms"], 1000),
     }
+    report["targets"].update(e2e_ws.targets(result))
     report["elapsed_s"] = round(time.monotonic() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
