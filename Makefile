@@ -14,12 +14,13 @@ export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/libs:$(CURDIR)/gen
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+CHAOS_ARGS ?=
 # npm packages of the repository, each with its package-lock.json and .npmrc.
 NPM_PACKAGES := tools/buf clients/node-grpc
 NPM_STAMPS := $(addsuffix /node_modules/.installed,$(NPM_PACKAGES))
 
-.PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos k8s-check alerts-check \
+.PHONY: help deps system-deps proto lint fmt typecheck test test-fast run run-cluster stop status \
+        bench-seq bench-logic bench bench-cluster bench-ab bench-idle bench-prune chaos chaos-cluster k8s-check alerts-check \
         proto-check node-deps images sdk clean lock
 
 help: ## List the targets
@@ -96,6 +97,9 @@ test-fast: deps ## pytest only, skipping slow tests
 run: deps ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
+run-cluster: deps ## The replicated topology locally: 3 NATS nodes (stream R3), PostgreSQL primary + synchronous standby, 2 of each service (one seqsvc); same ports base as run
+	$(PY) -m imdev run-cluster
+
 stop: ## Stop everything `make run` started (whatever its state file says)
 	@if [ -x $(PY) ]; then $(PY) -m imdev stop; fi
 
@@ -123,6 +127,11 @@ bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one
 
 chaos: deps ## Full chaos run
 	$(PY) -m chaos
+
+CHAOS_CLUSTER_DURATION ?= 300
+CHAOS_SEED ?= 1
+chaos-cluster: deps ## Chaos on the replicated topology: NATS node kills (leader too), rolling restarts, store wipes, PostgreSQL failovers, proxy cuts, and every single-node kind (CHAOS_CLUSTER_DURATION s, CHAOS_SEED)
+	$(PY) -m chaos --cluster --duration $(CHAOS_CLUSTER_DURATION) --seed $(CHAOS_SEED) $(CHAOS_ARGS)
 
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi

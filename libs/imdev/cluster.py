@@ -145,8 +145,6 @@ class ClusterStack(Stack):
             )
             for i, port in enumerate(cp.nats)
         ]
-        for i, node in enumerate(self.nats_nodes):
-            node.name = f"nats{i}"
         replicas = str(len(self.nats_nodes))
         merged: dict[str, dict[str, str]] = {
             "logic": {"IM_LOGIC_NATS_REPLICAS": replicas},
