@@ -236,7 +236,7 @@ class ClusterStack(Stack):
     def wait_synchronous(self, timeout: float = 60.0) -> None:
         """Waits until the primary has a synchronous standby streaming from it."""
         deadline = time.monotonic() + timeout
-        while not self.postgres.sync_standbys():
+        while not self.primary_node.sync_standbys():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no synchronous standby after {timeout}s")
             time.sleep(0.1)

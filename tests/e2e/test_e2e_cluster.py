@@ -49,7 +49,7 @@ def test_cluster_is_replicated(cluster: ClusterStack) -> None:
     """The topology is what it claims: a synchronous standby streams from the
     primary, the stream has a leader among three replicas, URLs name all nodes."""
     primary = cluster.primary_node
-    assert cluster.postgres.sync_standbys() == [cluster.standby.node_name]  # type: ignore[attr-defined]
+    assert cluster.primary_node.sync_standbys() == [cluster.standby.node_name]
     assert cluster.standby.in_recovery() and not primary.in_recovery()
     assert "target_session_attrs=read-write" in cluster.database_url
     assert len(cluster.nats_url.split(",")) == 3
@@ -95,7 +95,7 @@ async def test_postgres_failover_loses_no_acked_message(cluster: ClusterStack) -
         assert [r.conv_seq for r in acked] == sorted({r.conv_seq for r in acked})
     # Writes go to the promoted node; the old one is its streaming standby.
     assert primary_of(cluster.database_url) == new.port
-    assert old.in_recovery() and cluster.postgres.sync_standbys() == [old.node_name]  # type: ignore[attr-defined]
+    assert old.in_recovery() and cluster.primary_node.sync_standbys() == [old.node_name]
     # No service was restarted to get there.
     assert all(p.running() for p in cluster.services)
     assert first_after < 60, f"failover took {first_after:.1f}s"
