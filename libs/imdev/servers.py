@@ -598,8 +598,11 @@ class PostgresNode(PostgresServer):
                 *as_user(self.user),
                 str(self.bindir / "pg_basebackup"),
                 "-d",
+                # Not this node's name: with a slot, pg_basebackup reports flush
+                # positions, and under that name the primary would take it for the
+                # synchronous standby and let commits return on a half-made copy.
                 f"host=127.0.0.1 port={source.port} user=postgres "
-                f"application_name={self.node_name}",
+                f"application_name={self.node_name}_basebackup",
                 "-D",
                 str(self.datadir),
                 "-R",
@@ -616,6 +619,13 @@ class PostgresNode(PostgresServer):
             stderr=subprocess.PIPE,
             timeout=120,
         )
+        # -R wrote the backup's own connection; the standby streams under its
+        # name (a later line of postgresql.auto.conf wins).
+        with open(self.datadir / "postgresql.auto.conf", "a") as f:
+            f.write(
+                f"primary_conninfo = 'host=127.0.0.1 port={source.port} user=postgres "
+                f"application_name={self.node_name}'\n"
+            )
 
     def rebuild_from(self, primary: PostgresNode, timeout: float = 60.0) -> None:
         """Turns this (stopped) node into a standby of `primary`: wipes its data,
