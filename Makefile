@@ -112,7 +112,7 @@ bench-seq: deps ## Benchmark seqsvc against Redis INCR and a PostgreSQL counter
 bench-logic: deps ## Benchmark logic SendMessage and fan-out
 	$(PY) bench/logic.py
 
-bench: deps ## End-to-end benchmark
+bench: deps ## End-to-end benchmark (1:1 load plain and with read receipts, connections, group)
 	$(PY) bench/e2e.py
 
 bench-prune: deps ## Retention pruning of 2 x 1M rows under 300 sends/s (bench/prune.py)

@@ -1,7 +1,8 @@
 """End-to-end benchmark: the whole stack on this machine, driven by SDK clients.
 
-    .venv/bin/python bench/e2e.py            # full run (4-8 minutes)
-    .venv/bin/python bench/e2e.py --quick    # a smoke-sized run (about 2 minutes)
+    .venv/bin/python bench/e2e.py            # full run (6-10 minutes)
+    .venv/bin/python bench/e2e.py --quick    # a smoke-sized run (about 3 minutes)
+    .venv/bin/python bench/e2e.py --skip load,conns,group   # receipts only (~2 min)
 
 Starts a fresh `imdev.stack.Stack` (PostgreSQL with fsync on, Redis, NATS
 JetStream, seqsvc, logic, pusher, two gateways) and measures, with the load
@@ -15,7 +16,12 @@ generator in processes of its own (multiprocessing, spawn):
    arrive exactly once, in order.
 2. Idle connections held by one gateway process (gateway 1, used for nothing
    else) and its memory per connection (RSS delta / connections, from /proc).
-3. One message to a 500-member group with every member online: time until the
+3. Read receipts: the 1:1 load plain and with every recipient marking read
+   (one READ in flight per conversation, for the newest conv_seq received), at
+   one offered load, runs of both sides alternated ABBA on the same stack:
+   send and delivery latency of both, their ratios, and the server CPU per
+   stored READ (receipts minus plain, over the READs stored in the window).
+4. One message to a 500-member group with every member online: time until the
    last member's app has it, over repeats.
 
 Writes bench/results/e2e.json (e2e-quick.json with --quick), a PNG of latency
@@ -38,6 +44,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -619,6 +626,24 @@ def final_counts(verified: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def read_counts(
+    verified: list[dict[str, Any]], window: tuple[float, float], messages: int
+) -> dict[str, Any]:
+    """The READs of a level (all zero without mark_read): counted over the whole
+    level, plus the rate of stored ones whose ACK came in the CPU window."""
+    reads = [v["reads"] for v in verified]
+    out: dict[str, Any] = {
+        k: sum(r[k] for r in reads) for k in ("sent", "stored", "noop", "duplicate", "failed")
+    }
+    out["failures_sample"] = [f for r in reads for f in r["failures_sample"]][:5]
+    w0, w1 = window
+    in_window = sum(1 for r in reads for t in r["stored_at"] if w0 <= t < w1)
+    out["stored_per_s_in_window"] = round(in_window / max(w1 - w0, 1e-9), 1)
+    out["per_message"] = round(out["stored"] / messages, 3) if messages else None
+    out["ack_ms"] = summary([ms for r in reads for ms in r["ack_ms"]])
+    return out
+
+
 class LoadPhase:
     def __init__(
         self,
@@ -662,7 +687,11 @@ class LoadPhase:
         label: str,
         duration_s: float | None = None,
         profile: tuple[str, dict[str, int], Path] | None = None,
+        mark_read: bool = False,
     ) -> LevelResult:
+        """One open-loop level at `offered` msg/s. With `mark_read` every
+        recipient also marks what it receives read (READs coalesced per
+        conversation, e2e_load's "Read receipts"); `data["reads"]` counts them."""
         cfg = self.cfg
         foreign_before = (
             wait_quiet(self.meter_groups, cfg.quiet_wait_s, cfg.quiet_threshold)
@@ -681,6 +710,7 @@ class LoadPhase:
             "start_at": start_at,
             "drain_s": cfg.drain_s,
             "max_backlog_s": cfg.max_backlog_s,
+            "mark_read": mark_read,
         }
         if self.metrics is not None:
             self.metrics.start()
@@ -714,7 +744,10 @@ class LoadPhase:
         data["postgres_per_msg"] = pg.stop(submitted)
         if self.metrics is not None:
             data["per_msg_counters"] = self.metrics.stop(submitted)
-        final = final_counts(call_all(self.procs, "verify", [{"level": label}] * len(self.procs)))
+        verified = call_all(self.procs, "verify", [{"level": label}] * len(self.procs))
+        final = final_counts(verified)
+        window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + duration)
+        data["reads"] = read_counts(verified, window, submitted)
         data.update(
             label=label,
             duration_s=duration,
@@ -737,6 +770,12 @@ class LoadPhase:
             )
             + f" | CPU ms/msg {data['cpu_ms_per_msg_total']}, foreign load "
             f"{cpu['foreign']} cores"
+            + (
+                f" | READs sent {data['reads']['sent']} stored {data['reads']['stored']} "
+                f"no-op {data['reads']['noop']} failed {data['reads']['failed']}"
+                if mark_read
+                else ""
+            )
         )
         return LevelResult(offered, data)
 
@@ -784,6 +823,155 @@ class LoadPhase:
             path.append({"offered": nxt, "sustained": res.sustained})
         lo, hi = bounds()
         return {"max_msgs_per_s": lo, "lowest_failing": hi, "path": path}
+
+
+# -- read receipts ------------------------------------------------------------------
+
+#: The stack's own processes (not the load generator, not this coordinator): the
+#: CPU a read receipt costs is counted over these.
+SERVER_GROUPS = ("gateway", "logic", "pusher", "seqsvc", "postgres", "nats", "redis")
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _side(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over one side's runs of a level."""
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        "acked_per_s": _median(d["acked_per_s_in_window"] for d in runs),
+        "delivered_per_s": _median(d["delivered_per_s_in_window"] for d in runs),
+    }
+    for metric in ("send_ack_ms", "delivery_ms"):
+        for q in ("p50", "p99"):
+            out[f"{metric}_{q}"] = _median(d[metric][q] for d in runs)
+    out["server_cores"] = _median(sum(d["cpu_cores"][g] for g in SERVER_GROUPS) for d in runs)
+    out["server_cores_by_group"] = {
+        g: _median(d["cpu_cores"][g] for d in runs) for g in SERVER_GROUPS
+    }
+    out["cpu_ms_per_msg_total"] = _median(d["cpu_ms_per_msg_total"] for d in runs)
+    out["exactly_once"] = all(d["final_counts"]["exactly_once"] for d in runs)
+    out["sustained"] = [bool(d["sustained"]) for d in runs]
+    out["foreign_cores"] = [d["cpu_cores"]["foreign"] for d in runs]
+    out["machine_cores"] = [d["cpu_cores"]["machine"] for d in runs]
+    out["postgres_per_msg"] = {
+        k: _median(d["postgres_per_msg"].get(k) for d in runs)
+        for k in ("commits", "rows_inserted", "wal_bytes", "wal_fsyncs")
+    }
+    reads = [d["reads"] for d in runs]
+    out["reads"] = {
+        **{k: sum(r[k] for r in reads) for k in ("sent", "stored", "noop", "duplicate", "failed")},
+        "stored_per_s": _median(r["stored_per_s_in_window"] for r in reads),
+        "per_message": _median(r["per_message"] for r in reads),
+        "ack_ms_p50": _median(r["ack_ms"]["p50"] for r in reads),
+        "ack_ms_p99": _median(r["ack_ms"]["p99"] for r in reads),
+    }
+    return out
+
+
+def compare_receipts(plain: list[dict[str, Any]], receipts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level: both sides' medians, receipts/plain ratios, and what one stored
+    READ costs: the extra server CPU (receipts minus plain, in the same measured
+    window) over the stored READs whose ACK came in that window, and the extra
+    PostgreSQL work per stored READ."""
+    p, r = _side(plain), _side(receipts)
+    ratios = {
+        k: _ratio(r[k], p[k])
+        for k in (
+            "acked_per_s",
+            "send_ack_ms_p50",
+            "send_ack_ms_p99",
+            "delivery_ms_p50",
+            "delivery_ms_p99",
+            "server_cores",
+            "cpu_ms_per_msg_total",
+        )
+    }
+    per_s = r["reads"]["stored_per_s"]
+
+    def per_read(extra_cores: float | None) -> float | None:
+        return round(extra_cores * 1000 / per_s, 3) if extra_cores is not None and per_s else None
+
+    extra = {
+        g: None if a is None or b is None else a - b
+        for g, a, b in (
+            (g, r["server_cores_by_group"][g], p["server_cores_by_group"][g]) for g in SERVER_GROUPS
+        )
+    }
+    extra_total = (
+        r["server_cores"] - p["server_cores"]
+        if r["server_cores"] is not None and p["server_cores"] is not None
+        else None
+    )
+    reads_per_msg = r["reads"]["per_message"]
+    return {
+        "plain": p,
+        "receipts": r,
+        "ratios_receipts_over_plain": ratios,
+        "cpu_ms_per_read": per_read(extra_total),
+        "cpu_ms_per_read_by_group": {g: per_read(v) for g, v in extra.items()},
+        "postgres_per_read": {
+            k: round((r["postgres_per_msg"][k] - v) / reads_per_msg, 3)
+            if v is not None and r["postgres_per_msg"][k] is not None and reads_per_msg
+            else None
+            for k, v in p["postgres_per_msg"].items()
+        },
+        "both_sustained": all(p["sustained"]) and all(r["sustained"]),
+        # The whole machine busy in a run (ours and other people's processes).
+        # If a side then also fell behind, its work did not fit in the measured
+        # window: the CPU difference understates what a READ costs.
+        "machine_saturated": any(
+            m >= 0.9 * (os.cpu_count() or 1) for m in p["machine_cores"] + r["machine_cores"]
+        ),
+    }
+
+
+def receipts_phase(phase: LoadPhase, levels: list[float], rounds: int) -> dict[str, Any]:
+    """Plain against receipts (every recipient marks read) on the same stack and
+    clients: per level, `rounds` runs of each side in ABBA order (plain first in
+    even rounds), so a drift in the machine's load does not favour one side."""
+    out: dict[str, Any] = {"levels": {}, "rounds": rounds}
+    for offered in levels:
+        runs: dict[str, list[dict[str, Any]]] = {"plain": [], "receipts": []}
+        for r in range(rounds):
+            order = ("plain", "receipts") if r % 2 == 0 else ("receipts", "plain")
+            for side in order:
+                res = phase.run_level(
+                    offered, f"{side}-{int(offered)}-{r + 1}", mark_read=side == "receipts"
+                )
+                runs[side].append(res.data)
+        cmp = compare_receipts(runs["plain"], runs["receipts"])
+        cmp["runs"] = runs
+        out["levels"][str(int(offered))] = cmp
+        p, rc, ratio = cmp["plain"], cmp["receipts"], cmp["ratios_receipts_over_plain"]
+        log(f"  receipts at {offered:g} msg/s (medians of {rounds} runs a side):")
+        log(f"    {'':10} {'plain':>10} {'receipts':>10} {'ratio':>7}")
+        for label, key in (
+            ("ACK/s", "acked_per_s"),
+            ("ACK p50", "send_ack_ms_p50"),
+            ("ACK p99", "send_ack_ms_p99"),
+            ("dlv p50", "delivery_ms_p50"),
+            ("dlv p99", "delivery_ms_p99"),
+            ("srv cores", "server_cores"),
+        ):
+            log(f"    {label:10} {p[key]!s:>10} {rc[key]!s:>10} {ratio[key]!s:>7}")
+        reads = rc["reads"]
+        log(
+            f"    READs sent {reads['sent']} stored {reads['stored']} no-op {reads['noop']} "
+            f"duplicate {reads['duplicate']} failed {reads['failed']} "
+            f"({reads['per_message']} stored per message); CPU per stored READ "
+            f"{cmp['cpu_ms_per_read']} ms (server processes); exactly once "
+            f"{p['exactly_once']}/{rc['exactly_once']}, sustained {cmp['both_sustained']}"
+        )
+        if cmp["machine_saturated"] and not cmp["both_sustained"]:
+            log("    a run fell behind on a saturated machine: the CPU per READ is a lower bound")
+    return out
 
 
 # -- connections ------------------------------------------------------------------
@@ -983,7 +1171,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra setting for one service kind (repeatable), e.g. "
         "logic:IM_LOGIC_DB_POOL_MAX=40 or gateway:OTEL_TRACES_SAMPLER=always_off",
     )
-    p.add_argument("--skip", default="", help="comma list of: load,search,conns,group")
+    p.add_argument(
+        "--receipts-levels",
+        help="offered loads (msg/s) run plain and with read receipts (default 200; quick 100)",
+    )
+    p.add_argument(
+        "--receipts-rounds",
+        type=int,
+        default=2,
+        help="runs per side and level, ABBA order (default 2)",
+    )
+    p.add_argument("--skip", default="", help="comma list of: load,search,receipts,conns,group")
     p.add_argument("--profile", action="store_true", help="py-spy every service during a level")
     p.add_argument("--profile-rate", type=float, default=1000.0)
     p.add_argument("--py-spy", default="", help="py-spy binary (default: PATH, /tmp/pyspy/bin)")
@@ -999,6 +1197,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.connections = args.connections or (2000 if quick else 10_000)
     args.hold = args.hold or (5.0 if quick else 12.0)
     args.group_repeats = args.group_repeats or (5 if quick else 30)
+    args.receipts_levels = args.receipts_levels or ("100" if quick else "200")
     args.out = args.out or RESULTS / ("e2e-quick.json" if quick else "e2e.json")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args
@@ -1147,6 +1346,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
             finally:
                 phase.close()
+        if "receipts" not in args.skip:
+            r_levels = [float(x) for x in args.receipts_levels.split(",") if x.strip()]
+            log(
+                f"read receipts: plain vs every recipient marking read, at {args.receipts_levels} "
+                f"msg/s, {args.receipts_rounds} runs a side (ABBA), {args.pairs} fresh clients"
+            )
+            phase = LoadPhase(stack, LoadConfig.from_args(args), meter_groups, metrics)
+            phase.open()
+            try:
+                phase.run_level(200, "receipts-warmup", duration_s=3.0, mark_read=True)
+                report["receipts"] = receipts_phase(phase, r_levels, args.receipts_rounds)
+            finally:
+                phase.close()
         if "group" not in args.skip:
             log(f"group: one message to {args.group_size} members, {args.group_repeats} times")
             report["group"] = group_phase(stack, args.group_size, args.group_repeats, args.workers)
@@ -1161,6 +1373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     at_1000 = by_label.get("fixed-1000", {})
     conns = report.get("connections", {})
     group = report.get("group", {})
+    receipts = report.get("receipts", {}).get("levels", {})
+    first_r = receipts[min(receipts, key=float)] if receipts else {}
+    r_ratios = first_r.get("ratios_receipts_over_plain", {})
     result = {
         "max_msgs_per_s": report.get("load", {}).get("search", {}).get("max_msgs_per_s"),
         "send_ack_p99_ms_at_1000": at_1000.get("send_ack_ms", {}).get("p99"),
@@ -1168,6 +1383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "connections": conns.get("alive_after_hold"),
         "kb_per_connection": conns.get("kb_per_connection"),
         "group500_last_member_p99_ms": group.get("last_member_ms", {}).get("p99"),
+        # Read receipts at the lowest receipts level: receipts/plain ratios and
+        # the server CPU one stored READ costs.
+        "receipts_at_msgs_per_s": min((float(k) for k in receipts), default=None),
+        "receipts_send_ack_p99_ratio": r_ratios.get("send_ack_ms_p99"),
+        "receipts_delivery_p99_ratio": r_ratios.get("delivery_ms_p99"),
+        "receipts_server_cpu_ratio": r_ratios.get("server_cores"),
+        "cpu_ms_per_read": first_r.get("cpu_ms_per_read"),
     }
     report["result"] = result
     report["targets"] = {

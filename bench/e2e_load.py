@@ -9,14 +9,26 @@ Commands (a tuple `(name, args)`; the reply is a dict):
   recipient of the given 1:1 pairs.
 - `load`: open-loop traffic over those pairs at a fixed rate, from an agreed
   start time; then wait until every message is acknowledged and received (or a
-  deadline passes) and return one record per message.
-- `verify`: the final exactly-once count of a level, after its backlog drained.
+  deadline passes) and return one record per message. With `mark_read`, every
+  recipient marks what it receives read (see "Read receipts" below).
+- `verify`: the final exactly-once count of a level, after its backlog drained,
+  and its READ counts.
 - `quiesce`: wait until the previous level's backlog is gone.
 - `create_group`: CreateGroup through the gateway.
 - `group`: open receiving clients for group members (and the sender's client).
 - `group_send`: one message to the group from the sender's client.
 - `group_wait`: wait until every member held here has received message k.
 - `close`: close every client; the worker then exits.
+
+Read receipts (`mark_read`): a recipient sends a READ (a `Send` with
+kind=MESSAGE_KIND_READ, target_conv_seq = the conv_seq of the newest message it
+received) the way an app would: at most one READ in flight per conversation
+(per device), for the newest position when it is sent, so the messages of one
+delivery batch, and any that arrive while a READ waits for its ACK, are covered
+by one READ. It travels on the recipient's own connection through the SDK's
+reliable send path (`Client.submit(kind=READ)`, the non-blocking form of
+`mark_read`: client_id order, retransmit, ACK). Both sides keep the SDK's
+default automatic DELIVERED receipts.
 
 Time is `time.monotonic()` everywhere (CLOCK_MONOTONIC, one clock for every
 process on the machine), so a timestamp written into a body by one worker can be
@@ -35,9 +47,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from imclient import Client, GatewayApi, Message, ReconnectPolicy, SendResult
+from imclient import Client, GatewayApi, Message, MessageKind, ReconnectPolicy, SendResult
 
 log = logging.getLogger("bench.e2e.load")
+
 
 #: Clients connected at once while a worker opens its clients.
 CONNECT_CONCURRENCY = 50
@@ -51,6 +64,12 @@ class _Pair:
     conversation_id: str
     sender: Client | None = None
     recipient: Client | None = None
+    # Read receipts: the newest conv_seq received, the newest READ sent, and
+    # whether a READ is waiting for its ACK.
+    read_want: int = 0
+    read_sent: int = 0
+    read_in_flight: bool = False
+    read_level: _Level | None = None  # whose messages the READs count for
 
 
 @dataclass
@@ -74,6 +93,17 @@ class _Level:
     out_of_order: int = 0
     last_j: dict[int, int] = field(default_factory=dict)  # pair -> last j received
     submitted: int = 0
+    mark_read: bool = False
+    # READs sent for this level's messages and how their SendAcks answered:
+    # stored (a new entry with its own conv_seq), no-op (msg_id 0: the position
+    # was not ahead), duplicate (a resend the server already had), failed.
+    reads_sent: int = 0
+    reads_stored: int = 0
+    reads_noop: int = 0
+    reads_duplicate: int = 0
+    reads_failed: list[str] = field(default_factory=list)
+    read_stored_at: list[float] = field(default_factory=list)  # when each stored ACK came
+    read_ack_ms: list[float] = field(default_factory=list)  # READ submit -> its SendAck
 
     def __post_init__(self) -> None:
         nan = math.nan
@@ -110,6 +140,9 @@ class Worker:
         self.group_members_here = 0
         self.group_event = asyncio.Event()
         self.last_rx = 0.0  # when any 1:1 message last arrived
+        self.reads_due: dict[int, _Pair] = {}  # pairs with a position to mark read
+        self.reads_in_flight = 0
+        self._reads_flush_scheduled = False
 
     # -- clients ---------------------------------------------------------------
 
@@ -175,8 +208,69 @@ class Worker:
             if j < last:
                 level.out_of_order += 1
             level.last_j[pair.index] = max(last, j)
+            if level.mark_read and m.conv_seq > pair.read_want:
+                pair.read_want, pair.read_level = m.conv_seq, level
+                self._want_read(pair)
 
         return on_message
+
+    # -- read receipts ---------------------------------------------------------
+
+    def _want_read(self, pair: _Pair) -> None:
+        """Marks `pair` as having a newer position to read; the READs go out once
+        the current delivery batch has been handed over (call_soon), so a batch
+        costs one READ per conversation."""
+        self.reads_due[pair.index] = pair
+        if not self._reads_flush_scheduled:
+            self._reads_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_reads)
+
+    def _flush_reads(self) -> None:
+        self._reads_flush_scheduled = False
+        due, self.reads_due = self.reads_due, {}
+        for pair in due.values():
+            if pair.read_in_flight or pair.read_want <= pair.read_sent:
+                continue  # the ACK of the READ in flight sends the newer one
+            level = pair.read_level
+            assert pair.recipient is not None and level is not None
+            position = pair.read_want
+            try:
+                future = pair.recipient.submit(
+                    pair.conversation_id, b"", kind=MessageKind.READ, target_conv_seq=position
+                )
+            except Exception as exc:  # e.g. the client stopped: counted, not fatal
+                level.reads_failed.append(repr(exc))
+                continue
+            pair.read_sent, pair.read_in_flight = position, True
+            level.reads_sent += 1
+            self.reads_in_flight += 1
+            future.add_done_callback(self._read_done(pair, level, time.monotonic()))
+
+    def _read_done(
+        self, pair: _Pair, level: _Level, submitted: float
+    ) -> Callable[[asyncio.Future[SendResult]], None]:
+        def done(fut: asyncio.Future[SendResult]) -> None:
+            now = time.monotonic()
+            pair.read_in_flight = False
+            self.reads_in_flight -= 1
+            if fut.cancelled():
+                level.reads_failed.append("cancelled")
+            elif fut.exception() is not None:
+                level.reads_failed.append(repr(fut.exception()))
+            else:
+                result = fut.result()
+                level.read_ack_ms.append((now - submitted) * 1000)
+                if result.duplicate:
+                    level.reads_duplicate += 1
+                elif not result.stored:
+                    level.reads_noop += 1
+                else:
+                    level.reads_stored += 1
+                    level.read_stored_at.append(now)
+            if pair.read_want > pair.read_sent:
+                self._want_read(pair)  # messages arrived while this READ was in flight
+
+        return done
 
     async def load(self, args: dict[str, Any]) -> dict[str, Any]:
         """Sends `total` messages at `rate`/s from `start_at`, round-robin over the
@@ -191,6 +285,7 @@ class Worker:
         total = int(args["total"])
         name = str(args["level"])
         level = _Level(name, float(args["start_at"]), rate, total, len(self.pairs))
+        level.mark_read = bool(args.get("mark_read"))
         self.levels[name] = level
         pairs = self.pairs
         max_backlog = max(1, int(rate * float(args["max_backlog_s"])))
@@ -265,6 +360,16 @@ class Worker:
             "received_unacked": sum(1 for a, c in zip(acked, counts, strict=True) if not a and c),
             "wrong_recipient": level.wrong_recipient,
             "out_of_order": level.out_of_order,
+            "reads": {
+                "sent": level.reads_sent,
+                "stored": level.reads_stored,
+                "noop": level.reads_noop,
+                "duplicate": level.reads_duplicate,
+                "failed": len(level.reads_failed),
+                "failures_sample": level.reads_failed[:5],
+                "stored_at": level.read_stored_at,
+                "ack_ms": level.read_ack_ms,
+            },
         }
 
     # -- group -----------------------------------------------------------------
@@ -300,13 +405,14 @@ class Worker:
         t0 = time.monotonic()
         deadline = t0 + float(args["timeout_s"])
         quiet = float(args["quiet_s"])
-        senders = [p.sender for p in self.pairs if p.sender is not None]
+        # Recipients send too when they mark read.
+        clients = [c for p in self.pairs for c in (p.sender, p.recipient) if c is not None]
         while time.monotonic() < deadline:
-            pending = sum(c.pending_sends for c in senders)
+            pending = sum(c.pending_sends for c in clients) + len(self.reads_due)
             if pending == 0 and time.monotonic() - self.last_rx >= quiet:
                 return {"quiet": True, "waited_s": time.monotonic() - t0}
             await asyncio.sleep(0.1)
-        pending = sum(c.pending_sends for c in senders)
+        pending = sum(c.pending_sends for c in clients) + len(self.reads_due)
         return {"quiet": False, "waited_s": time.monotonic() - t0, "pending": pending}
 
     async def group_send(self, args: dict[str, Any]) -> dict[str, Any]:

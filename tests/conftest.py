@@ -10,6 +10,13 @@ server take a private one from the `*_factory` fixtures.
 from __future__ import annotations
 
 import os
+
+# Before anything imports grpc: no fork handlers in the test process. Tests fork
+# (initdb, pg_ctl, the services) while gRPC threads are busy; gRPC's fork support
+# then logs "skipping fork() handlers" and its child-side handler has crashed the
+# child before exec (initdb "died with SIGSEGV", seen under load). The children
+# exec at once and never use gRPC, so they need no handlers.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import shutil
 import tempfile
 import uuid
