@@ -513,11 +513,17 @@ async def start_proxies(config: RunConfig, ports: ClusterPorts) -> dict[str, lis
     routes |= {f"logic-{i}": ports.pg for i in range(config.logics)}
     routes |= {f"pusher-{i}": ports.nats for i in range(config.pushers)}
     proxies: dict[str, list[TcpProxy]] = {}
+    reserved = {port for _, port in ports.all()}
     for who, targets in routes.items():
         proxies[who] = []
         for port in targets:
             proxy = TcpProxy(f"127.0.0.1:{port}")
             await proxy.start()
+            # The nodes' ports are chosen but not bound yet: a proxy must not take one.
+            while proxy.port in reserved:
+                await proxy.close()
+                proxy = TcpProxy(f"127.0.0.1:{port}")
+                await proxy.start()
             proxies[who].append(proxy)
     return proxies
 
