@@ -14,6 +14,7 @@ export PYTHONPATH := $(CURDIR)/services:$(CURDIR)/libs:$(CURDIR)/gen
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+CHAOS_ARGS ?=
 # npm packages of the repository, each with its package-lock.json and .npmrc.
 NPM_PACKAGES := tools/buf clients/node-grpc clients/ts
 NPM_STAMPS := $(addsuffix /node_modules/.installed,$(NPM_PACKAGES))
@@ -22,9 +23,9 @@ TS_BUILT := clients/ts/dist/.built
 TS_INPUTS := $(shell find clients/ts/src -name '*.ts' -not -path '*/gen/*' 2>/dev/null) \
   clients/ts/tsconfig.json clients/ts/buf.gen.yaml clients/ts/package-lock.json $(PROTOS)
 
-.PHONY: help deps system-deps proto lint fmt typecheck test test-fast run stop status \
-        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos chaos-seq k8s-check \
-        alerts-check proto-check node-deps ts-build images sdk seqsvc-client seqsvc-run \
+.PHONY: help deps system-deps proto lint fmt typecheck test test-fast run run-cluster stop status \
+        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos chaos-seq chaos-cluster \
+        k8s-check alerts-check proto-check node-deps ts-build images sdk seqsvc-client seqsvc-run \
         seqsvc-stop clean lock
 
 help: ## List the targets
@@ -112,6 +113,9 @@ test-fast: deps ## pytest only, skipping slow tests
 run: deps ts-build ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services, the web chat); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
+run-cluster: deps ## The replicated topology locally: 3 NATS nodes (stream R3), PostgreSQL primary + synchronous standby, 2 of each service (one seqsvc); same ports base as run
+	$(PY) -m imdev run-cluster
+
 stop: ## Stop everything `make run` started (whatever its state file says)
 	@if [ -x $(PY) ]; then $(PY) -m imdev stop; fi
 
@@ -142,6 +146,11 @@ chaos: deps ## Full chaos run
 
 chaos-seq: deps ## seqsvc: three instances through 5 rounds of SIGTERM, kill -9, SIGSTOP and PostgreSQL stalls, checked value by value
 	IM_SEQSVC_CHAOS_ROUNDS=5 $(PY) -m pytest -s tests/seqsvc/test_seqsvc_multi.py $(PYTEST_ARGS)
+
+CHAOS_CLUSTER_DURATION ?= 300
+CHAOS_SEED ?= 1
+chaos-cluster: deps ## Chaos on the replicated topology: NATS node kills (leader too), rolling restarts, store wipes, PostgreSQL failovers, proxy cuts, and every single-node kind (CHAOS_CLUSTER_DURATION s, CHAOS_SEED)
+	$(PY) -m chaos --cluster --duration $(CHAOS_CLUSTER_DURATION) --seed $(CHAOS_SEED) $(CHAOS_ARGS)
 
 k8s-check: deps ## Render and validate the Kubernetes manifests offline
 	@if [ -f deploy/check.py ]; then $(PY) deploy/check.py; else echo "k8s-check: no manifests yet"; fi

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from chaos.faults import SERVER_KINDS
+from chaos.faults import CLUSTER_SERVER_KINDS, SERVER_KINDS
 from chaos.run import RunConfig, results_dir, run, setup_logging, write_json
 from chaos.workload import WorkloadConfig
 
@@ -21,6 +21,17 @@ FULL = {
     "fault_interval": 1.0,
     "duration": 3 * 3600.0,
     "observers": 6,
+}
+#: `make chaos-cluster`: a few minutes (--duration), the cluster kinds twice.
+CLUSTER = {
+    "clients": 12,
+    "messages": 1_000_000,  # the duration ends the fault phase, not a count
+    "rounds": 2,
+    "client_rounds": 10,
+    "think": 0.3,
+    "fault_interval": 2.0,
+    "duration": 300.0,
+    "observers": 3,
 }
 REDUCED = {
     "clients": 8,
@@ -43,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "message within the liveness bound without reconnecting.",
     )
     p.add_argument("--reduced", action="store_true", help="the small run of `make test`")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the replicated topology (3 NATS nodes, PostgreSQL primary + synchronous "
+        "standby, proxies for pg_cut/nats_cut) and its fault kinds on top of all others "
+        "(`make chaos-cluster`); a run of --duration seconds with 2 rounds by default",
+    )
     p.add_argument("--clients", type=int, help="SDK clients (devices); a fifth are second devices")
     p.add_argument("--messages", type=int, help="keep sending until this many sends are acked")
     p.add_argument("--rounds", type=int, help="rounds of server faults (each kind once per round)")
@@ -118,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp dir even on success")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO to stderr")
     args = p.parse_args(argv)
-    for k, v in (REDUCED if args.reduced else FULL).items():
+    defaults = REDUCED if args.reduced else CLUSTER if args.cluster else FULL
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.clients < 4:
@@ -127,10 +146,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--liveness must be positive")
     if args.quiesce is None:
         args.quiesce = 3 * args.liveness
+    kinds = CLUSTER_SERVER_KINDS if args.cluster else SERVER_KINDS
     if args.kinds is None:
-        args.kinds = SERVER_KINDS
+        args.kinds = kinds
     else:
-        known = {k.value: k for k in SERVER_KINDS}
+        known = {k.value: k for k in kinds}
         names = [n.strip() for n in args.kinds.split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -182,7 +202,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         env=args.env,
         workdir=args.workdir,
         keep_workdir=args.keep,
-        name="chaos-reduced" if args.reduced else "chaos",
+        name="chaos-reduced" if args.reduced else "chaos-cluster" if args.cluster else "chaos",
+        cluster=args.cluster,
     )
 
 
@@ -191,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     config = config_from_args(args)
     result = asyncio.run(run(config))
-    out = args.out or results_dir() / ("chaos-reduced.json" if args.reduced else "chaos.json")
+    default = "chaos-reduced" if args.reduced else "chaos_cluster" if args.cluster else "chaos"
+    out = args.out or results_dir() / f"{default}.json"
     write_json(result, out)
     print(result.table())
     print(f"  results      {out}")

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import redis
 
+from imdev.cluster import ClusterStack
 from imdev.servers import Managed, ServiceProcess
 from imdev.stack import Stack
 
@@ -57,12 +58,33 @@ class FaultKind(enum.StrEnum):
     ROUTE_REMOVED = "route_removed"  # a connected device's route field deleted from Redis
     CLIENT_CUT = "client_cut"  # cut one client's stream mid-traffic
     CLIENT_RESTART = "client_restart"  # close one client "process", reopen on its store
+    # Only on the cluster topology (imdev.cluster.ClusterStack):
+    PG_FAILOVER = "pg_failover"  # kill -9 the primary, promote, rebuild it as standby
+    NATS_NODE_KILL = "nats_node_kill"  # kill -9 one node (even choices: the stream leader)
+    NATS_ROLLING = "nats_rolling"  # SIGTERM+restart every node in turn, quorum kept
+    NATS_NODE_WIPE = "nats_node_wipe"  # one node stopped, its store wiped, started
+    PG_CUT = "pg_cut"  # one service process's PostgreSQL connections reset (proxy)
+    NATS_CUT = "nats_cut"  # one service process's NATS connections reset (proxy)
 
 
-SERVER_KINDS: tuple[FaultKind, ...] = tuple(
-    k for k in FaultKind if k not in (FaultKind.CLIENT_CUT, FaultKind.CLIENT_RESTART)
-)
 CLIENT_KINDS: tuple[FaultKind, ...] = (FaultKind.CLIENT_CUT, FaultKind.CLIENT_RESTART)
+CLUSTER_ONLY_KINDS: tuple[FaultKind, ...] = (
+    FaultKind.PG_FAILOVER,
+    FaultKind.NATS_NODE_KILL,
+    FaultKind.NATS_ROLLING,
+    FaultKind.NATS_NODE_WIPE,
+    FaultKind.PG_CUT,
+    FaultKind.NATS_CUT,
+)
+#: The server kinds of the single-node stack (`make chaos`).
+SERVER_KINDS: tuple[FaultKind, ...] = tuple(
+    k for k in FaultKind if k not in CLIENT_KINDS and k not in CLUSTER_ONLY_KINDS
+)
+#: The server kinds of `make chaos-cluster`: the cluster's own, then all the others
+#: (on the cluster, nats_restart/nats_wipe/nats_down_long hit node 0 and
+#: postgres_restart the current primary).
+CLUSTER_SERVER_KINDS: tuple[FaultKind, ...] = CLUSTER_ONLY_KINDS + SERVER_KINDS
+ALL_SERVER_KINDS: tuple[FaultKind, ...] = CLUSTER_SERVER_KINDS
 ROLLING_TARGETS = ("gateway", "logic", "pusher")
 
 #: pusher's TEST-ONLY switch (services/pusher/faults.py): with N, the process
@@ -203,7 +225,7 @@ def settled_since(log_: FaultLog, since: float) -> float:
     """When the server faults that touched [since, now] were all over (monotonic
     time): `since` if none did, inf while one is in progress. Client faults do
     not count (they touch one device's connection, not the server)."""
-    server = {k.value for k in SERVER_KINDS}
+    server = {k.value for k in ALL_SERVER_KINDS}
     settled = since
     for ev in reversed(log_.events):
         if ev.kind not in server:
@@ -233,8 +255,17 @@ class ServerFaults:
         connected: ConnectedDevices | None = None,
         nats_down_long_s: float = 8.0,
         crash_wait_s: float = 15.0,
+        cut: Callable[[str], int] | None = None,
+        cut_targets: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.stack = stack
+        #: cut(who): resets every proxied connection of process `who` (run in the
+        #: proxies' event loop by the caller); cut_targets: {"pg": [who, ...],
+        #: "nats": [...]}, the processes whose connections go through proxies.
+        self.cut = cut
+        #: When each pg_failover's kill -9 of the primary happened (monotonic).
+        self.primary_kills: list[float] = []
+        self.cut_targets = {k: list(v) for k, v in (cut_targets or {}).items()}
         self.timeout = restart_timeout_s
         self.start_attempts = start_attempts
         self.connected = connected
@@ -307,7 +338,42 @@ class ServerFaults:
         if k is FaultKind.ROUTE_REMOVED:
             user, device = self._route_victim(f.choice)
             return f"{user}/{device}", lambda: self.remove_route(user, device)
+        if k in CLUSTER_ONLY_KINDS:
+            return self._prepare_cluster(f)
         raise ValueError(f"not a server fault: {k}")
+
+    def _cluster(self) -> ClusterStack:
+        if not isinstance(self.stack, ClusterStack):
+            raise RuntimeError("a cluster fault needs the cluster topology (--cluster)")
+        return self.stack
+
+    def _prepare_cluster(self, f: PlannedFault) -> tuple[str, Callable[[], None]]:
+        k = f.kind
+        cluster = self._cluster()
+        if k is FaultKind.PG_FAILOVER:
+            return f"postgres primary {cluster.primary_node.node_name}", self.pg_failover
+        nodes = cluster.nats_nodes
+        if k is FaultKind.NATS_NODE_KILL:
+            leader = f.choice % 2 == 0
+            what = "stream leader" if leader else f"n{(f.choice >> 1) % len(nodes)}"
+            return f"nats {what} (kill -9)", lambda: self.nats_node_kill(
+                None if leader else (f.choice >> 1) % len(nodes), f.downtime_s
+            )
+        if k is FaultKind.NATS_ROLLING:
+            return "all nats nodes", self.nats_rolling
+        if k is FaultKind.NATS_NODE_WIPE:
+            i = f.choice % len(nodes)
+            return f"nats n{i}", lambda: self.nats_node_wipe(i, f.downtime_s)
+        kind = "pg" if k is FaultKind.PG_CUT else "nats"
+        targets = self.cut_targets.get(kind) or []
+        if not targets or self.cut is None:
+            raise RuntimeError(f"no process reaches {kind} through a proxy")
+        who = targets[f.choice % len(targets)]
+        cut = self.cut
+        return f"{who} -> {kind}", lambda: self._cut(cut, who)
+
+    def _cut(self, cut: Callable[[str], int], who: str) -> None:
+        self._note(f"{cut(who)} connection(s) reset")
 
     def _route_victim(self, choice: int) -> tuple[str, str]:
         observers, devices = self.connected() if self.connected else ((), ())
@@ -318,7 +384,7 @@ class ServerFaults:
 
     # -- the primitives ------------------------------------------------------
 
-    def _lock(self, proc: Managed) -> threading.Lock:
+    def _lock(self, proc: object) -> threading.Lock:
         """One fault at a time per process, when several tracks run at once."""
         with self._guard:
             return self._locks.setdefault(id(proc), threading.Lock())
@@ -362,6 +428,54 @@ class ServerFaults:
             nats.wipe_store()
             _pause(downtime_s)
             self._start(nats)
+
+    def pg_failover(self) -> None:
+        """What an operator (or Patroni, or CloudNativePG) does when the primary
+        dies: kill -9 it, promote the synchronous standby, rebuild the old
+        primary as the new standby with a fresh base backup (never restart it as
+        a primary). Writes wait from the kill until the rebuilt standby streams
+        again: synchronous commit has no standby to wait for before that."""
+        cluster = self._cluster()
+        with self._lock(cluster), self._lock(cluster.pg_nodes[0]), self._lock(cluster.pg_nodes[1]):
+            t0 = time.monotonic()
+            old = cluster.kill_primary()
+            self.primary_kills.append(time.monotonic())
+            new = cluster.promote_standby(self.timeout)
+            t_promoted = time.monotonic() - t0
+            cluster.rebuild_deposed(self.timeout)
+            self._note(
+                f"{old.node_name} killed, {new.node_name} promoted after {t_promoted:.2f}s, "
+                f"{old.node_name} streaming as synchronous standby after "
+                f"{time.monotonic() - t0:.2f}s"
+            )
+
+    def nats_node_kill(self, i: int | None, downtime_s: float) -> None:
+        """kill -9 node `i` (None: the stream's leader now), start it after
+        `downtime_s`."""
+        cluster = self._cluster()
+        if i is None:
+            i = cluster.stream_leader()
+            if i is None:
+                self._note("no stream leader found; killing n0")
+                i = 0
+            self._note(f"stream leader n{i}")
+        self.kill_restart(cluster.nats_nodes[i], downtime_s)
+
+    def nats_rolling(self) -> None:
+        """Every node in turn: SIGTERM, start, and wait until JetStream serves
+        again before the next, as a rolling upgrade does."""
+        cluster = self._cluster()
+        for node in cluster.nats_nodes:
+            self.term_restart(node, 0.0)
+            cluster.wait_jetstream(self.timeout)
+
+    def nats_node_wipe(self, i: int, downtime_s: float) -> None:
+        node = self._cluster().nats_nodes[i]
+        with self._lock(node):
+            node.stop(timeout=self.timeout)
+            node.wipe_store()
+            _pause(downtime_s)
+            self._start(node)
 
     def redis_flush(self) -> None:
         with (

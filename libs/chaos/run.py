@@ -10,8 +10,10 @@ report.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from chaos import checker, online
 from chaos.faults import (
+    ALL_SERVER_KINDS,
     CLIENT_KINDS,
     SERVER_KINDS,
     FaultKind,
@@ -35,8 +38,10 @@ from chaos.faults import (
     run_server_faults,
     settled_since,
 )
+from chaos.netproxy import TcpProxy
 from chaos.observer import Observer
 from chaos.workload import Workload, WorkloadConfig
+from imdev.cluster import ClusterPorts, ClusterStack
 from imdev.servers import ROOT
 from imdev.stack import Stack
 
@@ -83,6 +88,10 @@ class RunConfig:
     workdir: Path | None = None
     keep_workdir: bool = False
     name: str = "chaos"
+    # The replicated topology (imdev.cluster): 3 NATS nodes, PostgreSQL primary +
+    # synchronous standby; logic and seqsvc reach PostgreSQL, pushers NATS,
+    # through TCP proxies that pg_cut / nats_cut reset.
+    cluster: bool = False
 
 
 @dataclass
@@ -104,6 +113,7 @@ class RunResult:
     observers: list[dict[str, object]] = field(default_factory=list)
     t0: float = 0.0  # monotonic time the workload's clock starts at (for the JSON)
     history: checker.History | None = None  # what the checker read (not in the JSON)
+    cluster: ClusterReport | None = None
 
     @property
     def messages_acked(self) -> int:
@@ -131,6 +141,7 @@ class RunResult:
             "recall_violations": r.recall_violations,
             "read_regressions": r.read_regressions,
             "unread_mismatches": r.unread_mismatches,
+            **(self.cluster.result() if self.cluster is not None else {}),
         }
 
     def result_line(self) -> str:
@@ -184,6 +195,7 @@ class RunResult:
                 {**asdict(v), "kind": v.kind.value} for v in r.violations[:violations_limit]
             ],
             "faults": self.faults,
+            **({"cluster": self.cluster.to_json()} if self.cluster is not None else {}),
         }
 
     def table(self) -> str:
@@ -293,13 +305,28 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         echo(line)
 
     env = stack_env(config)
-    stack = Stack(
-        workdir / "stack",
-        gateways=config.gateways,
-        logics=config.logics,
-        pushers=config.pushers,
-        env=env,
-    )
+    proxies: dict[str, list[TcpProxy]] = {}
+    stack: Stack
+    if config.cluster:
+        cports = ClusterPorts.free()
+        proxies = await start_proxies(config, cports)
+        stack = ClusterStack(
+            workdir / "stack",
+            gateways=config.gateways,
+            logics=config.logics,
+            pushers=config.pushers,
+            env=env,
+            cluster_ports=cports,
+            proxies={who: {int(p.target_port): p.port for p in ps} for who, ps in proxies.items()},
+        )
+    else:
+        stack = Stack(
+            workdir / "stack",
+            gateways=config.gateways,
+            logics=config.logics,
+            pushers=config.pushers,
+            env=env,
+        )
     echo(f"chaos: starting the stack in {workdir}")
     await asyncio.to_thread(stack.start, 120.0)
     w = Workload(
@@ -310,6 +337,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         echo=note,
     )
     flog = FaultLog(echo=echo)
+    primary_kills: list[float] = []
     try:
         await w.setup()
         # Observers first: every message the workload sends is acked after
@@ -343,12 +371,28 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
                 [(d.user, d.device_id) for d in w.devices if d.connection_key() is not None],
             )
 
+        loop = asyncio.get_running_loop()
+
+        def cut(who: str) -> int:
+            """Resets `who`'s proxied connections, in the proxies' event loop."""
+
+            async def in_loop() -> int:
+                return sum(p.cut() for p in proxies.get(who, []))
+
+            return asyncio.run_coroutine_threadsafe(in_loop(), loop).result(30)
+
         server_faults = ServerFaults(
             stack,
             connected=connected,
             nats_down_long_s=nats_down_long_s(env.get("logic", {})),
             crash_wait_s=config.crash_wait_s,
+            cut=cut,
+            cut_targets={
+                "pg": [w for w in proxies if not w.startswith("pusher")],
+                "nats": [w for w in proxies if w.startswith("pusher")],
+            },
         )
+        primary_kills = server_faults.primary_kills
         n_tracks = max(1, config.server_tracks)
         flog.started = time.monotonic()
         tracks_ = [
@@ -390,6 +434,12 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
 
         # Whatever a failed fault left down comes back now: a fault of its own
         # for online delivery (the bound runs from when it is back).
+        if isinstance(stack, ClusterStack) and any(n.deposed for n in stack.pg_nodes):
+            anomalies.append("a deposed PostgreSQL primary was not rebuilt by its fault")
+            echo("ANOMALY a deposed primary was left; rebuilding it as the standby")
+            began = time.monotonic()
+            await asyncio.to_thread(stack.rebuild_deposed)
+            spans.append(online.FaultSpan("down_after_faults", began, time.monotonic()))
         for proc in [*stack.infra, *stack.services]:
             if not proc.running():
                 anomalies.append(f"{proc.name}:{proc.port} was down after the faults")
@@ -429,13 +479,16 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
             await o.close()
         await w.close()
         await asyncio.to_thread(stack.stop)
+        for ps in proxies.values():
+            for proxy in ps:
+                await proxy.close()
 
     anomalies += [f"{e.kind}: {e.note}" for e in flog.events if e.note]
     history = w.history(timelines, push_logs)
     report = checker.check(history)
     if not quiet:
         anomalies.append(f"not quiet after {config.quiesce_deadline_s}s")
-    server = {k.value for k in SERVER_KINDS}
+    server = {k.value for k in ALL_SERVER_KINDS}
     spans += [
         online.FaultSpan(e.kind, flog.started + e.at, flog.started + e.at + e.duration_s)
         for e in flog.events
@@ -468,6 +521,11 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         observers=[{"device": o.name, **asdict(o.stats)} for o in observers],
         t0=w.t0,
         history=history,
+        cluster=(
+            cluster_report(stack, w, flog, primary_kills)
+            if isinstance(stack, ClusterStack) or config.cluster
+            else None
+        ),
     )
     # Keep the logs of anything that deserves a look, not only of violations.
     clean = result.ok and not anomalies and not result.fault_errors
@@ -475,6 +533,111 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         shutil.rmtree(workdir, ignore_errors=True)
         result.workdir = ""
     return result
+
+
+async def start_proxies(config: RunConfig, ports: ClusterPorts) -> dict[str, list[TcpProxy]]:
+    """A proxy per (process, node): seqsvc and every logic to each PostgreSQL
+    node, every pusher to each NATS node; keyed by process ("logic-0")."""
+    routes: dict[str, list[int]] = {"seqsvc": ports.pg}
+    routes |= {f"logic-{i}": ports.pg for i in range(config.logics)}
+    routes |= {f"pusher-{i}": ports.nats for i in range(config.pushers)}
+    proxies: dict[str, list[TcpProxy]] = {}
+    reserved = {port for _, port in ports.all()}
+    for who, targets in routes.items():
+        proxies[who] = []
+        for port in targets:
+            proxy = TcpProxy(f"127.0.0.1:{port}")
+            await proxy.start()
+            # The nodes' ports are chosen but not bound yet: a proxy must not take one.
+            while proxy.port in reserved:
+                await proxy.close()
+                proxy = TcpProxy(f"127.0.0.1:{port}")
+                await proxy.start()
+            proxies[who].append(proxy)
+    return proxies
+
+
+@dataclass
+class ClusterReport:
+    """What the cluster faults cost: counts, the longest write outage around
+    each fault kind (longest gap between consecutive send-ACKs, of any client,
+    that overlaps a fault of that kind) and each PostgreSQL failover's time from
+    the primary's kill -9 to the first send-ACK of a message first sent after it."""
+
+    nats_nodes: int
+    pg_nodes: int
+    pg_failovers: int
+    nats_node_kills: int
+    write_outage_s: dict[str, float]
+    failover_s: list[float]
+
+    def result(self) -> dict[str, object]:
+        return {
+            "nats_nodes": self.nats_nodes,
+            "pg_failovers": self.pg_failovers,
+            "nats_node_kills": self.nats_node_kills,
+            "longest_write_outage_s": self.write_outage_s,
+            "failover_s_max": round(max(self.failover_s), 2) if self.failover_s else None,
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "failover_s": [round(x, 2) for x in self.failover_s]}
+
+
+def cluster_report(
+    stack: Stack, w: Workload, flog: FaultLog, primary_kills: list[float]
+) -> ClusterReport:
+    acks = sorted(w.t0 + s.acked_at for s in w.sends if s.acked_at is not None)
+    first_try: dict[str, float] = {}
+    for s in w.sends:
+        first_try[s.client_msg_id] = min(first_try.get(s.client_msg_id, math.inf), s.attempted_at)
+    fresh = sorted(
+        w.t0 + s.acked_at
+        for s in w.sends
+        if s.acked_at is not None and s.attempted_at == first_try[s.client_msg_id]
+    )
+    server = {k.value for k in ALL_SERVER_KINDS}
+    outage: dict[str, float] = {}
+    failovers: list[float] = []
+    for e in flog.events:
+        if e.kind not in server:
+            continue
+        start = flog.started + e.at
+        end = start + e.duration_s
+        gap = longest_gap(acks, start, end)
+        outage[e.kind] = round(max(outage.get(e.kind, 0.0), gap), 2)
+    for killed in primary_kills:
+        i = bisect.bisect_left(fresh, killed)
+        if i < len(fresh):
+            failovers.append(fresh[i] - killed)
+    nats = getattr(stack, "nats_nodes", [stack.nats])
+    pg = getattr(stack, "pg_nodes", [stack.postgres])
+    ok = [e for e in flog.events if not e.error]
+    return ClusterReport(
+        nats_nodes=len(nats),
+        pg_nodes=len(pg),
+        pg_failovers=sum(1 for e in ok if e.kind == "pg_failover"),
+        nats_node_kills=sum(1 for e in ok if e.kind == "nats_node_kill"),
+        write_outage_s=dict(sorted(outage.items())),
+        failover_s=failovers,
+    )
+
+
+def longest_gap(acks: list[float], start: float, end: float) -> float:
+    """The longest interval between consecutive times of sorted `acks` that
+    overlaps [start, end]; one still open after the last ACK counts up to `end`."""
+    i = max(bisect.bisect_left(acks, start) - 1, 0)
+    longest = 0.0
+    while i < len(acks):
+        lo = acks[i]
+        hi = acks[i + 1] if i + 1 < len(acks) else max(end, lo)
+        if lo > end:
+            break
+        longest = max(longest, hi - lo)
+        i += 1
+    if not acks:
+        return end - start
+    return longest
 
 
 def stack_env(config: RunConfig) -> dict[str, dict[str, str]]:

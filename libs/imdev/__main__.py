@@ -1,4 +1,7 @@
-"""`python -m imdev run|stop|status|clean`: the local stack behind `make run`.
+"""`python -m imdev run|run-cluster|stop|status|clean`: the local stack behind
+`make run`, and the replicated topology behind `make run-cluster` (imdev.cluster:
+three NATS nodes, PostgreSQL primary + synchronous standby, two gateways, logic
+and pushers, one seqsvc). stop, status and clean serve both.
 
 Where things live: the run directory (`--run-dir`, else IM_DEV_RUN_DIR, else .run
 in the checkout) holds `stack.json`, what runs, and `pids/`, one file per process
@@ -38,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imdev.cluster import ClusterPorts, ClusterStack
 from imdev.servers import ROOT, PortTaken, health_status, port_in_use, process_start_time
 from imdev.stack import (
     DEFAULT_BASE_PORT,
@@ -273,7 +277,7 @@ def cmd_status(paths: Paths) -> int:
     return 0 if ok else 1
 
 
-def cmd_run(paths: Paths, base_port: int) -> int:
+def cmd_run(paths: Paths, base_port: int, cluster: bool = False) -> int:
     state, procs, _problems = find(paths)
     if any(is_ours(p) for p in procs):
         if state is not None and cmd_status(paths) == 0:
@@ -284,17 +288,19 @@ def cmd_run(paths: Paths, base_port: int) -> int:
             return 1
     else:
         _forget(paths)  # whatever is recorded describes nothing that runs
+    n = 2 if cluster else 1  # the cluster: two of each service but seqsvc
     try:
-        ports = StackPorts.local(1, 1, 1, base=base_port)
+        ports = StackPorts.local(n, n, n, base=base_port)
     except ValueError as exc:
         print(f"IM_DEV_BASE_PORT: {exc}", file=sys.stderr)
         return 2
+    cluster_ports = ClusterPorts.local(base_port) if cluster else None
+    layout = ports.all() + (cluster_ports.all() if cluster_ports else [])
+    if cluster_ports:  # the single-node servers' ports are the first nodes'
+        layout = [(w, p) for w, p in layout if w not in ("postgres", "nats")]
     web_port = base_port + WEB_PORT_OFFSET
-    taken = [
-        f"{port} ({what})"
-        for what, port in [*ports.all(), ("web chat", web_port)]
-        if port_in_use(port)
-    ]
+    layout.append(("web chat", web_port))
+    taken = [f"{port} ({what})" for what, port in layout if port_in_use(port)]
     if taken:
         print(
             f"cannot start: port {', '.join(taken)} already in use by another program.\n"
@@ -308,7 +314,18 @@ def cmd_run(paths: Paths, base_port: int) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)
     secret = os.environ.get("IM_GATEWAY_TOKEN_SECRET", DEV_TOKEN_SECRET)
-    stack = Stack(workdir, ports=ports, token_secret=secret, fsync=True, pid_dir=paths.pids)
+    stack: Stack
+    if cluster_ports is not None:
+        stack = ClusterStack(
+            workdir,
+            ports=ports,
+            cluster_ports=cluster_ports,
+            token_secret=secret,
+            fsync=True,
+            pid_dir=paths.pids,
+        )
+    else:
+        stack = Stack(workdir, ports=ports, token_secret=secret, fsync=True, pid_dir=paths.pids)
     try:
         stack.start()
     except KeyboardInterrupt:
@@ -348,6 +365,13 @@ def cmd_run(paths: Paths, base_port: int) -> int:
     for proc in _state_procs(state):
         print(_line(proc))
     print(f"logs: {workdir / 'logs'}")
+    if isinstance(stack, ClusterStack):
+        print(
+            f"PostgreSQL primary {stack.primary_node.node_name}, synchronous standby "
+            f"{stack.standby.node_name}; services connect with\n  {stack.database_url}\n"
+            f"NATS cluster (stream replicas {len(stack.nats_nodes)}): {stack.nats_url}\n"
+            "one seqsvc instance (multi-instance seqsvc is not in this topology yet)"
+        )
     if stack.ws_urls:
         print(f"WebSocket (browsers, docs/protocol.md): {stack.ws_urls[0]}")
     if secret == DEV_TOKEN_SECRET:
@@ -371,7 +395,8 @@ def cmd_clean(paths: Paths) -> int:
     # Only what `run` creates, never the whole directory: IM_DEV_RUN_DIR may name a
     # directory that holds other things too.
     for where in dict.fromkeys([paths.workdir(), paths.run_dir]):
-        for name in ("pg", "redis", "nats", "logs", "pids", "stack.json"):
+        cluster = ("pg0", "pg1", "nats0", "nats1", "nats2")
+        for name in ("pg", "redis", "nats", *cluster, "logs", "pids", "stack.json"):
             path = where / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -387,7 +412,7 @@ def cmd_clean(paths: Paths) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imdev")
-    parser.add_argument("command", choices=["run", "stop", "status", "clean"])
+    parser.add_argument("command", choices=["run", "run-cluster", "stop", "status", "clean"])
     parser.add_argument(
         "--run-dir",
         type=Path,
@@ -402,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     paths = Paths(args.run_dir.resolve())
-    if args.command == "run":
+    if args.command in ("run", "run-cluster"):
         base = args.base_port
         if base is None:
             raw = os.environ.get("IM_DEV_BASE_PORT") or str(DEFAULT_BASE_PORT)
@@ -410,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"IM_DEV_BASE_PORT: not a port number: {raw!r}", file=sys.stderr)
                 return 2
             base = int(raw)
-        return cmd_run(paths, base)
+        return cmd_run(paths, base, cluster=args.command == "run-cluster")
     return {"stop": cmd_stop, "status": cmd_status, "clean": cmd_clean}[args.command](paths)
 
 

@@ -147,6 +147,18 @@ def process_start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def as_user(user: str | None) -> list[str]:
+    """argv prefix that runs a command as `user` (nothing for None): setpriv
+    changes user and execs, so the pid stays the command's own.
+
+    Not Popen(user=...): that changes user in the forked child before exec, and
+    in a process where gRPC's threads run (the chaos harness, tests with clients)
+    the child was seen to die with SIGSEGV before it got to exec."""
+    if not user:
+        return []
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
+
+
 def _which(name: str, extra: Sequence[Path] = ()) -> str:
     for d in extra:
         if (d / name).exists():
@@ -254,12 +266,11 @@ class Managed:
         try:
             self._log_offset = logf.seek(0, os.SEEK_END)
             self.proc = subprocess.Popen(
-                self.argv(),
+                [*as_user(self.user), *self.argv()],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env(),
-                user=self.user,
                 start_new_session=True,
             )
         finally:
@@ -464,6 +475,7 @@ class PostgresServer(Managed):
             os.chmod(self.datadir, 0o700)
             subprocess.run(
                 [
+                    *as_user(self.user),
                     str(self.bindir / "initdb"),
                     "-D",
                     str(self.datadir),
@@ -476,7 +488,6 @@ class PostgresServer(Managed):
                     "--locale=C",
                 ],
                 check=True,
-                user=self.user,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -525,6 +536,135 @@ class PostgresServer(Managed):
         return self.conninfo(name)
 
 
+class PostgresNode(PostgresServer):
+    """One node of a primary/standby pair with streaming replication.
+
+    The first primary is initialised with initdb; a standby (and a deposed primary,
+    after a failover) is made with `pg_basebackup -R` from the current primary, so
+    it starts as a standby that streams WAL under its `cluster_name` (its
+    application_name in `synchronous_standby_names`) through a replication slot of
+    the same name. `deposed` marks a node that was killed as a primary: it must be
+    rebuilt (`rebuild_from`) before it may start again, so it can never come back as
+    a second primary with commits its successor never saw."""
+
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        datadir: Path,
+        log_path: Path | None = None,
+        fsync: bool = True,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(port, datadir, log_path, fsync=fsync, settings=settings)
+        self.node_name = name
+        self.settings.setdefault("cluster_name", name)
+        self.upstream: PostgresNode | None = None
+        self.deposed = False
+
+    @property
+    def is_standby(self) -> bool:
+        """Whether its data directory is a standby's (standby.signal present)."""
+        return (self.datadir / "standby.signal").exists()
+
+    def prepare(self) -> None:
+        if self.deposed:
+            raise RuntimeError(
+                f"{self.node_name}: refusing to start a deposed primary; rebuild it as a standby"
+            )
+        if not (self.datadir / "PG_VERSION").exists() and self.upstream is not None:
+            self.basebackup(self.upstream)
+        super().prepare()
+
+    def basebackup(self, source: PostgresNode) -> None:
+        """Copies `source` (a running primary) into an empty data directory as a
+        standby of it: `pg_basebackup -R` writes primary_conninfo (with this node's
+        application_name) and standby.signal, `-C -S` creates its replication slot
+        on `source` (a stale slot of the same name is dropped first)."""
+        import psycopg
+
+        with psycopg.connect(source.conninfo(), autocommit=True, connect_timeout=5) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND NOT active",
+                (self.node_name,),
+            )
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        self._chown(self.datadir)
+        os.chmod(self.datadir, 0o700)
+        subprocess.run(
+            [
+                *as_user(self.user),
+                str(self.bindir / "pg_basebackup"),
+                "-d",
+                # Not this node's name: with a slot, pg_basebackup reports flush
+                # positions, and under that name the primary would take it for the
+                # synchronous standby and let commits return on a half-made copy.
+                f"host=127.0.0.1 port={source.port} user=postgres "
+                f"application_name={self.node_name}_basebackup",
+                "-D",
+                str(self.datadir),
+                "-R",
+                "-X",
+                "stream",
+                "-C",
+                "-S",
+                self.node_name,
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+        # -R wrote the backup's own connection; the standby streams under its
+        # name (a later line of postgresql.auto.conf wins).
+        with open(self.datadir / "postgresql.auto.conf", "a") as f:
+            f.write(
+                f"primary_conninfo = 'host=127.0.0.1 port={source.port} user=postgres "
+                f"application_name={self.node_name}'\n"
+            )
+
+    def rebuild_from(self, primary: PostgresNode, timeout: float = 60.0) -> None:
+        """Turns this (stopped) node into a standby of `primary`: wipes its data,
+        takes a fresh base backup and starts it. The only way back for a deposed
+        primary."""
+        assert not self.running(), "stop the node before rebuilding it"
+        self.upstream = primary
+        self.basebackup(primary)
+        self.deposed = False
+        self.start(timeout)
+
+    def promote(self, timeout: float = 30.0) -> None:
+        """Promotes this standby to primary (`pg_promote()`, waits until done)."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo(), autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_promote(true, %s)", (int(timeout),)).fetchone()
+        if not row or not row[0]:
+            raise RuntimeError(f"{self.node_name}: pg_promote() did not finish in {timeout}s")
+        self.upstream = None
+
+    def in_recovery(self) -> bool:
+        import psycopg
+
+        with psycopg.connect(self.conninfo(), autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        return bool(row and row[0])
+
+    def sync_standbys(self) -> list[str]:
+        """application_names of the standbys this primary waits for now."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo(), autocommit=True, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+
 class RedisServer(Managed):
     name = "redis"
 
@@ -552,13 +692,50 @@ class RedisServer(Managed):
 
 
 class NatsServer(Managed):
-    """nats-server with JetStream and a file store in `datadir`."""
+    """nats-server with JetStream and a file store in `datadir`.
+
+    With `cluster_port` it is one node of a JetStream cluster named `cluster`: it
+    listens for routes on `cluster_port` and dials `routes` (the other nodes'
+    cluster ports); `server_name` must be unique in the cluster and stable across
+    restarts (it is the node's JetStream identity)."""
 
     name = "nats"
 
+    def __init__(
+        self,
+        port: int,
+        datadir: Path,
+        log_path: Path | None = None,
+        *,
+        server_name: str = "",
+        cluster: str = "",
+        cluster_port: int = 0,
+        routes: Sequence[int] = (),
+    ) -> None:
+        super().__init__(port, datadir, log_path)
+        self.server_name = server_name
+        self.cluster = cluster
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
+
+    def listen_ports(self) -> list[int]:
+        return [self.port, self.cluster_port] if self.cluster_port else [self.port]
+
     def argv(self) -> list[str]:
         exe = _which("nats-server", [Path(sys.executable).parent])
-        return [exe, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.datadir)]
+        argv = [exe, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.datadir)]
+        if self.server_name:
+            argv += ["-n", self.server_name]
+        if self.cluster_port:
+            argv += [
+                "--cluster_name",
+                self.cluster or "im",
+                "--cluster",
+                f"nats://127.0.0.1:{self.cluster_port}",
+                "--routes",
+                ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
+            ]
+        return argv
 
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"

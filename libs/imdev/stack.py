@@ -199,6 +199,20 @@ class Stack:
     def database_url(self) -> str:
         return self.postgres.conninfo(self.database)
 
+    @property
+    def nats_url(self) -> str:
+        """What the services get as their NATS URL (comma-separated: every node)."""
+        return self.nats.url()
+
+    def database_url_for(self, who: str) -> str:
+        """The database URL process `who` ("logic-0", "seqsvc") is given: the
+        same for all here; a cluster may route one process through a proxy."""
+        return self.database_url
+
+    def nats_url_for(self, who: str) -> str:
+        """The NATS URL(s) process `who` is given (see database_url_for)."""
+        return self.nats_url
+
     def _with(self, kind: str, env: dict[str, str]) -> dict[str, str]:
         env.update(self.env.get(kind, {}))
         return env
@@ -212,7 +226,7 @@ class Stack:
             "seqsvc",
             {
                 "IM_SEQSVC_PORT": str(self.ports.seqsvc),
-                "IM_SEQSVC_DATABASE_URL": self.database_url,
+                "IM_SEQSVC_DATABASE_URL": self.database_url_for("seqsvc"),
                 **self._metrics("seqsvc", 0),
             },
         )
@@ -222,9 +236,9 @@ class Stack:
             "logic",
             {
                 "IM_LOGIC_PORT": str(self.ports.logic[i]),
-                "IM_LOGIC_DATABASE_URL": self.database_url,
+                "IM_LOGIC_DATABASE_URL": self.database_url_for(f"logic-{i}"),
                 "IM_LOGIC_SEQSVC_ADDRESS": f"127.0.0.1:{self.ports.seqsvc}",
-                "IM_LOGIC_NATS_URL": self.nats.url(),
+                "IM_LOGIC_NATS_URL": self.nats_url_for(f"logic-{i}"),
                 "IM_LOGIC_NATS_STREAM": self.stream,
                 "IM_LOGIC_NATS_SUBJECT_PREFIX": self.subject_prefix,
                 **self._metrics("logic", i),
@@ -240,7 +254,7 @@ class Stack:
                 "IM_PUSHER_PORT": str(port),
                 "IM_PUSHER_ADVERTISE_ADDRESS": f"127.0.0.1:{port}",
                 "IM_PUSHER_LOGIC_ADDRESS": f"127.0.0.1:{logic}",
-                "IM_PUSHER_NATS_URL": self.nats.url(),
+                "IM_PUSHER_NATS_URL": self.nats_url_for(f"pusher-{i}"),
                 "IM_PUSHER_NATS_STREAM": self.stream,
                 "IM_PUSHER_NATS_SUBJECT_PREFIX": self.subject_prefix,
                 "IM_PUSHER_REDIS_URL": self.redis.url(),
@@ -308,7 +322,7 @@ class Stack:
         ports from `StackPorts.free()`, a port that another program took first is
         replaced by a new one and the services that use it are wired to it."""
         try:
-            start_all(self.infra, timeout)
+            self._start_infra(timeout)
             self._follow_moves()
             self._ensure_database()
             for group in (
@@ -321,6 +335,9 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _start_infra(self, timeout: float) -> None:
+        start_all(self.infra, timeout)
 
     def _follow_moves(self) -> None:
         """Records ports that moved during start-up in `ports` and rewires the
@@ -403,7 +420,7 @@ class Stack:
             "gateways": self.gateway_addresses,
             "database_url": self.database_url,
             "redis_url": self.redis.url(),
-            "nats_url": self.nats.url(),
+            "nats_url": self.nats_url,
             "token_secret_b64": base64.b64encode(self.token_secret.encode()).decode(),
         }
 

@@ -123,6 +123,17 @@ async def lock_send_tx(conn: Conn, locks: Sequence[tuple[int, int]]) -> None:
     )
 
 
+async def await_replication_tx(conn: Conn) -> None:
+    """Gives the transaction an xid, so that its COMMIT writes a commit record
+    and, with synchronous replication, returns only once the standby has flushed
+    the WAL up to it, and so every earlier commit. A read-only transaction commits
+    without waiting: this makes a duplicate's ACK (read from a row another
+    transaction committed) as durable as the original's, even if that commit's
+    wait for the standby was cancelled (PostgreSQL then keeps the commit locally
+    and only warns)."""
+    await conn.execute("SELECT pg_current_xact_id()")
+
+
 async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendState]:
     """Everything the sends of a batch decide on, in one statement, one state per
     key in the order given. Run it after the conversation and sender locks: then

@@ -396,6 +396,10 @@ class Sender:
             )
             new = self._decide(items, states)
             if not new:
+                if any(isinstance(i.outcome, SendAck) for i in items):
+                    # Only duplicates: ACK them once the standby has what they
+                    # name (a no-op wait without synchronous replication).
+                    await repo.await_replication_tx(conn)
                 return _Committed(items, [])
             keys: list[str] = []
             for item in new:

@@ -194,6 +194,9 @@ class TriggerConsumer:
             ack_wait=s.ack_wait_s,
             max_ack_pending=s.max_ack_pending,
             filter_subject=f"{s.nats_subject_prefix}.>",
+            # The consumer's state (acked floor, redeliveries) is replicated like
+            # the stream's messages: a node's death loses neither.
+            num_replicas=s.nats_replicas,
         )
         return await js.pull_subscribe(
             f"{s.nats_subject_prefix}.>",

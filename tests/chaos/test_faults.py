@@ -15,6 +15,8 @@ import pytest
 
 from chaos.faults import (
     CLIENT_KINDS,
+    CLUSTER_ONLY_KINDS,
+    CLUSTER_SERVER_KINDS,
     NATS_DOWN_LONG_MARGIN_S,
     SERVER_KINDS,
     FaultKind,
@@ -54,8 +56,11 @@ def test_pauses_and_downtimes_are_bounded() -> None:
 
 
 def test_server_and_client_kinds_partition_all_kinds() -> None:
-    assert set(SERVER_KINDS) | set(CLIENT_KINDS) == set(FaultKind)
+    assert set(SERVER_KINDS) | set(CLIENT_KINDS) | set(CLUSTER_ONLY_KINDS) == set(FaultKind)
     assert not set(SERVER_KINDS) & set(CLIENT_KINDS)
+    assert not set(CLUSTER_ONLY_KINDS) & (set(SERVER_KINDS) | set(CLIENT_KINDS))
+    # `make chaos-cluster` runs every single-node kind on top of its own.
+    assert set(CLUSTER_SERVER_KINDS) == set(SERVER_KINDS) | set(CLUSTER_ONLY_KINDS)
 
 
 class FlakyClients:
