@@ -135,8 +135,9 @@ bench-prune: deps ## Retention pruning of 2 x 1M rows under 300 sends/s (bench/p
 	$(PY) bench/prune.py
 
 AB_PRESET ?= liveness
-bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching)
-	$(PY) bench/e2e_ab.py --preset $(AB_PRESET)
+AB_ARGS ?=
+bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching); AB_ARGS="--closed-senders 10" adds the closed loop
+	$(PY) bench/e2e_ab.py --preset $(AB_PRESET) $(AB_ARGS)
 
 bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one run
 	$(PY) bench/e2e_idle.py

@@ -23,6 +23,9 @@ generator in processes of its own (multiprocessing, spawn):
    stored READ (receipts minus plain, over the READs stored in the window).
 4. One message to a 500-member group with every member online: time until the
    last member's app has it, over repeats.
+5. The closed loop (bench/e2e_closed.py, `--skip closed` leaves it out): 10
+   senders, each waiting for its SendAck before the next, to 10 receivers:
+   msg/s, send-ACK and delivery p50/p99, server CPU per message.
 
 Writes bench/results/e2e.json (e2e-quick.json with --quick), a PNG of latency
 against offered load (bench/results/e2e_latency.png, gitignored), and prints
@@ -566,6 +569,9 @@ def analyse_level(
     ack_rate = acks_in_window / cfg.duration_s
     deliv_rate = recvs_in_window / cfg.duration_s
     deliv = summary(deliv_ms)
+    ack_summary = summary(ack_ms)
+    # Both tails: a level whose deliveries keep up while its senders wait over a
+    # second for their ACKs is not sustained either.
     keeps_up = (
         not aborts
         and settled
@@ -574,6 +580,8 @@ def analyse_level(
         and not growing
         and deliv["p99"] is not None
         and float(deliv["p99"]) <= cfg.sustain_p99_ms
+        and ack_summary["p99"] is not None
+        and float(ack_summary["p99"]) <= cfg.sustain_p99_ms
     )
     ours = [k for k in cpu if k not in ("machine", "foreign", "total", "bench")]
     # A message's cost is half send path (ACKed) and half delivery path: when
@@ -589,7 +597,7 @@ def analyse_level(
         "delivered_per_s_in_window": round(deliv_rate, 1),
         "settled_by_drain_deadline": settled,
         "keeps_up": keeps_up,
-        "send_ack_ms": summary(ack_ms),
+        "send_ack_ms": ack_summary,
         "delivery_ms": deliv,
         "delivery_p50_ms_first_vs_last_quarter": [p50_first, p50_last],
         "loadgen_lag_ms": {"p99": summary(lag_ms)["p99"], "max": summary(lag_ms)["max"]},
@@ -1154,7 +1162,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sustain-p99-ms",
         type=float,
         default=1000.0,
-        help="delivery p99 above this means the level is not sustained",
+        help="send-ACK or delivery p99 above this means the level is not sustained",
     )
     p.add_argument("--connections", type=int, help="idle streams to open (default 10000)")
     p.add_argument("--conn-procs", type=int, default=4, help="processes holding them")
@@ -1186,7 +1194,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=2,
         help="runs per side and level, ABBA order (default 2)",
     )
-    p.add_argument("--skip", default="", help="comma list of: load,search,receipts,conns,group")
+    p.add_argument(
+        "--skip", default="", help="comma list of: load,search,closed,receipts,conns,group,ws"
+    )
     p.add_argument("--profile", action="store_true", help="py-spy every service during a level")
     p.add_argument("--profile-rate", type=float, default=1000.0)
     p.add_argument("--py-spy", default="", help="py-spy binary (default: PATH, /tmp/pyspy/bin)")
@@ -1196,6 +1206,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     import e2e_ws  # here, not at the top: e2e_ws builds on this module
 
     e2e_ws.add_args(p)
+    import e2e_closed
+
+    e2e_closed.add_args(p)
     args = p.parse_args(argv)
     quick = args.quick
     args.pairs = args.pairs or (100 if quick else 200)
@@ -1235,7 +1248,8 @@ def find_py_spy(hint: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import e2e_ws  # here, not at the top: e2e_ws builds on this module
+    import e2e_closed  # here, not at the top: these build on this module
+    import e2e_ws
 
     args = parse_args(argv)
     t_start = time.monotonic()
@@ -1305,6 +1319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if "ws" not in args.skip:
             report["websocket"] = e2e_ws.run(stack, args, meter_groups, metrics)
+        if "closed" not in args.skip and args.closed_senders > 0:
+            report["closed"] = e2e_closed.run(stack, args, meter_groups, metrics)
         if "load" not in args.skip:
             cfg = LoadConfig.from_args(args)
             log(f"1:1 load: {args.pairs} pairs in {args.workers} load-generator processes")
@@ -1405,6 +1421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report["result"] = result
     result.update(e2e_ws.result_fields(report))
+    result.update(e2e_closed.result_fields(report))
     report["targets"] = {
         "max_msgs_per_s >= 2000": _met(result["max_msgs_per_s"], 2000, ge=True),
         "send_ack_p99_ms_at_1000 <= 50": _met(result["send_ack_p99_ms_at_1000"], 50),
@@ -1414,6 +1431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "group500_last_member_p99_ms <= 1000": _met(result["group500_last_member_p99_ms"], 1000),
     }
     report["targets"].update(e2e_ws.targets(result))
+    report["targets"].update(e2e_closed.targets(result))
     report["elapsed_s"] = round(time.monotonic() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

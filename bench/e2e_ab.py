@@ -7,7 +7,9 @@ configurations of the same code, alternated on the same machine.
 "before" turns one change off with the settings that reproduce the old cost
 (`--preset`: `liveness`, the default, turns the gateway's head checks and
 catch-ups off; `batching` turns send/fan-out/ACK batching off); "after" is the
-default configuration. Each
+default configuration. `--closed-senders 10` adds the closed-loop level of
+bench/e2e_closed.py to each side (before the open-loop levels; `--levels ''
+--no-search` runs it alone). Each
 round starts a fresh stack per configuration (ABBA order over rounds, so a drift
 in the machine's load does not favour one side), offers the same fixed loads,
 and, unless --no-search, searches each side's highest sustained rate. Every level
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import e2e
+import e2e_closed
 from pydantic_settings import BaseSettings
 
 from imdev.stack import Stack
@@ -120,17 +123,21 @@ def run_side(
         "bench": [os.getpid()],
     }
     cfg = e2e.LoadConfig.from_args(args)
-    out: dict[str, Any] = {"env": env, "levels": {}, "search": None}
+    out: dict[str, Any] = {"env": env, "levels": {}, "search": None, "closed": None}
     phase = e2e.LoadPhase(stack, cfg, groups, metrics)
     try:
-        phase.open()
-        phase.run_level(200, "warmup", duration_s=3.0)
+        if args.closed_senders > 0:
+            # On clients of its own, before the open-loop levels fill the tables.
+            out["closed"] = e2e_closed.run(stack, args, groups, metrics)
+        if levels or args.search:
+            phase.open()
+            phase.run_level(200, "warmup", duration_s=3.0)
         fixed = []
         for offered in levels:
             res = phase.run_level(offered, f"{name}-{int(offered)}")
             fixed.append(res)
             out["levels"][str(int(offered))] = res.data
-        if args.search:
+        if args.search and fixed:
             out["search"] = phase.search(fixed, args.search_steps, resolution=50.0)
             e2e.log(f"[{name}] max sustained {out['search']['max_msgs_per_s']} msg/s")
     finally:
@@ -168,6 +175,19 @@ def summarise(rounds: list[dict[str, Any]], levels: list[float]) -> dict[str, An
             }
         searches = [run["search"]["max_msgs_per_s"] for run in runs if run["search"]]
         out[side] = {"levels": per_level, "max_msgs_per_s": _median(searches)}
+        closed = [run["closed"] for run in runs if run.get("closed")]
+        if closed:
+            out[side]["closed"] = {
+                "msgs_per_s": _median([c["msgs_per_s"] for c in closed]),
+                "send_p50_ms": _median([c["send_ack_ms"]["p50"] for c in closed]),
+                "send_p99_ms": _median([c["send_ack_ms"]["p99"] for c in closed]),
+                "delivery_p50_ms": _median([c["delivery_ms"]["p50"] for c in closed]),
+                "delivery_p99_ms": _median([c["delivery_ms"]["p99"] for c in closed]),
+                "cpu_ms_per_msg": _median([c["server_cpu_ms_per_msg"] for c in closed]),
+                "exactly_once": all(c["final_counts"]["exactly_once"] for c in closed),
+                "foreign_cores": [c["cpu_cores"]["foreign"] for c in closed],
+                "loadavg": [c["loadavg"] for c in closed],
+            }
     out["ratios_after_over_before"] = {
         "max_msgs_per_s": _ratio(out["after"]["max_msgs_per_s"], out["before"]["max_msgs_per_s"]),
         **{
@@ -178,6 +198,11 @@ def summarise(rounds: list[dict[str, Any]], levels: list[float]) -> dict[str, An
             for k in out["after"]["levels"]
         },
     }
+    if "closed" in out["after"] and "closed" in out["before"]:
+        a, b = out["after"]["closed"], out["before"]["closed"]
+        out["ratios_after_over_before"].update(
+            {f"closed_{k}": _ratio(a[k], b[k]) for k in a if k.endswith(("_ms", "_s", "_msg"))}
+        )
     return out
 
 
@@ -207,6 +232,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=20.0)
     p.add_argument("--no-search", dest="search", action="store_false")
     p.add_argument("--search-steps", type=int, default=3)
+    e2e_closed.add_args(p, default_senders=0)
     p.add_argument(
         "--out",
         type=Path,
@@ -233,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rounds": args.rounds,
             "pairs": args.pairs,
             "duration_s": args.duration,
+            "closed_senders": args.closed_senders,
             "before": args.before,
             "after": args.after,
             "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
@@ -257,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"foreign {d['foreign_cores']}"
             )
         e2e.log(f"  {side:6} max sustained {summary[side]['max_msgs_per_s']} msg/s")
+        if "closed" in summary[side]:
+            e2e.log(f"  {side:6} closed loop: {summary[side]['closed']}")
     result = {
         "before_max_msgs_per_s": summary["before"]["max_msgs_per_s"],
         "after_max_msgs_per_s": summary["after"]["max_msgs_per_s"],

@@ -11,6 +11,8 @@ Commands (a tuple `(name, args)`; the reply is a dict):
   start time; then wait until every message is acknowledged and received (or a
   deadline passes) and return one record per message. With `mark_read`, every
   recipient marks what it receives read (see "Read receipts" below).
+- `closed`: closed-loop traffic: each of the first few senders sends its next
+  message only when the previous one is acknowledged.
 - `verify`: the final exactly-once count of a level, after its backlog drained,
   and its READ counts.
 - `quiesce`: wait until the previous level's backlog is gone.
@@ -104,6 +106,9 @@ class _Level:
     reads_failed: list[str] = field(default_factory=list)
     read_stored_at: list[float] = field(default_factory=list)  # when each stored ACK came
     read_ack_ms: list[float] = field(default_factory=list)  # READ submit -> its SendAck
+    # Closed loop: j is taken in send order, not from a schedule, so the pair
+    # that sent message j is recorded here (open loop: pair j % pairs).
+    pair_of: list[int] | None = None
 
     def __post_init__(self) -> None:
         nan = math.nan
@@ -198,7 +203,8 @@ class Worker:
             j = int(parts[2])
             if not 0 <= j < level.total:
                 return
-            if m.sender_id != pair.sender_id or j % level.pairs != pair.index:
+            owner = j % level.pairs if level.pair_of is None else level.pair_of[j]
+            if m.sender_id != pair.sender_id or owner != pair.index:
                 level.wrong_recipient += 1
                 return
             if level.recv_count[j] == 0:
@@ -338,6 +344,54 @@ class Worker:
             "settled": level.settled(),
         }
 
+    async def closed(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Closed loop: the first `senders` pairs of this worker each send one
+        message, wait for its SendAck, and send the next, from `start_at` for
+        `run_s` seconds (the recipients receive and ACK their pushes as in the
+        open loop). Records per message like `load`, with `submitted_at` the send
+        time (there is no schedule: latency is counted from the submit)."""
+        name = str(args["level"])
+        start, run_s = float(args["start_at"]), float(args["run_s"])
+        senders = self.pairs[: int(args["senders"])]
+        # Room for far more than a closed loop of a few senders completes.
+        cap = int(run_s * int(args["max_rate"])) + 1
+        level = _Level(name, start, 1.0, cap, len(self.pairs))
+        level.pair_of = [-1] * cap
+        self.levels[name] = level
+        end = start + run_s
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+
+        async def sender(pair: _Pair) -> None:
+            assert pair.sender is not None
+            while (now := time.monotonic()) < end and level.submitted < cap:
+                j = level.submitted
+                level.submitted += 1
+                assert level.pair_of is not None
+                level.pair_of[j] = pair.index
+                level.submitted_at[j] = now
+                body = f"L|{name}|{j}|{now:.6f}".encode()
+                try:
+                    await pair.sender.submit(pair.conversation_id, body)
+                except Exception as exc:  # counted as failed by `verify`
+                    level.failed[j] = repr(exc)
+                    await asyncio.sleep(0.05)
+                    continue
+                level.ack_at[j] = time.monotonic()
+
+        await asyncio.gather(*(sender(p) for p in senders))
+        j = level.submitted
+        deadline = time.monotonic() + float(args["drain_s"])
+        while not level.settled() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return {
+            "submitted": j,
+            "submitted_at": level.submitted_at[:j],
+            "ack_at": level.ack_at[:j],
+            "recv_at": level.recv_at[:j],
+            "recv_count": level.recv_count[:j],
+            "settled": level.settled(),
+        }
+
     async def verify(self, args: dict[str, Any]) -> dict[str, Any]:
         """Final exactly-once accounting of a level (after `quiesce`): every
         submitted message acknowledged, received once by its recipient, in order."""
@@ -449,6 +503,7 @@ async def _serve(conn: Connection, addresses: list[str], name: str) -> None:
     handlers = {
         "pairs": worker.open_pairs,
         "load": worker.load,
+        "closed": worker.closed,
         "group": worker.open_group,
         "quiesce": worker.quiesce,
         "verify": worker.verify,
