@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,63 @@ def add_args(p: argparse.ArgumentParser, default_senders: int = 10) -> None:
         type=float,
         help="measured seconds of the closed-loop level (default: --duration)",
     )
+
+
+class HistScraper:
+    """Sums and counts of the services' Prometheus histograms between two
+    scrapes: the mean time of each hop (RPC client and server latency by
+    method, logic's transactions by operation, the pusher's commit-to-push) and
+    how many observations each message made of it."""
+
+    def __init__(self, endpoints: dict[str, int]) -> None:
+        self.endpoints = endpoints
+        self._before: dict[str, float] = {}
+
+    def _scrape(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, port in self.endpoints.items():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.rpartition(" ")
+                metric, _, labels = key.partition("{")
+                if not metric.startswith("im_") or not metric.endswith(("_sum", "_count")):
+                    continue
+                label = ",".join(
+                    part.split("=", 1)[1].strip('"')
+                    for part in labels.rstrip("}").split(",")
+                    if "=" in part
+                )
+                out[f"{name}:{metric.removeprefix('im_')}[{label}]"] = float(value)
+        return out
+
+    def start(self) -> None:
+        self._before = self._scrape()
+
+    def stop(self, messages: int) -> dict[str, dict[str, float]]:
+        """{hop: {"mean_ms", "per_msg"}} for every histogram observed meanwhile
+        (sizes, such as logic's send batch size, as plain means)."""
+        after = self._scrape()
+        delta = {k: v - self._before.get(k, 0.0) for k, v in after.items()}
+        out: dict[str, dict[str, float]] = {}
+        for key, count in sorted(delta.items()):
+            name, _, label = key.partition("[")
+            if not name.endswith("_count") or count <= 0:
+                continue
+            base = name.removesuffix("_count")
+            total = delta.get(f"{base}_sum[{label}", 0.0)
+            seconds = base.endswith("_seconds")
+            hop = f"{base.removesuffix('_seconds')}[{label}"
+            out[hop] = {
+                "mean_ms" if seconds else "mean": round(
+                    total / count * (1000 if seconds else 1), 3
+                ),
+                "per_msg": round(count / messages, 3) if messages else 0.0,
+            }
+        return out
 
 
 def analyse(
@@ -105,6 +163,7 @@ def run_level(phase: LoadPhase, senders: int, label: str, duration_s: float) -> 
     run_s = cfg.warmup_s + duration_s
     if phase.metrics is not None:
         phase.metrics.start()
+    hists = HistScraper(phase.metrics.endpoints) if phase.metrics is not None else None
     pg = PgStats(phase.stack.database_url)
     pg.start()
     for proc, n in zip(phase.procs, per_worker, strict=True):
@@ -123,13 +182,23 @@ def run_level(phase: LoadPhase, senders: int, label: str, duration_s: float) -> 
     meter = e2e.CpuMeter(phase.meter_groups)
     time.sleep(max(0.0, window[0] - time.monotonic()))
     meter.start()
+    if hists is not None:
+        hists.start()
     time.sleep(max(0.0, window[1] - time.monotonic()))
     cpu = meter.stop()
+    hops = hists.stop(1) if hists is not None else {}
     replies = [p.recv(cfg.drain_s + run_s + 120) for p in phase.procs]
     for r in replies:
         if "error" in r:
             raise RuntimeError(f"closed-loop worker failed: {r['error']}")
     data = analyse(replies, window, cpu)
+    acked = data["msgs_per_s"] * duration_s
+    # Per-hop means over the measured window (see docs/benchmarks.md, "The
+    # closed loop, hop by hop"); per_msg = observations per message ACKed.
+    data["hops"] = {
+        k: {**v, "per_msg": round(v["per_msg"] / acked, 3) if acked else None}
+        for k, v in hops.items()
+    }
     submitted = sum(r["submitted"] for r in replies)
     e2e.call_all(
         phase.procs, "quiesce", [{"timeout_s": cfg.quiesce_s, "quiet_s": 1.0}] * len(phase.procs)
@@ -144,6 +213,7 @@ def run_level(phase: LoadPhase, senders: int, label: str, duration_s: float) -> 
         label=label,
         senders=senders,
         duration_s=duration_s,
+        window_monotonic=list(window),
         foreign_cores_before=foreign_before,
         loadavg=Path("/proc/loadavg").read_text().split()[:3],
         final_counts=final,
