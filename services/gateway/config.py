@@ -217,6 +217,15 @@ class Settings(ServerSettings):
         "leave in a call of their own (calls then overlap). 0 = until that call returns "
         "(at most IM_GATEWAY_LOGIC_TIMEOUT_S). With no call in flight sends leave at once.",
     )
+    send_max_inflight: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Calls to logic (SendMessages or SendMessage) a gateway starts without "
+        "waiting: sends queued while fewer are in flight leave at once, in a call of their "
+        "own. 1 = sends wait behind the call in flight (or IM_GATEWAY_SEND_BATCH_LINGER_MS). "
+        "Logic batches what arrives meanwhile into its next transaction anyway.",
+    )
     # -- WebSocket (gateway/websocket.py) -----------------------------------------
     ws_port: int = Field(
         0,

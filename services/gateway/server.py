@@ -97,6 +97,7 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         runtime.metrics,
         batch_max=settings.send_batch_max,
         linger_s=settings.send_batch_linger_ms / 1000,
+        max_inflight=settings.send_max_inflight,
     )
     liveness = None
     if settings.liveness_s:

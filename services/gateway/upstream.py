@@ -100,9 +100,10 @@ class LogicClient:
     With `batch_max` 1 every send is one SendMessage call in its caller's task (the
     behaviour before batching). Otherwise concurrent sends of ALL connections are
     queued and leave together: when no call to logic is in flight, what was queued
-    in the same event-loop turn goes at once (a lone send is not delayed); while a
-    call is in flight, sends wait until it returns, or at most `linger_s` when that
-    is above 0 (then calls overlap). A batch holds up to `batch_max` sends and
+    in the same event-loop turn goes at once (a lone send is not delayed); so does
+    it while fewer than `max_inflight` calls are in flight. Otherwise sends wait
+    until a call returns, or at most `linger_s` when that is above 0 (then more
+    calls overlap). A batch holds up to `batch_max` sends and
     SEND_BATCH_BYTES of bodies (more pending -> several calls at once); a batch of
     one is a plain SendMessage in the sender's trace, a bigger one is one
     SendMessages call whose items carry their senders' traceparents. Each send gets
@@ -130,6 +131,7 @@ class LogicClient:
         batch_max: int = 1,
         linger_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        max_inflight: int = 1,
     ) -> None:
         self.stub = logic_pb2_grpc.LogicStub(channel)
         #: The store epoch logic last reported (GetHeads, SyncMessages); "" until
@@ -142,6 +144,7 @@ class LogicClient:
         self.retry_s = retry_s
         self.batch_max = batch_max
         self.linger_s = linger_s
+        self.max_inflight = max_inflight
         self._clock = clock
         self._pending: list[_Queued] = []
         self._inflight = 0
@@ -268,7 +271,7 @@ class LogicClient:
         loop = asyncio.get_running_loop()
         item = _Queued(request, otel_context.get_current(), loop.create_future())
         self._pending.append(item)
-        if self._inflight == 0:
+        if self._inflight < self.max_inflight:
             self._flush_soon(loop)
         elif self.linger_s > 0 and self._flush_handle is None:
             self._flush_handle = loop.call_later(

@@ -244,6 +244,40 @@ async def test_with_linger_sends_leave_behind_a_call_still_in_flight(
     assert batches >= 1 and sends + batches < N + 1, (sends, batches)
 
 
+async def test_max_inflight_2_a_second_call_overlaps_the_first(
+    logic_stack: tuple[ServiceProcess, int],
+    start_gateway: Callable[..., ServiceProcess],
+    pg_dsn: str,
+) -> None:
+    """IM_GATEWAY_SEND_MAX_INFLIGHT=2: with the blocker's call in flight the next
+    send leaves at once in a call of its own (it waits in logic's committer queue,
+    not in the gateway); the rest wait in the gateway behind the two and leave in
+    one SendMessages when a call returns. Every send gets its ACK."""
+    logic, lport = logic_stack
+    gport = free_port()
+    gw = start_gateway(
+        IM_GATEWAY_LOGIC_ADDRESS=logic.address,
+        IM_GATEWAY_METRICS_PORT=str(gport),
+        IM_GATEWAY_SEND_MAX_INFLIGHT="2",
+    )
+    before = await calls(lport, "server")
+
+    async def waiting(n: int) -> bool:
+        if n == 0:
+            return await _lock_waits(pg_dsn)
+        in_logic = await m(lport, "im_logic_send_queued")
+        in_gateway = await m(gport, "im_gateway_sends_waiting")
+        return in_logic >= 1 and in_logic + in_gateway >= n
+
+    answers, _ = await one_round(pg_dsn, gw.address, waiting)
+    assert all(isinstance(a, gateway_pb2.SendAck) for a in answers), answers
+    after = await calls(lport, "server")
+    sends, batches = after[SEND] - before[SEND], after[SENDS] - before[SENDS]
+    # The blocker, the overlapping call (one send, or a few written in one turn),
+    # and the rest together: at most three calls, never one per send.
+    assert sends + batches <= 3 and sends >= 1, (sends, batches)
+
+
 class _OldLogic:
     """A logic stand-in older than SendMessages: it serves only SendMessage, whose
     call for client_msg_id "block" waits until `release` is set."""
