@@ -903,10 +903,10 @@ def main() -> int:
     }
 
     print()
-    print(f"{'phase':36} {'ids/s':>12} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9}")
+    print(f"{'phase':48} {'ids/s':>12} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9}")
     for name, r in rows.items():
         print(
-            f"{name:36} {r['ids_per_s']:>12,.0f} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
+            f"{name:48} {r['ids_per_s']:>12,.0f} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
             f"{r['p999_ms']:>9.3f}"
         )
     print()
