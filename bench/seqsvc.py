@@ -291,9 +291,10 @@ async def _open_loop(
     tasks: set[asyncio.Task[None]] = set()
     cpu0 = time.process_time()
     next_check = start
+    last_done = t_measure
 
     async def one(i: int, due: float) -> None:
-        nonlocal errors
+        nonlocal errors, last_done
         launched = clock() - due
         failed = False
         try:
@@ -301,9 +302,11 @@ async def _open_loop(
         except Exception:
             failed = True
         if due >= t_measure:
-            lat.append(clock() - due)
+            done = clock()
+            lat.append(done - due)
             lag.append(launched)
             errors += failed
+            last_done = max(last_done, done)
 
     i = 0
     while i < total:
@@ -326,6 +329,9 @@ async def _open_loop(
     lag.sort()
     out.update(
         offered_per_s=rate,
+        # From the first due time measured to the last answer: below the offered
+        # rate when calls queued up (the backlog drained after the window).
+        completed_per_s=round(len(lat) / max(1e-9, last_done - t_measure), 1),
         errors=errors,
         lag_p50_ms=round(pct(lag, 0.50) * 1000, 3),
         lag_p99_ms=round(pct(lag, 0.99) * 1000, 3),
@@ -468,6 +474,7 @@ def run_open_loop(
     """`spec["rate"]` offered by `procs` generator processes together (each at
     rate / procs); merges their latencies and adds the servers' CPU use."""
     cpu0 = [cpu_seconds(s) for s in servers]
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     running = [start_worker({**spec, "rate": spec["rate"] / procs}) for _ in range(procs)]
     parts = [finish_worker(p, spec["kind"]) for p in running]
@@ -476,6 +483,8 @@ def run_open_loop(
     out: dict[str, Any] = summary(len(lat), spec["duration"], lat)
     out.update(
         offered_per_s=spec["rate"],
+        completed_per_s=round(sum(p["completed_per_s"] for p in parts), 1),
+        loadavg_1m_before=round(load, 2),
         generators=procs,
         errors=sum(p["errors"] for p in parts),
         lag_p99_ms=max(p["lag_p99_ms"] for p in parts),
@@ -747,7 +756,9 @@ def main() -> int:
 
         def phase(name: str, spec: dict[str, Any]) -> None:
             print(f"  running {name} ...", file=sys.stderr, flush=True)
+            load = os.getloadavg()[0]
             rows[name] = run_worker({**common, **spec})
+            rows[name]["loadavg_1m_before"] = round(load, 2)
 
         phase(
             "redis_incr (64 tasks)", {"kind": "redis", "url": stack.redis.url(), "concurrency": 64}
@@ -788,12 +799,14 @@ def main() -> int:
             label = f"seq_routed coalesced, {n} instance{'s' if n > 1 else ''}"
             print(f"  running {label} ...", file=sys.stderr, flush=True)
             cpu0 = [cpu_seconds(x) for x in cluster.live()]
+            load = os.getloadavg()[0]
             t0 = time.perf_counter()
             rows[label] = run_worker(
                 {**common, "kind": "coalesced", "address": cluster.procs["a"].address,
                  "concurrency": 1000}
             )  # fmt: skip
             wall = time.perf_counter() - t0
+            rows[label]["loadavg_1m_before"] = round(load, 2)
             rows[label]["server_cpu_pct"] = [
                 round(100 * (cpu_seconds(x) - c) / wall, 1)
                 for x, c in zip(cluster.live(), cpu0, strict=True)
@@ -914,7 +927,8 @@ def main() -> int:
         if "offered_per_s" in r:
             print(
                 f"{name}: offered {r['offered_per_s']:,.0f}/s by {r['generators']} generator "
-                f"process(es), completed {r['ids_per_s']:,.0f}/s, {r['errors']} errors; "
+                f"process(es), completed {r['completed_per_s']:,.0f}/s, {r['errors']} errors; "
+                f"load average {r['loadavg_1m_before']} at its start; "
                 f"launch lag p99 {r['lag_p99_ms']} ms; CPU % generators "
                 f"{r['generator_cpu_pct']}, servers {r['server_cpu_pct']}"
             )
