@@ -444,7 +444,10 @@ def worker_main(spec: dict[str, Any]) -> None:
     import uvloop
 
     result = uvloop.run(WORKERS[spec["kind"]](spec))
-    print(json.dumps(result))
+    # The event loop may leave stdout non-blocking: a result larger than the pipe
+    # (the latencies of an open loop) would then be cut short when nobody reads yet.
+    os.set_blocking(sys.stdout.fileno(), True)
+    print(json.dumps(result), flush=True)
 
 
 def start_worker(spec: dict[str, Any]) -> subprocess.Popen[str]:
