@@ -24,6 +24,10 @@ from imclient.tokens import mint_token
 from imcommon.metrics import Metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+# bench/e2e.py, which e2e_ws imports, shares its name with tests/e2e: a namespace
+# package `e2e` imported during collection would shadow it. Drop that one.
+if getattr(sys.modules.get("e2e"), "__file__", "") is None:
+    del sys.modules["e2e"]
 import e2e_ws
 import e2e_ws_conns
 
