@@ -23,9 +23,12 @@ from im.gateway.v1 import gateway_pb2
 from imclient.tokens import mint_token
 from imcommon.metrics import Metrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-# bench/e2e.py, which e2e_ws imports, shares its name with tests/e2e: a namespace
-# package `e2e` imported during collection would shadow it. Drop that one.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
+# At the END of the path: bench/logic.py must not hide the `logic` package from
+# the tests that import it later in this process. bench/e2e.py, which e2e_ws
+# imports, shares its name with tests/e2e: a regular module found anywhere on the
+# path wins over a namespace package, but one already imported during collection
+# would shadow it. Drop that one.
 if getattr(sys.modules.get("e2e"), "__file__", "") is None:
     del sys.modules["e2e"]
 import e2e_ws
