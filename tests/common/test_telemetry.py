@@ -260,7 +260,7 @@ async def test_each_method_is_instrumented_once_not_per_call(
     once = [CURRENT] if how == "interceptor" else registered
     assert sorted(server_wraps) == once, "no handler was wrapped per call"
     assert sorted(client_wraps) == sorted(
-        f"/{SEQ}/{m}" for m in ("Next", "NextBatch", "Reserve", "Current")
+        f"/{SEQ}/{m}" for m in ("Next", "NextBatch", "Reserve", "Current", "GetRouting")
     )
     # Every call counted exactly once on each side.
     assert (

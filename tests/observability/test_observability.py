@@ -192,8 +192,13 @@ async def test_metrics_move_for_one_message(observed: Observed) -> None:
     alice, bob = uid("alice"), uid("bob")
     conv = direct_conversation_id(alice, bob)
     async with (
-        Client(stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True) as a,
-        Client(stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True) as b,
+        Client(
+            stack.gateway_addresses, stack.mint(alice, "a1"), insecure=True, auto_delivered=False
+        ) as a,
+        # No automatic DELIVERED receipt: it is a send of its own (one message here).
+        Client(
+            stack.gateway_addresses, stack.mint(bob, "b1"), insecure=True, auto_delivered=False
+        ) as b,
     ):
         # Warm: both streams are open and routed; the counters settle.
         first = await a.send(conv, "warm-up")

