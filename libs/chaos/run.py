@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from chaos.faults import (
     ALL_SERVER_KINDS,
     CLIENT_KINDS,
     SERVER_KINDS,
+    FailoverTimes,
     FaultKind,
     FaultLog,
     ServerFaults,
@@ -121,7 +122,12 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and self.quiet and self.online.online_late == 0
+        return (
+            self.report.ok
+            and self.quiet
+            and self.online.online_late == 0
+            and (self.cluster is None or self.cluster.ok)
+        )
 
     def result(self) -> dict[str, object]:
         r = self.report
@@ -238,6 +244,14 @@ class RunResult:
         out.append(f"  faults       {sum(self.fault_counts.values())} ({self.fault_errors} failed)")
         for kind, n in self.fault_counts.items():
             out.append(f"    {kind:<28} {n:>5}")
+        c = self.cluster
+        if c is not None:
+            secs = ", ".join(f"{x:.2f}" for x in c.failover_s) or "none"
+            out.append(
+                f"  failover     {c.pg_failovers} PostgreSQL failovers, kill -9 to the first "
+                f"ACK of a new send: {secs} s; ACKed before the standby was back: "
+                f"{c.acked_without_standby}" + (" VIOLATION" if c.acked_without_standby else "")
+            )
         out.append("  max online delivery per fault kind (s; pairs; late)")
         for kind, worst in sorted(o.max_by_kind.items()):
             late = o.late_by_kind.get(kind, 0)
@@ -337,7 +351,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         echo=note,
     )
     flog = FaultLog(echo=echo)
-    primary_kills: list[float] = []
+    failovers: list[FailoverTimes] = []
     try:
         await w.setup()
         # Observers first: every message the workload sends is acked after
@@ -392,7 +406,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
                 "nats": [w for w in proxies if w.startswith("pusher")],
             },
         )
-        primary_kills = server_faults.primary_kills
+        failovers = server_faults.failovers
         n_tracks = max(1, config.server_tracks)
         flog.started = time.monotonic()
         tracks_ = [
@@ -522,7 +536,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         t0=w.t0,
         history=history,
         cluster=(
-            cluster_report(stack, w, flog, primary_kills)
+            cluster_report(stack, w, flog, failovers)
             if isinstance(stack, ClusterStack) or config.cluster
             else None
         ),
@@ -562,7 +576,12 @@ class ClusterReport:
     """What the cluster faults cost: counts, the longest write outage around
     each fault kind (longest gap between consecutive send-ACKs, of any client,
     that overlaps a fault of that kind) and each PostgreSQL failover's time from
-    the primary's kill -9 to the first send-ACK of a message first sent after it."""
+    the primary's kill -9 to the first send-ACK of a message first sent after it.
+
+    `acked_without_standby` counts the sends first made after a primary's kill
+    and ACKed before the rebuilt standby was even started: with synchronous
+    commit no such ACK can exist, so any is a durability violation (an ACK of a
+    commit that only the new primary holds)."""
 
     nats_nodes: int
     pg_nodes: int
@@ -570,6 +589,11 @@ class ClusterReport:
     nats_node_kills: int
     write_outage_s: dict[str, float]
     failover_s: list[float]
+    acked_without_standby: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.acked_without_standby == 0
 
     def result(self) -> dict[str, object]:
         return {
@@ -578,27 +602,58 @@ class ClusterReport:
             "nats_node_kills": self.nats_node_kills,
             "longest_write_outage_s": self.write_outage_s,
             "failover_s_max": round(max(self.failover_s), 2) if self.failover_s else None,
+            "acked_without_standby": self.acked_without_standby,
         }
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "failover_s": [round(x, 2) for x in self.failover_s]}
 
 
+@dataclass(frozen=True)
+class SendTimes:
+    """One submission of a send (monotonic times; acked None: no ACK)."""
+
+    client_msg_id: str
+    attempted: float
+    acked: float | None
+
+
+def failover_numbers(
+    sends: Sequence[SendTimes], failovers: Sequence[FailoverTimes]
+) -> tuple[list[float], int]:
+    """(per failover, seconds from the kill to the first ACK of a message whose
+    FIRST submission came after the kill; the number of such ACKs that came
+    before the rebuilt standby started, over all failovers).
+
+    Only a message first submitted after the kill measures the failover: an ACK
+    that arrives just after the kill may be of a commit the old primary made
+    (and its standby confirmed) before it died, and a resubmission of an older
+    message may be answered from its stored ACK."""
+    first: dict[str, float] = {}
+    for s in sends:
+        first[s.client_msg_id] = min(first.get(s.client_msg_id, math.inf), s.attempted)
+    fresh = [
+        (first[s.client_msg_id], s.acked)
+        for s in sends
+        if s.acked is not None and s.attempted == first[s.client_msg_id]
+    ]
+    times: list[float] = []
+    early = 0
+    for f in failovers:
+        acks = sorted(acked for attempted, acked in fresh if attempted >= f.killed)
+        if acks:
+            times.append(acks[0] - f.killed)
+        standby = math.inf if f.standby_started is None else f.standby_started
+        early += sum(1 for a in acks if a < standby)
+    return times, early
+
+
 def cluster_report(
-    stack: Stack, w: Workload, flog: FaultLog, primary_kills: list[float]
+    stack: Stack, w: Workload, flog: FaultLog, failovers: Sequence[FailoverTimes]
 ) -> ClusterReport:
     acks = sorted(w.t0 + s.acked_at for s in w.sends if s.acked_at is not None)
-    first_try: dict[str, float] = {}
-    for s in w.sends:
-        first_try[s.client_msg_id] = min(first_try.get(s.client_msg_id, math.inf), s.attempted_at)
-    fresh = sorted(
-        w.t0 + s.acked_at
-        for s in w.sends
-        if s.acked_at is not None and s.attempted_at == first_try[s.client_msg_id]
-    )
     server = {k.value for k in ALL_SERVER_KINDS}
     outage: dict[str, float] = {}
-    failovers: list[float] = []
     for e in flog.events:
         if e.kind not in server:
             continue
@@ -606,10 +661,17 @@ def cluster_report(
         end = start + e.duration_s
         gap = longest_gap(acks, start, end)
         outage[e.kind] = round(max(outage.get(e.kind, 0.0), gap), 2)
-    for killed in primary_kills:
-        i = bisect.bisect_left(fresh, killed)
-        if i < len(fresh):
-            failovers.append(fresh[i] - killed)
+    times, early = failover_numbers(
+        [
+            SendTimes(
+                s.client_msg_id,
+                w.t0 + s.attempted_at,
+                None if s.acked_at is None else w.t0 + s.acked_at,
+            )
+            for s in w.sends
+        ],
+        failovers,
+    )
     nats = getattr(stack, "nats_nodes", [stack.nats])
     pg = getattr(stack, "pg_nodes", [stack.postgres])
     ok = [e for e in flog.events if not e.error]
@@ -619,7 +681,8 @@ def cluster_report(
         pg_failovers=sum(1 for e in ok if e.kind == "pg_failover"),
         nats_node_kills=sum(1 for e in ok if e.kind == "nats_node_kill"),
         write_outage_s=dict(sorted(outage.items())),
-        failover_s=failovers,
+        failover_s=times,
+        acked_without_standby=early,
     )
 
 
