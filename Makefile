@@ -113,7 +113,7 @@ test-fast: deps ## pytest only, skipping slow tests
 run: deps ts-build ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services, the web chat); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
-run-cluster: deps ## The replicated topology locally: 3 NATS nodes (stream R3), PostgreSQL primary + synchronous standby, 2 of each service (one seqsvc); same ports base as run
+run-cluster: deps ## The replicated topology locally: 3 NATS nodes (stream R3), PostgreSQL primary + synchronous standby, 2 of each service, 3 seqsvc instances; same ports base as run
 	$(PY) -m imdev run-cluster
 
 stop: ## Stop everything `make run` started (whatever its state file says)

@@ -291,7 +291,7 @@ class ServerFaults:
             "gateway": self.stack.gateways,
             "logic": self.stack.logics,
             "pusher": self.stack.pushers,
-            "seqsvc": [self.stack.seqsvc],
+            "seqsvc": self.stack.seqsvcs,
         }[kind]
 
     def prepare(self, f: PlannedFault) -> tuple[str, Callable[[], None]]:
@@ -308,7 +308,8 @@ class ServerFaults:
             i = f.choice % len(procs)
             return f"{svc}[{i}]:{procs[i].port}", lambda: self.kill_restart(procs[i], f.downtime_s)
         if k is FaultKind.SEQSVC_RESTART:
-            seqsvc = self.stack.seqsvc
+            seqsvcs = self.stack.seqsvcs
+            seqsvc = seqsvcs[f.choice % len(seqsvcs)]
             return f"seqsvc:{seqsvc.port}", lambda: self.term_restart(seqsvc, f.downtime_s)
         if k is FaultKind.ROLLING_RESTART:
             kind = ROLLING_TARGETS[f.choice % len(ROLLING_TARGETS)]

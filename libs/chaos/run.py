@@ -41,6 +41,7 @@ from chaos.faults import (
 )
 from chaos.netproxy import TcpProxy
 from chaos.observer import Observer
+from chaos.seqcheck import SeqProbe, SeqProbeReport, store_order_violations
 from chaos.workload import Workload, WorkloadConfig
 from imdev.cluster import ClusterPorts, ClusterStack
 from imdev.servers import ROOT
@@ -85,6 +86,7 @@ class RunConfig:
     gateways: int = 2
     logics: int = 2
     pushers: int = 2
+    seqsvcs: int = 3  # the cluster's seqsvc instances (the single-node stack runs one)
     env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     workdir: Path | None = None
     keep_workdir: bool = False
@@ -115,6 +117,10 @@ class RunResult:
     t0: float = 0.0  # monotonic time the workload's clock starts at (for the JSON)
     history: checker.History | None = None  # what the checker read (not in the JSON)
     cluster: ClusterReport | None = None
+    #: seqsvc's values as a probe client saw them (I6), None: not probed.
+    seq_probe: SeqProbeReport | None = None
+    #: The store's seqsvc values out of msg_id order (chaos.seqcheck).
+    store_order: list[str] = field(default_factory=list)
 
     @property
     def messages_acked(self) -> int:
@@ -127,6 +133,8 @@ class RunResult:
             and self.quiet
             and self.online.online_late == 0
             and (self.cluster is None or self.cluster.ok)
+            and (self.seq_probe is None or self.seq_probe.repeats == 0)
+            and not self.store_order
         )
 
     def result(self) -> dict[str, object]:
@@ -147,6 +155,8 @@ class RunResult:
             "recall_violations": r.recall_violations,
             "read_regressions": r.read_regressions,
             "unread_mismatches": r.unread_mismatches,
+            **(self.seq_probe.result() if self.seq_probe is not None else {}),
+            "store_seq_disorder": len(self.store_order),
             **(self.cluster.result() if self.cluster is not None else {}),
         }
 
@@ -202,6 +212,8 @@ class RunResult:
             ],
             "faults": self.faults,
             **({"cluster": self.cluster.to_json()} if self.cluster is not None else {}),
+            **({"seq_probe": asdict(self.seq_probe)} if self.seq_probe is not None else {}),
+            "store_order": self.store_order[:100],
         }
 
     def table(self) -> str:
@@ -244,6 +256,18 @@ class RunResult:
         out.append(f"  faults       {sum(self.fault_counts.values())} ({self.fault_errors} failed)")
         for kind, n in self.fault_counts.items():
             out.append(f"    {kind:<28} {n:>5}")
+        sp = self.seq_probe
+        if sp is not None:
+            out.append(
+                f"  seqsvc       {sp.values} values on {sp.keys} probe keys ({sp.errors} failed "
+                f"calls): {sp.repeats} repeated or back" + (" VIOLATION" if sp.repeats else "")
+            )
+            out += [f"    {e}" for e in sp.examples]
+        out.append(
+            f"  store        seqsvc values out of msg_id order: {len(self.store_order)}"
+            + (" VIOLATION" if self.store_order else "")
+        )
+        out += [f"    {e}" for e in self.store_order[:20]]
         c = self.cluster
         if c is not None:
             secs = ", ".join(f"{x:.2f}" for x in c.failover_s) or "none"
@@ -322,13 +346,14 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
     proxies: dict[str, list[TcpProxy]] = {}
     stack: Stack
     if config.cluster:
-        cports = ClusterPorts.free()
+        cports = ClusterPorts.free(config.seqsvcs)
         proxies = await start_proxies(config, cports)
         stack = ClusterStack(
             workdir / "stack",
             gateways=config.gateways,
             logics=config.logics,
             pushers=config.pushers,
+            seqsvcs=config.seqsvcs,
             env=env,
             cluster_ports=cports,
             proxies={who: {int(p.target_port): p.port for p in ps} for who, ps in proxies.items()},
@@ -352,7 +377,11 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
     )
     flog = FaultLog(echo=echo)
     failovers: list[FailoverTimes] = []
+    probe = SeqProbe(stack.seqsvc.address)
+    seq_probe: SeqProbeReport | None = None
+    store_order: list[str] = []
     try:
+        await probe.start()
         await w.setup()
         # Observers first: every message the workload sends is acked after
         # their Welcome, so all of them are theirs to judge.
@@ -442,6 +471,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         stop.set()
         await asyncio.gather(*tracks_)
         phase_s = time.monotonic() - t_phase
+        seq_probe = await probe.stop()
         for t in tracks_:
             if t.exception() is not None:
                 anomalies.append(f"fault track crashed: {t.exception()!r}")
@@ -488,7 +518,9 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         # Unread counts are only defined at quiescence: the final
         # ListConversations answers are taken only then.
         timelines = await w.audit_timelines(conversations=quiet)
+        store_order = await asyncio.to_thread(store_order_violations, stack.database_url)
     finally:
+        await probe.stop()
         for o in observers:
             await o.close()
         await w.close()
@@ -540,6 +572,8 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
             if isinstance(stack, ClusterStack) or config.cluster
             else None
         ),
+        seq_probe=seq_probe,
+        store_order=store_order,
     )
     # Keep the logs of anything that deserves a look, not only of violations.
     clean = result.ok and not anomalies and not result.fault_errors
@@ -550,9 +584,11 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
 
 
 async def start_proxies(config: RunConfig, ports: ClusterPorts) -> dict[str, list[TcpProxy]]:
-    """A proxy per (process, node): seqsvc and every logic to each PostgreSQL
-    node, every pusher to each NATS node; keyed by process ("logic-0")."""
+    """A proxy per (process, node): every seqsvc instance and every logic to each
+    PostgreSQL node, every pusher to each NATS node; keyed by process ("logic-0",
+    "seqsvc" for the first seqsvc instance, "seqsvc-1" for the second)."""
     routes: dict[str, list[int]] = {"seqsvc": ports.pg}
+    routes |= {f"seqsvc-{i}": ports.pg for i in range(1, config.seqsvcs)}
     routes |= {f"logic-{i}": ports.pg for i in range(config.logics)}
     routes |= {f"pusher-{i}": ports.nats for i in range(config.pushers)}
     proxies: dict[str, list[TcpProxy]] = {}

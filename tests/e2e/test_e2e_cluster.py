@@ -69,6 +69,23 @@ def test_cluster_is_replicated(cluster: ClusterStack) -> None:
     with psycopg.connect(primary.conninfo(), autocommit=True) as conn:
         row = conn.execute("SHOW synchronous_commit").fetchone()
     assert row == ("on",)
+    # Three seqsvc instances, all active: logic knows one address and follows
+    # the routing table; the sections are spread over the three.
+    assert len(cluster.seqsvcs) == 3 and all(p.running() for p in cluster.seqsvcs)
+    assert logic_env["IM_LOGIC_SEQSVC_ADDRESS"] == cluster.seqsvc.address
+
+
+async def test_seqsvc_sections_are_spread_over_three_instances(cluster: ClusterStack) -> None:
+    def owners() -> dict[str, int]:
+        with psycopg.connect(cluster.database_url, autocommit=True, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT owner, count(*) FROM seqsvc_sections WHERE owner <> '' "
+                "AND lease_until > now() GROUP BY owner"
+            ).fetchall()
+        return {str(o): int(n) for o, n in rows}
+
+    held = await _poll(owners, lambda o: len(o) == 3, 60, "three instances holding sections")
+    assert sorted(held) == ["seqsvc-0", "seqsvc-1", "seqsvc-2"]
 
 
 async def _send_all(client: Client, conv: str, bodies: list[str]) -> list[SendResult]:
