@@ -16,6 +16,7 @@ def _report(max_rate: float, p99: float) -> dict[str, object]:
         "send_ack_ms": {"p50": 10.0, "p99": p99},
         "delivery_ms": {"p50": 20.0, "p99": 2 * p99},
         "cpu_ms_per_msg_total": 4.0,
+        "keeps_up": p99 < 50,
     }
     search = {"label": "search-700", "send_ack_ms": {"p99": 1.0}}
     return {"result": {"max_msgs_per_s": max_rate}, "load": {"levels": [level, search]}}
@@ -29,3 +30,4 @@ def test_ratios_are_cluster_over_single_per_fixed_level() -> None:
     assert row["send_ack_ms_p99"]["ratio"] == 2.5
     assert row["delivery_ms_p99"]["ratio"] == 2.5
     assert row["send_ack_ms_p50"]["ratio"] == 1.0
+    assert row["keeps_up"] == {"single": True, "cluster": False}
