@@ -122,7 +122,7 @@ stop: ## Stop everything `make run` started (whatever its state file says)
 status: ## Show what `make run` started, its addresses and metrics ports, and whether it is healthy
 	@$(PY) -m imdev status
 
-bench-seq: deps ## Benchmark seqsvc against Redis INCR and a PostgreSQL counter
+bench-seq: deps ## Benchmark seqsvc: against Redis INCR and a PostgreSQL counter; open-loop p99.9; three instances (routing, handovers)
 	$(PY) bench/seqsvc.py
 
 bench-logic: deps ## Benchmark logic SendMessage and fan-out

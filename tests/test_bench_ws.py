@@ -24,16 +24,12 @@ from imclient.tokens import mint_token
 from imcommon.metrics import Metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-# `e2e` names two things: bench/e2e.py (which e2e_ws imports) and tests/e2e/, a
-# namespace package once a test did `from e2e.e2e_support import ...`. Import the
-# bench's modules with the namespace package set aside, then put it back.
-_tests_e2e = sys.modules.pop("e2e", None)
-try:
-    import e2e_ws
-    import e2e_ws_conns
-finally:
-    if _tests_e2e is not None:
-        sys.modules["e2e"] = _tests_e2e
+# bench/e2e.py, which e2e_ws imports, shares its name with tests/e2e: a namespace
+# package `e2e` imported during collection would shadow it. Drop that one.
+if getattr(sys.modules.get("e2e"), "__file__", "") is None:
+    del sys.modules["e2e"]
+import e2e_ws
+import e2e_ws_conns
 
 SECRET = "test-secret-0123456789abcdef"
 
