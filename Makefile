@@ -24,7 +24,7 @@ TS_INPUTS := $(shell find clients/ts/src -name '*.ts' -not -path '*/gen/*' 2>/de
   clients/ts/tsconfig.json clients/ts/buf.gen.yaml clients/ts/package-lock.json $(PROTOS)
 
 .PHONY: help deps system-deps proto lint fmt typecheck test test-fast run run-cluster stop status \
-        bench-seq bench-logic bench bench-ab bench-idle bench-prune chaos chaos-seq chaos-cluster \
+        bench-seq bench-logic bench bench-cluster bench-ab bench-idle bench-prune chaos chaos-seq chaos-cluster \
         k8s-check alerts-check proto-check node-deps ts-build images sdk seqsvc-client seqsvc-run \
         seqsvc-stop clean lock
 
@@ -113,7 +113,7 @@ test-fast: deps ## pytest only, skipping slow tests
 run: deps ts-build ## Start the whole stack locally (PostgreSQL, Redis, NATS, 4 services, the web chat); ports from IM_DEV_BASE_PORT (default 17000: base..base+499)
 	$(PY) -m imdev run
 
-run-cluster: deps ## The replicated topology locally: 3 NATS nodes (stream R3), PostgreSQL primary + synchronous standby, 2 of each service (one seqsvc); same ports base as run
+run-cluster: deps ## The replicated topology locally: 3 NATS nodes (stream R3), PostgreSQL primary + synchronous standby, 2 of each service, 3 seqsvc instances; same ports base as run
 	$(PY) -m imdev run-cluster
 
 stop: ## Stop everything `make run` started (whatever its state file says)
@@ -130,6 +130,9 @@ bench-logic: deps ## Benchmark logic SendMessage and fan-out
 
 bench: deps ## End-to-end benchmark (1:1 load plain and with read receipts, connections, group)
 	$(PY) bench/e2e.py
+
+bench-cluster: deps ## What replication costs: the 1:1 load of `make bench` on the single-node stack, then on the cluster topology, same session; ratios (bench/e2e_cluster.py)
+	$(PY) bench/e2e_cluster.py
 
 bench-prune: deps ## Retention pruning of 2 x 1M rows under 300 sends/s (bench/prune.py)
 	$(PY) bench/prune.py

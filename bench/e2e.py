@@ -1203,6 +1203,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="stack directory (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs, data)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/e2e.json)")
+    p.add_argument(
+        "--topology",
+        choices=("single", "cluster"),
+        default="single",
+        help="single: one PostgreSQL, one NATS server, one seqsvc; cluster: imdev.cluster "
+        "(3 NATS nodes with the stream at R3, PostgreSQL primary + synchronous standby, "
+        "3 seqsvc instances), the same gateways, logic and pusher (`make bench-cluster`)",
+    )
     import e2e_ws  # here, not at the top: e2e_ws builds on this module
 
     e2e_ws.add_args(p)
@@ -1240,6 +1248,27 @@ def enable_metrics(stack: Stack) -> dict[str, int]:
     return ports
 
 
+def make_stack(topology: str, workdir: Path, env: dict[str, dict[str, str]]) -> Stack:
+    """The stack under test: the single-node one or the replicated topology,
+    with the same service processes (the cluster adds its seqsvc instances)."""
+    if topology == "cluster":
+        from imdev.cluster import ClusterStack
+
+        return ClusterStack(workdir, gateways=2, logics=1, pushers=1, fsync=True, env=env)
+    return Stack(workdir, gateways=2, fsync=True, env=env)
+
+
+def infra_groups(stack: Stack) -> dict[str, list[Any]]:
+    """The servers whose CPU the bench meters, by name (every node of a cluster:
+    the standby and the NATS followers do replication work; every seqsvc
+    instance)."""
+    groups: dict[str, list[Any]] = {"redis": [stack.redis]}
+    groups["postgres"] = list(getattr(stack, "pg_nodes", [stack.postgres]))
+    groups["nats"] = list(getattr(stack, "nats_nodes", [stack.nats]))
+    groups["seqsvc"] = list(stack.seqsvcs)
+    return groups
+
+
 def find_py_spy(hint: str) -> str | None:
     for cand in (hint, shutil.which("py-spy") or "", "/tmp/pyspy/bin/py-spy"):
         if cand and Path(cand).exists():
@@ -1267,7 +1296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="im-e2e-"))
     workdir.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    stack = Stack(workdir, gateways=2, fsync=True, env=parse_env(args.env))
+    stack = make_stack(args.topology, workdir, parse_env(args.env))
     metrics = MetricsScraper(enable_metrics(stack))
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -1284,8 +1313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
             "nofile_limit": soft,
             "extra_env": args.env,
-            "stack": "1 seqsvc, 1 logic, 1 pusher, 2 gateways (gateway 1 only for the "
-            "idle-connection test), PostgreSQL, Redis, NATS JetStream",
+            "topology": args.topology,
+            "stack": (
+                "1 seqsvc, 1 logic, 1 pusher, 2 gateways (gateway 1 only for the "
+                "idle-connection test), PostgreSQL, Redis, NATS JetStream"
+                if args.topology == "single"
+                else "3 seqsvc instances, 1 logic, 1 pusher, 2 gateways (gateway 1 only for "
+                "the idle-connection test), PostgreSQL primary + synchronous standby, Redis, "
+                "3 NATS nodes (stream and consumer R3)"
+            ),
         },
     }
     log(f"starting the stack in {workdir}")
@@ -1303,13 +1339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seqsvc": stack.seqsvc.pid,
     }
     meter_groups: dict[str, list[int]] = {k: [v] for k, v in pids.items() if v}
-    for name, server in (
-        ("postgres", stack.postgres),
-        ("nats", stack.nats),
-        ("redis", stack.redis),
-    ):
-        if server.pid:
-            meter_groups[name] = [server.pid]
+    for name, servers in infra_groups(stack).items():
+        if any(s.pid for s in servers):
+            meter_groups[name] = [s.pid for s in servers if s.pid]
     meter_groups["bench"] = [os.getpid()]
     try:
         if "conns" not in args.skip:

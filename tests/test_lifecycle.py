@@ -71,6 +71,8 @@ def test_sigterm_flips_health_then_exits_zero(
         internal = free_port()
         env["IM_GATEWAY_INTERNAL_PORT"] = str(internal)
         env["IM_GATEWAY_INTERNAL_ADVERTISE_ADDRESS"] = f"127.0.0.1:{internal}"
+        if "IM_GATEWAY_WS_PORT" in env:  # the stack's gateway holds its own
+            env["IM_GATEWAY_WS_PORT"] = str(free_port())
     if name == "seqsvc":
         # A second seqsvc on the same sections would wait for (or fence) the lease of
         # the stack's instance: give it sections of its own.

@@ -123,6 +123,17 @@ class ClientFaults(Protocol):
     async def restart_client(self, rng: random.Random, offline_s: float) -> str: ...
 
 
+@dataclass
+class FailoverTimes:
+    """One PostgreSQL failover (monotonic times): the primary's kill -9, and the
+    launch of the rebuilt standby (None: never rebuilt). In between, no commit
+    on the new primary can be confirmed by a synchronous standby, so no send
+    first made after the kill may be ACKed before `standby_started`."""
+
+    killed: float
+    standby_started: float | None = None
+
+
 @dataclass(frozen=True)
 class PlannedFault:
     kind: FaultKind
@@ -263,8 +274,8 @@ class ServerFaults:
         #: proxies' event loop by the caller); cut_targets: {"pg": [who, ...],
         #: "nats": [...]}, the processes whose connections go through proxies.
         self.cut = cut
-        #: When each pg_failover's kill -9 of the primary happened (monotonic).
-        self.primary_kills: list[float] = []
+        #: Each pg_failover's times (monotonic), for the checker's failover numbers.
+        self.failovers: list[FailoverTimes] = []
         self.cut_targets = {k: list(v) for k, v in (cut_targets or {}).items()}
         self.timeout = restart_timeout_s
         self.start_attempts = start_attempts
@@ -280,7 +291,7 @@ class ServerFaults:
             "gateway": self.stack.gateways,
             "logic": self.stack.logics,
             "pusher": self.stack.pushers,
-            "seqsvc": [self.stack.seqsvc],
+            "seqsvc": self.stack.seqsvcs,
         }[kind]
 
     def prepare(self, f: PlannedFault) -> tuple[str, Callable[[], None]]:
@@ -297,7 +308,8 @@ class ServerFaults:
             i = f.choice % len(procs)
             return f"{svc}[{i}]:{procs[i].port}", lambda: self.kill_restart(procs[i], f.downtime_s)
         if k is FaultKind.SEQSVC_RESTART:
-            seqsvc = self.stack.seqsvc
+            seqsvcs = self.stack.seqsvcs
+            seqsvc = seqsvcs[f.choice % len(seqsvcs)]
             return f"seqsvc:{seqsvc.port}", lambda: self.term_restart(seqsvc, f.downtime_s)
         if k is FaultKind.ROLLING_RESTART:
             kind = ROLLING_TARGETS[f.choice % len(ROLLING_TARGETS)]
@@ -439,10 +451,12 @@ class ServerFaults:
         with self._lock(cluster), self._lock(cluster.pg_nodes[0]), self._lock(cluster.pg_nodes[1]):
             t0 = time.monotonic()
             old = cluster.kill_primary()
-            self.primary_kills.append(time.monotonic())
+            times = FailoverTimes(time.monotonic())
+            self.failovers.append(times)
             new = cluster.promote_standby(self.timeout)
             t_promoted = time.monotonic() - t0
             cluster.rebuild_deposed(self.timeout)
+            times.standby_started = old.standby_started_at
             self._note(
                 f"{old.node_name} killed, {new.node_name} promoted after {t_promoted:.2f}s, "
                 f"{old.node_name} streaming as synchronous standby after "

@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from chaos.faults import (
     ALL_SERVER_KINDS,
     CLIENT_KINDS,
     SERVER_KINDS,
+    FailoverTimes,
     FaultKind,
     FaultLog,
     ServerFaults,
@@ -40,6 +41,7 @@ from chaos.faults import (
 )
 from chaos.netproxy import TcpProxy
 from chaos.observer import Observer
+from chaos.seqcheck import SeqProbe, SeqProbeReport, store_order_violations
 from chaos.workload import Workload, WorkloadConfig
 from imdev.cluster import ClusterPorts, ClusterStack
 from imdev.servers import ROOT
@@ -84,6 +86,7 @@ class RunConfig:
     gateways: int = 2
     logics: int = 2
     pushers: int = 2
+    seqsvcs: int = 3  # the cluster's seqsvc instances (the single-node stack runs one)
     env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     workdir: Path | None = None
     keep_workdir: bool = False
@@ -114,6 +117,10 @@ class RunResult:
     t0: float = 0.0  # monotonic time the workload's clock starts at (for the JSON)
     history: checker.History | None = None  # what the checker read (not in the JSON)
     cluster: ClusterReport | None = None
+    #: seqsvc's values as a probe client saw them (I6), None: not probed.
+    seq_probe: SeqProbeReport | None = None
+    #: The store's seqsvc values out of msg_id order (chaos.seqcheck).
+    store_order: list[str] = field(default_factory=list)
 
     @property
     def messages_acked(self) -> int:
@@ -121,7 +128,14 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and self.quiet and self.online.online_late == 0
+        return (
+            self.report.ok
+            and self.quiet
+            and self.online.online_late == 0
+            and (self.cluster is None or self.cluster.ok)
+            and (self.seq_probe is None or self.seq_probe.repeats == 0)
+            and not self.store_order
+        )
 
     def result(self) -> dict[str, object]:
         r = self.report
@@ -141,6 +155,8 @@ class RunResult:
             "recall_violations": r.recall_violations,
             "read_regressions": r.read_regressions,
             "unread_mismatches": r.unread_mismatches,
+            **(self.seq_probe.result() if self.seq_probe is not None else {}),
+            "store_seq_disorder": len(self.store_order),
             **(self.cluster.result() if self.cluster is not None else {}),
         }
 
@@ -196,6 +212,8 @@ class RunResult:
             ],
             "faults": self.faults,
             **({"cluster": self.cluster.to_json()} if self.cluster is not None else {}),
+            **({"seq_probe": asdict(self.seq_probe)} if self.seq_probe is not None else {}),
+            "store_order": self.store_order[:100],
         }
 
     def table(self) -> str:
@@ -238,6 +256,26 @@ class RunResult:
         out.append(f"  faults       {sum(self.fault_counts.values())} ({self.fault_errors} failed)")
         for kind, n in self.fault_counts.items():
             out.append(f"    {kind:<28} {n:>5}")
+        sp = self.seq_probe
+        if sp is not None:
+            out.append(
+                f"  seqsvc       {sp.values} values on {sp.keys} probe keys ({sp.errors} failed "
+                f"calls): {sp.repeats} repeated or back" + (" VIOLATION" if sp.repeats else "")
+            )
+            out += [f"    {e}" for e in sp.examples]
+        out.append(
+            f"  store        seqsvc values out of msg_id order: {len(self.store_order)}"
+            + (" VIOLATION" if self.store_order else "")
+        )
+        out += [f"    {e}" for e in self.store_order[:20]]
+        c = self.cluster
+        if c is not None:
+            secs = ", ".join(f"{x:.2f}" for x in c.failover_s) or "none"
+            out.append(
+                f"  failover     {c.pg_failovers} PostgreSQL failovers, kill -9 to the first "
+                f"ACK of a new send: {secs} s; ACKed before the standby was back: "
+                f"{c.acked_without_standby}" + (" VIOLATION" if c.acked_without_standby else "")
+            )
         out.append("  max online delivery per fault kind (s; pairs; late)")
         for kind, worst in sorted(o.max_by_kind.items()):
             late = o.late_by_kind.get(kind, 0)
@@ -308,13 +346,14 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
     proxies: dict[str, list[TcpProxy]] = {}
     stack: Stack
     if config.cluster:
-        cports = ClusterPorts.free()
+        cports = ClusterPorts.free(config.seqsvcs)
         proxies = await start_proxies(config, cports)
         stack = ClusterStack(
             workdir / "stack",
             gateways=config.gateways,
             logics=config.logics,
             pushers=config.pushers,
+            seqsvcs=config.seqsvcs,
             env=env,
             cluster_ports=cports,
             proxies={who: {int(p.target_port): p.port for p in ps} for who, ps in proxies.items()},
@@ -337,8 +376,12 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         echo=note,
     )
     flog = FaultLog(echo=echo)
-    primary_kills: list[float] = []
+    failovers: list[FailoverTimes] = []
+    probe = SeqProbe(stack.seqsvc.address)
+    seq_probe: SeqProbeReport | None = None
+    store_order: list[str] = []
     try:
+        await probe.start()
         await w.setup()
         # Observers first: every message the workload sends is acked after
         # their Welcome, so all of them are theirs to judge.
@@ -392,7 +435,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
                 "nats": [w for w in proxies if w.startswith("pusher")],
             },
         )
-        primary_kills = server_faults.primary_kills
+        failovers = server_faults.failovers
         n_tracks = max(1, config.server_tracks)
         flog.started = time.monotonic()
         tracks_ = [
@@ -428,6 +471,7 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         stop.set()
         await asyncio.gather(*tracks_)
         phase_s = time.monotonic() - t_phase
+        seq_probe = await probe.stop()
         for t in tracks_:
             if t.exception() is not None:
                 anomalies.append(f"fault track crashed: {t.exception()!r}")
@@ -474,7 +518,9 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         # Unread counts are only defined at quiescence: the final
         # ListConversations answers are taken only then.
         timelines = await w.audit_timelines(conversations=quiet)
+        store_order = await asyncio.to_thread(store_order_violations, stack.database_url)
     finally:
+        await probe.stop()
         for o in observers:
             await o.close()
         await w.close()
@@ -522,10 +568,12 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
         t0=w.t0,
         history=history,
         cluster=(
-            cluster_report(stack, w, flog, primary_kills)
+            cluster_report(stack, w, flog, failovers)
             if isinstance(stack, ClusterStack) or config.cluster
             else None
         ),
+        seq_probe=seq_probe,
+        store_order=store_order,
     )
     # Keep the logs of anything that deserves a look, not only of violations.
     clean = result.ok and not anomalies and not result.fault_errors
@@ -536,9 +584,11 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
 
 
 async def start_proxies(config: RunConfig, ports: ClusterPorts) -> dict[str, list[TcpProxy]]:
-    """A proxy per (process, node): seqsvc and every logic to each PostgreSQL
-    node, every pusher to each NATS node; keyed by process ("logic-0")."""
+    """A proxy per (process, node): every seqsvc instance and every logic to each
+    PostgreSQL node, every pusher to each NATS node; keyed by process ("logic-0",
+    "seqsvc" for the first seqsvc instance, "seqsvc-1" for the second)."""
     routes: dict[str, list[int]] = {"seqsvc": ports.pg}
+    routes |= {f"seqsvc-{i}": ports.pg for i in range(1, config.seqsvcs)}
     routes |= {f"logic-{i}": ports.pg for i in range(config.logics)}
     routes |= {f"pusher-{i}": ports.nats for i in range(config.pushers)}
     proxies: dict[str, list[TcpProxy]] = {}
@@ -562,7 +612,12 @@ class ClusterReport:
     """What the cluster faults cost: counts, the longest write outage around
     each fault kind (longest gap between consecutive send-ACKs, of any client,
     that overlaps a fault of that kind) and each PostgreSQL failover's time from
-    the primary's kill -9 to the first send-ACK of a message first sent after it."""
+    the primary's kill -9 to the first send-ACK of a message first sent after it.
+
+    `acked_without_standby` counts the sends first made after a primary's kill
+    and ACKed before the rebuilt standby was even started: with synchronous
+    commit no such ACK can exist, so any is a durability violation (an ACK of a
+    commit that only the new primary holds)."""
 
     nats_nodes: int
     pg_nodes: int
@@ -570,6 +625,11 @@ class ClusterReport:
     nats_node_kills: int
     write_outage_s: dict[str, float]
     failover_s: list[float]
+    acked_without_standby: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.acked_without_standby == 0
 
     def result(self) -> dict[str, object]:
         return {
@@ -578,27 +638,58 @@ class ClusterReport:
             "nats_node_kills": self.nats_node_kills,
             "longest_write_outage_s": self.write_outage_s,
             "failover_s_max": round(max(self.failover_s), 2) if self.failover_s else None,
+            "acked_without_standby": self.acked_without_standby,
         }
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "failover_s": [round(x, 2) for x in self.failover_s]}
 
 
+@dataclass(frozen=True)
+class SendTimes:
+    """One submission of a send (monotonic times; acked None: no ACK)."""
+
+    client_msg_id: str
+    attempted: float
+    acked: float | None
+
+
+def failover_numbers(
+    sends: Sequence[SendTimes], failovers: Sequence[FailoverTimes]
+) -> tuple[list[float], int]:
+    """(per failover, seconds from the kill to the first ACK of a message whose
+    FIRST submission came after the kill; the number of such ACKs that came
+    before the rebuilt standby started, over all failovers).
+
+    Only a message first submitted after the kill measures the failover: an ACK
+    that arrives just after the kill may be of a commit the old primary made
+    (and its standby confirmed) before it died, and a resubmission of an older
+    message may be answered from its stored ACK."""
+    first: dict[str, float] = {}
+    for s in sends:
+        first[s.client_msg_id] = min(first.get(s.client_msg_id, math.inf), s.attempted)
+    fresh = [
+        (first[s.client_msg_id], s.acked)
+        for s in sends
+        if s.acked is not None and s.attempted == first[s.client_msg_id]
+    ]
+    times: list[float] = []
+    early = 0
+    for f in failovers:
+        acks = sorted(acked for attempted, acked in fresh if attempted >= f.killed)
+        if acks:
+            times.append(acks[0] - f.killed)
+        standby = math.inf if f.standby_started is None else f.standby_started
+        early += sum(1 for a in acks if a < standby)
+    return times, early
+
+
 def cluster_report(
-    stack: Stack, w: Workload, flog: FaultLog, primary_kills: list[float]
+    stack: Stack, w: Workload, flog: FaultLog, failovers: Sequence[FailoverTimes]
 ) -> ClusterReport:
     acks = sorted(w.t0 + s.acked_at for s in w.sends if s.acked_at is not None)
-    first_try: dict[str, float] = {}
-    for s in w.sends:
-        first_try[s.client_msg_id] = min(first_try.get(s.client_msg_id, math.inf), s.attempted_at)
-    fresh = sorted(
-        w.t0 + s.acked_at
-        for s in w.sends
-        if s.acked_at is not None and s.attempted_at == first_try[s.client_msg_id]
-    )
     server = {k.value for k in ALL_SERVER_KINDS}
     outage: dict[str, float] = {}
-    failovers: list[float] = []
     for e in flog.events:
         if e.kind not in server:
             continue
@@ -606,10 +697,17 @@ def cluster_report(
         end = start + e.duration_s
         gap = longest_gap(acks, start, end)
         outage[e.kind] = round(max(outage.get(e.kind, 0.0), gap), 2)
-    for killed in primary_kills:
-        i = bisect.bisect_left(fresh, killed)
-        if i < len(fresh):
-            failovers.append(fresh[i] - killed)
+    times, early = failover_numbers(
+        [
+            SendTimes(
+                s.client_msg_id,
+                w.t0 + s.attempted_at,
+                None if s.acked_at is None else w.t0 + s.acked_at,
+            )
+            for s in w.sends
+        ],
+        failovers,
+    )
     nats = getattr(stack, "nats_nodes", [stack.nats])
     pg = getattr(stack, "pg_nodes", [stack.postgres])
     ok = [e for e in flog.events if not e.error]
@@ -619,7 +717,8 @@ def cluster_report(
         pg_failovers=sum(1 for e in ok if e.kind == "pg_failover"),
         nats_node_kills=sum(1 for e in ok if e.kind == "nats_node_kill"),
         write_outage_s=dict(sorted(outage.items())),
-        failover_s=failovers,
+        failover_s=times,
+        acked_without_standby=early,
     )
 
 

@@ -1,7 +1,7 @@
 """`python -m imdev run|run-cluster|stop|status|clean`: the local stack behind
 `make run`, and the replicated topology behind `make run-cluster` (imdev.cluster:
 three NATS nodes, PostgreSQL primary + synchronous standby, two gateways, logic
-and pushers, one seqsvc). stop, status and clean serve both.
+and pushers, three seqsvc instances). stop, status and clean serve both.
 
 Where things live: the run directory (`--run-dir`, else IM_DEV_RUN_DIR, else .run
 in the checkout) holds `stack.json`, what runs, and `pids/`, one file per process
@@ -288,7 +288,7 @@ def cmd_run(paths: Paths, base_port: int, cluster: bool = False) -> int:
             return 1
     else:
         _forget(paths)  # whatever is recorded describes nothing that runs
-    n = 2 if cluster else 1  # the cluster: two of each service but seqsvc
+    n = 2 if cluster else 1  # the cluster: two of each service, three seqsvc instances
     try:
         ports = StackPorts.local(n, n, n, base=base_port)
     except ValueError as exc:
@@ -370,7 +370,8 @@ def cmd_run(paths: Paths, base_port: int, cluster: bool = False) -> int:
             f"PostgreSQL primary {stack.primary_node.node_name}, synchronous standby "
             f"{stack.standby.node_name}; services connect with\n  {stack.database_url}\n"
             f"NATS cluster (stream replicas {len(stack.nats_nodes)}): {stack.nats_url}\n"
-            "one seqsvc instance (multi-instance seqsvc is not in this topology yet)"
+            f"{len(stack.seqsvcs)} seqsvc instances sharing the sections (logic follows "
+            "their routing table)"
         )
     if stack.ws_urls:
         print(f"WebSocket (browsers, docs/protocol.md): {stack.ws_urls[0]}")

@@ -26,8 +26,12 @@ and refuses to start), `promote_standby()` (`pg_promote()`), `rebuild_deposed()`
 primary never starts again as a primary: its data may hold commits the new
 primary never saw (a commit whose standby flush was not yet confirmed).
 
-seqsvc: ONE instance, behind the multi-host URL (its multi-instance mode is being
-built on another branch).
+seqsvc: three ACTIVE instances (`seqsvcs`), each serving its share of the
+sections under per-section leases in the same database (services/seqsvc/README.md),
+each behind the multi-host URL. logic is given the first instance's address; its
+routing client reads the routing table there (GetRouting) and calls each
+section's owner, and falls back to the other instances it learnt while the first
+is down.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -49,6 +54,10 @@ NATS_CLUSTER = "im"
 NATS_CLIENT_OFFSETS = (422, 423, 424)
 NATS_ROUTE_OFFSETS = (442, 443, 444)
 PG_OFFSETS = (432, 433)
+#: seqsvc instances: the first is the stack's (+20, metrics +220), the others next to it.
+SEQSVC_INSTANCES = 3
+SEQSVC_OFFSETS = (21, 22)
+SEQSVC_METRICS_OFFSETS = (221, 222)
 
 
 def replication_settings(names: list[str]) -> dict[str, str]:
@@ -69,15 +78,27 @@ def replication_settings(names: list[str]) -> dict[str, str]:
 class ClusterPorts:
     """The ports of the replicated infrastructure."""
 
-    def __init__(self, pg: list[int], nats: list[int], nats_routes: list[int]) -> None:
+    def __init__(
+        self,
+        pg: list[int],
+        nats: list[int],
+        nats_routes: list[int],
+        seqsvc: list[int] | None = None,
+        seqsvc_metrics: list[int] | None = None,
+    ) -> None:
         self.pg, self.nats, self.nats_routes = pg, nats, nats_routes
+        #: The seqsvc instances after the stack's own (seqsvc-1, seqsvc-2, ...),
+        #: and their metrics ports (empty: none).
+        self.seqsvc = seqsvc if seqsvc is not None else []
+        self.seqsvc_metrics = seqsvc_metrics if seqsvc_metrics is not None else []
 
     @classmethod
-    def free(cls) -> ClusterPorts:
+    def free(cls, seqsvcs: int = SEQSVC_INSTANCES) -> ClusterPorts:
         return cls(
             [free_port() for _ in range(PG_NODES)],
             [free_port() for _ in range(NATS_NODES)],
             [free_port() for _ in range(NATS_NODES)],
+            [free_port() for _ in range(seqsvcs - 1)],
         )
 
     @classmethod
@@ -86,12 +107,16 @@ class ClusterPorts:
             [base + o for o in PG_OFFSETS],
             [base + o for o in NATS_CLIENT_OFFSETS],
             [base + o for o in NATS_ROUTE_OFFSETS],
+            [base + o for o in SEQSVC_OFFSETS],
+            [base + o for o in SEQSVC_METRICS_OFFSETS],
         )
 
     def all(self) -> list[tuple[str, int]]:
         out = [(f"pg{i}", p) for i, p in enumerate(self.pg)]
         out += [(f"nats{i}", p) for i, p in enumerate(self.nats)]
         out += [(f"nats{i} routes", p) for i, p in enumerate(self.nats_routes)]
+        out += [(f"seqsvc-{i + 1}", p) for i, p in enumerate(self.seqsvc)]
+        out += [(f"seqsvc-{i + 1} metrics", p) for i, p in enumerate(self.seqsvc_metrics)]
         return out
 
 
@@ -100,7 +125,8 @@ class ClusterStack(Stack):
 
     `proxies` routes single processes through TCP proxies (the chaos harness cuts
     them): {"logic-0": {<pg or nats port>: <proxy port>}}; a process not named
-    connects directly. Defaults: two gateways, two logic, two pushers."""
+    connects directly ("seqsvc-1" for the second seqsvc instance). Defaults: two
+    gateways, two logic, two pushers, three seqsvc instances."""
 
     def __init__(
         self,
@@ -108,6 +134,7 @@ class ClusterStack(Stack):
         gateways: int = 2,
         logics: int = 2,
         pushers: int = 2,
+        seqsvcs: int = SEQSVC_INSTANCES,
         env: Mapping[str, Mapping[str, str]] | None = None,
         ports: StackPorts | None = None,
         cluster_ports: ClusterPorts | None = None,
@@ -116,7 +143,9 @@ class ClusterStack(Stack):
         pid_dir: Path | None = None,
         **kwargs: object,
     ) -> None:
-        cp = self.cluster_ports = cluster_ports or ClusterPorts.free()
+        cp = self.cluster_ports = cluster_ports or ClusterPorts.free(seqsvcs)
+        if len(cp.seqsvc) < seqsvcs - 1:
+            raise ValueError(f"{seqsvcs} seqsvc instances need {seqsvcs - 1} extra ports")
         self.proxies = {who: dict(m) for who, m in (proxies or {}).items()}
         workdir.mkdir(parents=True, exist_ok=True)
         logs = workdir / "logs"
@@ -163,19 +192,56 @@ class ClusterStack(Stack):
             pid_dir=pid_dir,
             **kwargs,  # type: ignore[arg-type]
         )
+        # More seqsvc instances, each with its share of the sections (per-section
+        # leases). logic is given the first one's address only: its routing
+        # client reads GetRouting there and follows the table to every instance.
+        for i in range(1, seqsvcs):
+            seqsvc = self._service(
+                "seqsvc", partial(self._seqsvc_instance_env, i), logs / f"seqsvc-{i}.log"
+            )
+            seqsvc.movable_ports = set()  # the routing table names it
+            self.seqsvcs.append(seqsvc)
         # The replicated servers keep their ports: peers and URLs name them.
         self.postgres = self._current_primary() or self.pg_nodes[0]
         self.nats = self.nats_nodes[0]
         for proc in self.infra:
             if proc is not self.redis:
                 proc.movable_ports = set()
-            if pid_dir is not None:
-                proc.pidfile = pid_dir / f"{proc.log_path.stem}.pid"
+        if pid_dir is not None:
+            for managed in [*self.infra, *self.seqsvcs]:
+                managed.pidfile = pid_dir / f"{managed.log_path.stem}.pid"
 
     # -- wiring ---------------------------------------------------------------
 
     def _via(self, who: str, port: int) -> int:
         return self.proxies.get(who, {}).get(port, port)
+
+    def _seqsvc_env(self) -> dict[str, str]:
+        return self._seqsvc_instance_env(0)
+
+    def _seqsvc_instance_env(self, i: int) -> dict[str, str]:
+        """seqsvc instance `i`: its port, its instance id (`seqsvc-<i>`: a restart
+        on the same port takes its sections back at once), the database."""
+        cp = self.cluster_ports
+        if i == 0:
+            port, metrics = self.ports.seqsvc, self._metrics("seqsvc", 0)
+        else:
+            port = cp.seqsvc[i - 1]
+            metrics = (
+                {"IM_SEQSVC_METRICS_PORT": str(cp.seqsvc_metrics[i - 1])}
+                if i - 1 < len(cp.seqsvc_metrics)
+                else {}
+            )
+        who = "seqsvc" if i == 0 else f"seqsvc-{i}"
+        return self._with(
+            "seqsvc",
+            {
+                "IM_SEQSVC_PORT": str(port),
+                "IM_SEQSVC_DATABASE_URL": self.database_url_for(who),
+                "IM_SEQSVC_INSTANCE_ID": f"seqsvc-{i}",
+                **metrics,
+            },
+        )
 
     @property
     def database_url(self) -> str:

@@ -561,6 +561,8 @@ class PostgresNode(PostgresServer):
         self.settings.setdefault("cluster_name", name)
         self.upstream: PostgresNode | None = None
         self.deposed = False
+        #: When `rebuild_from` last started this node as a standby (monotonic).
+        self.standby_started_at: float | None = None
 
     @property
     def is_standby(self) -> bool:
@@ -635,6 +637,9 @@ class PostgresNode(PostgresServer):
         self.upstream = primary
         self.basebackup(primary)
         self.deposed = False
+        # From here on a commit on `primary` can be confirmed by this node; before
+        # it, nothing can (the chaos checker's "no ACK without a standby").
+        self.standby_started_at = time.monotonic()
         self.start(timeout)
 
     def promote(self, timeout: float = 30.0) -> None:

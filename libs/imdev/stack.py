@@ -164,6 +164,8 @@ class Stack:
         # How each service's wiring is computed, to redo it if a port moves.
         self._wiring: dict[int, Callable[[], dict[str, str]]] = {}
         self.seqsvc = self._service("seqsvc", self._seqsvc_env, logs / "seqsvc.log")
+        #: Every seqsvc instance (here one: `seqsvc`; a cluster runs several).
+        self.seqsvcs = [self.seqsvc]
         self.logics = [
             self._service("logic", partial(self._logic_env, i), logs / f"logic-{i}.log")
             for i in range(len(p.logic))
@@ -295,7 +297,7 @@ class Stack:
 
     @property
     def services(self) -> list[ServiceProcess]:
-        return [self.seqsvc, *self.logics, *self.pushers, *self.gateways]
+        return [*self.seqsvcs, *self.logics, *self.pushers, *self.gateways]
 
     @property
     def gateway_addresses(self) -> list[str]:
@@ -326,7 +328,7 @@ class Stack:
             self._follow_moves()
             self._ensure_database()
             for group in (
-                [self.seqsvc],
+                self.seqsvcs,
                 self.logics,
                 [*self.pushers, *self.gateways],
             ):
@@ -362,7 +364,7 @@ class Stack:
 
     def _by_kind(self) -> dict[str, list[ServiceProcess]]:
         return {
-            "seqsvc": [self.seqsvc],
+            "seqsvc": self.seqsvcs,
             "logic": self.logics,
             "pusher": self.pushers,
             "gateway": self.gateways,
@@ -376,7 +378,7 @@ class Stack:
 
     def stop(self) -> None:
         """SIGTERM to every process, front to back; SIGKILL what does not exit."""
-        for proc in [*self.gateways, *self.pushers, *self.logics, self.seqsvc]:
+        for proc in [*self.gateways, *self.pushers, *self.logics, *self.seqsvcs]:
             proc.stop(timeout=30)
         for server in reversed(self.infra):
             server.stop(timeout=30)

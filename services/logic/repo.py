@@ -124,14 +124,19 @@ async def lock_send_tx(conn: Conn, locks: Sequence[tuple[int, int]]) -> None:
 
 
 async def await_replication_tx(conn: Conn) -> None:
-    """Gives the transaction an xid, so that its COMMIT writes a commit record
-    and, with synchronous replication, returns only once the standby has flushed
-    the WAL up to it, and so every earlier commit. A read-only transaction commits
-    without waiting: this makes a duplicate's ACK (read from a row another
-    transaction committed) as durable as the original's, even if that commit's
-    wait for the standby was cancelled (PostgreSQL then keeps the commit locally
-    and only warns)."""
-    await conn.execute("SELECT pg_current_xact_id()")
+    """Makes the transaction write WAL (a transactional logical-decoding message,
+    empty, prefix `im.ack`), so that its COMMIT writes a commit record and, with
+    synchronous replication, returns only once the standby has flushed the WAL up
+    to it, and so every earlier commit. This makes a duplicate's ACK (read from a
+    row another transaction committed) as durable as the original's, even if that
+    commit's wait for the standby was cancelled (PostgreSQL then keeps the commit
+    locally and only warns).
+
+    An xid alone (`pg_current_xact_id()`) is not enough: PostgreSQL waits for the
+    standby only if the transaction wrote WAL before its commit record
+    (RecordTransactionCommit's `wrote_xlog`), so such a commit returns at once
+    with no standby at all (tests/e2e/test_e2e_cluster.py)."""
+    await conn.execute("SELECT pg_logical_emit_message(true, 'im.ack', '')")
 
 
 async def read_send_states_tx(conn: Conn, keys: Sequence[SendKey]) -> list[SendState]:

@@ -39,6 +39,7 @@ from opentelemetry.trace import Link
 from psycopg import errors as pg_errors
 
 from im.logic.v1 import logic_pb2
+from imcommon.syncrep import commits_confirmed
 from logic import repo
 from logic.errors import (
     DependencyFailed,
@@ -382,42 +383,50 @@ class Sender:
         """The batch transaction. Sets each item's outcome; returns the triggers."""
         for item in items:
             item.outcome = None
-        async with self._db.pool.connection() as conn, conn.transaction():
-            if not self._faults.skip_locks:
-                locks = {(LOCK_CONV_SEND, lock_key(i.conv.value)) for i in items}
-                locks |= {(LOCK_USER, lock_key(i.req.sender_id)) for i in items}
-                await repo.lock_send_tx(conn, sorted(locks))
-            states = await repo.read_send_states_tx(
-                conn,
-                [
-                    repo.SendKey(i.req.sender_id, i.req.client_msg_id, i.conv.value, i.req.kind)
-                    for i in items
-                ],
-            )
-            new = self._decide(items, states)
-            if not new:
-                if any(isinstance(i.outcome, SendAck) for i in items):
-                    # Only duplicates: ACK them once the standby has what they
-                    # name (a no-op wait without synchronous replication).
-                    await repo.await_replication_tx(conn)
-                return _Committed(items, [])
-            keys: list[str] = []
-            for item in new:
-                keys += [item.conv.seq_key, user_seq_key(item.req.sender_id)]
-            values = await self._seq.next_batch(keys)
-            if len(values) != len(keys):
-                raise DependencyFailed(f"seqsvc returned {len(values)} values for {len(keys)} keys")
-            msgs = self._number(new, states, items, values)
-            stored = await repo.insert_messages_tx(
-                conn,
-                msgs,
-                dedup=not self._faults.skip_dedup,
-                outbox=not self._faults.skip_outbox,
-                repair_after_s=self._repair_after,
-            )
-            raised = _raised_positions(msgs)
-            if raised:
-                await repo.raise_positions_tx(conn, raised)
+        # An ACK promises the message survives a failover: a commit the standby
+        # did not confirm (its wait cancelled) fails the batch instead (I3).
+        async with self._db.pool.connection() as conn:
+            with commits_confirmed(conn):
+                async with conn.transaction():
+                    if not self._faults.skip_locks:
+                        locks = {(LOCK_CONV_SEND, lock_key(i.conv.value)) for i in items}
+                        locks |= {(LOCK_USER, lock_key(i.req.sender_id)) for i in items}
+                        await repo.lock_send_tx(conn, sorted(locks))
+                    states = await repo.read_send_states_tx(
+                        conn,
+                        [
+                            repo.SendKey(
+                                i.req.sender_id, i.req.client_msg_id, i.conv.value, i.req.kind
+                            )
+                            for i in items
+                        ],
+                    )
+                    new = self._decide(items, states)
+                    if not new:
+                        if any(isinstance(i.outcome, SendAck) for i in items):
+                            # Only duplicates: ACK them once the standby has what they
+                            # name (a no-op wait without synchronous replication).
+                            await repo.await_replication_tx(conn)
+                        return _Committed(items, [])
+                    keys: list[str] = []
+                    for item in new:
+                        keys += [item.conv.seq_key, user_seq_key(item.req.sender_id)]
+                    values = await self._seq.next_batch(keys)
+                    if len(values) != len(keys):
+                        raise DependencyFailed(
+                            f"seqsvc returned {len(values)} values for {len(keys)} keys"
+                        )
+                    msgs = self._number(new, states, items, values)
+                    stored = await repo.insert_messages_tx(
+                        conn,
+                        msgs,
+                        dedup=not self._faults.skip_dedup,
+                        outbox=not self._faults.skip_outbox,
+                        repair_after_s=self._repair_after,
+                    )
+                    raised = _raised_positions(msgs)
+                    if raised:
+                        await repo.raise_positions_tx(conn, raised)
         last: dict[str, tuple[logic_pb2.MessageCommitted, _Item]] = {}
         for item, msg, (msg_id, server_time_ms) in zip(new, msgs, stored, strict=True):
             item.outcome = SendAck(msg_id, msg.sender_seq, msg.conv_seq, server_time_ms, False)

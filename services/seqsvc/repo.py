@@ -3,8 +3,9 @@ live instances and the routing version (SQL only).
 
 Every statement here runs in autocommit mode or in one explicit transaction, so a
 method that returns has committed (with PostgreSQL's default synchronous_commit,
-durably) and a method that raises may or may not have: the allocator never uses a
-ceiling it has not seen returned.
+durably; with a synchronous standby, on it too: a commit whose wait for the
+standby was cancelled raises) and a method that raises may or may not have: the
+allocator never uses a ceiling it has not seen returned.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from imcommon.migrations import apply_migrations
+from imcommon.syncrep import commits_confirmed
 from seqsvc.allocator import Boot, Busy, Claimed, Fenced, Registered, Renewed, Routing, Status
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -52,7 +54,10 @@ class _Lane:
                     self._conn = await psycopg.AsyncConnection.connect(
                         self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
                     )
-                return await fn(self._conn)
+                # A ceiling is used only once the standby has it (I6 across a
+                # failover): a commit whose standby wait was cancelled raises.
+                with commits_confirmed(self._conn):
+                    return await fn(self._conn)
             except BaseException:
                 await self.close()
                 raise

@@ -115,6 +115,7 @@ def fake_stack() -> Stack:
             redis=proc,
             postgres=proc,
             seqsvc=proc,
+            seqsvcs=[proc],
             gateways=[proc, proc],
             logics=[proc, proc],
             pushers=[proc, proc],

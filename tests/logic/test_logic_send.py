@@ -214,8 +214,8 @@ async def test_statements_per_send_are_pinned(
     assert count("SELECT greatest((SELECT max(seq) FROM timeline") == n + 1
     assert count("WITH input AS ( SELECT * FROM unnest") == n
     assert count("DELETE FROM outbox") == 1
-    # + 1: the duplicate's pg_current_xact_id(), so its ACK waits for the standby.
-    assert count("SELECT pg_current_xact_id()") == 1
+    # + 1: the duplicate's WAL record, so its ACK waits for the standby.
+    assert count("SELECT pg_logical_emit_message") == 1
     assert sum(send_calls.values()) == 5 * n + 4 + 1 + 1, send_calls
 
     # The blocked send's transaction, then one for the five queued sends.
