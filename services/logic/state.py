@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 from im.logic.v1 import logic_pb2
+from imcommon.syncrep import commits_confirmed
 from logic import repo
 from logic.errors import (
     DependencyFailed,
@@ -197,71 +198,80 @@ class StateWriter:
         return ack
 
     async def _commit(self, ev: _Event) -> tuple[SendAck, logic_pb2.MessageCommitted | None]:
+        # As for messages (send.py): a commit the synchronous standby did not
+        # confirm fails the call instead of being acknowledged.
+        async with self._db.pool.connection() as conn:
+            with commits_confirmed(conn):
+                async with conn.transaction():
+                    return await self._commit_tx(conn, ev)
+
+    async def _commit_tx(
+        self, conn: repo.Conn, ev: _Event
+    ) -> tuple[SendAck, logic_pb2.MessageCommitted | None]:
         conv = ev.conv
-        async with self._db.pool.connection() as conn, conn.transaction():
-            await repo.lock_send_tx(
-                conn,
-                sorted(
-                    {(LOCK_CONV_SEND, lock_key(conv.value)), (LOCK_USER, lock_key(ev.sender_id))}
-                ),
-            )
-            [state] = await repo.read_send_states_tx(
-                conn, [repo.SendKey(ev.sender_id, ev.client_msg_id, conv.value)]
-            )
-            if state.stored is not None:
-                return state.stored, None
-            expired = dedup_window_refusal(ev.client_msg_id, self._dedup_window_ms)
-            if expired is not None:
-                raise expired
-            if not conv.is_direct:
-                if state.kind is None:
-                    raise NotFound(f"group {conv.value} does not exist")
-                if not state.is_member:
-                    raise PermissionDenied(f"{ev.sender_id} is not a member of {conv.value}")
-            head = state.last_conv_seq
-            target_msg_id = await self._check_target(conn, ev)
-            values = await self._seq.next_batch([conv.seq_key, user_seq_key(ev.sender_id)])
-            if len(values) != 2:
-                raise DependencyFailed(f"seqsvc returned {len(values)} values for 2 keys")
-            conv_seq, seq = values
-            if not self._faults.skip_seq_check:
-                if conv_seq <= head:
-                    raise SequenceRegression(
-                        f"seqsvc returned conv_seq {conv_seq} for {conv.seq_key}, not above "
-                        f"the last committed {head}; nothing was written"
-                    )
-                if seq <= state.last_seq:
-                    raise SequenceRegression(
-                        f"seqsvc returned seq {seq} for u:{ev.sender_id}, not above the last "
-                        f"committed {state.last_seq}; nothing was written"
-                    )
-            [(msg_id, time_ms)] = await repo.insert_messages_tx(
-                conn,
-                [
-                    repo.NewMessage(
-                        conversation_id=conv.value,
-                        conv_seq=conv_seq,
-                        sender_id=ev.sender_id,
-                        sender_device_id=ev.device_id,
-                        client_msg_id=ev.client_msg_id,
-                        sender_seq=seq,
-                        content_type=ev.content_type,
-                        body=ev.body,
-                        direct_pair=conv.pair,
-                        kind=ev.kind,
-                        target_conv_seq=ev.target,
-                    )
-                ],
-                dedup=not self._faults.skip_dedup,
-                outbox=not self._faults.skip_outbox,
-                repair_after_s=self._repair_after,
-            )
-            if ev.kind == KIND_EDIT:
-                await repo.edit_message_tx(conn, target_msg_id, ev.body, time_ms)
-            elif ev.kind == KIND_RECALL:
-                await repo.recall_message_tx(conn, conv.value, ev.target)
-            else:
-                await repo.hide_message_tx(conn, ev.sender_id, target_msg_id)
+        await repo.lock_send_tx(
+            conn,
+            sorted({(LOCK_CONV_SEND, lock_key(conv.value)), (LOCK_USER, lock_key(ev.sender_id))}),
+        )
+        [state] = await repo.read_send_states_tx(
+            conn, [repo.SendKey(ev.sender_id, ev.client_msg_id, conv.value)]
+        )
+        if state.stored is not None:
+            # Acknowledged once the standby has it (see repo.await_replication_tx).
+            await repo.await_replication_tx(conn)
+            return state.stored, None
+        expired = dedup_window_refusal(ev.client_msg_id, self._dedup_window_ms)
+        if expired is not None:
+            raise expired
+        if not conv.is_direct:
+            if state.kind is None:
+                raise NotFound(f"group {conv.value} does not exist")
+            if not state.is_member:
+                raise PermissionDenied(f"{ev.sender_id} is not a member of {conv.value}")
+        head = state.last_conv_seq
+        target_msg_id = await self._check_target(conn, ev)
+        values = await self._seq.next_batch([conv.seq_key, user_seq_key(ev.sender_id)])
+        if len(values) != 2:
+            raise DependencyFailed(f"seqsvc returned {len(values)} values for 2 keys")
+        conv_seq, seq = values
+        if not self._faults.skip_seq_check:
+            if conv_seq <= head:
+                raise SequenceRegression(
+                    f"seqsvc returned conv_seq {conv_seq} for {conv.seq_key}, not above "
+                    f"the last committed {head}; nothing was written"
+                )
+            if seq <= state.last_seq:
+                raise SequenceRegression(
+                    f"seqsvc returned seq {seq} for u:{ev.sender_id}, not above the last "
+                    f"committed {state.last_seq}; nothing was written"
+                )
+        [(msg_id, time_ms)] = await repo.insert_messages_tx(
+            conn,
+            [
+                repo.NewMessage(
+                    conversation_id=conv.value,
+                    conv_seq=conv_seq,
+                    sender_id=ev.sender_id,
+                    sender_device_id=ev.device_id,
+                    client_msg_id=ev.client_msg_id,
+                    sender_seq=seq,
+                    content_type=ev.content_type,
+                    body=ev.body,
+                    direct_pair=conv.pair,
+                    kind=ev.kind,
+                    target_conv_seq=ev.target,
+                )
+            ],
+            dedup=not self._faults.skip_dedup,
+            outbox=not self._faults.skip_outbox,
+            repair_after_s=self._repair_after,
+        )
+        if ev.kind == KIND_EDIT:
+            await repo.edit_message_tx(conn, target_msg_id, ev.body, time_ms)
+        elif ev.kind == KIND_RECALL:
+            await repo.recall_message_tx(conn, conv.value, ev.target)
+        else:
+            await repo.hide_message_tx(conn, ev.sender_id, target_msg_id)
         ack = SendAck(msg_id, seq, conv_seq, time_ms, duplicate=False)
         trigger = logic_pb2.MessageCommitted(
             conversation_id=conv.value, msg_id=msg_id, conv_seq=conv_seq
