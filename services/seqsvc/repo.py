@@ -37,13 +37,34 @@ async def migrate(conninfo: str) -> list[str]:
     return await apply_migrations(conninfo, MIGRATIONS, "seqsvc")
 
 
+def idle_in_transaction_ms(timeout_s: float) -> int:
+    """How long PostgreSQL keeps one of seqsvc's sessions that stopped in the middle
+    of a transaction (a process stalled by SIGSTOP, a VM pause, a lost network)
+    before it ends the session and frees its row locks. Without it such a session
+    holds the section rows, and with them every other instance's claims and
+    renewals and `raise-floor`, for as long as the process stays stalled. Between
+    two statements of one transaction seqsvc does no work, so twice one call's
+    timeout is generous."""
+    return max(1000, round(2000 * timeout_s))
+
+
+async def _session_limits(
+    conn: psycopg.AsyncConnection[Any], timeout_s: float, local: bool
+) -> None:
+    await conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, %s)",
+        (str(idle_in_transaction_ms(timeout_s)), local),
+    )
+
+
 class _Lane:
     """One lazily (re)connected autocommit connection. A failed or cancelled call
     drops the connection, so the next call starts from a clean one."""
 
-    def __init__(self, conninfo: str, connect_timeout_s: float) -> None:
+    def __init__(self, conninfo: str, timeout_s: float) -> None:
         self._conninfo = conninfo
-        self._connect_timeout = max(1, round(connect_timeout_s))
+        self._timeout = timeout_s
+        self._connect_timeout = max(1, round(timeout_s))
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
 
@@ -54,6 +75,7 @@ class _Lane:
                     self._conn = await psycopg.AsyncConnection.connect(
                         self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
                     )
+                    await _session_limits(self._conn, self._timeout, local=False)
                 # A ceiling is used only once the standby has it (I6 across a
                 # failover): a commit whose standby wait was cancelled raises.
                 with commits_confirmed(self._conn):
@@ -117,6 +139,7 @@ class PgSectionStore:
             ) as conn,
             conn.transaction(),
         ):
+            await _session_limits(conn, self._timeout, local=True)
             await conn.execute(
                 "INSERT INTO seqsvc_owner (singleton, sections) VALUES (true, %s) "
                 "ON CONFLICT DO NOTHING",
@@ -406,7 +429,24 @@ async def raise_floor(conninfo: str, at_least: int, sections: int) -> tuple[int,
     Returns (the highest max_seq before, the highest epoch now). Idempotent: a
     second call with the same value changes nothing but the epochs."""
     await migrate(conninfo)
+    try:
+        return await _raise_floor(conninfo, at_least, sections)
+    except psycopg.errors.LockNotAvailable:
+        raise LeaseHeld(
+            f"a session holds a lock on seqsvc's tables for more than {RAISE_FLOOR_LOCK_WAIT}"
+            " (an instance stalled in a transaction, which PostgreSQL ends after its "
+            "idle-in-transaction timeout, or another raise-floor): retry in a few seconds"
+        ) from None
+
+
+#: How long `raise-floor` waits for a lock before it gives up (a clear refusal, not
+#: a hang behind a stalled session).
+RAISE_FLOOR_LOCK_WAIT = "5s"
+
+
+async def _raise_floor(conninfo: str, at_least: int, sections: int) -> tuple[int, int]:
     async with await psycopg.AsyncConnection.connect(conninfo) as conn, conn.transaction():
+        await conn.execute("SELECT set_config('lock_timeout', %s, true)", (RAISE_FLOOR_LOCK_WAIT,))
         await conn.execute(
             "INSERT INTO seqsvc_owner (singleton, sections) VALUES (true, %s) "
             "ON CONFLICT DO NOTHING",
