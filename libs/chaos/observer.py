@@ -233,7 +233,7 @@ class Observer:
                 first = await asyncio.wait_for(call.read(), 10.0)
                 if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                     raise ConnectionError(f"no Welcome from {address}")
-                self.windows.append(Window(self.clock()))
+                self.windows.append(Window(self.clock(), head_seq=first.welcome.head_seq))
                 self._open = w = len(self.windows) - 1
                 self.stats.connects += 1
                 self._welcomed.set()
@@ -247,7 +247,8 @@ class Observer:
                 return self._open is not None
             finally:
                 if self._open is not None:
-                    self.windows[self._open] = Window(self.windows[self._open].start, self.clock())
+                    opened = self.windows[self._open]
+                    self.windows[self._open] = Window(opened.start, self.clock(), opened.head_seq)
                     self.echo(f"observer {self.name} disconnected from {address}")
                 self._open = None
                 if holes is not None:

@@ -19,6 +19,9 @@ connection was open when the message was acked (a *pair*):
   bound), with every fault after the ack taken out;
 - the connection ended before the message arrived: not judged (the device went
   offline; what it gets after reconnecting is a sync, not an online delivery).
+- its entry is at or below the Welcome head of that connection: not judged
+  (the commit came before the Welcome, only its SendAck after; a client gets
+  such an entry from its sync on connect, and a raw observer never syncs).
 
 A pair is late (`online_late`) when its time is above `liveness_s` or it never
 arrived.
@@ -50,10 +53,12 @@ NO_FAULT = "none"
 @dataclass(frozen=True)
 class Window:
     """One connection of a device: from its Welcome to the end of its stream
-    (None: still open at the end of the run)."""
+    (None: still open at the end of the run). `head_seq` is the Welcome's
+    timeline head when the device does not sync (a raw observer); 0 otherwise."""
 
     start: float
     end: float | None = None
+    head_seq: int = 0
 
     def holds(self, t: float) -> bool:
         return self.start <= t and (self.end is None or t <= self.end)
@@ -263,6 +268,10 @@ def _judge(
     if w is None:
         return None  # not connected when the message was acked
     window = dev.windows[w]
+    if seq is not None and seq <= window.head_seq:
+        # Committed before the Welcome was written (its SendAck came later): the
+        # client's sync on connect fetches it, which an observer never does.
+        return None
     receipt = dev.receipts.get(m.msg_id)
     received: float | None
     if receipt is not None:

@@ -216,3 +216,17 @@ def test_per_kind_maxima() -> None:
     data = r.to_json()
     assert data["max_online_delivery_s"] == pytest.approx(2.0)
     assert data["max_by_kind"] == {"gateway_kill": 2.0, "nats_restart": 2.0, NO_FAULT: 0.1}
+
+
+def test_an_entry_at_or_below_the_welcome_head_is_the_connect_syncs_not_a_pair() -> None:
+    # The message was committed and fanned out (bob's seq 5) before bob's
+    # observer connected, but its SendAck reached the sender only after the
+    # Welcome (head 5): the push went to the gateway bob had left. Entries at or
+    # below the Welcome head are what a client's sync on connect fetches; an
+    # observer never syncs, so it cannot judge them.
+    obs = observer(Window(9.9, head_seq=5))
+    r = judge([msg(1, 10.0)], [obs], seq_of={("bob", 1): 5})
+    assert r.pairs == 0 and r.online_late == 0
+    # One above the head is the server's to push.
+    r = judge([msg(1, 10.0)], [obs], seq_of={("bob", 1): 6})
+    assert r.observer_pairs == 1 and r.online_late == 1
