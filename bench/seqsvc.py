@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +428,58 @@ async def w_fill(spec: dict[str, Any]) -> dict[str, Any]:
     return {"keys": n}
 
 
+async def bare_server(port: int) -> None:
+    """The floor under seqsvc's unary latency: a grpc.aio server (uvloop, as
+    seqsvc runs) answering the same `Next` from a dict, with no interceptor,
+    metrics, auth, allocator or database. Same process model, same proto."""
+    import grpc
+
+    from im.seqsvc.v1 import seqsvc_pb2 as pb
+    from im.seqsvc.v1 import seqsvc_pb2_grpc as pb_grpc
+
+    class Bare(pb_grpc.SeqServiceServicer):
+        def __init__(self) -> None:
+            self.cur: dict[str, int] = {}
+
+        async def Next(self, request: Any, context: Any) -> Any:
+            seq = self.cur.get(request.key, 0) + 1
+            self.cur[request.key] = seq
+            return pb.NextResponse(value=seq)
+
+    server = grpc.aio.server()
+    pb_grpc.add_SeqServiceServicer_to_server(Bare(), server)  # type: ignore[abstract]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+class BareServer:
+    """`bare_server` in its own process (SIGTERM stops it)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--bare-server", str(self.port)],
+            stdout=subprocess.DEVNULL,
+        )
+        import socket
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the bare gRPC server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
 WORKERS = {
     "redis": w_redis,
     "pg": w_pg,
@@ -444,27 +497,46 @@ def worker_main(spec: dict[str, Any]) -> None:
     import uvloop
 
     result = uvloop.run(WORKERS[spec["kind"]](spec))
-    # The event loop may leave stdout non-blocking: a result larger than the pipe
-    # (the latencies of an open loop) would then be cut short when nobody reads yet.
-    os.set_blocking(sys.stdout.fileno(), True)
-    print(json.dumps(result), flush=True)
+    # Through a file, not stdout: a result of several MB (an open loop's
+    # latencies, a routed run's log of every value's owner) came out of the pipe
+    # cut at 64 KiB once the event loop had left stdout non-blocking.
+    Path(spec["result_file"]).write_text(json.dumps(result))
 
 
-def start_worker(spec: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Worker:
+    """A generator process and the file its result lands in."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        fd, name = tempfile.mkstemp(prefix="bench-seqsvc-worker-", suffix=".json")
+        os.close(fd)
+        self.result_file = Path(name)
+        self.kind = spec["kind"]
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                json.dumps({**spec, "result_file": name}),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
 
-def finish_worker(proc: subprocess.Popen[str], kind: str) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {kind} failed:\n{err[-3000:]}")
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+def start_worker(spec: dict[str, Any]) -> Worker:
+    return Worker(spec)
+
+
+def finish_worker(worker: Worker, kind: str) -> dict[str, Any]:
+    try:
+        _, err = worker.proc.communicate(timeout=600)
+        if worker.proc.returncode != 0:
+            raise RuntimeError(f"worker {kind} failed:\n{err[-3000:]}")
+        result: dict[str, Any] = json.loads(worker.result_file.read_text())
+        return result
+    finally:
+        worker.result_file.unlink(missing_ok=True)
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -472,7 +544,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_open_loop(
-    spec: dict[str, Any], procs: int, servers: list[ServiceProcess]
+    spec: dict[str, Any], procs: int, servers: Sequence[ServiceProcess | BareServer]
 ) -> dict[str, Any]:
     """`spec["rate"]` offered by `procs` generator processes together (each at
     rate / procs); merges their latencies and adds the servers' CPU use."""
@@ -497,6 +569,13 @@ def run_open_loop(
         server_cpu_pct=[
             round(100 * (cpu_seconds(s) - c) / wall, 1) for s, c in zip(servers, cpu0, strict=True)
         ],
+        # Every call offered, warm-up included, over the servers' CPU in that time.
+        server_cpu_ms_per_call=round(
+            1000
+            * sum(cpu_seconds(s) - c for s, c in zip(servers, cpu0, strict=True))
+            / max(1, int(spec["rate"] * (spec["warmup"] + spec["duration"]))),
+            3,
+        ),
     )
     return out
 
@@ -519,7 +598,7 @@ def server_counters(svc: ServiceProcess) -> dict[str, float]:
     return out
 
 
-def cpu_seconds(svc: ServiceProcess) -> float:
+def cpu_seconds(svc: ServiceProcess | BareServer) -> float:
     """CPU time (user + system) the process has used so far."""
     assert svc.proc is not None
     with open(f"/proc/{svc.proc.pid}/stat") as f:
@@ -671,7 +750,7 @@ def measure_handover(cluster: Cluster, sections: int, rate: float) -> dict[str, 
     try:
         deadline = time.monotonic() + 30
         while not ready_file.exists():
-            if worker.poll() is not None or time.monotonic() > deadline:
+            if worker.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("handover client did not start")
             time.sleep(0.02)
         time.sleep(1.0)
@@ -726,6 +805,7 @@ def measure_handover(cluster: Cluster, sections: int, rate: float) -> dict[str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-server", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="short phases (smoke run)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per phase")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
@@ -736,6 +816,11 @@ def main() -> int:
         help="load generator processes sharing the 6,000 calls/s of the routed open loop",
     )
     args = parser.parse_args()
+    if args.bare_server:
+        import uvloop
+
+        uvloop.run(bare_server(int(args.bare_server)))
+        return 0
     if args.worker:
         worker_main(json.loads(args.worker))
         return 0
@@ -791,6 +876,21 @@ def main() -> int:
                 1,
                 [svc],
             )  # fmt: skip
+
+        # The same open loops against a bare grpc.aio server (the floor).
+        bare = BareServer()
+        try:
+            for rate in (1000, 3000):
+                name = f"bare grpc.aio unary open loop {rate}/s"
+                print(f"  running {name} ...", file=sys.stderr, flush=True)
+                rows[name] = run_open_loop(
+                    {**common, "duration": 2 * d, "kind": "open_unary", "address": bare.address,
+                     "rate": rate},
+                    1,
+                    [bare],
+                )  # fmt: skip
+        finally:
+            bare.stop()
 
         # Several instances on one database, through the routing client.
         cluster = stack.cluster()
@@ -873,6 +973,7 @@ def main() -> int:
     coalesced = rows["seq_coalesced (1000 callers)"]
     batch = rows["seq_batch (1000 keys, 4 callers)"]
     open3000 = rows["seq_unary open loop 3000/s"]
+    bare3000 = rows["bare grpc.aio unary open loop 3000/s"]
     routed6000 = rows["seq_unary routed open loop 6000/s, 3 instances"]
     result = {
         "redis_incr_ids_per_s": redis["ids_per_s"],
@@ -895,6 +996,9 @@ def main() -> int:
         "bytes_per_key": memory["bytes_per_key"],
         "coalesced_vs_redis": round(coalesced["ids_per_s"] / redis["ids_per_s"], 2),
         "seq_unary_p999_ms_at_3000": open3000["p999_ms"],
+        "seq_unary_cpu_ms_per_call_at_3000": open3000["server_cpu_ms_per_call"],
+        "bare_unary_p999_ms_at_3000": bare3000["p999_ms"],
+        "bare_unary_cpu_ms_per_call_at_3000": bare3000["server_cpu_ms_per_call"],
         "seq_unary_p99_ms_at_6000_routed": routed6000["p99_ms"],
         "instances": len(cluster.procs),
         "handover_graceful_ms": handover["graceful"]["first_value_ms"],
