@@ -139,7 +139,7 @@ bench-prune: deps ## Retention pruning of 2 x 1M rows under 300 sends/s (bench/p
 
 AB_PRESET ?= liveness
 AB_ARGS ?=
-bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching); AB_ARGS="--closed-senders 10" adds the closed loop
+bench-ab: deps ## End-to-end before/after of one change's switches in one run (AB_PRESET=liveness|batching|quiet); AB_ARGS="--closed-senders 10" adds the closed loop
 	$(PY) bench/e2e_ab.py --preset $(AB_PRESET) $(AB_ARGS)
 
 bench-idle: deps ## Idle cost of 10,000 open streams, liveness off vs on, in one run

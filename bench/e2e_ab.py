@@ -57,6 +57,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
     ),
     # Liveness off: no heads in Welcome/Pong, no head checks, no catch-up pushes.
     "liveness": ("gateway:IM_GATEWAY_LIVENESS_S=0",),
+    # The quiet path (issue 19): the SendAck waits for the trigger publish, and
+    # every partial fan-out batch waits its linger even when nothing is in flight.
+    "quiet": (
+        "logic:IM_LOGIC_ACK_BEFORE_PUBLISH=0",
+        "pusher:IM_PUSHER_FANOUT_LINGER_WHEN_IDLE=1",
+    ),
 }
 DEFAULT_PRESET = "liveness"
 

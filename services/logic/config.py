@@ -205,6 +205,19 @@ class Settings(ServerSettings):
         description="Longest a send waits for JetStream to confirm its trigger after the "
         "commit; on timeout the send still succeeds and the outbox relay publishes later.",
     )
+    send_pipeline: bool = Field(
+        False,
+        description="Run the send transaction in psycopg's pipeline mode: BEGIN, the locks "
+        "and the state read go out together (one round trip instead of three), the insert "
+        "and the COMMIT each one. Off: one round trip per statement (issue 19's switch).",
+    )
+    ack_before_publish: bool = Field(
+        True,
+        description="Answer a send as soon as its transaction commits and publish its "
+        "trigger after the answer (the outbox row already makes the trigger durable, I4). "
+        "Off: the answer waits for JetStream to confirm the publish (or publish_timeout_s), "
+        "as before issue 19; kept for `make bench-ab`.",
+    )
     outbox_relay_interval_s: float = Field(
         1.0, gt=0, le=3600, description="How often the outbox relay looks for leftovers."
     )

@@ -27,6 +27,7 @@ runs each send as its own transaction in the caller's task, as before group comm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from collections import deque
@@ -144,7 +145,13 @@ class Sender:
         committers: int = 1,
         dedup_window_s: float = 0.0,
         events: StateWriter | None = None,
+        ack_before_publish: bool = True,
+        pipeline: bool = False,
     ) -> None:
+        #: The send transaction in psycopg's pipeline mode (fewer round trips).
+        self._pipeline = pipeline
+        #: Answer before the trigger publish (the outbox row makes it durable).
+        self._ack_first = ack_before_publish
         #: Where events (edits, recalls, reads...: state.py) go; None: refused.
         self._events = events
         self._db = db
@@ -253,7 +260,10 @@ class Sender:
                 "im.client_msg_id": req.client_msg_id,
             }
             committed = await self._run_batch([item], attributes)
-            await self._finish(committed)
+            if self._ack_first:
+                self._finish_later(committed)
+            else:
+                await self._finish(committed)
         else:
             if self._closed:
                 raise Unavailable("logic is shutting down; retry")
@@ -304,9 +314,12 @@ class Sender:
                 # A bug (the callers get INTERNAL); the committer goes on.
                 log.exception("send batch failed", extra={"batch_size": len(batch)})
                 continue
-            task = asyncio.get_running_loop().create_task(self._finish(committed))
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            self._finish_later(committed)
+
+    def _finish_later(self, committed: _Committed) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish(committed))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def close(self) -> None:
         """Stops the committers; queued sends fail UNAVAILABLE (nothing written).
@@ -387,7 +400,13 @@ class Sender:
         # did not confirm (its wait cancelled) fails the batch instead (I3).
         async with self._db.pool.connection() as conn:
             with commits_confirmed(conn):
-                async with conn.transaction():
+                # Pipelined: BEGIN, the locks and the state read leave together
+                # and come back in one round trip (each still its own statement,
+                # so the read's snapshot is taken after the locks are held).
+                async with (
+                    conn.pipeline() if self._pipeline else contextlib.nullcontext(),
+                    conn.transaction(),
+                ):
                     if not self._faults.skip_locks:
                         locks = {(LOCK_CONV_SEND, lock_key(i.conv.value)) for i in items}
                         locks |= {(LOCK_USER, lock_key(i.req.sender_id)) for i in items}
@@ -537,10 +556,18 @@ class Sender:
         return msgs
 
     async def _finish(self, committed: _Committed) -> None:
-        """After the commit: the triggers (one per conversation), then the answers.
-        A failed publish never fails a send: the outbox relay publishes it later."""
+        """After the commit: the triggers (one per conversation) and the answers,
+        the answers first unless they wait for the publish (`ack_before_publish`
+        off). A failed publish never fails a send: the outbox relay publishes it
+        later (I4), which is also why an answer need not wait for it."""
+        if self._ack_first:
+            self._answer(committed)
         if committed.triggers and not self._faults.skip_outbox:
             await asyncio.gather(*(self._publish(t, item) for t, item in committed.triggers))
+        self._answer(committed)
+
+    @staticmethod
+    def _answer(committed: _Committed) -> None:
         for item in committed.items:
             if item.future.done():
                 continue

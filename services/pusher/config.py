@@ -127,6 +127,14 @@ class Settings(ServerSettings):
         "its FanoutBatch call before the call goes out anyway (0 = at once). A full batch "
         "goes at once.",
     )
+    fanout_linger_when_idle: bool = Field(
+        False,
+        description="Linger even when no fan-out call is in flight. Off (the default since "
+        "issue 19): with nothing in flight the first ready conversation goes at once, and "
+        "conversations become ready meanwhile wait the linger to share the next call, so "
+        "batches still form under load while a quiet conversation pays no linger. On: every "
+        "partial batch waits fanout_linger_ms (before issue 19; kept for `make bench-ab`).",
+    )
     logic_timeout_s: float = Field(15.0, gt=0, le=300, description="Deadline of one Fanout.")
     deliver_timeout_s: float = Field(
         2.0, gt=0, le=60, description="Deadline of one Deliver call to a gateway."

@@ -1,14 +1,16 @@
 """The JetStream side of pusher: a durable pull consumer of "conversation has new
 committed messages" triggers (im.logic.v1.MessageCommitted).
 
-Conversations with new triggers are gathered into batches: a batch goes out when
-it holds `fanout_batch_conversations` conversations, or `fanout_linger_ms` after its
-first conversation became ready. A batch of several conversations is ONE logic
-FanoutBatch call (one transaction) per page, and all its deliveries go to one
-`Deliverer.push` (one Deliver per gateway); a batch of one conversation is the
-plain Fanout call. With a batch size of 1 and no linger this is exactly the
-one-Fanout-per-conversation pusher of before. A logic that does not know
-FanoutBatch (UNIMPLEMENTED, during a rolling deploy) gets Fanout calls.
+Conversations with new triggers are gathered into batches: a batch goes out when it
+holds `fanout_batch_conversations` conversations, or `fanout_linger_ms` after its
+first conversation became ready, or at once when no batch is in flight (unless
+`fanout_linger_when_idle`): a quiet conversation pays no linger, and under load the
+conversations that become ready while a call runs share the next one. A batch of
+several conversations is ONE logic FanoutBatch call (one transaction) per page, and
+all its deliveries go to one `Deliverer.push` (one Deliver per gateway); a batch of
+one conversation is the plain Fanout call. With a batch size of 1 and no linger this
+is exactly the one-Fanout-per-conversation pusher of before. A logic that does not
+know FanoutBatch (UNIMPLEMENTED, during a rolling deploy) gets Fanout calls.
 
 Guarantees:
 - a trigger is acked only after logic's fan-out of its conversation returned OK
@@ -114,6 +116,8 @@ class TriggerConsumer:
         self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0
         self._linger = settings.fanout_linger_ms / 1000
+        #: True while one fetch's triggers are dispatched (see _fetch_loop).
+        self._gathering = False
         #: False once logic answered FanoutBatch with UNIMPLEMENTED (an older logic)
         self._batch_rpc = True
         self._workers: set[asyncio.Task[None]] = set()
@@ -266,8 +270,15 @@ class TriggerConsumer:
                     with contextlib.suppress(nats.errors.TimeoutError):
                         msgs += await sub.fetch(min(room, more), timeout=_TOP_UP_S)
             checked = time.monotonic()
-            for msg in msgs:
-                await self._dispatch(msg)
+            # The whole fetch is gathered before any batch starts, so an idle
+            # pusher's first batch takes every conversation of the fetch.
+            self._gathering = True
+            try:
+                for msg in msgs:
+                    await self._dispatch(msg)
+            finally:
+                self._gathering = False
+            self._pump()
 
     # -- batches of conversations ------------------------------------------------
 
@@ -294,7 +305,8 @@ class TriggerConsumer:
         state.pending.append(msg)
         if not state.busy and conv not in self._ready:
             self._ready[conv] = asyncio.get_running_loop().time()
-            self._pump()
+            if not self._gathering:
+                self._pump()
 
     def _pump(self, due: bool = False) -> None:
         """Starts the batches that are due: full ones at once, a partial one when
@@ -307,7 +319,8 @@ class TriggerConsumer:
         now = loop.time()
         while self._ready and self._inflight < self._settings.max_concurrency:
             oldest = next(iter(self._ready.values()))
-            if len(self._ready) < size and now - oldest < self._linger and not due:
+            idle = self._inflight == 0 and not self._settings.fanout_linger_when_idle
+            if len(self._ready) < size and now - oldest < self._linger and not due and not idle:
                 break
             due = False
             convs = list(itertools.islice(self._ready, size))

@@ -240,7 +240,7 @@ PUSHER_ENV = {
 }
 
 
-def start_stack(gateways: int = 2) -> Any:
+def start_stack(gateways: int = 2, gateway_env: dict[str, str] | None = None) -> Any:
     """The whole system (imdev.stack.Stack) with the test token secret, quick
     retransmits, and the pusher's metrics on `stack.pusher_metrics_port`."""
     import shutil
@@ -256,7 +256,10 @@ def start_stack(gateways: int = 2) -> Any:
         workdir,
         gateways=gateways,
         token_secret=SECRET,
-        env={"pusher": {**PUSHER_ENV, "IM_PUSHER_METRICS_PORT": str(metrics_port)}},
+        env={
+            "pusher": {**PUSHER_ENV, "IM_PUSHER_METRICS_PORT": str(metrics_port)},
+            "gateway": dict(gateway_env or {}),
+        },
     )
     stack.pusher_metrics_port = metrics_port  # type: ignore[attr-defined]
     stack.cleanup = lambda: shutil.rmtree(workdir, ignore_errors=True)  # type: ignore[attr-defined]

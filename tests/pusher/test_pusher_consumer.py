@@ -144,3 +144,45 @@ async def test_ack_delivery_validates_and_sigterm_exits_cleanly(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     proc.signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+@pytest.mark.parametrize("linger_when_idle", [False, True])
+async def test_an_idle_pusher_fans_out_at_once_without_its_linger(
+    spawn: Callable[..., ServiceProcess],
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    key_prefix: str,
+    linger_when_idle: bool,
+) -> None:
+    # The linger gathers conversations into one FanoutBatch while calls are in
+    # flight; with nothing in flight there is nothing to wait for
+    # (IM_PUSHER_FANOUT_LINGER_WHEN_IDLE=0, issue 19): the first trigger's call
+    # leaves at once. Logic does not listen here, so every call fails at once and
+    # the trigger is nak'ed: the time to the first nak is the time to the call.
+    env = pusher_env(nats_server.url(), redis_server, key_prefix)
+    metrics_port = free_port()
+    env["IM_PUSHER_METRICS_PORT"] = str(metrics_port)
+    env["IM_PUSHER_FANOUT_LINGER_MS"] = "1000"
+    env["IM_PUSHER_FANOUT_LINGER_WHEN_IDLE"] = "1" if linger_when_idle else "0"
+    stream, prefix = env["IM_PUSHER_NATS_STREAM"], env["IM_PUSHER_NATS_SUBJECT_PREFIX"]
+    spawn("pusher", env)
+    nc = await nats.connect(nats_server.url())
+    try:
+        js = nc.jetstream()
+        await wait_for(lambda: consumer_exists(js, stream), what="durable consumer")
+        await js.publish(subject_for(prefix, "d:a:b"), trigger("d:a:b"))
+
+        async def delivered() -> bool:
+            return (await js.consumer_info(stream, "pusher")).delivered.stream_seq == 1
+
+        await wait_for(delivered, what="the trigger fetched")
+        # Fetched, and the linger (1 s) not yet over: an idle pusher has already
+        # called (and nak'ed); a lingering one has not.
+        await asyncio.sleep(0.5)
+        naks = metric(metrics_port, "im_pusher_triggers_total", outcome="nak")
+        if linger_when_idle:
+            assert naks == 0
+        else:
+            assert naks >= 1
+    finally:
+        await nc.close()

@@ -143,8 +143,10 @@ async def test_crash_before_deliver_fires_at_the_nth_fanout_with_deliveries(
         "IM_PUSHER_LOGIC_ADDRESS": rig.logic_address,
         "IM_PUSHER_RETRANSMIT_SCHEDULE_MS": "60000",  # one Deliver per entry
         "IM_PUSHER_TEST_FAULT_CRASH_BEFORE_DELIVER": str(crash_at),
-        # FanoutBatch: both conversations of a step wait for each other.
+        # FanoutBatch: both conversations of a step wait for each other (also
+        # the first, which an idle pusher would otherwise send at once).
         "IM_PUSHER_FANOUT_LINGER_MS": "1000" if rpc == "FanoutBatch" else "0",
+        "IM_PUSHER_FANOUT_LINGER_WHEN_IDLE": "1",
     }
     proc = spawn("pusher", env)
     convs = ["d:a:bob", "d:bob:c"] if rpc == "FanoutBatch" else ["d:a:bob"]
