@@ -205,12 +205,6 @@ class Settings(ServerSettings):
         description="Longest a send waits for JetStream to confirm its trigger after the "
         "commit; on timeout the send still succeeds and the outbox relay publishes later.",
     )
-    send_pipeline: bool = Field(
-        False,
-        description="Run the send transaction in psycopg's pipeline mode: BEGIN, the locks "
-        "and the state read go out together (one round trip instead of three), the insert "
-        "and the COMMIT each one. Off: one round trip per statement (issue 19's switch).",
-    )
     ack_before_publish: bool = Field(
         True,
         description="Answer a send as soon as its transaction commits and publish its "

@@ -27,7 +27,6 @@ runs each send as its own transaction in the caller's task, as before group comm
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 from collections import deque
@@ -146,10 +145,7 @@ class Sender:
         dedup_window_s: float = 0.0,
         events: StateWriter | None = None,
         ack_before_publish: bool = True,
-        pipeline: bool = False,
     ) -> None:
-        #: The send transaction in psycopg's pipeline mode (fewer round trips).
-        self._pipeline = pipeline
         #: Answer before the trigger publish (the outbox row makes it durable).
         self._ack_first = ack_before_publish
         #: Where events (edits, recalls, reads...: state.py) go; None: refused.
@@ -400,13 +396,7 @@ class Sender:
         # did not confirm (its wait cancelled) fails the batch instead (I3).
         async with self._db.pool.connection() as conn:
             with commits_confirmed(conn):
-                # Pipelined: BEGIN, the locks and the state read leave together
-                # and come back in one round trip (each still its own statement,
-                # so the read's snapshot is taken after the locks are held).
-                async with (
-                    conn.pipeline() if self._pipeline else contextlib.nullcontext(),
-                    conn.transaction(),
-                ):
+                async with conn.transaction():
                     if not self._faults.skip_locks:
                         locks = {(LOCK_CONV_SEND, lock_key(i.conv.value)) for i in items}
                         locks |= {(LOCK_USER, lock_key(i.req.sender_id)) for i in items}

@@ -158,7 +158,6 @@ async def build(settings: Settings, runtime: Runtime) -> None:
         dedup_window_s=retention.dedup_s,
         events=events,
         ack_before_publish=settings.ack_before_publish,
-        pipeline=settings.send_pipeline,
     )
     # Unwinds before the pool and the NATS connection close: sends still queued
     # fail UNAVAILABLE, batches being published finish.
