@@ -866,29 +866,23 @@ def main() -> int:
             {"kind": "batch", "address": svc.address, "concurrency": 4, "batch": 1000},
         )
 
-        # Open loop, as WeChat states seqsvr's latency: a rate offered by the clock.
-        for rate in (1000, 3000):
-            name = f"seq_unary open loop {rate}/s"
-            print(f"  running {name} ...", file=sys.stderr, flush=True)
-            rows[name] = run_open_loop(
-                {**common, "duration": 2 * d, "kind": "open_unary", "address": svc.address,
-                 "rate": rate},
-                1,
-                [svc],
-            )  # fmt: skip
-
-        # The same open loops against a bare grpc.aio server (the floor).
-        bare = BareServer()
-        try:
+        # Open loop, as WeChat states seqsvr's latency: a rate offered by the clock;
+        # the same loops against a bare grpc.aio server are the floor.
+        def open_loops(label: str, server: ServiceProcess | BareServer) -> None:
             for rate in (1000, 3000):
-                name = f"bare grpc.aio unary open loop {rate}/s"
+                name = f"{label} open loop {rate}/s"
                 print(f"  running {name} ...", file=sys.stderr, flush=True)
                 rows[name] = run_open_loop(
-                    {**common, "duration": 2 * d, "kind": "open_unary", "address": bare.address,
-                     "rate": rate},
+                    {**common, "duration": 2 * d, "kind": "open_unary",
+                     "address": server.address, "rate": rate},
                     1,
-                    [bare],
+                    [server],
                 )  # fmt: skip
+
+        open_loops("seq_unary", svc)
+        bare = BareServer()
+        try:
+            open_loops("bare grpc.aio unary", bare)
         finally:
             bare.stop()
 
