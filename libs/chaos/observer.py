@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -192,13 +192,27 @@ class Observer:
     def push_log(self) -> checker.PushLog:
         return checker.PushLog(self.user_id, self.device_id, list(self.pushes))
 
-    def missing(self, acked: Iterable[tuple[int, float]]) -> int:
+    def missing(
+        self, acked: Iterable[tuple[int, float]], seqs: Mapping[int, int] | None = None
+    ) -> int:
         """Of `acked` (msg_id, ack time) messages of this user's conversations,
-        how many acked while the current connection was open have not arrived."""
+        how many acked while the current connection was open have not arrived,
+        leaving out those whose seq in the user's timeline (`seqs`, msg_id ->
+        seq, as the user's other devices were handed them) is at or below the
+        connection's Welcome head: committed before the Welcome, they are the
+        connect sync's, which an observer never does (`online.measure` leaves
+        them out for the same reason). A seq not known yet counts."""
         if self._open is None:
             return 0
-        start = self.windows[self._open].start
-        return sum(1 for msg_id, at in acked if at >= start and msg_id not in self.receipts)
+        seqs = seqs or {}
+        window = self.windows[self._open]
+        return sum(
+            1
+            for msg_id, at in acked
+            if at >= window.start
+            and msg_id not in self.receipts
+            and seqs.get(msg_id, window.head_seq + 1) > window.head_seq
+        )
 
     # -- the connection ----------------------------------------------------------
 

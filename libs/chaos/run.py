@@ -500,10 +500,17 @@ async def run(config: RunConfig, echo: Callable[[str], None] = print) -> RunResu
             acked = acked_messages(w)
             return sum(
                 o.missing(
-                    (m.msg_id, m.acked_at)
-                    for m in acked
-                    if o.user_id
-                    in (m.recipients if m.recipients is not None else w.members[m.conversation_id])
+                    (
+                        (m.msg_id, m.acked_at)
+                        for m in acked
+                        if o.user_id
+                        in (
+                            m.recipients
+                            if m.recipients is not None
+                            else w.members[m.conversation_id]
+                        )
+                    ),
+                    w.timeline_seqs(o.user_id),
                 )
                 for o in observers
             )

@@ -756,6 +756,11 @@ class Workload:
             else:
                 await asyncio.sleep(0.1)  # a restart is reopening a client
 
+    def timeline_seqs(self, user: str) -> dict[int, int]:
+        """msg_id -> seq in `user`'s timeline, as the user's devices were handed
+        them (one timeline per user, so every device agrees)."""
+        return {e.msg_id: e.seq for dev in self.by_user[user] for e in dev.history.entries if e.seq}
+
     def expected_missing(self) -> int:
         """(message, device) pairs still missing: every acked message or event,
         and every one some device has seen, on every device of every user whose

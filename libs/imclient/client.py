@@ -1074,7 +1074,6 @@ class Client(UnaryCalls):
             old,
             account,
         )
-        self._stats.epoch_resets += 1
         self._generation += 1
         receiver.restart()
         # Positions and conv_seqs of the old store mean nothing in the new one.
@@ -1091,6 +1090,8 @@ class Client(UnaryCalls):
             # Recorded last: if this fails, the next Welcome or page resets again.
             await self._store.set_epoch(account, epoch, reset=True)
         self._store_epoch = epoch
+        # Counted once done: whoever sees the count sees the new epoch too.
+        self._stats.epoch_resets += 1
         return True
 
     def _on_head(self, head: int, welcome: bool = False) -> None:

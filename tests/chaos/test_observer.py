@@ -304,3 +304,25 @@ def test_windows_are_closed_intervals() -> None:
     w = Window(1.0, 2.0)
     assert w.holds(1.0) and w.holds(2.0) and not w.holds(2.1)
     assert Window(1.0).holds(1e9)
+
+
+async def test_missing_leaves_out_what_the_welcome_head_covers(
+    fake: tuple[FakeGateway, str],
+) -> None:
+    # Messages 101-103 were acked after the Welcome (head 5) but 101 is seq 5 of
+    # bob's timeline: committed before the Welcome, it is the connect sync's, and
+    # the quiesce must not wait for a push that never comes. 102 (seq 6) is the
+    # server's to push; 103's seq is not known yet (no SDK device has it): it
+    # counts until it is.
+    gw, address = fake
+    gw.head_seq = 5
+    obs = Observer("bob", [address], lambda: "t", hole_after_s=60.0)
+    await obs.start()
+    try:
+        after = obs.windows[0].start + 0.001
+        acked = [(101, after), (102, after), (103, after)]
+        assert obs.windows[0].head_seq == 5
+        assert obs.missing(acked, {101: 5, 102: 6}) == 2
+        assert obs.missing(acked, {101: 5, 102: 6, 103: 5}) == 1
+    finally:
+        await obs.close()
