@@ -205,8 +205,9 @@ class Sender:
         are committed (I3); a repeat of (sender_id, client_msg_id), concurrent or
         later, in the same batch or not, returns the first send's ACK with
         duplicate=True and stores nothing (I2). The trigger is then published to
-        JetStream before returning; if that fails the send still succeeds and the
-        outbox relay publishes it later (I4).
+        JetStream, after the answer (`ack_before_publish`, the default) or before
+        it; if that fails the send still succeeds and the outbox relay publishes
+        it later (I4).
 
         Raises InvalidArgument, NotFound (unknown group), PermissionDenied (not a
         member), FailedPrecondition (an unknown UUIDv7 client_msg_id older than the
