@@ -59,7 +59,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -212,6 +212,27 @@ def wait_quiet(groups: dict[str, list[int]], max_wait_s: float, threshold: float
         log(f"  machine busy with other processes ({foreign:.2f} cores); waiting")
 
 
+def scrape_metrics(endpoints: dict[str, int]) -> Iterator[tuple[str, str, dict[str, str], float]]:
+    """Every `im_*` sample of the services' Prometheus endpoints (service name ->
+    metrics port) as (service, metric, labels, value); an endpoint that does not
+    answer is skipped."""
+    for name, port in endpoints.items():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if not line.startswith("im_"):
+                continue
+            key, _, value = line.rpartition(" ")
+            metric, _, labels = key.partition("{")
+            fields = dict(
+                part.split("=", 1) for part in labels.rstrip("}").split(",") if "=" in part
+            )
+            yield name, metric, {k: v.strip('"') for k, v in fields.items()}, float(value)
+
+
 class MetricsScraper:
     """Counter deltas from the services' Prometheus endpoints: RPCs by method
     (server and client side) and the services' own counters. Divided by the
@@ -223,25 +244,13 @@ class MetricsScraper:
 
     def _scrape(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, port in self.endpoints.items():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    text = r.read().decode()
-            except OSError:
+        for name, metric, fields, value in scrape_metrics(self.endpoints):
+            if not metric.endswith("_total"):
                 continue
-            for line in text.splitlines():
-                if not line.startswith("im_") or "_total" not in line.split(" ")[0]:
-                    continue
-                key, _, value = line.rpartition(" ")
-                metric, _, labels = key.partition("{")
-                fields = dict(
-                    part.split("=", 1) for part in labels.rstrip("}").split(",") if "=" in part
-                )
-                fields = {k: v.strip('"') for k, v in fields.items() if k != "code"}
-                label = ",".join(fields.values())
-                short = f"{name}:{metric.removeprefix('im_').removesuffix('_total')}"
-                short = f"{short}[{label}]" if label else short
-                out[short] = out.get(short, 0.0) + float(value)
+            label = ",".join(v for k, v in fields.items() if k != "code")
+            short = f"{name}:{metric.removeprefix('im_').removesuffix('_total')}"
+            short = f"{short}[{label}]" if label else short
+            out[short] = out.get(short, 0.0) + value
         return out
 
     def start(self) -> None:

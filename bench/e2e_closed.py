@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +58,10 @@ class HistScraper:
 
     def _scrape(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, port in self.endpoints.items():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    text = r.read().decode()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                key, _, value = line.rpartition(" ")
-                metric, _, labels = key.partition("{")
-                if not metric.startswith("im_") or not metric.endswith(("_sum", "_count")):
-                    continue
-                label = ",".join(
-                    part.split("=", 1)[1].strip('"')
-                    for part in labels.rstrip("}").split(",")
-                    if "=" in part
-                )
-                out[f"{name}:{metric.removeprefix('im_')}[{label}]"] = float(value)
+        for name, metric, fields, value in e2e.scrape_metrics(self.endpoints):
+            if metric.endswith(("_sum", "_count")):
+                label = ",".join(fields.values())
+                out[f"{name}:{metric.removeprefix('im_')}[{label}]"] = value
         return out
 
     def start(self) -> None:

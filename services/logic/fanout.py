@@ -43,7 +43,7 @@ from opentelemetry.trace import Span
 
 from logic import repo
 from logic.config import RESPONSE_HEADROOM_BYTES
-from logic.errors import DependencyFailed, InvalidArgument, LogicError, SequenceRegression
+from logic.errors import DependencyFailed, InvalidArgument, LogicError
 from logic.faults import Faults
 from logic.ids import (
     LOCK_CONV_FANOUT,
@@ -54,7 +54,7 @@ from logic.ids import (
     user_seq_key,
 )
 from logic.model import EVERY_MEMBER, RECEIPTS, Delivery, FanoutResult, StoredMessage
-from logic.seq import SeqSource
+from logic.seq import SeqSource, check_above
 from logic.store import Database
 from logic.telemetry import Telemetry, ids
 
@@ -471,12 +471,11 @@ class Fanout:
                     f"seqsvc returned {len(values)} values for {len(missing)} keys"
                 )
             for (user, msg), value in zip(missing, values, strict=True):
-                if value <= last[user] and not self._faults.skip_seq_check:
-                    raise SequenceRegression(
-                        f"seqsvc returned seq {value} for u:{user}, not above the last "
-                        f"committed {last[user]}; nothing was written "
-                        f"(fan-out of msg {msg.msg_id})"
-                    )
+                if not self._faults.skip_seq_check:
+                    check_above(
+                        "seq", value, user_seq_key(user), last[user],
+                        f" (fan-out of msg {msg.msg_id})",
+                    )  # fmt: skip
                 last[user] = max(last[user], value)
                 existing[(user, msg.msg_id)] = value
             await repo.insert_timeline_tx(

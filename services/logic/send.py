@@ -47,7 +47,6 @@ from logic.errors import (
     LogicError,
     NotFound,
     PermissionDenied,
-    SequenceRegression,
     Unavailable,
 )
 from logic.events import TriggerPublisher
@@ -66,7 +65,7 @@ from logic.ids import (
 )
 from logic.model import KIND_DELIVERED, KIND_MESSAGE, KIND_READ, RECEIPTS, SendAck
 from logic.outbox import OutboxCleaner
-from logic.seq import SeqSource
+from logic.seq import SeqSource, check_above
 from logic.state import StateWriter
 from logic.store import Database
 from logic.telemetry import Telemetry, ids
@@ -517,16 +516,8 @@ class Sender:
             prev_conv = last_conv.get(conv.value, state.last_conv_seq)
             prev_seq = last_user.get(req.sender_id, state.last_seq)
             if not self._faults.skip_seq_check:
-                if conv_seq <= prev_conv:
-                    raise SequenceRegression(
-                        f"seqsvc returned conv_seq {conv_seq} for {conv.seq_key}, not above the "
-                        f"last committed {prev_conv}; nothing was written"
-                    )
-                if seq <= prev_seq:
-                    raise SequenceRegression(
-                        f"seqsvc returned seq {seq} for u:{req.sender_id}, not above the last "
-                        f"committed {prev_seq}; nothing was written"
-                    )
+                check_above("conv_seq", conv_seq, conv.seq_key, prev_conv)
+                check_above("seq", seq, user_seq_key(req.sender_id), prev_seq)
             last_conv[conv.value] = max(prev_conv, conv_seq)
             last_user[req.sender_id] = max(prev_seq, seq)
             msgs.append(

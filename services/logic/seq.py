@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-from logic.errors import DependencyFailed, Unavailable
+from logic.errors import DependencyFailed, SequenceRegression, Unavailable
 from seqsvc.client import SeqClient, SeqError, SeqUnavailable
 
 
@@ -18,6 +18,18 @@ class SeqSource(Protocol):
         reached; nothing else is expected, but the caller must not trust the values:
         it checks them against what is committed (I1/I5)."""
         ...
+
+
+def check_above(what: str, value: int, key: str, committed: int, note: str = "") -> None:
+    """I1/I5: a value from seqsvc is used only above the last committed value of
+    its key (or the last given earlier in the same transaction). Otherwise raises
+    SequenceRegression: the caller writes nothing. `what` names the value (seq,
+    conv_seq) in the message."""
+    if value <= committed:
+        raise SequenceRegression(
+            f"seqsvc returned {what} {value} for {key}, not above the last committed "
+            f"{committed}; nothing was written{note}"
+        )
 
 
 class SeqClientSource:

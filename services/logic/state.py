@@ -44,7 +44,6 @@ from logic.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    SequenceRegression,
 )
 from logic.events import TriggerPublisher
 from logic.faults import Faults
@@ -71,7 +70,7 @@ from logic.model import (
     SendAck,
 )
 from logic.outbox import OutboxCleaner
-from logic.seq import SeqSource
+from logic.seq import SeqSource, check_above
 from logic.store import Database
 from logic.telemetry import Telemetry
 
@@ -235,16 +234,8 @@ class StateWriter:
             raise DependencyFailed(f"seqsvc returned {len(values)} values for 2 keys")
         conv_seq, seq = values
         if not self._faults.skip_seq_check:
-            if conv_seq <= head:
-                raise SequenceRegression(
-                    f"seqsvc returned conv_seq {conv_seq} for {conv.seq_key}, not above "
-                    f"the last committed {head}; nothing was written"
-                )
-            if seq <= state.last_seq:
-                raise SequenceRegression(
-                    f"seqsvc returned seq {seq} for u:{ev.sender_id}, not above the last "
-                    f"committed {state.last_seq}; nothing was written"
-                )
+            check_above("conv_seq", conv_seq, conv.seq_key, head)
+            check_above("seq", seq, user_seq_key(ev.sender_id), state.last_seq)
         [(msg_id, time_ms)] = await repo.insert_messages_tx(
             conn,
             [
