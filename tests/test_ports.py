@@ -185,6 +185,26 @@ def test_a_stack_rewires_its_services_to_a_port_that_moved(
             stack.kill()
 
 
+def test_a_stack_moves_a_taken_websocket_port(workdir: Path) -> None:
+    """The gateway's WebSocket port, chosen free by the stack, is taken before
+    the gateway starts (a client's ephemeral port can land on it): the gateway
+    moves it like its other ports, and `ws_urls` names the new one."""
+    stack = Stack(workdir / f"stack-{os.getpid()}-{random.randrange(10**9)}")
+    lost = stack.ports.gateway_ws[0]
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", lost))
+        stranger.listen()
+        try:
+            stack.start()
+            moved = int(stack.gateways[0].extra_env["IM_GATEWAY_WS_PORT"])
+            assert moved != lost
+            assert stack.ws_urls == [f"ws://127.0.0.1:{moved}/v1/connect"]
+            with socket.create_connection(("127.0.0.1", moved), timeout=5):
+                pass
+        finally:
+            stack.kill()
+
+
 # -- make run ------------------------------------------------------------------
 
 

@@ -186,6 +186,8 @@ class Stack:
         if p.movable:
             for i, gateway in enumerate(self.gateways):
                 gateway.movable_ports.add(p.gateway_internal[i])
+                if i < len(p.gateway_ws):
+                    gateway.movable_ports.add(p.gateway_ws[i])
 
     def _service(
         self, module: str, wiring: Callable[[], dict[str, str]], log: Path
@@ -352,6 +354,8 @@ class Stack:
         p.pusher = [proc.port for proc in self.pushers]
         p.gateway = [proc.port for proc in self.gateways]
         p.gateway_internal = [int(g.extra_env["IM_GATEWAY_INTERNAL_PORT"]) for g in self.gateways]
+        if p.gateway_ws:
+            p.gateway_ws = [int(g.extra_env["IM_GATEWAY_WS_PORT"]) for g in self.gateways]
         for kind, procs in self._by_kind().items():
             if kind in p.metrics:
                 var = f"IM_{kind.upper()}_METRICS_PORT"
