@@ -26,6 +26,11 @@ generator in processes of its own (multiprocessing, spawn):
 5. The closed loop (bench/e2e_closed.py, `--skip closed` leaves it out): 10
    senders, each waiting for its SendAck before the next, to 10 receivers:
    msg/s, send-ACK and delivery p50/p99, server CPU per message.
+6. Everything on (bench/e2e_full.py, `--skip full` leaves it out): the 1:1
+   load with half the devices on WebSocket, every recipient marking read,
+   DELIVERED receipts, typing on a share of the conversations, liveness heads,
+   at `--full-levels` (500 and 1,000 msg/s); with `--profile`, py-spy in every
+   service during one more such level.
 
 Writes bench/results/e2e.json (e2e-quick.json with --quick), a PNG of latency
 against offered load (bench/results/e2e_latency.png, gitignored), and prints
@@ -710,10 +715,12 @@ class LoadPhase:
         duration_s: float | None = None,
         profile: tuple[str, dict[str, int], Path] | None = None,
         mark_read: bool = False,
+        load_args: dict[str, Any] | None = None,
     ) -> LevelResult:
         """One open-loop level at `offered` msg/s. With `mark_read` every
         recipient also marks what it receives read (READs coalesced per
-        conversation, e2e_load's "Read receipts"); `data["reads"]` counts them."""
+        conversation, e2e_load's "Read receipts"); `data["reads"]` counts them.
+        `load_args` go to the workers' `load` command as well (e.g. typing)."""
         cfg = self.cfg
         foreign_before = (
             wait_quiet(self.meter_groups, cfg.quiet_wait_s, cfg.quiet_threshold)
@@ -733,6 +740,7 @@ class LoadPhase:
             "drain_s": cfg.drain_s,
             "max_backlog_s": cfg.max_backlog_s,
             "mark_read": mark_read,
+            **(load_args or {}),
         }
         if self.metrics is not None:
             self.metrics.start()
@@ -770,6 +778,7 @@ class LoadPhase:
         final = final_counts(verified)
         window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + duration)
         data["reads"] = read_counts(verified, window, submitted)
+        data["typing_sent"] = sum(int(r.get("typing_sent", 0)) for r in replies)
         data.update(
             label=label,
             duration_s=duration,
@@ -1204,7 +1213,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="runs per side and level, ABBA order (default 2)",
     )
     p.add_argument(
-        "--skip", default="", help="comma list of: load,search,closed,receipts,conns,group,ws"
+        "--skip",
+        default="",
+        help="comma list of: load,search,closed,full,receipts,conns,group,ws",
     )
     p.add_argument("--profile", action="store_true", help="py-spy every service during a level")
     p.add_argument("--profile-rate", type=float, default=1000.0)
@@ -1226,6 +1237,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     import e2e_closed
 
     e2e_closed.add_args(p)
+    import e2e_full
+
+    e2e_full.add_args(p)
     args = p.parse_args(argv)
     quick = args.quick
     args.pairs = args.pairs or (100 if quick else 200)
@@ -1287,6 +1301,7 @@ def find_py_spy(hint: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import e2e_closed  # here, not at the top: these build on this module
+    import e2e_full
     import e2e_ws
 
     args = parse_args(argv)
@@ -1415,6 +1430,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
             finally:
                 phase.close()
+        if "full" not in args.skip and args.full_levels.strip():
+            report["full"] = e2e_full.run(
+                stack,
+                args,
+                meter_groups,
+                metrics,
+                py_spy,
+                {k: v for k, v in pids.items() if v},
+                workdir,
+            )
         if "receipts" not in args.skip:
             r_levels = [float(x) for x in args.receipts_levels.split(",") if x.strip()]
             log(
@@ -1463,6 +1488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["result"] = result
     result.update(e2e_ws.result_fields(report))
     result.update(e2e_closed.result_fields(report))
+    result.update(e2e_full.result_fields(report))
     report["targets"] = {
         "max_msgs_per_s >= 2000": _met(result["max_msgs_per_s"], 2000, ge=True),
         "send_ack_p99_ms_at_1000 <= 50": _met(result["send_ack_p99_ms_at_1000"], 50),

@@ -27,7 +27,7 @@ RESULTS = ROOT / "bench" / "results"
 #: A short run: the 1:1 load only, two fixed levels and a short search.
 DEFAULT_ARGS = [
     "--skip",
-    "conns,ws,receipts,group",
+    "conns,ws,full,receipts,group",
     "--levels",
     "150,300,600",
     "--duration",

@@ -56,6 +56,8 @@ log = logging.getLogger("bench.e2e.load")
 
 #: Clients connected at once while a worker opens its clients.
 CONNECT_CONCURRENCY = 50
+#: An app repeats "typing" every few seconds while the user types.
+TYPING_REPEAT_S = 3.0
 
 
 @dataclass
@@ -72,6 +74,7 @@ class _Pair:
     read_sent: int = 0
     read_in_flight: bool = False
     read_level: _Level | None = None  # whose messages the READs count for
+    typed_at: float = -math.inf  # when this pair's sender last said it was typing
 
 
 @dataclass
@@ -96,6 +99,10 @@ class _Level:
     last_j: dict[int, int] = field(default_factory=dict)  # pair -> last j received
     submitted: int = 0
     mark_read: bool = False
+    #: Typing: the sender of every `typing_every`-th pair (0: none) says it is
+    #: typing before a message, at most once per TYPING_REPEAT_S, as an app does.
+    typing_every: int = 0
+    typing_sent: int = 0
     # READs sent for this level's messages and how their SendAcks answered:
     # stored (a new entry with its own conv_seq), no-op (msg_id 0: the position
     # was not ahead), duplicate (a resend the server already had), failed.
@@ -148,6 +155,8 @@ class Worker:
         self.reads_due: dict[int, _Pair] = {}  # pairs with a position to mark read
         self.reads_in_flight = 0
         self._reads_flush_scheduled = False
+        #: The SDK's automatic DELIVERED receipts (`pairs` may turn them on).
+        self.auto_delivered = False
 
     # -- clients ---------------------------------------------------------------
 
@@ -162,8 +171,9 @@ class Worker:
             connect_timeout_s=60.0,
             reconnect=ReconnectPolicy(initial_s=0.2, max_s=2.0),
             insecure=True,
-            # The plain run: messages only (receipts cost is measured on its own).
-            auto_delivered=False,
+            # The plain run: messages only (receipts cost is measured on its own);
+            # the everything-on run (e2e_full.py) turns them on.
+            auto_delivered=self.auto_delivered,
         )
 
     async def _start_all(self, clients: list[Client]) -> float:
@@ -178,6 +188,7 @@ class Worker:
         return time.monotonic() - t0
 
     async def open_pairs(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.auto_delivered = bool(args.get("auto_delivered", False))
         clients: list[Client] = []
         for sender_id, recipient_id, conv, s_token, r_token in args["pairs"]:
             # The index is this worker's: message j goes out on pair j % len(pairs).
@@ -292,6 +303,7 @@ class Worker:
         name = str(args["level"])
         level = _Level(name, float(args["start_at"]), rate, total, len(self.pairs))
         level.mark_read = bool(args.get("mark_read"))
+        level.typing_every = int(args.get("typing_every", 0))
         self.levels[name] = level
         pairs = self.pairs
         max_backlog = max(1, int(rate * float(args["max_backlog_s"])))
@@ -327,6 +339,8 @@ class Worker:
                 pair = pairs[j % len(pairs)]
                 assert pair.sender is not None
                 body = f"L|{name}|{j}|{level.intended(j):.6f}".encode()
+                if level.typing_every and pair.index % level.typing_every == 0:
+                    self._typing(pair, level, now)
                 level.submitted_at[j] = now
                 pair.sender.submit(pair.conversation_id, body).add_done_callback(acked(j))
                 j += 1
@@ -342,7 +356,19 @@ class Worker:
             "recv_at": level.recv_at[:j],
             "recv_count": level.recv_count[:j],
             "settled": level.settled(),
+            "typing_sent": level.typing_sent,
         }
+
+    @staticmethod
+    def _typing(pair: _Pair, level: _Level, now: float) -> None:
+        """The sender says it is typing (an ephemeral frame the gateway relays to
+        the recipient's online devices), at most once per TYPING_REPEAT_S."""
+        if now - pair.typed_at < TYPING_REPEAT_S:
+            return
+        assert pair.sender is not None
+        if pair.sender.typing(pair.conversation_id):
+            pair.typed_at = now
+            level.typing_sent += 1
 
     async def closed(self, args: dict[str, Any]) -> dict[str, Any]:
         """Closed loop: the first `senders` pairs of this worker each send one

@@ -45,7 +45,7 @@ from websockets.exceptions import ConnectionClosed
 
 from im.common.v1 import common_pb2
 from im.gateway.v1 import gateway_pb2
-from imclient import direct_conversation_id
+from imclient import SendResult, direct_conversation_id
 from imdev.stack import Stack
 
 log = e2e.log
@@ -76,8 +76,9 @@ class WsClient:
         self.delivered = 0
         self.early: dict[int, common_pb2.Message] = {}  # pushes above a gap
         self.queued: deque[tuple[int, bytes]] = deque()
-        self.in_flight: dict[int, asyncio.Future[int]] = {}
-        self.futures: dict[int, asyncio.Future[int]] = {}
+        self.in_flight: dict[int, asyncio.Future[SendResult]] = {}
+        self.futures: dict[int, asyncio.Future[SendResult]] = {}
+        self.signals: deque[bytes] = deque()  # ephemeral frames (typing)
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -103,8 +104,16 @@ class WsClient:
     def pending_sends(self) -> int:
         return len(self.queued) + len(self.in_flight)
 
-    def submit(self, conversation_id: str, body: bytes) -> asyncio.Future[int]:
-        """Queues one send; the future gets the message's conv_seq at its SendAck."""
+    def submit(
+        self,
+        conversation_id: str,
+        body: bytes,
+        *,
+        kind: int = common_pb2.MESSAGE_KIND_MESSAGE,
+        target_conv_seq: int = 0,
+    ) -> asyncio.Future[SendResult]:
+        """Queues one send (a message, or with `kind` a conversation event such as
+        a READ of `target_conv_seq`); the future gets the SendAck as a SendResult."""
         cid = self.next_client_id
         self.next_client_id += 1
         frame = gateway_pb2.ClientFrame(
@@ -114,18 +123,34 @@ class WsClient:
                 conversation_id=conversation_id,
                 body=body,
                 content_type=common_pb2.CONTENT_TYPE_TEXT,
+                kind=kind,  # type: ignore[arg-type]
+                target_conv_seq=target_conv_seq,
             )
         )
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         self.futures[cid] = fut
         self.queued.append((cid, frame.SerializeToString()))
         self.wake.set()
         return fut
 
+    def typing(self, conversation_id: str, typing: bool = True) -> bool:
+        """An ephemeral Typing frame, as the SDK's `Client.typing`: written at
+        once, never queued behind sends; False when the socket is not open."""
+        if self.sock is None:
+            return False
+        frame = gateway_pb2.ClientFrame(
+            typing=gateway_pb2.Typing(conversation_id=conversation_id, typing=typing)
+        )
+        self.signals.append(frame.SerializeToString())
+        self.wake.set()
+        return True
+
     async def _write(self, sock: ClientConnection) -> None:
         while True:
             await self.wake.wait()
             self.wake.clear()
+            while self.signals:
+                await sock.send(self.signals.popleft())
             while self.queued and len(self.in_flight) < self.window:
                 cid, data = self.queued.popleft()
                 self.in_flight[cid] = self.futures.pop(cid)
@@ -139,9 +164,19 @@ class WsClient:
                 if kind == "push":
                     await self._on_push(sock, frame.push)
                 elif kind == "send_ack":
-                    fut = self.in_flight.pop(frame.send_ack.client_id, None)
+                    ack = frame.send_ack
+                    fut = self.in_flight.pop(ack.client_id, None)
                     if fut is not None and not fut.done():
-                        fut.set_result(frame.send_ack.conv_seq)
+                        fut.set_result(
+                            SendResult(
+                                ack.client_msg_id,
+                                ack.msg_id,
+                                ack.seq,
+                                ack.conv_seq,
+                                ack.server_time_ms,
+                                ack.duplicate,
+                            )
+                        )
                     self.wake.set()
                 elif kind == "send_error":
                     err = frame.send_error

@@ -38,7 +38,7 @@ def test_the_closed_loop_level_runs_and_accounts_for_every_message(tmp_path: Pat
     log = _run(
         [
             str(ROOT / "bench" / "e2e.py"),
-            "--skip=load,search,receipts,conns,group,ws",
+            "--skip=load,search,full,receipts,conns,group,ws",
             "--closed-senders=3",
             "--workers=2",
             "--warmup=0.5",

@@ -153,8 +153,8 @@ async def test_load_device_sends_in_order_and_gets_each_push_once(
     try:
         # More than the send window of 4: the rest wait for ACKs, in order.
         futures = [client.submit("d:r:s", f"m{i}".encode()) for i in range(10)]
-        conv_seqs = await asyncio.wait_for(asyncio.gather(*futures), 5)
-        assert conv_seqs == list(range(1, 11))
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert [r.conv_seq for r in results] == list(range(1, 11))
         await until(lambda: len(got) == 10)
         assert got == [f"m{i}".encode() for i in range(10)]
         assert client.pending_sends == 0 and client.delivered == 10
