@@ -485,6 +485,23 @@ def summarize_profile(raw: Path, duration_s: float, rate_hz: int, top: int = 25)
     }
 
 
+def profile_report(
+    res: LevelResult, out_dir: Path, pids: dict[str, int], keep: bool
+) -> dict[str, Any]:
+    """A profiled level's report: its data and each service's py-spy summary."""
+    dur = res.data["duration_s"]
+    return {
+        "level": res.data,
+        "services": {
+            name: summarize_profile(out_dir / f"{name}.txt", dur, 200)
+            for name in pids
+            if (out_dir / f"{name}.txt").exists()
+        },
+        # py-spy's collapsed stacks stay only with --keep/--workdir.
+        "raw_dir": str(out_dir) if keep else None,
+    }
+
+
 # -- 1:1 load ----------------------------------------------------------------------
 
 
@@ -1417,17 +1434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         duration_s=max(args.duration, 10.0),
                         profile=(py_spy, targets, out_dir),
                     )
-                    dur = res.data["duration_s"]
-                    report["profile"] = {
-                        "level": res.data,
-                        "services": {
-                            name: summarize_profile(out_dir / f"{name}.txt", dur, 200)
-                            for name in targets
-                            if (out_dir / f"{name}.txt").exists()
-                        },
-                        # py-spy's collapsed stacks stay only with --keep/--workdir.
-                        "raw_dir": str(out_dir) if args.keep or args.workdir else None,
-                    }
+                    report["profile"] = profile_report(
+                        res, out_dir, targets, keep=bool(args.keep or args.workdir)
+                    )
             finally:
                 phase.close()
         if "full" not in args.skip and args.full_levels.strip():

@@ -158,16 +158,9 @@ def run(
                 duration_s=max(args.duration, 10.0),
                 profile=(py_spy, pids, out_dir),
             )
-            dur = res.data["duration_s"]
-            out["profile"] = {
-                "level": res.data,
-                "services": {
-                    name: e2e.summarize_profile(out_dir / f"{name}.txt", dur, 200)
-                    for name in pids
-                    if (out_dir / f"{name}.txt").exists()
-                },
-                "raw_dir": str(out_dir) if args.keep or args.workdir else None,
-            }
+            out["profile"] = e2e.profile_report(
+                res, out_dir, pids, keep=bool(args.keep or args.workdir)
+            )
     finally:
         phase.close()
     return out

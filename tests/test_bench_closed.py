@@ -7,48 +7,23 @@ report holds the per-hop histogram means."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import ROOT, SHORT, run_e2e, run_script
 
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str]) -> str:
-    pythonpath = os.pathsep.join(str(ROOT / d) for d in ("services", "libs", "gen"))
-    run = subprocess.run(
-        [sys.executable, *args],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log
-    return log
-
-
 def test_the_closed_loop_level_runs_and_accounts_for_every_message(tmp_path: Path) -> None:
     out = tmp_path / "closed.json"
-    log = _run(
-        [
-            str(ROOT / "bench" / "e2e.py"),
-            "--skip=load,search,full,receipts,conns,group,ws",
-            "--closed-senders=3",
-            "--workers=2",
-            "--warmup=0.5",
-            "--duration=2",
-            "--drain=10",
-            "--quiet-wait=0",
-            f"--out={out}",
-        ]
+    report, result, _log = run_e2e(
+        out,
+        "--skip=load,search,full,receipts,conns,group,ws",
+        "--closed-senders=3",
+        "--workers=2",
+        "--duration=2",
     )
-    report = json.loads(out.read_text())
     closed = report["closed"]
     final = closed["final_counts"]
     assert final["exactly_once"] and final["failed"] == 0, final
@@ -58,14 +33,13 @@ def test_the_closed_loop_level_runs_and_accounts_for_every_message(tmp_path: Pat
     assert closed["msgs_per_s"] > 0 and closed["server_cpu_ms_per_msg"] > 0, closed
     assert closed["send_ack_ms"]["p50"] <= closed["delivery_ms"]["p99"] * 10, closed
     assert any("SendMessage" in hop for hop in closed["hops"]), closed["hops"]
-    result = json.loads(log.rsplit("RESULT ", 1)[1])
     for key in ("msgs_per_s", "send_p50_ms", "send_p99_ms", "delivery_p50_ms", "cpu_ms_per_msg"):
         assert result[f"closed3_{key}"] is not None, result
 
 
 def test_bench_ab_runs_the_closed_loop_on_both_sides(tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
-    log = _run(
+    log = run_script(
         [
             str(ROOT / "bench" / "e2e_ab.py"),
             "--levels=",
@@ -73,10 +47,8 @@ def test_bench_ab_runs_the_closed_loop_on_both_sides(tmp_path: Path) -> None:
             "--rounds=1",
             "--closed-senders=2",
             "--workers=1",
-            "--warmup=0.5",
             "--duration=2",
-            "--drain=10",
-            "--quiet-wait=0",
+            *SHORT,
             f"--out={out}",
         ]
     )

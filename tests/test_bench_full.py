@@ -7,15 +7,10 @@ the `full_*` keys in the RESULT line."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import run_e2e
 
 pytestmark = pytest.mark.slow
 
@@ -23,31 +18,16 @@ pytestmark = pytest.mark.slow
 def test_the_everything_on_level_runs_both_transports_with_receipts_and_typing(
     tmp_path: Path,
 ) -> None:
-    out = tmp_path / "full.json"
-    pythonpath = os.pathsep.join(str(ROOT / d) for d in ("services", "libs", "gen"))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "e2e.py"),
-            "--skip=load,search,closed,receipts,conns,group,ws",
-            "--full-levels=40",
-            "--full-typing-every=2",
-            "--pairs=8",
-            "--workers=1",
-            "--warmup=0.5",
-            "--duration=3",
-            "--drain=10",
-            "--quiet-wait=0",
-            f"--out={out}",
-        ],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=240,
+    report, result, _log = run_e2e(
+        tmp_path / "full.json",
+        "--skip=load,search,closed,receipts,conns,group,ws",
+        "--full-levels=40",
+        "--full-typing-every=2",
+        "--pairs=8",
+        "--workers=1",
+        "--duration=3",
     )
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log
-    full = json.loads(out.read_text())["full"]
+    full = report["full"]
     assert full["pairs"] == {"websocket": 4, "grpc": 4}
     level = full["levels"]["40"]
     counts = level["final_counts"]
@@ -59,7 +39,6 @@ def test_the_everything_on_level_runs_both_transports_with_receipts_and_typing(
     assert reads["failed"] == 0 and reads["stored"] > 0, reads
     # Typing on every second pair's sender, once per 3 s: at least once each.
     assert level["typing_sent"] >= 4, level["typing_sent"]
-    result = json.loads(log.rsplit("RESULT ", 1)[1].splitlines()[0])
     assert result["full_exactly_once_at_40"] is True
     assert result["full_send_ack_p99_ms_at_40"] == level["send_ack_ms"]["p99"]
     assert result["full_cpu_ms_per_msg_at_40"] == level["cpu_ms_per_msg_total"]
