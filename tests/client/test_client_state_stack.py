@@ -262,7 +262,7 @@ def test_imctl_read_edit_recall_conversations_and_receipts(imctl) -> None:  # ty
     (msg,) = imctl("send", "--user", alice, "-c", gid, "hello team")
     imctl("read", "--user", carol, gid)
     (receipts,) = imctl("receipts", "--user", alice, gid, str(msg["conv_seq"]), "--readers")
-    assert (receipts["member_count"], receipts["read_count"]) == (3, 1)
+    assert (receipts["member_count"], receipts["read_count"]) == (2, 1)  # not counting alice
     assert receipts["reader_ids"] == [carol]
 
 

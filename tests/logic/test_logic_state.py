@@ -110,6 +110,11 @@ async def test_read_positions_move_forward_and_reach_the_right_timelines(
     assert convs[d].peer_read_conv_seq == m2.conv_seq
     assert convs[d].peer_delivered_conv_seq == m2.conv_seq  # read implies received
     assert (await conversations(client, "bob"))[d].read_conv_seq == m2.conv_seq
+    # A direct conversation's receipts: "read by 1 of 1", the peer.
+    resp = await client.stub.GetReceipts(
+        pb.GetReceiptsRequest(user_id="alice", conversation_id=d, conv_seq=m2.conv_seq)
+    )
+    assert (resp.member_count, resp.read_count, resp.delivered) == (1, 1, True)
 
 
 async def test_group_reads_go_to_the_reader_only_and_receipts_are_queried(
@@ -126,13 +131,15 @@ async def test_group_reads_go_to_the_reader_only_and_receipts_are_queried(
     assert [k for k, _, _ in await kinds(client, "a", g)] == [cpb.MESSAGE_KIND_MESSAGE, READ]
     assert [k for k, _, _ in await kinds(client, "c", g)] == [cpb.MESSAGE_KIND_MESSAGE]
     assert [k for k, _, _ in await kinds(client, "o", g)] == [cpb.MESSAGE_KIND_MESSAGE]
+    await event(client, "o", g, READ, m.conv_seq)  # the sender's own read never counts
 
     resp = await client.stub.GetReceipts(
         pb.GetReceiptsRequest(
             user_id="o", conversation_id=g, conv_seq=m.conv_seq, list_readers=True, page_size=1
         )
     )
-    assert (resp.member_count, resp.read_count, list(resp.reader_ids)) == (4, 2, ["a"])
+    # "Read by 2 of 3": the sender o counts in neither.
+    assert (resp.member_count, resp.read_count, list(resp.reader_ids)) == (3, 2, ["a"])
     nxt = await client.stub.GetReceipts(
         pb.GetReceiptsRequest(
             user_id="o",
@@ -320,7 +327,7 @@ async def test_receipts_in_a_500_member_group_cost_one_row_per_read(
                 page_token=token,
             )
         )
-        assert (resp.member_count, resp.read_count) == (500, len(readers))
+        assert (resp.member_count, resp.read_count) == (499, len(readers))
         seen += resp.reader_ids
         token = resp.next_page_token
         if not token:
