@@ -1293,8 +1293,11 @@ async def edit_message_tx(conn: Conn, msg_id: int, body: bytes, edited_at_ms: in
 
 
 async def recall_message_tx(conn: Conn, conv: str, conv_seq: int) -> int:
-    """Deletes the body of the message at conv_seq and of every EDIT of it; returns
-    how many rows lost their body."""
+    """Overwrites with an empty one the body of the message at conv_seq and of
+    every EDIT of it; returns how many rows lost their body. From the commit on no
+    query returns the bodies; PostgreSQL keeps the old row versions until vacuum,
+    and the WAL, standbys and backups keep theirs (docs/protocol.md, "Where a
+    recalled body can still be")."""
     cur = await conn.execute(
         """
         UPDATE messages SET body = '', recalled = true
