@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/e2e.py            # full run (6-10 minutes)
     .venv/bin/python bench/e2e.py --quick    # a smoke-sized run (about 3 minutes)
-    .venv/bin/python bench/e2e.py --skip load,conns,group   # receipts only (~2 min)
+    .venv/bin/python bench/e2e.py --skip load,search,closed,full,conns,group,ws   # receipts only
 
 Starts a fresh `imdev.stack.Stack` (PostgreSQL with fsync on, Redis, NATS
 JetStream, seqsvc, logic, pusher, two gateways) and measures, with the load

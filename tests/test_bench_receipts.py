@@ -26,7 +26,7 @@ def test_the_receipts_phase_runs_and_accounts_for_every_read(tmp_path: Path) -> 
         [
             sys.executable,
             str(ROOT / "bench" / "e2e.py"),
-            "--skip=load,search,closed,full,conns,group",
+            "--skip=load,search,closed,full,conns,group,ws",
             "--receipts-levels=40",
             "--receipts-rounds=1",
             "--pairs=4",

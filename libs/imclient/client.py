@@ -726,8 +726,10 @@ class Client(UnaryCalls):
     async def recall(self, conversation_id: str, conv_seq: int) -> SendResult:
         """Recalls message `conv_seq` (this user's, or any in a group this user
         owns) for every member: its body, and the bodies of its edits, are
-        deleted from the server's database in the transaction the SendAck
-        confirms; Sync and History serve it with an empty body and `recalled`.
+        overwritten in the server's database in the transaction the SendAck
+        confirms; Sync and History serve it with an empty body and `recalled`
+        (where old copies remain until vacuum and retention remove them:
+        docs/protocol.md, "Where a recalled body can still be").
         Devices that already showed it get the RECALL entry. Raises
         `SendFailed` if refused (not yours, window passed, already recalled)."""
         return await self._event(conversation_id, MessageKind.RECALL, conv_seq)

@@ -253,10 +253,12 @@ class ConversationPage:
 class Receipts:
     """Read receipts of one message (`get_receipts()`), as of the call.
 
-    `member_count`: the conversation's current members. `read_count`: those of
-    them, other than the message's sender, whose read position is at or above
-    the message. `reader_ids`: with `list_readers`, one page of who (by user
-    id), `next_page_token` ("" = last page) for the next. `delivered`: direct
+    "Read by `read_count` of `member_count`": `member_count` is the
+    conversation's current members other than the message's sender (in a
+    direct conversation 1, the peer), `read_count` those of them whose read
+    position is at or above the message; the sender counts in neither.
+    `reader_ids`: with `list_readers`, one page of who (by user id),
+    `next_page_token` ("" = last page) for the next. `delivered`: direct
     conversations, the peer's delivered position is at or above it. In groups
     nothing is pushed per read: receipts are asked for, not received."""
 

@@ -182,8 +182,9 @@ class UnaryCalls:
         page_token: str = "",
         timeout: float | None = 10.0,
     ) -> Receipts:
-        """Read receipts of message `conv_seq`: how many current members (other
-        than its sender) have read it, and with `list_readers` one page of who
+        """Read receipts of message `conv_seq`: how many of the current members
+        other than its sender have read it (`Receipts`: "read by N of M", the
+        sender in neither), and with `list_readers` one page of who
         (`page_size` 0 = 100, at most 1000; `next_page_token` for the next).
         The caller must be a current member (PermissionDenied otherwise)."""
         resp = await self._invoke(

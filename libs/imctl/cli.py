@@ -883,7 +883,7 @@ async def cmd_receipts(args: argparse.Namespace, out: TextIO) -> int:
     }
     direct = args.conversation.startswith("d:")
     line = f"#{args.conv_seq} in {args.conversation}: read by {r.read_count}"
-    line += f" of {r.member_count} members" if not direct else ""
+    line += f" of {r.member_count} members besides its sender" if not direct else ""
     if direct:
         line += f", {'delivered' if r.delivered else 'not delivered yet'}"
     if readers is not None:

@@ -85,7 +85,9 @@ class Conversations:
         page_token: str,
     ) -> tuple[int, int, list[str], str, bool]:
         """(member_count, read_count, reader ids of this page, next token, delivered)
-        of the chat message at conv_seq; the caller must be a current member."""
+        of the chat message at conv_seq: "read by read_count of member_count", both
+        counting current members other than the message's sender (repo.receipts).
+        The caller must be a current member."""
         check_user_id(user_id)
         conv = parse_conversation_id(conversation_id)
         if conv_seq <= 0:

@@ -1293,8 +1293,11 @@ async def edit_message_tx(conn: Conn, msg_id: int, body: bytes, edited_at_ms: in
 
 
 async def recall_message_tx(conn: Conn, conv: str, conv_seq: int) -> int:
-    """Deletes the body of the message at conv_seq and of every EDIT of it; returns
-    how many rows lost their body."""
+    """Overwrites with an empty one the body of the message at conv_seq and of
+    every EDIT of it; returns how many rows lost their body. From the commit on no
+    query returns the bodies; PostgreSQL keeps the old row versions until vacuum,
+    and the WAL, standbys and backups keep theirs (docs/protocol.md, "Where a
+    recalled body can still be")."""
     cur = await conn.execute(
         """
         UPDATE messages SET body = '', recalled = true
@@ -1414,10 +1417,11 @@ class Receipts:
 async def receipts(
     conn: Conn, conv: str, conv_seq: int, sender: str, after_user: str | None, limit: int
 ) -> Receipts:
-    """How many current members other than `sender` have read up to conv_seq, and
-    (after_user not None) up to `limit` of them after after_user, by id. Direct
-    conversations have no members rows: the pair is taken from the id by the caller
-    (`direct_pair`)."""
+    """The "read by N of M" of the message at conv_seq: M the current members
+    other than `sender`, N those of them whose read position is at or above
+    conv_seq (the sender counts in neither), and (after_user not None) up to
+    `limit` of the N after after_user, by id. A direct conversation has no members rows: its
+    pair comes from its conversations row."""
     cur = await conn.execute(
         """
         WITH who AS (
@@ -1430,7 +1434,7 @@ async def receipts(
             JOIN read_positions r ON r.conversation_id = %(c)s AND r.user_id = w.user_id
             WHERE w.user_id <> %(sender)s
         )
-        SELECT (SELECT count(*) FROM who),
+        SELECT (SELECT count(*) FROM who WHERE user_id <> %(sender)s),
                (SELECT count(*) FROM readers WHERE read_conv_seq >= %(s)s),
                (SELECT count(*) FROM readers WHERE delivered_conv_seq >= %(s)s),
                coalesce((SELECT array_agg(user_id ORDER BY user_id) FROM (

@@ -1,14 +1,18 @@
 """Conversation state through the SDK and imctl, on the real stack: read
 positions synced across a user's devices and to the peer, the no-op ACK of an
 old position, edit and recall as the peer's SDK sees them (live and by
-Sync/History), automatic DELIVERED receipts without ping-pong, and imctl's
-read/edit/recall/conversations/receipts commands run in-process."""
+Sync/History), automatic DELIVERED receipts without ping-pong, imctl's
+read/edit/recall/conversations/receipts commands run in-process, unread counts
+and read positions while senders send and the reader reads, and the receipts of
+a 500-member group."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -262,7 +266,7 @@ def test_imctl_read_edit_recall_conversations_and_receipts(imctl) -> None:  # ty
     (msg,) = imctl("send", "--user", alice, "-c", gid, "hello team")
     imctl("read", "--user", carol, gid)
     (receipts,) = imctl("receipts", "--user", alice, gid, str(msg["conv_seq"]), "--readers")
-    assert (receipts["member_count"], receipts["read_count"]) == (3, 1)
+    assert (receipts["member_count"], receipts["read_count"]) == (2, 1)  # not counting alice
     assert receipts["reader_ids"] == [carol]
 
 
@@ -407,3 +411,247 @@ async def test_presence_of_a_peer_by_subscription_and_by_query(
         assert gone.last_seen_ms > 0
     (shown,) = await asyncio.to_thread(imctl, "presence", "--user", bob, alice)
     assert shown["user_id"] == alice and shown["state"] == "OFFLINE"
+
+
+# -- read positions and unread counts under load; receipts of a big group -------------
+
+
+async def test_unread_counts_while_senders_send_and_the_reader_reads_meanwhile(
+    stack: Stack,
+) -> None:
+    """Three senders send concurrently into a group and two direct conversations
+    of one reader, who sends too; the reader's two devices mark read while the
+    sends are in flight (one the newest message it has, the other a random
+    older one: out of order, often a no-op). Whatever order things commit in,
+    no observed read position goes back, and once everything is acknowledged
+    and delivered ListConversations has, per conversation, the highest position
+    any READ was acknowledged for and unread_count = the others' messages above
+    it."""
+    rng = random.Random(15)
+    reader = uid("reader")
+    senders = [uid(f"s{i}") for i in range(3)]
+    async with contextlib.AsyncExitStack() as exits:
+
+        async def open_client(user: str, device: str, **kwargs: object) -> Client:
+            return await exits.enter_async_context(connect(stack, user, device, **kwargs))
+
+        devices = {d: await open_client(reader, d) for d in ("r1", "r2")}
+        out = {s: await open_client(s, "d1", receive=False) for s in senders}
+        group = await out[senders[0]].create_group("busy", [reader, *senders[1:]])
+        writers = {  # conversation -> who sends into it besides the reader
+            group.conversation_id: senders,
+            direct_conversation_id(reader, senders[0]): senders[:1],
+            direct_conversation_id(reader, senders[1]): senders[1:2],
+        }
+        inboxes = {d: Inbox(c, d) for d, c in devices.items()}
+        for inbox in inboxes.values():
+            exits.push_async_callback(inbox.close)
+
+        sent: dict[str, list[tuple[str, int]]] = {conv: [] for conv in writers}
+
+        async def send_round(tag: str, per_sender: int) -> None:
+            futures = []
+            for i in range(per_sender):
+                for conv, who in writers.items():
+                    futures += [(conv, s, out[s].submit(conv, f"{tag}-{s}-{i}")) for s in who]
+                    if i % 3 == 0:  # the reader's own: never unread
+                        futures.append((conv, reader, devices["r1"].submit(conv, f"{tag}-own")))
+            for conv, s, future in futures:
+                sent[conv].append((s, (await future).conv_seq))
+
+        # The read positions each (device, conversation) was answered with, and
+        # the targets of every READ acknowledged.
+        answered: dict[tuple[str, str], list[int]] = {}
+        acked_targets: dict[str, list[int]] = {conv: [] for conv in writers}
+        stored_reads = 0
+        stop = asyncio.Event()
+
+        def received(device: str, conv: str) -> list[int]:
+            return [
+                m.conv_seq
+                for m in inboxes[device].messages
+                if m.conversation_id == conv and m.sender_id != reader
+            ]
+
+        async def mark_reads(device: str) -> None:
+            nonlocal stored_reads
+            last: dict[str, int] = {}
+            while not stop.is_set():
+                acted = False
+                for conv in writers:
+                    seqs = received(device, conv)
+                    if not seqs:
+                        continue
+                    target = max(seqs) if device == "r1" else rng.choice(seqs)
+                    if target == last.get(conv):
+                        continue
+                    result = await devices[device].mark_read(conv, target)
+                    # Stored: the position is the target; a no-op answers the
+                    # current one, which is at or above it.
+                    position = target if result.stored else result.conv_seq
+                    assert position >= target, (device, conv, target, result)
+                    answered.setdefault((device, conv), []).append(position)
+                    acked_targets[conv].append(target)
+                    stored_reads += result.stored
+                    last[conv] = target
+                    acted = True
+                if not acted:
+                    await asyncio.sleep(0.02)  # polls for new messages
+
+        listed: dict[str, list[int]] = {conv: [] for conv in writers}
+        shown: dict[tuple[str, str], list[int]] = {}
+
+        async def poll(api: GatewayApi) -> None:
+            while True:
+                for c in [c async for c in api.conversations()]:
+                    if c.conversation_id in listed:
+                        listed[c.conversation_id].append(c.read_conv_seq)
+                for d, client in devices.items():
+                    for conv in writers:
+                        state = client.conversation_state(conv)
+                        shown.setdefault((d, conv), []).append(state.read_conv_seq)
+                if stop.is_set():
+                    return
+                await asyncio.sleep(0.05)
+
+        api = await exits.enter_async_context(
+            GatewayApi(stack.gateway_addresses, stack.mint(reader, "poll"), insecure=True)
+        )
+        tasks = [asyncio.create_task(mark_reads(d)) for d in devices]
+        tasks.append(asyncio.create_task(poll(api)))
+        try:
+            await send_round("a", 8)
+            # The second half goes out only once reads are being stored, so reads
+            # and sends overlap whatever the machine's speed.
+            await wait_until(
+                lambda: stored_reads >= 3 and all(acked_targets.values()),
+                DELIVERY_S,
+                "a stored read, and a read of every conversation",
+            )
+            reads_before = sum(map(len, acked_targets.values()))
+            await send_round("b", 8)
+            reads_during = sum(map(len, acked_targets.values())) - reads_before
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        # A last message from every sender: something is unread everywhere.
+        await send_round("late", 1)
+
+        def others(conv: str) -> list[int]:
+            return sorted(seq for s, seq in sent[conv] if s != reader)
+
+        await wait_until(
+            lambda: all(
+                sorted(received(d, conv)) == others(conv) for d in devices for conv in writers
+            ),
+            DELIVERY_S,
+            "every message at both of the reader's devices",
+        )
+        final = {conv: max(targets) for conv, targets in acked_targets.items()}
+
+        def read_entries(device: str, conv: str) -> list[int]:
+            return [
+                m.target_conv_seq
+                for m in inboxes[device].entries
+                if m.conversation_id == conv and m.kind == MessageKind.READ
+            ]
+
+        # The READ entries reach both devices, up to the highest.
+        await wait_until(
+            lambda: all(final[conv] in read_entries(d, conv) for d in devices for conv in writers),
+            DELIVERY_S,
+            lambda: f"both devices to be handed the READs up to {final}",
+        )
+        conversations = {c.conversation_id: c async for c in api.conversations()}
+
+    assert stored_reads >= 3 and reads_during >= 1, (stored_reads, reads_during)
+    total = sum(map(len, acked_targets.values()))
+    print(
+        f"{total} reads ({stored_reads} stored, {reads_during} during the second round); "
+        f"final {final}; unread {[conversations[c].unread_count for c in writers]}"
+    )
+    for conv in writers:
+        c = conversations[conv]
+        unread = [seq for seq in others(conv) if seq > final[conv]]
+        assert (c.read_conv_seq, c.unread_count) == (final[conv], len(unread)), conv
+        assert c.unread_count >= len(writers[conv])  # at least the late ones
+    # Never back, wherever observed: each device's answers (its reads are
+    # sequential), the list polled, the SDK's state, and the READ entries each
+    # device was handed (in timeline order, which is commit order).
+    for d in devices:
+        for conv in writers:
+            reads = read_entries(d, conv)
+            assert reads == sorted(set(reads)) and reads[-1] == final[conv], (d, conv, reads)
+            assert devices[d].conversation_state(conv).read_conv_seq == final[conv]
+    observed = [*answered.items(), *listed.items(), *shown.items()]
+    for where, values in observed:
+        assert values == sorted(values), (where, values)
+
+
+async def test_receipts_of_a_500_member_group(stack: Stack) -> None:
+    """A group of 500 made through the API; its owner sends two messages. 30
+    members read up to the second on their own devices (a READ is the reader's
+    own: each needs its own connection, opened a few at a time), 5 only up to
+    the first, and the owner reads its own. GetReceipts of each: read by N of
+    499 (the sender counts in neither), and exactly those readers, paged."""
+    boss = uid("boss")
+    members = sorted(uid(f"m{i:03}") for i in range(499))
+    readers = members[1::16][:30]  # spread over the id order, so over the pages
+    first_only = members[2::100][:5]
+    assert len(readers) == 30 and not set(first_only) & set(readers)
+    sem = asyncio.Semaphore(6)
+
+    async def read_on_own_device(user: str, conv: str, conv_seq: int) -> None:
+        async with sem, connect(stack, user, "phone", auto_delivered=False) as c:
+
+            async def shown() -> None:
+                async for m in c.messages():
+                    if m.conversation_id == conv and m.conv_seq >= conv_seq:
+                        return
+
+            await asyncio.wait_for(shown(), DELIVERY_S)
+            assert (await c.mark_read(conv, conv_seq)).stored
+
+    async with connect(stack, boss, "b1", auto_delivered=False) as b:
+        group = await b.create_group("all hands", members)
+        g = group.conversation_id
+        assert len(group.member_ids) == 500
+        first = await b.send(g, "first")
+        second = await b.send(g, "second")
+        await asyncio.gather(
+            *(read_on_own_device(u, g, second.conv_seq) for u in readers),
+            *(read_on_own_device(u, g, first.conv_seq) for u in first_only),
+        )
+        assert (await b.mark_read(g, second.conv_seq)).stored  # never counted
+
+        async def pages(
+            conv_seq: int, page_size: int
+        ) -> tuple[list[list[str]], set[tuple[int, int]]]:
+            got: list[list[str]] = []
+            totals: set[tuple[int, int]] = set()
+            token = ""
+            while True:
+                r = await b.get_receipts(g, conv_seq, True, page_size, token)
+                got.append(r.reader_ids)
+                totals.add((r.member_count, r.read_count))
+                token = r.next_page_token
+                if not token:
+                    return got, totals
+
+        got, totals = await pages(second.conv_seq, 7)
+        assert totals == {(499, 30)}
+        assert [len(p) for p in got] == [7, 7, 7, 7, 2]
+        assert [u for p in got for u in p] == sorted(readers)
+        got, totals = await pages(first.conv_seq, 0)
+        assert totals == {(499, 35)} and len(got) == 1
+        assert got[0] == sorted(readers + first_only)
+    # Any member may ask (one who read nothing, through the unary API), nobody else.
+    async with GatewayApi(
+        stack.gateway_addresses, stack.mint(members[0], "x"), insecure=True
+    ) as api:
+        assert [u async for u in api.readers(g, second.conv_seq, 10)] == sorted(readers)
+    async with GatewayApi(
+        stack.gateway_addresses, stack.mint(uid("stranger"), "x"), insecure=True
+    ) as api:
+        with pytest.raises(PermissionDenied):
+            await api.get_receipts(g, second.conv_seq)

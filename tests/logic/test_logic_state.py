@@ -5,12 +5,13 @@ the paged conversation list with unread counts; receipts; members; shared users.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
-from logic_support import LogicClient, query
+from logic_support import LogicClient, query, wait_for
 
 from im.common.v1 import common_pb2 as cpb
 from im.logic.v1 import logic_pb2 as pb
@@ -110,6 +111,11 @@ async def test_read_positions_move_forward_and_reach_the_right_timelines(
     assert convs[d].peer_read_conv_seq == m2.conv_seq
     assert convs[d].peer_delivered_conv_seq == m2.conv_seq  # read implies received
     assert (await conversations(client, "bob"))[d].read_conv_seq == m2.conv_seq
+    # A direct conversation's receipts: "read by 1 of 1", the peer.
+    resp = await client.stub.GetReceipts(
+        pb.GetReceiptsRequest(user_id="alice", conversation_id=d, conv_seq=m2.conv_seq)
+    )
+    assert (resp.member_count, resp.read_count, resp.delivered) == (1, 1, True)
 
 
 async def test_group_reads_go_to_the_reader_only_and_receipts_are_queried(
@@ -126,13 +132,15 @@ async def test_group_reads_go_to_the_reader_only_and_receipts_are_queried(
     assert [k for k, _, _ in await kinds(client, "a", g)] == [cpb.MESSAGE_KIND_MESSAGE, READ]
     assert [k for k, _, _ in await kinds(client, "c", g)] == [cpb.MESSAGE_KIND_MESSAGE]
     assert [k for k, _, _ in await kinds(client, "o", g)] == [cpb.MESSAGE_KIND_MESSAGE]
+    await event(client, "o", g, READ, m.conv_seq)  # the sender's own read never counts
 
     resp = await client.stub.GetReceipts(
         pb.GetReceiptsRequest(
             user_id="o", conversation_id=g, conv_seq=m.conv_seq, list_readers=True, page_size=1
         )
     )
-    assert (resp.member_count, resp.read_count, list(resp.reader_ids)) == (4, 2, ["a"])
+    # "Read by 2 of 3": the sender o counts in neither.
+    assert (resp.member_count, resp.read_count, list(resp.reader_ids)) == (3, 2, ["a"])
     nxt = await client.stub.GetReceipts(
         pb.GetReceiptsRequest(
             user_id="o",
@@ -210,6 +218,67 @@ async def test_windows_close(
         await event(c, "a", "d:a:b", RECALL, m.conv_seq)  # its own window (default: a day)
     finally:
         await c.close()
+
+
+async def test_a_recall_after_its_window_is_refused_and_changes_nothing(
+    spawn: Callable[..., ServiceProcess], logic_env: dict[str, str], pg_dsn: str
+) -> None:
+    window_s = 2.0
+    logic = spawn("logic", {**logic_env, "IM_LOGIC_RECALL_WINDOW_S": str(window_s)})
+    c = LogicClient(logic.address)
+    d = "d:a:b"
+    rows = (
+        "SELECT conv_seq, kind, body, recalled FROM messages "
+        "WHERE conversation_id = %s ORDER BY conv_seq"
+    )
+    try:
+        early = await c.send("a", d, b"recalled in time")
+        recall = await event(c, "a", d, RECALL, early.conv_seq)  # inside the window
+        late = await c.send("a", d, b"kept")
+        await c.fanout_all(d)
+        before = await query(pg_dsn, rows, (d,))
+        # Until logic's clock is past the window: it compares its own time with
+        # the stored server_time_ms, and the test runs on the same host.
+        deadline_ms = late.server_time_ms + window_s * 1000 + 50
+        await wait_for(_clock_past(deadline_ms), timeout=10, what="the recall window to pass")
+
+        err = await refused(event(c, "a", d, RECALL, late.conv_seq))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = err.details() or ""
+        assert "RECALL" in details and "IM_LOGIC_RECALL_WINDOW_S" in details, details
+        assert f"allowed for {window_s:g} s" in details, details
+
+        # Nothing changed: no new row, the body in place, nothing to fan out;
+        # History and Sync still serve it to both users.
+        after = await query(pg_dsn, rows, (d,))
+        assert after == before
+        assert [(s, k, bytes(b), r) for s, k, b, r in after] == [
+            (early.conv_seq, cpb.MESSAGE_KIND_MESSAGE, b"", True),
+            (recall.conv_seq, RECALL, b"", False),
+            (late.conv_seq, cpb.MESSAGE_KIND_MESSAGE, b"kept", False),
+        ]
+        assert await c.fanout_all(d) == []
+        for user in ("a", "b"):
+            hist = await c.stub.History(pb.HistoryRequest(user_id=user, conversation_id=d))
+            assert [(x.conv_seq, x.body, x.recalled) for x in hist.messages] == [
+                (late.conv_seq, b"kept", False),
+                (early.conv_seq, b"", True),
+            ], user
+            timeline = [m for _, m in await c.timeline(user) if m.conversation_id == d]
+            assert [(x.conv_seq, x.kind, x.body, x.recalled) for x in timeline] == [
+                (early.conv_seq, cpb.MESSAGE_KIND_MESSAGE, b"", True),
+                (recall.conv_seq, RECALL, b"", False),
+                (late.conv_seq, cpb.MESSAGE_KIND_MESSAGE, b"kept", False),
+            ], user
+    finally:
+        await c.close()
+
+
+def _clock_past(time_ms: float) -> Callable[[], Awaitable[bool]]:
+    async def past() -> bool:
+        return time.time() * 1000 > time_ms
+
+    return past
 
 
 async def test_delete_for_me_hides_for_that_user_only(client: LogicClient) -> None:
@@ -320,7 +389,7 @@ async def test_receipts_in_a_500_member_group_cost_one_row_per_read(
                 page_token=token,
             )
         )
-        assert (resp.member_count, resp.read_count) == (500, len(readers))
+        assert (resp.member_count, resp.read_count) == (499, len(readers))
         seen += resp.reader_ids
         token = resp.next_page_token
         if not token:
