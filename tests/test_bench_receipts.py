@@ -6,45 +6,24 @@ ratios and the CPU per READ."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import run_e2e
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_receipts_phase_runs_and_accounts_for_every_read(tmp_path: Path) -> None:
-    out = tmp_path / "receipts.json"
-    pythonpath = os.pathsep.join(str(ROOT / d) for d in ("services", "libs", "gen"))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "e2e.py"),
-            "--skip=load,search,closed,full,conns,group,ws",
-            "--receipts-levels=40",
-            "--receipts-rounds=1",
-            "--pairs=4",
-            "--workers=1",
-            "--warmup=0.5",
-            "--duration=2",
-            "--drain=10",
-            "--quiet-wait=0",
-            f"--out={out}",
-        ],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=240,
+    report, result, log = run_e2e(
+        tmp_path / "receipts.json",
+        "--skip=load,search,closed,full,conns,group,ws",
+        "--receipts-levels=40",
+        "--receipts-rounds=1",
+        "--pairs=4",
+        "--workers=1",
+        "--duration=2",
     )
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log
-    report = json.loads(out.read_text())
     level = report["receipts"]["levels"]["40"]
     plain, receipts = level["plain"], level["receipts"]
     assert plain["exactly_once"] and receipts["exactly_once"], log
@@ -58,6 +37,5 @@ def test_the_receipts_phase_runs_and_accounts_for_every_read(tmp_path: Path) -> 
     assert reads["stored"] > 0 and reads["per_message"] <= 1.0, reads
     assert set(level["ratios_receipts_over_plain"]) >= {"send_ack_ms_p99", "delivery_ms_p99"}
     assert "cpu_ms_per_read" in level
-    result = json.loads(log.rsplit("RESULT ", 1)[1].splitlines()[0])
     assert result["receipts_at_msgs_per_s"] == 40.0
     assert result["cpu_ms_per_read"] == level["cpu_ms_per_read"]
