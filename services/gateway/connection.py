@@ -562,10 +562,16 @@ class Connection:
         self._queue(gateway_pb2.ServerFrame(head=gateway_pb2.Head(seq=seq)))
         return True
 
-    def write_pong(self, nonce: int, head: int) -> None:
-        """Queues the answer to a Ping (head 0: unknown)."""
-        if not self.closing:
-            self._queue(gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=nonce, head_seq=head)))
+    def write_pong(self, nonce: int, head: int) -> bool:
+        """Queues the answer to a Ping (head 0: unknown); False (dropped) if the
+        stream is closing or its queue is at its limit. Never waits (the Pong
+        comes from the heads lookup, not the handler), so a client that keeps
+        pinging without reading cannot grow the queue past its limit; one that
+        reads gets its Pong."""
+        if self.closing or self._queued() >= self.settings.outbound_queue:
+            return False
+        self._queue(gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=nonce, head_seq=head)))
+        return True
 
     def signal(self, frame: gateway_pb2.ServerFrame) -> bool:
         """Queues an ephemeral frame (TypingNotice, PresenceUpdate, FrameError)

@@ -21,6 +21,15 @@ path's handler), and unary calls get a task only while they run. One sweep task
 per gateway sends the pings and closes silent sockets. This keeps an idle socket
 near the cost of the Connection itself (docs/benchmarks.md, "WebSocket").
 
+A peer that stops reading costs a bounded amount: the Connection's writer (and
+every unary answer) waits while more than 64 KiB wait in the transport, pushes
+that find the Connection's queue full are refused (gateway/connection.py), and
+the socket is not read while more than 1 MiB of answers wait. The sweep ends a
+socket whose writes made no progress for the ping timeout ("not reading", 1011),
+even one that keeps sending. Both timeouts fail the connection (RFC 6455 7.1.7):
+the close frame, then the TCP close at once, without waiting for a close frame
+back (a stuck or dead peer sends none); a peer that reads it sees 1011, not 1006.
+
 Close codes (each refusal has its own):
 
 | code | when |
@@ -31,8 +40,8 @@ Close codes (each refusal has its own):
 | 1003 | a text message: only binary protobuf frames are accepted |
 | 1007 | a message that is not a ClientFrame, or a Hello after the first message |
 | 1009 | a message larger than IM_GATEWAY_WS_MAX_MESSAGE_BYTES |
-| 1011 | no pong or data for IM_GATEWAY_WS_PING_TIMEOUT_S, or an internal error |
-| 1013 | the gateway is shutting down (at Hello) |
+| 1011 | "ping timeout", "not reading" (IM_GATEWAY_WS_PING_TIMEOUT_S), or an internal error |
+| 1013 | the gateway is shutting down (at Hello, or no Hello yet when it stops) |
 | 4001 | Kick: another connection of the same device replaced this one |
 | 4400 | the stream ended with INVALID_ARGUMENT |
 | 4401 | no Hello first, no Hello in time, or a bad token |
@@ -78,8 +87,17 @@ _CLOSE_FOR_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 1013,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 1009,
 }
-#: How long a closing socket may take to finish the closing handshake.
+#: How long a closing socket may take to finish the closing handshake (or to
+#: write what is left in its buffer before a failed connection's TCP close).
 _CLOSE_TIMEOUT_S = 2.0
+#: Above this many bytes in the transport's buffer, writes wait (pause_writing).
+_WRITE_LIMIT = 64 * 1024
+#: Above this many, the socket is not read until the buffer drains: only answers
+#: that do not wait for room (refused unary calls, pings) can grow it this far, so
+#: a peer that sends requests without reading the answers cannot grow it further.
+_READ_PAUSE_BYTES = 1024 * 1024
+#: The handler's inbox: reading pauses at this many frames, resumes at half.
+_INBOX_MAX = 256
 
 
 class WsAbort(Exception):
@@ -190,8 +208,10 @@ class WsGateway:
         return bound
 
     async def stop(self) -> None:
-        """Stops accepting; open sockets get GoAway from the hub's shutdown (they
-        are Connections like any other) and close with 1001."""
+        """Stops accepting. Open sockets got GoAway from the hub's shutdown before
+        this (they are Connections like any other) and closed with 1001; any still
+        open close with 1001 now, and those that never sent a Hello with 1013 (at
+        Hello, the gateway is shutting down)."""
         self.closing = True
         if self._server is not None:
             self._server.close()
@@ -199,19 +219,29 @@ class WsGateway:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         for sock in list(self.sockets):
-            sock.close(1001, "gateway shutting down")
+            if sock.identity is None:
+                sock.close(1013, "gateway shutting down; connect to another")
+            else:
+                sock.close(1001, "gateway shutting down")
 
     async def _sweep(self) -> None:
-        """Pings sockets that were silent for a ping interval; closes those silent
-        past the ping timeout too (a dead peer, or a reader that never reads)."""
+        """Pings sockets that were silent for a ping interval. Fails (1011) those
+        silent for the ping timeout after that (a dead or stuck peer), and those
+        whose writes made no progress for the ping timeout (a peer that stopped
+        reading; it may still be sending)."""
         interval = self.settings.ping_interval_s
+        timeout = self.settings.ping_timeout_s
         while True:
-            await asyncio.sleep(interval / 2)
+            await asyncio.sleep(min(interval, timeout) / 2)
             now = self.clock()
             for sock in list(self.sockets):
+                stalled = sock.stalled_since
+                if stalled is not None and now - stalled > timeout:
+                    sock.close(1011, "not reading", fail=True)
+                    continue
                 silent = now - sock.last_heard
-                if silent > interval + self.settings.ping_timeout_s:
-                    sock.close(1011, "ping timeout", abort=True)
+                if silent > interval + timeout:
+                    sock.close(1011, "ping timeout", fail=True)
                 elif silent > interval:
                     sock.ping()
 
@@ -227,14 +257,18 @@ class WsSocket(asyncio.Protocol):
         "_handler",
         "_hello_timer",
         "_inbox",
+        "_inbox_full",
         "_last_kind",
         "_paused",
         "_reader",
+        "_reading_paused",
+        "_too_much_unread",
         "_unary",
         "gateway",
         "identity",
         "last_heard",
         "proto",
+        "stalled_since",
         "transport",
     )
 
@@ -259,13 +293,20 @@ class WsSocket(asyncio.Protocol):
         self._unary: set[asyncio.Task[None]] | None = None
         #: The kind of the last control frame written (Kick, GoAway): the close code.
         self._last_kind = ""
+        #: When writes last stopped for a full buffer (None: they are flowing).
+        self.stalled_since: float | None = None
+        # Why reading is paused: the handler is behind, or the peer has more than
+        # _READ_PAUSE_BYTES unread; and whether the transport's reading is paused.
+        self._inbox_full = False
+        self._too_much_unread = False
+        self._reading_paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses; same methods.)
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=64 * 1024)
+        self.transport.set_write_buffer_limits(high=_WRITE_LIMIT)
         self.gateway.sockets.add(self)
         self._hello_timer = asyncio.get_running_loop().call_later(
             self.gateway.settings.hello_timeout_s, self._no_hello
@@ -300,10 +341,28 @@ class WsSocket(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._paused is None or self._paused.done():
             self._paused = asyncio.get_running_loop().create_future()
+            self.stalled_since = self.gateway.clock()
 
     def resume_writing(self) -> None:
+        self.stalled_since = None
         if self._paused is not None and not self._paused.done():
             self._paused.set_result(None)
+        if self._too_much_unread:
+            self._too_much_unread = False
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Reads unless the handler is behind or the peer leaves too much unread."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._inbox_full or self._too_much_unread
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # -- the framing -------------------------------------------------------------
 
@@ -313,15 +372,30 @@ class WsSocket(asyncio.Protocol):
             return
         for data in self.proto.data_to_send():
             if data is SEND_EOF or data == SEND_EOF:
+                # After what is buffered: a FIN (the peer may still answer), or
+                # where there is no half-close (TLS) the whole close.
+                self._close_soon()
                 if transport.can_write_eof():
                     transport.write_eof()
-                self._close_soon()
+                else:
+                    transport.close()
                 return
             transport.write(data)
         if self.proto.close_expected():
             self._close_soon()
+        paused = self._paused
+        if (
+            paused is not None
+            and not paused.done()
+            and not self._too_much_unread
+            and transport.get_write_buffer_size() > _READ_PAUSE_BYTES
+        ):
+            self._too_much_unread = True
+            self._update_reading()
 
     def _close_soon(self) -> None:
+        """Drops the connection if it is still open after _CLOSE_TIMEOUT_S (a peer
+        that neither reads the rest nor closes)."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
             asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT_S, transport.abort)
@@ -378,10 +452,11 @@ class WsSocket(asyncio.Protocol):
             if self._inbox is None:
                 self._inbox = deque()
             self._inbox.append(parsed)
-            if len(self._inbox) >= 256 and self.transport is not None:
+            if len(self._inbox) >= _INBOX_MAX and not self._inbox_full:
                 # The handler is behind (a send waits for room): stop reading
                 # until it catches up, as a gRPC stream's flow control would.
-                self.transport.pause_reading()
+                self._inbox_full = True
+                self._update_reading()
             self._wake_reader()
 
     def _on_hello(self, token: str) -> None:
@@ -412,19 +487,26 @@ class WsSocket(asyncio.Protocol):
             self.proto.send_ping(b"")
             self._flush()
 
-    def close(self, code: int, reason: str, abort: bool = False) -> None:
-        """Starts the closing handshake with `code` (or drops the connection at
-        once: `abort`, for a peer that stopped reading). Idempotent."""
+    def close(self, code: int, reason: str, fail: bool = False) -> None:
+        """Starts the closing handshake with `code`: the peer answers with its close
+        frame, then the TCP connection closes (dropped after _CLOSE_TIMEOUT_S if it
+        does not). `fail`: fails the connection instead (RFC 6455 7.1.7), for a
+        peer that is not expected to answer (ping timeout, not reading): the close
+        frame, then the TCP close without waiting for an answer, so a peer that
+        reads it learns the code. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.gateway.closes.labels(str(code)).inc()
         self._wake_reader()
-        if abort or self.proto.state is not State.OPEN:
+        if self.proto.state is not State.OPEN:
             if self.transport is not None:
                 self.transport.abort()
             return
-        self.proto.send_close(code, reason)
+        if fail:
+            self.proto.fail(code, reason)
+        else:
+            self.proto.send_close(code, reason)
         self._flush()
 
     # -- the stream context of the Connect handler ------------------------------
@@ -457,8 +539,9 @@ class WsSocket(asyncio.Protocol):
             inbox = self._inbox
             if inbox:
                 frame = inbox.popleft()
-                if len(inbox) == 128 and self.transport is not None:
-                    self.transport.resume_reading()
+                if self._inbox_full and len(inbox) <= _INBOX_MAX // 2:
+                    self._inbox_full = False
+                    self._update_reading()
                 return frame
             if self._closed:
                 return grpc.aio.EOF
@@ -472,11 +555,17 @@ class WsSocket(asyncio.Protocol):
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
 
+    async def _writable(self) -> None:
+        """Returns once the transport's buffer is below _WRITE_LIMIT, or the
+        connection is gone."""
+        paused = self._paused
+        if paused is not None and not paused.done():
+            await paused
+
     async def write(self, message: gateway_pb2.ServerFrame) -> None:
         """Sends one ServerFrame; waits while the transport's buffer is full (a
         slow reader); raises once the socket is closing."""
-        if self._paused is not None and not self._paused.done():
-            await self._paused
+        await self._writable()
         if self._closed or self.proto.state is not State.OPEN:
             raise ConnectionError("WebSocket is closed")
         kind = message.WhichOneof("frame")
@@ -532,26 +621,29 @@ class WsSocket(asyncio.Protocol):
         task.add_done_callback(running.discard)
 
     async def _call(self, call_id: int, method: str, message: Any) -> None:
+        """Runs one unary call; its answer waits for room like the stream's frames
+        (and keeps the call counted in flight meanwhile), so a peer that does not
+        read cannot pile answers up in the transport's buffer."""
         try:
-            response = await getattr(self.gateway.servicer, method)(message, _UNARY_CONTEXT)
+            result = await getattr(self.gateway.servicer, method)(message, _UNARY_CONTEXT)
+            response = gateway_pb2.UnaryResponse(id=call_id, payload=result.SerializeToString())
         except WsAbort as exc:
-            self._respond(call_id, exc.code, exc.details)
-            return
+            response = _refusal(call_id, exc.code, exc.details)
         except Exception:
             log.exception("WebSocket unary call failed", extra={"method": method})
-            self._respond(call_id, grpc.StatusCode.INTERNAL, "internal error in the gateway")
-            return
-        self._send_response(
-            gateway_pb2.UnaryResponse(id=call_id, payload=response.SerializeToString())
-        )
+            response = _refusal(call_id, grpc.StatusCode.INTERNAL, "internal error in the gateway")
+        await self._writable()
+        self._send_response(response)
 
     def _respond(self, call_id: int, code: grpc.StatusCode, message: str) -> None:
-        self._send_response(
-            gateway_pb2.UnaryResponse(id=call_id, code=code.value[0], message=message)
-        )
+        self._send_response(_refusal(call_id, code, message))
 
     def _send_response(self, response: gateway_pb2.UnaryResponse) -> None:
         if self._closed or self.proto.state is not State.OPEN:
             return
         self.proto.send_binary(gateway_pb2.ServerFrame(response=response).SerializeToString())
         self._flush()
+
+
+def _refusal(call_id: int, code: grpc.StatusCode, message: str) -> gateway_pb2.UnaryResponse:
+    return gateway_pb2.UnaryResponse(id=call_id, code=code.value[0], message=message)

@@ -1,18 +1,25 @@
 """The WebSocket framing (gateway/websocket.py) in isolation: the handshake's
 refusals, the Hello, close codes for bad input, unary calls on the socket,
 flow control, ping timeouts. The servicer is a small stand-in recording what the
-socket hands it; tests/e2e/test_e2e_websocket.py runs the real stack."""
+socket hands it; test_gateway_websocket_process.py runs a real gateway process
+(pushes to a socket that stops reading, GoAway), tests/e2e/test_e2e_websocket.py
+the real stack."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from gateway.servicer import current_identity
 from gateway.websocket import WsGateway, WsSettings
@@ -26,11 +33,15 @@ SECRET = "test-secret-0123456789abcdef"
 class Servicer:
     """Connect: Welcome, then echo every Ping as a Pong (until EOF); a Send with
     client_id 99 ends the stream with INVALID_ARGUMENT; a Send with client_id 98
-    writes a Kick and returns. Sync answers with the caller's id in the head."""
+    writes a Kick and returns; a Ping with a nonce from 1000 is a marker, only
+    recorded. Sync answers with the caller's id in the head (after_seq 8: a 32
+    KiB one)."""
 
     def __init__(self) -> None:
         self.opened: list[str] = []
         self.ended = asyncio.Event()
+        self.marks: list[int] = []
+        self.syncs = 0
 
     async def Connect(self, _requests: Any, context: Any) -> None:
         me = current_identity()
@@ -44,7 +55,9 @@ class Servicer:
                 if frame is grpc.aio.EOF:
                     return
                 kind = frame.WhichOneof("frame")
-                if kind == "ping":
+                if kind == "ping" and frame.ping.nonce >= 1000:
+                    self.marks.append(frame.ping.nonce)
+                elif kind == "ping":
                     await context.write(
                         gateway_pb2.ServerFrame(pong=gateway_pb2.Pong(nonce=frame.ping.nonce))
                     )
@@ -59,6 +72,9 @@ class Servicer:
             self.ended.set()
 
     async def Sync(self, request: gateway_pb2.SyncRequest, context: Any) -> Any:
+        self.syncs += 1
+        if request.after_seq == 8:
+            return gateway_pb2.SyncResponse(store_epoch="e" * 32 * 1024)
         if request.after_seq < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_seq < 0")
         if request.after_seq == 7:
@@ -195,4 +211,145 @@ async def test_a_silent_peer_is_dropped(ws: tuple[WsGateway, Servicer, str]) -> 
         await sock.recv()
         sock.transport.pause_reading()  # type: ignore[attr-defined]
         await asyncio.wait_for(servicer.ended.wait(), 5)
-    assert not gw.sockets
+    async with asyncio.timeout(5):
+        while gw.sockets:
+            await asyncio.sleep(0.02)
+
+
+class DeafClient:
+    """A WebSocket client on websockets' sans-I/O protocol that reads and parses
+    everything the gateway sends but writes nothing after its Hello: it never
+    answers a ping (websockets prepares the pong; it is never sent), like a client
+    whose event loop is stuck while its TCP stack still receives."""
+
+    def __init__(
+        self, proto: ClientProtocol, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.proto = proto
+        self.reader = reader
+        self.writer = writer
+        self.frames: list[Frame] = []
+
+    @classmethod
+    async def open(cls, url: str, rcvbuf: int = 0) -> DeafClient:
+        """Connects; `rcvbuf`: a small receive buffer, so what the client leaves
+        unread backs up to the gateway sooner."""
+        uri = parse_uri(url)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (uri.host, uri.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        client = cls(ClientProtocol(uri), reader, writer)
+        client.proto.send_request(client.proto.connect())
+        client._write_out()
+        while True:
+            events = await client._receive()
+            if any(isinstance(e, Response) for e in events):
+                return client
+
+    def _write_out(self) -> None:
+        for data in self.proto.data_to_send():
+            if data:
+                self.writer.write(data)
+
+    async def _receive(self) -> list[object]:
+        data = await asyncio.wait_for(self.reader.read(65536), 10)
+        if data:
+            self.proto.receive_data(data)
+        else:
+            self.proto.receive_eof()
+        events = self.proto.events_received()
+        self.frames += [e for e in events if isinstance(e, Frame)]
+        self.proto.data_to_send()  # pongs and the close echo: never sent
+        return events
+
+    def send_binary(self, data: bytes) -> None:
+        self.proto.send_binary(data)
+        self._write_out()
+
+    async def read_frames(self, count: int, timeout: float = 10) -> list[Frame]:
+        async with asyncio.timeout(timeout):
+            while len(self.frames) < count:
+                await self._receive()
+        return self.frames
+
+    def stop_reading(self) -> None:
+        self.writer.transport.pause_reading()
+
+    async def read_until_eof(self, timeout: float) -> list[Frame]:
+        """Every frame received until the gateway closed the TCP connection."""
+        async with asyncio.timeout(timeout):
+            while not self.reader.at_eof():
+                await self._receive()
+        return self.frames
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+async def test_a_peer_that_stops_answering_pings_sees_1011(
+    ws: tuple[WsGateway, Servicer, str],
+) -> None:
+    """The ping timeout fails the connection (RFC 6455 7.1.7): a close frame with
+    1011, then the gateway closes the TCP connection without waiting for a close
+    frame back (a stuck peer would never send one). A stuck but connected client
+    thus learns why (1011), not just that the connection broke (1006)."""
+    gw, servicer, url = ws
+    client = await DeafClient.open(url)
+    try:
+        client.send_binary(hello(token("erin")))
+        frames = await client.read_until_eof(timeout=10)
+    finally:
+        client.abort()
+    kinds = [f.opcode for f in frames]
+    assert kinds[0] is Opcode.BINARY  # the Welcome
+    assert Opcode.PING in kinds  # pinged first, never answered
+    assert kinds[-1] is Opcode.CLOSE, kinds
+    close = Close.parse(frames[-1].data)
+    assert (close.code, close.reason) == (1011, "ping timeout")
+    await asyncio.wait_for(servicer.ended.wait(), 5)
+    async with asyncio.timeout(5):
+        while gw.sockets:
+            await asyncio.sleep(0.02)
+
+
+async def test_answers_a_client_does_not_read_wait_for_room(
+    ws: tuple[WsGateway, Servicer, str],
+) -> None:
+    """A client that keeps calling but stops reading the answers: an answer waits
+    (its call still counted in flight) while more than 64 KiB are unread, calls
+    beyond the limit (2 here) are refused at once, so what the gateway holds for
+    the socket stays bounded. (Before, every answer went into the transport's
+    buffer: 300 answers of 32 KiB, about 10 MB, minus what the kernel took.)"""
+    gw, servicer, url = ws
+    client = await DeafClient.open(url, rcvbuf=16 * 1024)
+    try:
+        client.send_binary(hello(token("fay")))
+        await client.read_frames(1)  # the Welcome
+        client.stop_reading()
+        big = gateway_pb2.SyncRequest(after_seq=8).SerializeToString()
+        for i in range(1, 301):
+            client.send_binary(
+                gateway_pb2.ClientFrame(
+                    request=gateway_pb2.UnaryRequest(id=i, method="Sync", payload=big)
+                ).SerializeToString()
+            )
+            # One call at a time: frames are handled in order, and the call's
+            # task runs before the handler sees the marker that follows it.
+            client.send_binary(
+                gateway_pb2.ClientFrame(ping=gateway_pb2.Ping(nonce=1000 + i)).SerializeToString()
+            )
+            async with asyncio.timeout(10):
+                while 1000 + i not in servicer.marks:
+                    await asyncio.sleep(0)
+        (sock,) = gw.sockets
+        assert sock.transport is not None
+        buffered = sock.transport.get_write_buffer_size()
+        answer = 32 * 1024 + 64
+        # Over the limit by one answer at most, two answers waiting, the refusals.
+        assert buffered <= 64 * 1024 + answer + 300 * 200, buffered
+        assert servicer.syncs < 300
+    finally:
+        client.abort()

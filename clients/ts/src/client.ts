@@ -887,8 +887,10 @@ export class Client {
         }
       }
       if (this.closing) return;
+      // A connection that got a Welcome resets the count, also one that ended
+      // with GoAway (whose own delay replaces the policy's this time).
+      if (welcomed) failures = 0;
       if (delay === null) {
-        if (welcomed) failures = 0;
         delay = this.reconnectPolicy.delay(failures, this.random);
         failures += 1;
       }
