@@ -958,9 +958,9 @@ class Client(UnaryCalls):
                     log.info("connection to %s lost: %s", address, reason)
                 if self._closing:
                     return
+                if self._welcomed:
+                    failures = 0  # a Welcome resets the count, a GoAway's session's too
                 if delay is None:
-                    if self._welcomed:
-                        failures = 0
                     delay = self._reconnect.delay(failures, self._rng)
                     failures += 1
                 await asyncio.sleep(delay)

@@ -264,8 +264,9 @@ class Settings(ServerSettings):
         20.0,
         gt=0,
         le=3600,
-        description="A socket silent this long after its ping is dropped (close 1011): a dead "
-        "peer, or one that stopped reading.",
+        description='A socket silent this long after its ping is closed with 1011 "ping '
+        'timeout" (a dead peer); one whose unsent frames do not drain for this long is closed '
+        'with 1011 "not reading" (a peer that stopped reading, even if it still sends).',
     )
     ws_max_unary_in_flight: int = Field(
         16, ge=1, le=1024, description="Unary calls one socket may have in flight at once."

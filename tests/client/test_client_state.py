@@ -6,6 +6,7 @@ gateway that records what the client writes and writes what the test says."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from imclient import (
     TypingNotice,
 )
 from imcommon.server import EXCLUSIVE_PORT
+from imdev.servers import free_port
 
 CONV = "d:alice:bob"
 
@@ -363,3 +365,44 @@ async def test_events_ride_the_send_path_and_a_no_op_read_is_an_ack(
             c.submit(CONV, "body", kind=MessageKind.RECALL, target_conv_seq=1)
         with pytest.raises(ValueError):
             c.submit(CONV, "", kind=MessageKind.READ, target_conv_seq=0)
+
+
+class _CapRecorder(random.Random):
+    """Records the upper bound of every uniform() draw and returns it (no jitter)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.caps: list[float] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.caps.append(b)
+        return b
+
+
+async def test_a_go_away_after_a_welcome_resets_the_reconnect_backoff(
+    gateway: tuple[RecordingGateway, str],
+) -> None:
+    """ReconnectPolicy: a connection that got as far as Welcome resets the
+    failure count, also when it ends by a GoAway (it did not, so the first
+    failure after a GoAway waited as if the failures before the Welcome were
+    still going on)."""
+    gw, address = gateway
+    dead = f"127.0.0.1:{free_port()}"
+    rng = _CapRecorder()
+    policy = ReconnectPolicy(initial_s=0.01, multiplier=2.0, max_s=1.0)
+    # Attempts alternate: dead (fails), live (Welcome), dead (fails), live...
+    c = Client(
+        [dead, address],
+        "token-of-bob",
+        store=MemoryStore(),
+        reconnect=policy,
+        insecure=True,
+        rng=rng,
+    )
+    async with c:
+        assert rng.caps == [0.01]  # the first failure
+        gw.write(gateway_pb2.ServerFrame(go_away=gateway_pb2.GoAway(reconnect_after_ms=0)))
+        await wait_until(lambda: gw.connects == 2, 10, "the reconnect after the GoAway")
+    # The GoAway's own jitter (0.05), then the dead gateway's failure: the first
+    # of a new run again, not the second.
+    assert rng.caps[:3] == [0.01, 0.05, 0.01], rng.caps
