@@ -18,11 +18,21 @@ every call
   deadline of the outermost one, and no attempt starts after it. A call to a Redis
   that refuses connections fails after about RETRY_BUDGET_S, one to a hung Redis
   after about RETRY_BUDGET_S plus one attempt (a connect timeout plus a command
-  timeout, `timeout_s` each). At worst a call spends one budget getting a
-  connected connection from the pool and another running the command on it;
+  timeout, `timeout_s` each). At worst a call waits for a free pooled connection
+  (below), spends one budget getting it connected and another running the
+  command on it;
 - PINGs a pooled connection that has been idle for HEALTH_CHECK_INTERVAL_S before
   using it, so a connection broken while idle (Redis restarted) is replaced before
-  a command is sent on it.
+  a command is sent on it;
+- opens at most `max_connections` (MAX_CONNECTIONS) connections: a call that finds
+  them all busy waits for one to be released (BlockingConnectionPool), for at most
+  one call's worst case (the retry budget plus a connect and a command timeout),
+  then fails with ConnectionError("No connection available."). (redis-py's default
+  pool opens up to 100 connections and fails every call beyond them at once with
+  MaxConnectionsError: a burst of route writes, a gateway's connect or disconnect
+  storm, then failed as if Redis were down.) Connections stay open in the pool once
+  made, so a client holds as many Redis sockets as it ever had busy at once, never
+  more than the bound.
 
 A retry re-sends a command that may already have run (a timeout after Redis
 executed it): use these clients for idempotent commands only. Every Redis call of
@@ -49,6 +59,10 @@ BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 0.5
 #: A pooled connection idle for this long is PINGed before it is used again.
 HEALTH_CHECK_INTERVAL_S = 5.0
+#: Default bound on one client's connections. Redis runs one command at a time, so
+#: more connections add no throughput once the client's event loop is the limit;
+#: they cost a socket on both sides (Redis's maxclients is 10,000 for every client).
+MAX_CONNECTIONS = 32
 
 
 class BudgetRetry(Retry):
@@ -110,17 +124,22 @@ def redis_client(
     retries: int = RETRIES,
     retry_budget_s: float = RETRY_BUDGET_S,
     health_check_interval_s: float = HEALTH_CHECK_INTERVAL_S,
+    max_connections: int = MAX_CONNECTIONS,
     **kwargs: Any,
 ) -> aioredis.Redis:
     """A pooled asyncio client for `url` with the retry policy above. `timeout_s`
     bounds one attempt's connect and, separately, its command; retries stop after
-    `retry_budget_s` (the bounds above). Opens no connection until first used;
-    close it with `aclose()`."""
-    return aioredis.Redis.from_url(
+    `retry_budget_s`; at most `max_connections` connections, a call waiting for a
+    free one up to `retry_budget_s + 2 * timeout_s` (the bounds above). Opens no
+    connection until first used; close it (and its pool) with `aclose()`."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=retry_budget_s + 2 * timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=retry_policy(retries, retry_budget_s),
         health_check_interval=health_check_interval_s,
         **kwargs,
     )
+    return aioredis.Redis.from_pool(pool)

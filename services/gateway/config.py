@@ -114,6 +114,14 @@ class Settings(ServerSettings):
         description="Timeout of one Redis attempt (connect or command); connection errors "
         "and timeouts are retried for up to 1 s more (imcommon.redisconn).",
     )
+    redis_max_connections: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="Most connections the gateway opens to Redis (one pool for routes, "
+        "presence and typing). A call that finds them all busy waits for one (a burst of "
+        "connects or disconnects queues instead of failing); they stay open once made.",
+    )
     max_body_bytes: int = Field(
         64 * 1024,
         ge=1,

@@ -65,7 +65,9 @@ async def build(settings: Settings, runtime: Runtime) -> None:
             return f"{host}:{settings.internal_port}"
         return settings.advertise_address or f"{settings.host}:{runtime.port}"
 
-    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+    redis = redis_client(
+        settings.redis_url, settings.redis_timeout_s, max_connections=settings.redis_max_connections
+    )
     runtime.stack.push_async_callback(redis.aclose)
     client_tls = ChannelTLS.of(settings.client_tls())
     logic_channel = internal_channel(settings.logic_address, runtime.metrics, tls=client_tls)

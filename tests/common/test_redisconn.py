@@ -7,13 +7,14 @@ import ast
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from imcommon.redisconn import RETRY_BUDGET_S, redis_client
+from imcommon.redisconn import MAX_CONNECTIONS, RETRY_BUDGET_S, redis_client
 from imdev.servers import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,43 @@ async def test_a_short_outage_is_bridged_by_the_retries(
         assert await client.get("k") == b"v2"
     finally:
         await client.aclose()
+
+
+async def _connections_named(server: RedisServer, name: str) -> int:
+    """Connections Redis holds for clients named `name` (CLIENT LIST)."""
+    admin = redis_client(server.url(), timeout_s=1.0)
+    try:
+        clients = await admin.client_list(_type="normal")
+    finally:
+        await admin.aclose()
+    return sum(1 for c in clients if c.get("name") == name)
+
+
+@pytest.mark.parametrize("max_connections", [None, 3])
+async def test_a_burst_larger_than_the_pool_waits_for_pooled_connections(
+    redis_server: RedisServer, max_connections: int | None
+) -> None:
+    """More calls at once than the pool holds (a connect or disconnect storm's route
+    writes on a gateway): every call succeeds, the extra ones once a pooled
+    connection is free, and Redis never holds more than the bound of connections
+    from the client. (redis-py's own pool opens up to 100 and fails every call
+    beyond that with "Too many connections", which the gateway took for Redis
+    being down.)"""
+    bound = max_connections or MAX_CONNECTIONS
+    name = f"burst-{uuid.uuid4().hex[:8]}"
+    kwargs = {} if max_connections is None else {"max_connections": max_connections}
+    client = redis_client(redis_server.url(), timeout_s=1.0, client_name=name, **kwargs)
+    key = f"burst:{name}"
+    calls = max(300, 4 * bound)
+    try:
+        got = await asyncio.gather(*(client.incr(key) for _ in range(calls)))
+        assert sorted(got) == list(range(1, calls + 1))
+        # Idle pooled connections stay open: what Redis holds now is the most the
+        # client ever opened.
+        assert 1 <= await _connections_named(redis_server, name) <= bound
+    finally:
+        await client.aclose()
+    assert await _connections_named(redis_server, name) == 0
 
 
 @pytest.fixture
