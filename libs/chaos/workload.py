@@ -270,6 +270,7 @@ class Workload:
         # and what the unary answers were (for the checker).
         self.raw: dict[str, RawGateway] = {}
         self._kind_cache: dict[tuple[str, str], int] = {}
+        self._kind_seen = 0  # how many of `sends` the index has taken in
         self.events: set[asyncio.Task[None]] = set()
         self.recalled: set[int] = set()  # msg_ids a RECALL was sent for
         self.read_at: dict[tuple[str, str], int] = {}  # (user, conv) -> position acked
@@ -663,8 +664,11 @@ class Workload:
         return checker.recipients(kind, conv, sender, self.members.get(conv, frozenset()))
 
     def _kinds(self) -> dict[tuple[str, str], int]:
-        if len(self._kind_cache) != len(self.sends):
-            self._kind_cache = {(s.sender, s.client_msg_id): s.kind for s in self.sends}
+        """(sender, client_msg_id) -> kind, the latest send of a key winning. Sends
+        are only appended: the index takes in the ones it has not seen yet."""
+        for rec in self.sends[self._kind_seen :]:
+            self._kind_cache[(rec.sender, rec.client_msg_id)] = rec.kind
+        self._kind_seen = len(self.sends)
         return self._kind_cache
 
     # -- faults (chaos.faults.ClientFaults) ---------------------------------------
