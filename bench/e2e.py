@@ -709,6 +709,16 @@ def read_counts(
     return out
 
 
+def make_pairs(stack: Stack, prefix: str, n: int) -> list[tuple[str, str, str, str, str]]:
+    """n 1:1 pairs (sender, recipient, conversation, sender token, recipient token),
+    users `<prefix>s0000`/`<prefix>r0000`...: the workers' `pairs` command."""
+    pairs = []
+    for i in range(n):
+        s, r = f"{prefix}s{i:04d}", f"{prefix}r{i:04d}"
+        pairs.append((s, r, direct_conversation_id(s, r), stack.mint(s), stack.mint(r)))
+    return pairs
+
+
 class LoadPhase:
     def __init__(
         self,
@@ -726,12 +736,7 @@ class LoadPhase:
 
     def open(self) -> None:
         address = self.stack.gateway_addresses[0]
-        pairs = []
-        for i in range(self.cfg.pairs):
-            s, r = f"s{i:04d}", f"r{i:04d}"
-            pairs.append(
-                (s, r, direct_conversation_id(s, r), self.stack.mint(s), self.stack.mint(r))
-            )
+        pairs = make_pairs(self.stack, "", self.cfg.pairs)
         self.procs = [
             spawn(e2e_load.worker_main, f"load-{w}", [address]) for w in range(self.cfg.workers)
         ]

@@ -33,7 +33,6 @@ import e2e_load
 import e2e_ws
 from e2e import LevelResult, LoadConfig, LoadPhase, log
 
-from imclient import direct_conversation_id
 from imdev.stack import Stack
 
 
@@ -75,12 +74,7 @@ class FullLoadPhase(LoadPhase):
         slices: list[dict[str, Any]] = []
         for transport, n in kinds.items():
             prefix = "fw" if transport == "websocket" else "fg"
-            pairs = []
-            for i in range(n):
-                s, r = f"{prefix}s{i:04d}", f"{prefix}r{i:04d}"
-                pairs.append(
-                    (s, r, direct_conversation_id(s, r), self.stack.mint(s), self.stack.mint(r))
-                )
+            pairs = e2e.make_pairs(self.stack, prefix, n)
             if transport == "websocket":
                 target, address = e2e_ws.ws_worker_main, self.stack.ws_urls[0]
             else:

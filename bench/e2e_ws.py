@@ -45,7 +45,7 @@ from websockets.exceptions import ConnectionClosed
 
 from im.common.v1 import common_pb2
 from im.gateway.v1 import gateway_pb2
-from imclient import SendResult, direct_conversation_id
+from imclient import SendResult
 from imdev.stack import Stack
 
 log = e2e.log
@@ -282,12 +282,7 @@ class TransportLoadPhase(e2e.LoadPhase):
         self.address = address
 
     def open(self) -> None:
-        pairs = []
-        for i in range(self.cfg.pairs):
-            s, r = f"{self.prefix}s{i:04d}", f"{self.prefix}r{i:04d}"
-            pairs.append(
-                (s, r, direct_conversation_id(s, r), self.stack.mint(s), self.stack.mint(r))
-            )
+        pairs = e2e.make_pairs(self.stack, self.prefix, self.cfg.pairs)
         target = ws_worker_main if self.transport == "websocket" else e2e_load.worker_main
         self.procs = [
             e2e.spawn(target, f"{self.prefix}-load-{w}", [self.address])
